@@ -1,0 +1,147 @@
+"""FSDP1 with flat parameters (`use_orig_params=False`).
+
+Each wrapped unit owns one `FlatParameter`: its parameters flattened and
+concatenated, padded, and split evenly across ranks. A rank's shard holds, for each
+parameter that reaches into it, the run `[intra_param_start_idx,
+intra_param_end_idx]` of that flattened parameter at `offset_in_shard`
+(`FlatParameter._shard_param_infos`): one `Segment` each.
+
+FSDP1 refuses a FlatParameter that mixes trainable and frozen parameters, so every
+module that owns a trainable parameter becomes its own unit and all its parameters
+train; masks then freeze the unselected ones (a down projection's bias, say).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+from launcher.dist import DistInfo
+from launcher.engines.common import (
+    OptimConfig,
+    decoder_layers,
+    make_optimizer,
+    named_shapes,
+    trainable,
+)
+from ncft.engine import Segment, StepStats
+
+_WRAPPED = "_fsdp_wrapped_module."
+
+
+def _units(model: nn.Module) -> set[int]:
+    """ids of modules to wrap: decoder layers and every owner of a trainable param."""
+    owners = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            for p in own:  # see module docstring: a unit trains all or nothing
+                p.requires_grad_(True)
+            owners.add(id(module))
+    return owners | {id(m) for m in decoder_layers(model)}
+
+
+class Fsdp1Engine:
+    """FULL_SHARD FSDP1 over decoder layers and trainable modules, flat params."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+        self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
+        self._shapes = dict(named_shapes(model))
+        units = _units(model)
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
+        self.module = FSDP(
+            model, auto_wrap_policy=policy, use_orig_params=False,
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            # An explicit device: FSDP1 only infers accelerators and refuses to guess CPU.
+            device_id=info.device,
+        )
+        self.optimizer = make_optimizer(trainable(self.module), cfg)
+        self._micro = 0
+
+    @property
+    def is_main_process(self) -> bool:  # noqa: D102
+        return self.rank == 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
+        self._micro += 1
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> StepStats:  # noqa: D102
+        assert self._micro == self.cfg.grad_accum, "step() before all micro-batches ran"
+        self._micro = 0
+        norm = self.module.clip_grad_norm_(self.cfg.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=float(norm))
+
+    def _fsdp_units(self) -> Iterator[tuple[str, FSDP]]:
+        for name, module in self.module.named_modules():
+            if isinstance(module, FSDP) and module._flat_param is not None:
+                yield name.replace(_WRAPPED, "").replace("_fsdp_wrapped_module", ""), module
+
+    def segments(self) -> list[Segment]:  # noqa: D102
+        out = []
+        for prefix, unit in self._fsdp_units():
+            flat = unit._flat_param
+            if not flat.requires_grad:
+                continue
+            for fqn, info in zip(flat._fqns, flat._shard_param_infos):
+                full = f"{prefix}.{fqn}" if prefix else fqn
+                if info.in_shard:
+                    start, stop = info.intra_param_start_idx, info.intra_param_end_idx + 1
+                    offset = info.offset_in_shard
+                else:  # reported anyway: every rank must know the name is trainable
+                    start = stop = offset = 0
+                out.append(
+                    Segment(
+                        fqn=full, shape=self._shapes[full], start=start, stop=stop,
+                        opt_param=flat, opt_offset=offset,
+                        grad=lambda f=flat, o=offset, n=stop - start: (
+                            None if f.grad is None else f.grad.narrow(0, o, n)
+                        ),
+                    )
+                )
+        return out
+
+    @contextmanager
+    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        wanted = set(fqns)
+        units = [
+            (prefix, unit) for prefix, unit in self._fsdp_units()
+            if any(_owner(f, prefix, unit) for f in wanted)
+        ]
+        with ExitStack() as stack:
+            for _, unit in units:
+                stack.enter_context(
+                    FSDP.summon_full_params(unit, recurse=False, writeback=False)
+                )
+            params = {
+                name.replace(_WRAPPED, ""): p for name, p in self.module.named_parameters()
+            }
+            yield {n: params[n].detach() for n in fqns}
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
+        return iter(self._shapes.items())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dist.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:  # noqa: D102
+        self.optimizer = None
+
+
+def _owner(fqn: str, prefix: str, unit: FSDP) -> bool:
+    rel = fqn[len(prefix) + 1 :] if prefix else fqn
+    return (not prefix or fqn.startswith(prefix + ".")) and rel in unit._flat_param._fqns

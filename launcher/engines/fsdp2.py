@@ -1,0 +1,103 @@
+"""FSDP2 (`fully_shard`): per-parameter DTensors sharded on dim 0.
+
+Each rank holds `torch.chunk(param, world, dim=0)[rank]`, a contiguous run of whole
+rows of the flattened parameter, so a selection maps to the chunk's row range
+(see `ncft.masks.layout.chunk_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from launcher.dist import DistInfo
+from launcher.engines.common import (
+    OptimConfig,
+    decoder_layers,
+    make_optimizer,
+    named_shapes,
+    trainable,
+)
+from ncft.engine import Segment, StepStats, local_tensor
+from ncft.masks.layout import chunk_rows
+
+
+class Fsdp2Engine:
+    """`fully_shard` on every decoder layer, then on the root."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+        self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
+        self._shapes = dict(named_shapes(model))
+        model.to(info.device)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        self.module = model
+        self._params = dict(model.named_parameters())
+        self.optimizer = make_optimizer(trainable(model), cfg)
+        self._micro = 0
+
+    @property
+    def is_main_process(self) -> bool:  # noqa: D102
+        return self.rank == 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
+        self._micro += 1
+        # Reduce-scatter only on the last micro-batch; earlier ones accumulate locally.
+        assert isinstance(self.module, FSDPModule)
+        self.module.set_requires_gradient_sync(self._micro == self.cfg.grad_accum)
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> StepStats:  # noqa: D102
+        assert self._micro == self.cfg.grad_accum, "step() before all micro-batches ran"
+        self._micro = 0
+        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.cfg.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=float(local_tensor(norm)))
+
+    def segments(self) -> list[Segment]:  # noqa: D102
+        out = []
+        for name, p in self._params.items():
+            if not p.requires_grad:
+                continue
+            shape = self._shapes[name]
+            lo, hi = chunk_rows(shape[0], self.world_size, self.rank)
+            local = local_tensor(p)
+            assert local.shape[0] == hi - lo, (name, local.shape, lo, hi)
+            width = math.prod(shape[1:])
+            out.append(
+                Segment(
+                    fqn=name, shape=shape, start=lo * width, stop=hi * width, opt_param=p,
+                    opt_offset=0, grad=lambda p=p: _local_grad(p),
+                )
+            )
+        return out
+
+    @contextmanager
+    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        with torch.no_grad():
+            yield {n: self._params[n].full_tensor() for n in fqns}
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
+        return iter(self._shapes.items())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dist.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:  # noqa: D102
+        self.optimizer = None
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor | None:
+    return None if p.grad is None else local_tensor(p.grad).view(-1)

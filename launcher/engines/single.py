@@ -1,0 +1,67 @@
+"""Plain PyTorch in one process: the reference every sharded engine must match."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from launcher.dist import DistInfo
+from launcher.engines.common import OptimConfig, make_optimizer, named_shapes, trainable
+from ncft.engine import Segment, StepStats
+
+
+class SingleEngine:
+    """One process, unsharded parameters; a `Segment` is a whole parameter."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+        if info.world_size != 1:
+            raise ValueError(
+                f"engine.backend=single runs one process, but WORLD_SIZE={info.world_size}; "
+                "use deepspeed, fsdp2 or fsdp1 for several ranks"
+            )
+        self.rank, self.world_size, self.cfg = 0, 1, cfg
+        self.module = model.to(info.device)
+        self._params = dict(self.module.named_parameters())
+        self.optimizer = make_optimizer(trainable(self.module), cfg)
+
+    @property
+    def is_main_process(self) -> bool:  # noqa: D102
+        return True
+
+    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> StepStats:  # noqa: D102
+        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.cfg.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(grad_norm=float(norm))
+
+    def segments(self) -> list[Segment]:  # noqa: D102
+        return [
+            Segment(
+                fqn=name, shape=tuple(p.shape), start=0, stop=p.numel(), opt_param=p,
+                opt_offset=0, grad=lambda p=p: None if p.grad is None else p.grad.view(-1),
+            )
+            for name, p in self._params.items()
+            if p.requires_grad
+        ]
+
+    @contextmanager
+    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        yield {n: self._params[n].detach() for n in fqns}
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
+        return named_shapes(self.module)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return tensor
+
+    def close(self) -> None:  # noqa: D102
+        self.optimizer = None

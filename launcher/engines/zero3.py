@@ -1,0 +1,146 @@
+"""DeepSpeed ZeRO-3: flat, end-padded partitions of every parameter.
+
+Rank r holds elements `[r * P, (r + 1) * P)` of each flattened parameter padded to
+`world * P` (`param.ds_tensor`). The optimizer never sees parameters: DeepSpeed
+concatenates each rank's partitions into flat fp32 sub-group tensors
+(`fp32_partitioned_groups_flat`, a parameter's place given by `grad_position`) and
+calls the client optimizer's `step()` on those. So a `Segment`'s `opt_param` is the
+sub-group tensor, and its gradient is the matching entry of `averaged_gradients`,
+which is also what DeepSpeed takes the clipping norm of.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if not torch.cuda.is_available():  # must precede the first `import deepspeed`
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+from launcher import ds_config  # noqa: E402
+from launcher.dist import DistInfo  # noqa: E402
+from launcher.engines.common import (  # noqa: E402
+    OptimConfig,
+    make_optimizer,
+    named_shapes,
+    trainable,
+)
+from ncft.engine import Segment, StepStats  # noqa: E402
+from ncft.masks.layout import flat_partition  # noqa: E402
+
+
+def _skip_cpu_shm_op() -> None:
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~70 s, g++) on
+    # first init. It only serves `inference_all_reduce`; training collectives go to
+    # torch.distributed, so marking it unavailable changes nothing we use.
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+class Zero3Engine:
+    """`deepspeed.initialize` with ZeRO stage 3 and the project's MaskedAdamW."""
+
+    def __init__(
+        self, model: nn.Module, cfg: OptimConfig, info: DistInfo, config: str = "zero3"
+    ) -> None:
+        if info.backend == "gloo":
+            _skip_cpu_shm_op()
+        self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
+        self._shapes = dict(named_shapes(model))
+        dtype = next(model.parameters()).dtype
+        ds_cfg = ds_config.fill(ds_config.load(config), cfg, info.world_size, dtype)
+        self._offload = "offload_optimizer" in ds_cfg["zero_optimization"]
+        if self._offload and cfg.grad_clip > 0:
+            # With optimizer offload DeepSpeed takes each partition's norm inside
+            # backward, before any mask can apply: the clip norm would count frozen
+            # elements. Refuse rather than clip with the wrong norm.
+            raise ValueError(
+                "training.grad_clip > 0 is not supported with offload_optimizer; "
+                "set grad_clip: 0 or use ds_configs/zero3.json"
+            )
+        self.optimizer = make_optimizer(trainable(model), cfg)
+        self._ds, self._zero, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_cfg, dist_init_required=False
+        )
+        self.module = self._ds.module
+        self._params = dict(self.module.named_parameters())
+        self._micro = 0
+
+    @property
+    def is_main_process(self) -> bool:  # noqa: D102
+        return self.rank == 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
+        return self._ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
+        # DeepSpeed divides by gradient_accumulation_steps itself.
+        self._ds.backward(loss)
+        self._micro += 1
+        if self._micro < self.cfg.grad_accum:
+            # Not a boundary: DeepSpeed's step only advances its micro-step counter,
+            # which it needs to know when the next backward is the boundary.
+            self._ds.step()
+
+    def step(self) -> StepStats:  # noqa: D102
+        assert self._micro == self.cfg.grad_accum, "step() before all micro-batches ran"
+        assert self._ds.is_gradient_accumulation_boundary()
+        self._micro = 0
+        self._ds.step()
+        norm = self._ds.get_global_grad_norm()
+        return StepStats(grad_norm=float(norm) if norm is not None else float("nan"))
+
+    def segments(self) -> list[Segment]:  # noqa: D102
+        zero = self._zero
+        out = []
+        for name, p in self._params.items():
+            if not p.requires_grad:
+                continue
+            group, offset, part_numel = zero.grad_position[zero.get_param_id(p)]
+            start, stop, per_rank = flat_partition(p.ds_numel, self.world_size, self.rank)
+            assert per_rank == part_numel, (name, per_rank, part_numel)
+            index = next(i for i, q in enumerate(zero.fp16_groups[group]) if q is p)
+            out.append(
+                Segment(
+                    fqn=name, shape=self._shapes[name], start=start, stop=stop,
+                    opt_param=zero.fp32_partitioned_groups_flat[group], opt_offset=offset,
+                    grad=lambda g=group, i=index, o=offset, n=stop - start: self._grad(g, i, o, n),
+                )
+            )
+        return out
+
+    def _grad(self, group: int, index: int, offset: int, numel: int) -> torch.Tensor | None:
+        zero = self._zero
+        if self._offload:
+            flat_grad = zero.fp32_partitioned_groups_flat[group].grad
+            return None if flat_grad is None else flat_grad.narrow(0, offset, numel)
+        grads = zero.averaged_gradients.get(group)
+        return None if grads is None else grads[index].narrow(0, 0, numel)
+
+    @contextmanager
+    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        params = [self._params[n] for n in fqns]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield {n: p.data for n, p in zip(fqns, params)}
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
+        return iter(self._shapes.items())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dist.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:  # noqa: D102
+        # Drop DeepSpeed's module hooks and partition bookkeeping while the process
+        # group is alive, so no destructor runs after it is destroyed.
+        self._ds.destroy()
+        self._ds = self._zero = self.optimizer = None

@@ -1,0 +1,121 @@
+"""The narrow engine interface that the neuron science talks to.
+
+`launcher/` implements it for a single process, DeepSpeed ZeRO-3, FSDP2 and FSDP1.
+Nothing in `ncft/` imports an engine library: it sees only `Segment`s (which
+elements of which full parameter this rank owns, and where) and the methods below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of one full parameter's flattened elements owned by this rank.
+
+    Elements `[start, stop)` of `flatten(full_param)` (in the parameter's storage
+    layout) live on this rank at `local_flat(opt_param)[opt_offset : opt_offset +
+    stop - start]`, where `opt_param` is the tensor the optimizer steps (a ZeRO-3
+    fp32 sub-group partition, an FSDP1 flat-parameter shard, an FSDP2 DTensor, or
+    the plain parameter). `grad()` returns the matching 1-D gradient view, which
+    masking writes to in place.
+
+    Attributes:
+        fqn: Fully qualified parameter name in the unwrapped model.
+        shape: Full (unsharded) shape of the parameter, as stored.
+        start: First flattened element index held here.
+        stop: One past the last flattened element index held here.
+        opt_param: The optimizer-held tensor that contains this segment.
+        opt_offset: Offset of element `start` inside `local_flat(opt_param)`.
+        grad: Returns the writable 1-D local gradient of length `stop - start`, or
+            None when no gradient exists yet.
+    """
+
+    fqn: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    opt_param: torch.Tensor
+    opt_offset: int
+    grad: Callable[[], torch.Tensor | None]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the parameter held in this segment."""
+        return self.stop - self.start
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local storage of a tensor (a DTensor's local shard, else itself).
+
+    Duck-typed so that `ncft` needs no import of the sharding libraries: an FSDP2
+    parameter is a DTensor, whose `to_local()` aliases the local shard.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def local_flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of the rank-local storage of `t` (see `local_tensor`)."""
+    local = local_tensor(t)
+    assert local.is_contiguous(), "optimizer tensors must be contiguous to be masked flat"
+    return local.view(-1)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step reports.
+
+    Attributes:
+        grad_norm: Global L2 norm of the (masked) gradient before clipping.
+    """
+
+    grad_norm: float
+
+
+class Engine(Protocol):
+    """What the neuron science needs from a distributed training engine."""
+
+    rank: int
+    world_size: int
+    module: nn.Module
+    optimizer: Any
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on global rank 0."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Run the wrapped model on one micro-batch and return its output."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch loss, averaged over the accumulation steps."""
+
+    def step(self) -> StepStats:
+        """Clip the accumulated gradient and take one optimizer step; zero the grads."""
+
+    def segments(self) -> list[Segment]:
+        """The trainable elements this rank owns, one `Segment` per parameter piece."""
+
+    def gathered(self, fqns: Sequence[str]) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Context manager giving full tensors of `fqns` on every rank (read-only).
+
+        Callers gather a few parameters at a time so peak extra memory stays at about
+        one layer.
+        """
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """FQN and full shape of every parameter, in model order."""
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` in place over data-parallel ranks and return it."""
+
+    def close(self) -> None:
+        """Release engine resources; the process group stays up."""
