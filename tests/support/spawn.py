@@ -1,0 +1,51 @@
+"""Launch real multi-process jobs from tests (torchrun, gloo on loopback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.dist import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for spawned ranks: repo on the path, CPU DeepSpeed, loopback gloo."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        DS_ACCELERATOR="cpu",
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra or {})
+    return env
+
+
+def torchrun(
+    script: Path | str, nproc: int, args: list[str], timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `script` on `nproc` ranks with torchrun; fail the test on a non-zero exit.
+
+    Every rank's exit code counts: torchrun exits non-zero if any rank failed,
+    aborted or was killed, and that fails the test (nothing is ignored).
+    """
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--local-addr=127.0.0.1",
+        str(script), *args,
+    ]
+    proc = subprocess.run(
+        cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc
