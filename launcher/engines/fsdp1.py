@@ -38,7 +38,7 @@ _WRAPPED = "_fsdp_wrapped_module."
 
 
 def _units(model: nn.Module) -> set[int]:
-    """ids of modules to wrap: decoder layers and every owner of a trainable param."""
+    """Ids of modules to wrap: decoder layers and every owner of a trainable param."""
     owners = set()
     for module in model.modules():
         own = list(module.parameters(recurse=False))

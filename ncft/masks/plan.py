@@ -69,7 +69,9 @@ class MaskPlan:
             view = frozen[key][1][seg.opt_offset : seg.opt_offset + seg.numel]
             sel = selections.get(seg.fqn)
             if sel is not None:
-                chosen = segment_mask(seg.shape, seg.start, seg.stop, sel.axis, sel.indices, seg.fqn)
+                chosen = segment_mask(
+                    seg.shape, seg.start, seg.stop, sel.axis, sel.indices, seg.fqn
+                )
                 view.copy_(~chosen)
             grad_frozen.append(view)
         owned = {seg.fqn for seg in segments}

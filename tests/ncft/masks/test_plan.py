@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from ncft.engine import Segment
+from ncft.masks.plan import MaskPlan, freeze_unselected
+from ncft.neuron_set import NeuronSet, Selection
+
+
+def _segments():
+    """Two parameters packed into one flat tensor with tail padding (FSDP1/ZeRO-3 shape)."""
+    flat = torch.zeros(20)
+    flat.grad = torch.ones(20)
+    w = Segment("w", (4, 3), 5, 12, flat, 0, grad=lambda: flat.grad[0:7])
+    b = Segment("b", (4,), 1, 4, flat, 7, grad=lambda: flat.grad[7:10])
+    return flat, [w, b]
+
+
+def test_plan_layout_and_grad_masking():
+    flat, segs = _segments()
+    sel = NeuronSet({"w": Selection(1, torch.tensor([2])), "b": Selection(0, torch.tensor([3]))})
+    plan = MaskPlan.build(sel.entries, segs)
+    frozen = plan.frozen[id(flat)][1]
+    # w elements 5..11 -> columns 2,0,1,2,0,1,2 ; selected col 2 at positions 0, 3, 6
+    expected_w = torch.tensor([False, True, True, False, True, True, False])
+    assert torch.equal(frozen[:7], expected_w)
+    assert torch.equal(frozen[7:10], torch.tensor([True, True, False]))  # b[1..3], b[3] picked
+    assert frozen[10:].all(), "padding must be frozen"
+    plan.apply_to_grads()
+    assert torch.equal(flat.grad[:10], (~frozen[:10]).float())
+    assert plan.num_trainable_local() == 4
+
+
+def test_unselected_parameter_is_fully_frozen():
+    flat, segs = _segments()
+    plan = MaskPlan.build(NeuronSet({"w": Selection(0, torch.tensor([1]))}).entries, segs)
+    assert plan.frozen[id(flat)][1][7:10].all()
+
+
+def test_selection_of_untrained_parameter_is_an_error():
+    _, segs = _segments()
+    with pytest.raises(ValueError, match="does not train"):
+        MaskPlan.build({"other.weight": Selection(0, torch.tensor([0]))}, segs)
+
+
+def test_freeze_unselected():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    assert freeze_unselected(model, ["1.weight"]) == ["1.weight"]
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, False]
+    with pytest.raises(ValueError, match="lacks"):
+        freeze_unselected(model, ["2.weight"])
