@@ -111,6 +111,14 @@ class Engine(Protocol):
         one layer.
         """
 
+    def edited(self, fqns: Sequence[str]) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Context manager giving full tensors of `fqns` to edit in place.
+
+        On exit every rank's shards hold the edited values (every rank must make the
+        same edit). For evaluation-time edits (deactivation, W-NCFT merges): optimizer
+        master copies are not updated, so restore the values before training on.
+        """
+
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
         """FQN and full shape of every parameter, in model order."""
 

@@ -115,21 +115,32 @@ class Fsdp1Engine:
         return out
 
     @contextmanager
-    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+    def _summoned(self, fqns: Sequence[str], writeback: bool):
         wanted = set(fqns)
         units = [
-            (prefix, unit) for prefix, unit in self._fsdp_units()
+            unit for prefix, unit in self._fsdp_units()
             if any(_owner(f, prefix, unit) for f in wanted)
         ]
         with ExitStack() as stack:
-            for _, unit in units:
+            for unit in units:
                 stack.enter_context(
-                    FSDP.summon_full_params(unit, recurse=False, writeback=False)
+                    FSDP.summon_full_params(unit, recurse=False, writeback=writeback)
                 )
             params = {
                 name.replace(_WRAPPED, ""): p for name, p in self.module.named_parameters()
             }
-            yield {n: params[n].detach() for n in fqns}
+            with torch.no_grad():
+                yield {n: params[n].data for n in fqns}
+
+    @contextmanager
+    def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        with self._summoned(fqns, writeback=False) as full:
+            yield full
+
+    @contextmanager
+    def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        with self._summoned(fqns, writeback=True) as full:
+            yield full
 
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
         return iter(self._shapes.items())

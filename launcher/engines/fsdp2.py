@@ -88,6 +88,17 @@ class Fsdp2Engine:
         with torch.no_grad():
             yield {n: self._params[n].full_tensor() for n in fqns}
 
+    @contextmanager
+    def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        with torch.no_grad():
+            full = {n: self._params[n].full_tensor() for n in fqns}
+            yield full
+            # Every rank made the same edit, so each copies back its own chunk: no
+            # collective needed.
+            for name, tensor in full.items():
+                lo, hi = chunk_rows(tensor.shape[0], self.world_size, self.rank)
+                local_tensor(self._params[name]).copy_(tensor[lo:hi])
+
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
         return iter(self._shapes.items())
 

@@ -57,6 +57,11 @@ class SingleEngine:
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         yield {n: self._params[n].detach() for n in fqns}
 
+    @contextmanager
+    def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        with torch.no_grad():
+            yield {n: self._params[n].data for n in fqns}
+
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
         return named_shapes(self.module)
 

@@ -132,6 +132,14 @@ class Zero3Engine:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield {n: p.data for n, p in zip(fqns, params)}
 
+    @contextmanager
+    def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
+        params = [self._params[n] for n in fqns]
+        # modifier_rank=0: on exit rank 0's full tensors are broadcast and
+        # re-partitioned into ds_tensor (persistent small params included).
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            yield {n: p.data for n, p in zip(fqns, params)}
+
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
         return iter(self._shapes.items())
 

@@ -93,6 +93,33 @@ def gather_all(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_edit(engine, info) -> dict:
+    """`engine.edited` writes back to shards, forward sees it, restoring is exact."""
+    name = "model.layers.0.mlp.gate_proj.weight"
+    probe = batches(0, info.rank, info.world_size)[0]
+    with torch.no_grad():
+        before_logits = engine.forward(probe).logits.clone()
+    with engine.gathered([name]) as full:
+        original = full[name].clone()
+    with engine.edited([name]) as full:
+        full[name][3].zero_()
+    with engine.gathered([name]) as full:
+        visible = bool((full[name][3] == 0).all()) and torch.equal(full[name][4], original[4])
+    with torch.no_grad():
+        edited_logits = engine.forward(probe).logits.clone()
+    with engine.edited([name]) as full:
+        full[name].copy_(original)
+    with engine.gathered([name]) as full:
+        restored = torch.equal(full[name], original)
+    with torch.no_grad():
+        after_logits = engine.forward(probe).logits
+    return {
+        "edit_visible": visible, "restore_exact": restored,
+        "forward_changed": not torch.equal(edited_logits, before_logits),
+        "forward_restored": torch.equal(after_logits, before_logits),
+    }
+
+
 def run_backend(backend: str, info, out_dir: Path, count: bool) -> None:
     model = tiny_llama(seed=0)
     set_a, set_b = neuron_sets(model)
@@ -114,7 +141,7 @@ def run_backend(backend: str, info, out_dir: Path, count: bool) -> None:
     for step in range(STEPS, 2 * STEPS):
         norms.append(one_step(engine, plan, step, info, manual))
     weights["final"] = gather_all(engine)
-    report = {"grad_norms": norms, "masked_grad_norms": manual}
+    report = {"grad_norms": norms, "masked_grad_norms": manual, "edit": check_edit(engine, info)}
     if count:
         # Alternate masked and unmasked steps: ZeRO-3's prefetcher changes its
         # all-gather pattern between early steps, so compare like with like.

@@ -108,3 +108,12 @@ def test_masked_step_adds_no_collectives(results, backend, world):
     # compare the second round: ZeRO-3's prefetcher settles after one step
     assert counts["masked"][-1] == counts["unmasked"][-1]
     assert sum(counts["masked"][-1].values()) > 0, "the counter saw no collectives at all"
+
+
+@pytest.mark.parametrize("backend,world", RUNS)
+def test_edited_writes_back_to_shards_and_restores_exactly(results, backend, world):
+    edit = json.loads((results / f"{backend}_ws{world}.json").read_text())["edit"]
+    assert edit == {
+        "edit_visible": True, "restore_exact": True, "forward_changed": True,
+        "forward_restored": True,
+    }
