@@ -1,0 +1,304 @@
+"""`write_report(run_dir)`: every analysis whose inputs exist in a run directory.
+
+Reads (DESIGN section 6; each input optional):
+
+* `RUN/results.json`: `tasks`, `matrix`, `summary`, `deactivation` as described in
+  `ncft.analysis.results`, plus two optional keys the runner may fill by calling
+  our functions:
+  - `similarity`: the dict of `ncft.analysis.similarity.layer_similarity`, with an
+    optional `generalization` matrix indexed like its `mean` (`[i][j]`);
+  - `neft`: the dict of `ncft.analysis.neft_stats.utilization_shift`.
+* `RUN/neurons/*.safetensors` (+ `.json`): NeuronSets, named by file stem.
+
+Writes `RUN/analysis/<name>.json`, `RUN/plots/<name>.png` and `RUN/report.md`, each
+atomically. A missing input skips its section with a one-line note; a malformed one
+skips it with the error message (and a warning), so one bad input never costs the
+rest of the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ncft.analysis import plots
+from ncft.analysis.overlap import iou_matrix
+from ncft.analysis.results import continual_metrics, deactivation_matrix
+from ncft.analysis.similarity import correlation
+from ncft.neuron_set import NeuronSet
+
+Lines = list[str]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Lines:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _matrix_table(corner: str, rows: Sequence[str], cols: Sequence[str], m: Any) -> Lines:
+    return _table([corner, *cols], [[r, *vals] for r, vals in zip(rows, m)])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Run:
+    """Paths of one run directory and the results.json it holds (if any)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.analysis = root / "analysis"
+        self.plots = root / "plots"
+        path = root / "results.json"
+        self.results: dict[str, Any] | None = None
+        self.results_error: str | None = None
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                self.results_error = f"results.json is not valid JSON ({e})"
+            else:
+                if isinstance(data, dict):
+                    self.results = data
+                else:
+                    self.results_error = "results.json must hold a JSON object"
+
+    def save(self, name: str, data: Any) -> None:
+        _write_json(self.analysis / f"{name}.json", data)
+
+    def figure(self, name: str, alt: str, draw: Callable[[Path], Any]) -> str:
+        draw(self.plots / f"{name}.png")
+        return f"![{alt}](plots/{name}.png)\n"
+
+    def need_results(self, key: str | None = None) -> dict[str, Any] | str:
+        """The results dict, or the note explaining why a section is skipped."""
+        if self.results is None:
+            return self.results_error or "no results.json in the run directory"
+        if key is not None and self.results.get(key) is None:
+            return f"results.json has no `{key}`"
+        return self.results
+
+
+def _continual(run: _Run) -> Lines | str:
+    res = run.need_results("matrix")
+    if isinstance(res, str):
+        return res
+    cm = continual_metrics(res)
+    run.save("continual", cm)
+    tasks = cm["tasks"]
+    out = ["Score `a[i][j]` on task i (row) after training task j (column).", ""]
+    out += _matrix_table("task \\ after", tasks, tasks, cm["matrix"])
+    out += _table(
+        ["metric", "value"],
+        [
+            ["AP (mean final score)", cm["average_performance"]],
+            ["BWT", cm["backward_transfer"]],
+        ]
+        + [[f"FG after {t} (stage {j})", fg] for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))],
+    )
+    summary = res.get("summary")
+    if isinstance(summary, dict) and summary:
+        out += ["Runner summary (`results.json` `summary`):", ""]
+        out += _table(["key", "value"], [[k, _summary_value(v)] for k, v in summary.items()])
+    out.append(
+        run.figure("accuracy_matrix", "score matrix", lambda p: plots.plot_accuracy_matrix(cm, p))
+    )
+    out.append(
+        run.figure("forgetting", "forgetting per stage", lambda p: plots.plot_forgetting(cm, p))
+    )
+    return out
+
+
+def _summary_value(v: Any) -> str:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return _fmt(v)
+    text = json.dumps(v)
+    return f"`{text if len(text) <= 80 else text[:77] + '...'}`"
+
+
+def _deactivation(run: _Run) -> Lines | str:
+    res = run.need_results("deactivation")
+    if isinstance(res, str):
+        return res
+    d = deactivation_matrix(res["deactivation"])
+    run.save("deactivation", d)
+    s, tasks = d["summary"], d["tasks"]
+    out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
+           "neurons (row) switched off.", ""]  # fmt: skip
+    out += _matrix_table("off \\ on", tasks, tasks, d["drop"])
+    out += _table(
+        ["mean relative drop", "task neurons", "random neurons"],
+        [
+            ["own task (diagonal)", s["diag"], s["random_diag"]],
+            ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]],
+            ["specificity (diagonal - off-diagonal)", s["specificity"], None],
+            ["all cells", None, s["random_mean"]],
+        ],
+    )
+    out.append(run.figure("deactivation", "deactivation", lambda p: plots.plot_deactivation(d, p)))
+    return out
+
+
+def _neuron_sets(run: _Run) -> dict[str, NeuronSet]:
+    files = sorted((run.root / "neurons").glob("*.safetensors"))
+    sets = {f.stem: NeuronSet.load(f) for f in files}
+    order = (run.results or {}).get("tasks") or []
+    # Training order first (as in the score matrix), then any other sets by name.
+    names = [t for t in order if isinstance(t, str) and t in sets]
+    names += [n for n in sets if n not in names]
+    return {n: sets[n] for n in names}
+
+
+def _overlap(run: _Run) -> Lines | str:
+    sets = _neuron_sets(run)
+    if not sets:
+        return "no NeuronSets in neurons/"
+    iou = iou_matrix(sets)
+    run.save("overlap", iou)
+    tasks = iou["tasks"]
+    out = _table(
+        ["set", "selected (fqn, axis, index)", "scorer", "fraction"],
+        [[n, s.num_selected(), s.meta.get("scorer"), s.meta.get("fraction")]
+         for n, s in sets.items()],
+    )  # fmt: skip
+    out += ["Whole-model IoU:", ""]
+    out += _matrix_table("task", tasks, tasks, iou["whole"])
+    out += [f"Mean IoU between different tasks: {_fmt(iou['mean_offdiag'])}", ""]
+    if iou["layers"]:
+        out += _table(
+            ["layer", "mean off-diagonal IoU"],
+            list(zip(iou["layers"], iou["mean_offdiag_per_layer"])),
+        )
+    out.append(run.figure("iou", "IoU overlap", lambda p: plots.plot_iou(iou, p)))
+    return out
+
+
+def _similarity(run: _Run) -> Lines | str:
+    res = run.need_results("similarity")
+    if isinstance(res, str):
+        return res
+    sim = res["similarity"]
+    for key in ("tasks", "layers", "method", "per_layer", "mean"):
+        if key not in sim:
+            raise ValueError(f"results.similarity is missing `{key}`")
+    tasks = sim["tasks"]
+    out = [f"Cosine similarity of task-neuron parameters (method `{sim['method']}`), "
+           "mean over layers:", ""]  # fmt: skip
+    out += _matrix_table("task", tasks, tasks, sim["mean"])
+    out.append(run.figure("similarity_layers", "similarity per layer",
+                          lambda p: plots.plot_layer_similarity(sim, p)))  # fmt: skip
+    data = dict(sim)
+    if sim.get("generalization") is not None:
+        corr = correlation(sim["mean"], sim["generalization"])
+        data["correlation"] = corr
+        out += [""] + _table(
+            ["correlation with generalization", "r", "p", "pairs"],
+            [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
+             for name in ("pearson", "spearman")],
+        )  # fmt: skip
+        out.append(run.figure("similarity_correlation", "similarity vs generalization",
+                              lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
+    else:
+        out += ["", "No `similarity.generalization` matrix: correlation skipped."]
+    run.save("similarity", data)
+    return out
+
+
+def _neft(run: _Run) -> Lines | str:
+    res = run.need_results("neft")
+    if isinstance(res, str):
+        return res
+    data = res["neft"]
+    for key in ("counts", "hist", "shift_threshold", "scope"):
+        if key not in data:
+            raise ValueError(f"results.neft is missing `{key}`")
+    run.save("neft", data)
+    counts = data["counts"]
+    out = _table(
+        ["category", "selected", "not selected"],
+        [[c, v["selected"], v["unselected"]] for c, v in counts.items()],
+    )
+    out.append(
+        run.figure("neft_rank_shift", "rank shift", lambda p: plots.plot_rank_shift(data, p))
+    )
+    return out
+
+
+SECTIONS: tuple[tuple[str, Callable[[_Run], Lines | str]], ...] = (
+    ("Accuracy matrix and continual metrics", _continual),
+    ("Deactivation", _deactivation),
+    ("Neuron overlap (IoU)", _overlap),
+    ("Parameter similarity", _similarity),
+    ("NeFT utilization rank shift", _neft),
+)
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Run every analysis whose inputs exist in `run_dir`; write JSON, PNGs, report.md.
+
+    Args:
+        run_dir: A run directory (DESIGN section 6).
+
+    Returns:
+        Path of `RUN/report.md`.
+
+    Raises:
+        ValueError: If `run_dir` is not a directory.
+
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ValueError(f"run_dir {str(root)!r} is not a directory")
+    run = _Run(root)
+    lines = [f"# Report: {root.resolve().name}", ""]
+    for title, build in SECTIONS:
+        lines += [f"## {title}", ""]
+        try:
+            body = build(run)
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"report section {title!r} skipped: {e}", stacklevel=2)
+            body = f"error: {e}"
+        lines += [f"_Skipped: {body}._", ""] if isinstance(body, str) else [*body, ""]
+    target = root / "report.md"
+    text = "\n".join(lines).rstrip() + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".report.md.", suffix=".tmp", dir=root)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, target)
+    return target
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m ncft.analysis.report RUN_DIR")
+    print(write_report(sys.argv[1]))

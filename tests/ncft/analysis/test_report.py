@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+
+from ncft.analysis.neft_stats import utilization_shift
+from ncft.analysis.report import write_report
+from ncft.neuron_set import NeuronSet, Selection
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TASKS = ["sst2", "rte", "qqp"]
+
+
+def _down(layer):
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+def _save_set(run, name, spec):
+    s = NeuronSet(
+        {_down(k): Selection(1, torch.tensor(v, dtype=torch.int64)) for k, v in spec.items()},
+        {"task": name, "scorer": "grad_attribution", "fraction": 0.1},
+    )
+    s.save(run / "neurons" / f"{name}.safetensors")
+
+
+def _results():
+    before = {"l0": torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])}
+    return {
+        "tasks": TASKS,
+        "matrix": [[0.9, 0.8, 0.7], [0.2, 0.85, 0.6], [0.1, 0.3, 0.95]],
+        "summary": {"cl": 0.75, "method": "ncft", "per_task": {"sst2": 0.7}},
+        "deactivation": {
+            "tasks": TASKS,
+            "baseline": [0.8, 0.5, 1.0],
+            "task_neurons_off": [[0.4, 0.45, 0.9], [0.8, 0.25, 1.0], [0.72, 0.5, 0.1]],
+            "random_off": [[0.76, 0.475, 0.95]] * 3,
+        },
+        "similarity": {
+            "tasks": TASKS,
+            "layers": [0, 1],
+            "method": "mean",
+            "per_layer": [
+                [[1.0, 1.0], [0.2, 0.4], [0.1, None]],
+                [[0.2, 0.4], [1.0, 1.0], [0.5, 0.7]],
+                [[0.1, None], [0.5, 0.7], [1.0, 1.0]],
+            ],  # fmt: skip
+            "mean": [[1.0, 0.3, 0.1], [0.3, 1.0, 0.6], [0.1, 0.6, 1.0]],
+            "generalization": [[None, 0.5, 0.2], [0.55, None, 0.8], [0.25, 0.7, None]],
+        },
+        "neft": utilization_shift(before, {"l0": before["l0"].flip(0)}, {"l0": [4]}, 0.5),
+    }
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = tmp_path / "run"
+    (run / "neurons").mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(_results()))
+    _save_set(run, "sst2", {0: [0, 1, 2, 3], 1: [0, 1]})
+    _save_set(run, "rte", {0: [2, 3, 4, 5], 1: [0, 1]})
+    _save_set(run, "qqp", {1: [7]})
+    return run
+
+
+def test_full_report(run):
+    path = write_report(run)
+    assert path == run / "report.md"
+    md = path.read_text()
+    for name in ("accuracy_matrix", "forgetting", "deactivation", "iou", "similarity_layers",
+                 "similarity_correlation", "neft_rank_shift"):  # fmt: skip
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG, name
+        assert f"(plots/{name}.png)" in md
+    for name in ("continual", "deactivation", "overlap", "similarity", "neft"):
+        json.loads((run / "analysis" / f"{name}.json").read_text())
+    assert "Skipped" not in md
+    # AP, BWT, FG_1, FG_2 of the score matrix
+    for number in ("0.750", "-0.225", "0.889", "0.742"):
+        assert number in md
+    assert "| sst2 | 0.900 | 0.800 | 0.700 |" in md  # first matrix row, training order
+    assert "| own task (diagonal) | 0.633 | 0.050 |" in md
+    assert "| other tasks (off-diagonal) | 0.050 | 0.050 |" in md
+    # IoU sst2/rte = 4/8; rows follow results.tasks, not file names
+    assert "| sst2 | 1.000 | 0.500 | 0.000 |" in md
+    assert "| cl | 0.750 |" in md and "| method | ncft |" in md
+    assert "| spearman |" in md and "| strongly_affected | 1 | 0 |" in md
+    overlap = json.loads((run / "analysis" / "overlap.json").read_text())
+    assert overlap["tasks"] == TASKS
+
+
+def test_missing_inputs_are_skipped_with_notes(tmp_path):
+    md = write_report(tmp_path).read_text()
+    assert md.count("_Skipped:") == 5
+    assert "no results.json" in md and "no NeuronSets" in md
+    assert not (tmp_path / "plots").exists()
+
+
+def test_malformed_section_does_not_cost_the_rest(run):
+    res = _results()
+    res["deactivation"]["baseline"] = [1.0]
+    del res["similarity"]
+    (run / "results.json").write_text(json.dumps(res))
+    with pytest.warns(UserWarning, match="deactivation.baseline"):
+        md = write_report(run).read_text()
+    assert "_Skipped: error: deactivation.baseline must be a list of 3 entries._" in md
+    assert "_Skipped: results.json has no `similarity`._" in md
+    assert (run / "plots" / "accuracy_matrix.png").exists()
+    assert (run / "plots" / "iou.png").exists()
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="run_dir"):
+        write_report(tmp_path / "nope")
