@@ -1,0 +1,243 @@
+"""Gradient attribution of FFN units (Leng & Xiong): `R_j = sum |a_j * dL/da_j|`.
+
+`a_j` is entry `j` of the input of a layer's down projection (the unit activation,
+see `ncft.arch`), summed over the chosen token positions of every scored example.
+
+Shapes: B batch, T tokens, V vocab, F units of one layer (d_ff).
+
+How the gradient is taken, and why it needs no parameter gather or update:
+activations are never sharded (every engine runs whole layers on each rank's own
+micro-batch), so a forward pre-hook on the down projection sees the full `a_BTF`.
+The scorer then calls `torch.autograd.grad(loss, activations)` instead of
+`loss.backward()`: autograd walks only from the loss back to the earliest hooked
+activation and builds no parameter gradient at all, so nothing is reduced and the
+optimizer state is untouched. The engines' own backward hooks still re-gather the
+parameters that this partial backward needs (down/up projections, attention of
+later layers) and release them afterwards; this was checked on ZeRO-3 (with
+parameter partitioning forced on), FSDP2 and FSDP1 (`tests/dist/scoring_worker.py`).
+
+Loss: the sum over examples of each example's MEAN token cross-entropy on its
+answer tokens. Because each example's term is independent of its batch mates, the
+scores are a plain sum over examples, identical for any batch size, world size or
+padding (`batches(last="pad")` adds loss-free fillers, which contribute exactly 0).
+
+Positions: "all" sums over every non-padding position; "answer" sums over positions
+`t` with `labels[t + 1] != -100`, i.e. the positions whose logits produce the
+answer tokens (the last prompt token through the second-to-last answer token).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ncft.arch import MlpBlock
+from ncft.data.examples import IGNORE, batches, collate, data_hash
+from ncft.engine import Engine
+from ncft.selection import Group, Scores
+
+AGGREGATION = "sum_abs_act_x_grad over tokens"
+# Wrapper prefixes that engines and tools insert into module names.
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def unwrapped_name(name: str) -> str:
+    """`name` with FSDP1/checkpoint/compile wrapper segments removed."""
+    return _WRAPPERS.sub("", name).lstrip(".")
+
+
+def find_module(root: nn.Module, fqn: str) -> nn.Module:
+    """The module called `fqn` in the unwrapped model, found inside a wrapped `root`.
+
+    FSDP1 renames `a.b` to `a._fsdp_wrapped_module.b` and keeps both the wrapper and
+    the original module; the innermost match (the module that really runs) is
+    returned, so hooks see exactly the original forward.
+    """
+    found = None
+    for name, module in root.named_modules():
+        if unwrapped_name(name) == fqn:
+            found = module
+    if found is None:
+        raise ValueError(f"module {fqn!r} not found in {type(root).__name__}")
+    return found
+
+
+def engine_module(engine_or_model: Engine | nn.Module) -> nn.Module:
+    """The (possibly wrapped) root module of an engine, or the model itself."""
+    return engine_or_model if isinstance(engine_or_model, nn.Module) else engine_or_model.module
+
+
+class ActivationProbe:
+    """Forward pre-hooks that keep the input of each down projection, in call order."""
+
+    def __init__(self) -> None:
+        self.captured: dict[int, torch.Tensor] = {}
+
+    def hook(self, layer: int):
+        """A pre-hook storing `args[0]` for `layer` (made a grad leaf if it needs one)."""
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            del module
+            a_BTF = args[0]
+            if a_BTF.requires_grad:
+                self.captured[layer] = a_BTF
+                return None
+            # Nothing upstream is trainable (a frozen model): a fresh leaf carries the
+            # same value. Exact, because no earlier hooked activation feeds this one
+            # (it would require grad if one did).
+            leaf = a_BTF.detach().requires_grad_()
+            self.captured[layer] = leaf
+            return (leaf, *args[1:])
+
+        return pre_hook
+
+
+@contextmanager
+def probe_activations(
+    engine_or_model: Engine | nn.Module, blocks: Sequence[MlpBlock]
+) -> Iterator[ActivationProbe]:
+    """Capture every block's down-projection input during forwards in this context."""
+    root = engine_module(engine_or_model)
+    probe = ActivationProbe()
+    handles = [find_module(root, b.down_fqn).register_forward_pre_hook(probe.hook(b.layer))
+               for b in blocks]  # fmt: skip
+    try:
+        yield probe
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def position_mask(batch: Mapping[str, torch.Tensor], positions: str) -> torch.Tensor:
+    """`[B, T]` bool: which positions' attributions are summed (module docstring)."""
+    if positions == "all":
+        return batch["attention_mask"].bool()
+    if positions == "answer":
+        labels_BT = batch["labels"]
+        mask = torch.zeros_like(labels_BT, dtype=torch.bool)
+        mask[:, :-1] = labels_BT[:, 1:] != IGNORE
+        return mask
+    raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
+
+
+def answer_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Sum over examples of the mean next-token cross-entropy on answer tokens.
+
+    Examples without answer tokens (fillers) contribute exactly zero.
+    """
+    logits = logits_BTV[:, :-1].float()
+    target = labels_BT[:, 1:].to(logits.device)
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+        ignore_index=IGNORE, reduction="none",
+    ).view(target.shape)
+    counts = (target != IGNORE).sum(dim=1).clamp(min=1)
+    return (token_loss.sum(dim=1) / counts).sum()
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a HF model output (or the tensor itself)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Switch dropout off for scoring and restore the previous mode afterwards."""
+    was_training = module.training
+    module.train(False)
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@dataclass(frozen=True)
+class GradAttribution:
+    """The Leng & Xiong scorer over FFN units (one `Group` per MLP block).
+
+    Attributes:
+        encoded: Encoded task examples (`ncft.data.examples.encode`), the same list
+            on every rank; each rank scores its share.
+        blocks: MLP blocks of the unwrapped model (computed before wrapping).
+        positions: "answer" or "all" (module docstring).
+        num_examples: Use the first `num_examples` examples (None = all).
+        batch_size: Examples per rank per forward.
+        pad_id: Token id used to pad batches.
+        model_id: Recorded in metadata.
+    """
+
+    encoded: Sequence[Mapping[str, torch.Tensor]]
+    blocks: Sequence[MlpBlock]
+    positions: Literal["all", "answer"] = "answer"
+    num_examples: int | None = None
+    batch_size: int = 8
+    pad_id: int = 0
+    model_id: str = ""
+    name: str = "grad_attribution"
+
+    def _used(self) -> Sequence[Mapping[str, torch.Tensor]]:
+        return self.encoded if self.num_examples is None else self.encoded[: self.num_examples]
+
+    def score(self, engine: Engine, groups: Sequence[Group]) -> Scores:
+        """Sum `|a * dL/da|` per unit over this rank's examples, then over ranks."""
+        blocks = self._blocks_for(groups)
+        used = self._used()
+        if not used:
+            raise ValueError("grad_attribution needs at least one example")
+        device = _device_of(engine)
+        sums = [torch.zeros(b.d_ff, dtype=torch.float64, device=device) for b in blocks]
+        shares = list(batches(used, self.batch_size, engine.rank, engine.world_size, "pad"))
+        root = engine_module(engine)
+        with eval_mode(root), torch.enable_grad(), probe_activations(engine, blocks) as probe:
+            for share in tqdm(shares, desc="attribution", disable=not engine.is_main_process):
+                batch = {k: v.to(device) for k, v in collate(share, self.pad_id).items()}
+                self._accumulate(engine, batch, blocks, probe, sums)
+        flat = engine.all_reduce_(torch.cat(sums))
+        return {g.name: s.cpu() for g, s in zip(groups, flat.split([b.d_ff for b in blocks]))}
+
+    def _accumulate(self, engine, batch, blocks, probe, sums) -> None:
+        probe.captured.clear()
+        output = engine.forward({"input_ids": batch["input_ids"],
+                                 "attention_mask": batch["attention_mask"]})  # fmt: skip
+        loss = answer_loss(logits_of(output), batch["labels"])
+        acts = [probe.captured[b.layer] for b in blocks]
+        grads = torch.autograd.grad(loss, acts)
+        mask_BT1 = position_mask(batch, self.positions).unsqueeze(-1)
+        for total, a_BTF, g_BTF in zip(sums, acts, grads):
+            contrib = (a_BTF.detach().float() * g_BTF.float()).abs() * mask_BT1
+            total += contrib.sum(dim=(0, 1)).to(total.device, torch.float64)
+        probe.captured.clear()
+
+    def _blocks_for(self, groups: Sequence[Group]) -> list[MlpBlock]:
+        by_name = {b.mlp_fqn: b for b in self.blocks}
+        missing = [g.name for g in groups if g.name not in by_name]
+        if missing:
+            raise ValueError(
+                f"grad_attribution scores FFN units (unit='neuron'); groups {missing[:3]} "
+                "are not MLP unit groups"
+            )
+        return [by_name[g.name] for g in groups]
+
+    def meta(self) -> dict[str, Any]:
+        """What a NeuronSet built from these scores records."""
+        used = self._used()
+        return {
+            "scorer": self.name, "aggregation": AGGREGATION, "positions": self.positions,
+            "num_examples": len(used), "data_hash": data_hash(used), "model_id": self.model_id,
+            "loss": "sum over examples of mean answer-token cross-entropy",
+        }  # fmt: skip
+
+
+def _device_of(engine: Engine) -> torch.device:
+    for p in engine_module(engine).parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")

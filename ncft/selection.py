@@ -1,0 +1,244 @@
+"""From per-candidate scores to a NeuronSet: top-k, reversed, union, rank agreement.
+
+A `Group` is one vector of candidates that a scorer scores together: the FFN units
+of one MLP (`unit="neuron"`), or the output rows of one projection (`unit="row"`,
+NeFT's neuron). `Scores` maps a group's name to one float per candidate, higher =
+selected first (a scorer whose natural order is "lower first", like NeFT's cosine
+similarity, negates or complements it).
+
+Selection is a pure function of the scores: ties are broken by candidate order
+(group order, then index ascending) via a stable sort, so equal scores on every
+rank give the same set everywhere. `check_identical_across_ranks` proves it at run
+time by comparing the set's checksum over the process group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ncft.arch import MlpBlock, get_adapter, make_projection, row_entries
+from ncft.engine import Engine
+from ncft.neuron_set import NeuronSet, Selection
+
+Scores = dict[str, torch.Tensor]  # group name -> [group.size] float scores
+MLP_ROLES = ("gate", "up", "down", "fc_in", "fc_out")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Candidates scored together; candidate `i` is slice `i` of every piece.
+
+    Attributes:
+        name: The MLP module name (units) or the projection module name (rows).
+        layer: Decoder layer index (what `per_layer` selection pools by).
+        size: Number of candidates.
+        pieces: `(parameter fqn, storage axis)` pairs; candidate `i` owns index `i`
+            along `axis` of each (a unit: gate/up rows, down column, biases).
+    """
+
+    name: str
+    layer: int
+    size: int
+    pieces: tuple[tuple[str, int], ...]
+
+    def entries(self, indices: torch.Tensor) -> dict[str, Selection]:
+        """NeuronSet entries for candidates `indices` (sorted, unique)."""
+        idx = torch.unique(indices.to(torch.int64), sorted=True)
+        return {fqn: Selection(axis, idx) for fqn, axis in self.pieces}
+
+
+def unit_groups(blocks: Sequence[MlpBlock], roles: Sequence[str] = MLP_ROLES) -> list[Group]:
+    """One group per MLP: its FFN units, owning the pieces of the projections in `roles`.
+
+    The output-side bias belongs to no unit and is never a piece (see `ncft.arch`).
+    """
+    groups = []
+    for block in blocks:
+        pieces = []
+        for p in block.projections:
+            if p.role not in roles:
+                continue
+            pieces.append((p.weight_fqn, p.unit_axis))
+            if p.bias_fqn is not None and p.role in ("gate", "up", "fc_in"):
+                pieces.append((p.bias_fqn, 0))
+        if not pieces:
+            raise ValueError(f"modules {list(roles)} name no projection of {block.mlp_fqn}")
+        groups.append(Group(block.mlp_fqn, block.layer, block.d_ff, tuple(pieces)))
+    return groups
+
+
+def row_groups(model: nn.Module, modules: Sequence[str]) -> list[Group]:
+    """One group per projection: its output rows (NeFT neurons) and their bias elements.
+
+    Args:
+        model: The unwrapped model (or a ZeRO-3 module: shapes come from `ds_shape`).
+        modules: MLP roles to include, plus "attention" for every attention projection.
+    """
+    adapter = get_adapter(model)
+    attn = adapter.attention_projections(model) if "attention" in modules else []
+    groups = []
+    for block in adapter.mlp_blocks(model):
+        layer_prefix = block.mlp_fqn.rsplit(".", 1)[0] + "."
+        projs = [make_projection(model, f, "attn") for f in attn if f.startswith(layer_prefix)]
+        projs += [p for p in block.projections if p.role in modules]
+        for p in projs:
+            entries = row_entries(p, torch.zeros(0, dtype=torch.long))
+            size = _shape(model, p.weight_fqn)[entries[p.weight_fqn][0]]
+            pieces = tuple((fqn, axis) for fqn, (axis, _) in entries.items())
+            groups.append(Group(p.module_fqn, block.layer, size, pieces))
+    if not groups:
+        raise ValueError(f"modules {list(modules)} name no projection of the model")
+    return groups
+
+
+def _shape(model: nn.Module, fqn: str) -> tuple[int, ...]:
+    param = model.get_parameter(fqn)
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
+
+
+def resolve_count(size: int, fraction: float | None, count: int | None) -> int:
+    """How many of `size` candidates to take: `count`, or `round(fraction * size)`.
+
+    A positive fraction always takes at least one candidate; the result never
+    exceeds `size`. Rounding is half-up, so it is the same on every platform.
+    """
+    if (fraction is None) == (count is None):
+        raise ValueError("give exactly one of fraction or count")
+    if count is not None:
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        return min(count, size)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return min(size, max(1, math.floor(fraction * size + 0.5)))
+
+
+def _order(scores: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Candidate order: score descending (ascending if `reverse`), ties by index."""
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; cannot rank")
+    return torch.sort(scores, descending=not reverse, stable=True).indices
+
+
+def _check_scores(scores: Mapping[str, torch.Tensor], groups: Sequence[Group]) -> None:
+    for g in groups:
+        s = scores.get(g.name)
+        if s is None or s.shape != (g.size,):
+            got = None if s is None else tuple(s.shape)
+            raise ValueError(f"scores[{g.name!r}] must have shape ({g.size},), got {got}")
+
+
+def top_k(
+    scores: Mapping[str, torch.Tensor],
+    groups: Sequence[Group],
+    fraction: float | None = None,
+    count: int | None = None,
+    per_layer: bool = True,
+    reverse: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Pick the highest-scoring candidates, per layer or over all groups.
+
+    Args:
+        scores: `group name -> [size]` scores, higher = selected first.
+        groups: The candidate groups, in model order (this order breaks ties).
+        fraction: Fraction of candidates to take (of each layer, or of all).
+        count: Number to take instead (per layer, or in all).
+        per_layer: Take `fraction`/`count` within each layer, pooling that layer's
+            groups; else one global ranking.
+        reverse: Take the LOWEST scores instead (NeFT's "reversed" control).
+
+    Returns:
+        `group name -> sorted int64 indices` (every group present, maybe empty).
+    """
+    _check_scores(scores, groups)
+    pools: dict[Any, list[Group]] = {}
+    for g in groups:
+        pools.setdefault(g.layer if per_layer else None, []).append(g)
+    selected = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    for pool in pools.values():
+        flat = torch.cat([scores[g.name].double().cpu() for g in pool])
+        k = resolve_count(flat.numel(), fraction, count)
+        chosen = torch.sort(_order(flat, reverse)[:k]).values
+        offset = 0
+        for g in pool:
+            inside = chosen[(chosen >= offset) & (chosen < offset + g.size)]
+            selected[g.name] = inside - offset
+            offset += g.size
+    return selected
+
+
+def to_neuron_set(
+    selected: Mapping[str, torch.Tensor], groups: Sequence[Group], meta: Mapping[str, Any]
+) -> NeuronSet:
+    """Turn `group name -> indices` into a NeuronSet with `meta`."""
+    entries: dict[str, Selection] = {}
+    for g in groups:
+        idx = selected.get(g.name)
+        if idx is None or not idx.numel():
+            continue
+        for fqn, sel in g.entries(idx).items():
+            if fqn in entries:  # a parameter in two groups would be ambiguous
+                raise ValueError(f"parameter {fqn} is a piece of two groups")
+            entries[fqn] = sel
+    return NeuronSet(entries, meta)
+
+
+def selected_of(nset: NeuronSet, groups: Sequence[Group]) -> dict[str, torch.Tensor]:
+    """Recover `group name -> indices` from a set (via each group's first piece)."""
+    out = {}
+    for g in groups:
+        fqn, axis = g.pieces[0]
+        sel = nset.entries.get(fqn)
+        if sel is not None and sel.axis != axis:
+            raise ValueError(f"{fqn}: set selects axis {sel.axis}, group {g.name} uses {axis}")
+        out[g.name] = sel.indices.clone() if sel is not None else torch.zeros(0, dtype=torch.long)
+    return out
+
+
+def union_with_previous(new: NeuronSet, previous: NeuronSet | None) -> NeuronSet:
+    """`new` plus the earlier set's neurons, keeping `new`'s metadata (and noting the union)."""
+    if previous is None:
+        return new
+    merged = new.union(previous)
+    meta = {**new.meta, "union_with": previous.checksum()}
+    return NeuronSet(merged.entries, meta)
+
+
+def _digest_words(text_hex: str) -> torch.Tensor:
+    """A hex digest as 16-bit words in int64 (sums over ranks cannot overflow)."""
+    raw = hashlib.sha256(text_hex.encode()).digest()
+    return torch.tensor([int.from_bytes(raw[i : i + 2], "little") for i in range(0, 32, 2)],
+                        dtype=torch.int64)  # fmt: skip
+
+
+def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
+    """Raise on every rank unless all ranks hold a set with the same checksum.
+
+    Each rank compares the sum of everyone's digest words with `world_size` times its
+    own; they all match only if all digests are equal. A second all-reduce shares
+    the verdict so no rank goes on alone (and hangs the others).
+
+    Returns:
+        The checksum.
+    """
+    checksum = nset.checksum()
+    if engine.world_size == 1:
+        return checksum
+    mine = _digest_words(checksum)
+    total = engine.all_reduce_(mine.clone())
+    bad = torch.tensor([int(not torch.equal(total, mine * engine.world_size))], dtype=torch.int64)
+    engine.all_reduce_(bad)
+    if int(bad):
+        raise RuntimeError(
+            f"NeuronSet differs across ranks ({int(bad)} rank(s) disagree; rank "
+            f"{engine.rank} has {checksum}): scores were not identical everywhere"
+        )
+    return checksum
