@@ -1,0 +1,215 @@
+"""Switch neurons off (Leng & Xiong 4.1) and measure what the task loses.
+
+Two ways, which agree exactly for FFN units (a zero gate row and up row give
+`act(0) * 0 = 0`, a zero down column drops the unit's contribution):
+
+- `deactivate_activations`: a forward pre-hook zeroes unit inputs of the down
+  projection. Works on any engine, touches no weight.
+- `deactivate_weights`: zeroes the selected elements of the rank-LOCAL storage in
+  place (`Engine.segments()` + `segment_mask`), no gather, and restores the saved
+  values bit for bit on exit.
+
+Limits of `deactivate_weights` (from what the engine interface exposes):
+- `segments()` reports trainable parameters only, so every parameter named by the
+  set must be trainable in the engine (deactivate before freezing, or build the
+  engine with those matrices trainable).
+- A segment's storage must be what the forward reads. True for the single engine,
+  FSDP2 and FSDP1; not for ZeRO-3 parameters kept whole on every rank
+  (`stage3_param_persistence_threshold`) or trained in bf16 (segments are the fp32
+  master). Each zeroed parameter is therefore checked once through
+  `Engine.gathered` (one parameter at a time), and a mismatch restores the weights
+  and raises `NotImplementedError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ncft.arch import MlpBlock
+from ncft.data.examples import IGNORE, batches, collate
+from ncft.engine import Engine, Segment
+from ncft.masks.layout import segment_mask
+from ncft.neuron_set import NeuronSet
+from ncft.scoring.attribution import answer_loss, engine_module, eval_mode, find_module, logits_of
+from ncft.scoring.controls import group_generator
+from ncft.scoring.cosine import local_view
+
+
+@contextmanager
+def deactivate_activations(
+    engine_or_model: Engine | nn.Module,
+    blocks: Sequence[MlpBlock],
+    units: Mapping[int, torch.Tensor],
+) -> Iterator[None]:
+    """Zero FFN units `units` (`layer -> indices`) in every forward inside the context."""
+    root = engine_module(engine_or_model)
+    by_layer = {b.layer: b for b in blocks}
+    handles = []
+    try:
+        for layer, idx in units.items():
+            if layer not in by_layer:
+                raise ValueError(f"units has layer {layer}; blocks have {sorted(by_layer)}")
+            module = find_module(root, by_layer[layer].down_fqn)
+            handles.append(module.register_forward_pre_hook(_zero_inputs(idx)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _zero_inputs(idx: torch.Tensor):
+    idx = idx.to(torch.int64)
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        del module
+        a_BTF = args[0]
+        return (a_BTF.index_fill(-1, idx.to(a_BTF.device), 0.0), *args[1:])
+
+    return pre_hook
+
+
+def _plain_segments(model: nn.Module) -> list[Segment]:
+    return [Segment(n, tuple(p.shape), 0, p.numel(), p, 0, lambda: None)
+            for n, p in model.named_parameters()]  # fmt: skip
+
+
+@contextmanager
+def deactivate_weights(
+    engine_or_model: Engine | nn.Module, neuron_set: NeuronSet, verify: bool = True
+) -> Iterator[None]:
+    """Zero the set's elements on this rank's local shards; restore them exactly on exit.
+
+    Args:
+        engine_or_model: An engine (sharded or not) or a plain model.
+        neuron_set: What to zero (storage coordinates of the full parameters).
+        verify: Check through `gathered` that the forward sees the zeros (module
+            docstring); skipped for a plain model.
+
+    Raises:
+        ValueError: If the set names a parameter the engine does not train.
+        NotImplementedError: If the engine's local storage is not what it computes with.
+    """
+    is_model = isinstance(engine_or_model, nn.Module)
+    segments = _plain_segments(engine_or_model) if is_model else engine_or_model.segments()
+    missing = sorted(set(neuron_set.entries) - {s.fqn for s in segments})
+    if missing:
+        raise ValueError(f"deactivate_weights: {missing[:3]} are not trainable in this engine, "
+                         "so their local shards are not exposed; deactivate before freezing")
+    saved = _zero_selected(segments, neuron_set)
+    try:
+        if verify and not is_model:
+            _check_zeroed(engine_or_model, neuron_set)
+        yield
+    finally:
+        with torch.no_grad():
+            for view, mask, values in saved:
+                view.masked_scatter_(mask, values)
+
+
+def _zero_selected(segments: Sequence[Segment], neuron_set: NeuronSet) -> list[tuple]:
+    saved = []
+    with torch.no_grad():
+        for seg in segments:
+            sel = neuron_set.entries.get(seg.fqn)
+            if sel is None or not seg.numel:
+                continue
+            mask = segment_mask(seg.shape, seg.start, seg.stop, sel.axis, sel.indices, seg.fqn)
+            view = local_view(seg)
+            mask = mask.to(view.device)
+            saved.append((view, mask, view[mask].clone()))
+            view.masked_fill_(mask, 0.0)
+    return saved
+
+
+def _check_zeroed(engine: Engine, neuron_set: NeuronSet) -> None:
+    for fqn, sel in neuron_set.entries.items():
+        with engine.gathered([fqn]) as full:
+            part = full[fqn].index_select(sel.axis, sel.indices.to(full[fqn].device))
+            ok = not bool(part.any())
+        if not ok:
+            raise NotImplementedError(
+                f"deactivate_weights: zeroing {fqn} in the engine's local shard did not "
+                "reach the weights its forward uses (ZeRO-3 persistent or bf16 parameters). "
+                "Needs an engine method exposing the forward's local storage of every "
+                "parameter; use deactivate_activations meanwhile."
+            )
+
+
+def _metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean answer loss and exact-match token accuracy over `encoded`, all ranks."""
+    device = next(engine_module(engine).parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    with torch.no_grad(), eval_mode(engine_module(engine)):
+        for share in batches(encoded, batch_size, engine.rank, engine.world_size, "pad"):
+            batch = {k: v.to(device) for k, v in collate(share, pad_id).items()}
+            out = engine.forward({"input_ids": batch["input_ids"],
+                                  "attention_mask": batch["attention_mask"]})  # fmt: skip
+            logits = logits_of(out)
+            labels = batch["labels"][:, 1:]
+            scored = labels != IGNORE
+            hit = (logits[:, :-1].argmax(-1) == labels) | ~scored
+            real = scored.any(dim=1)
+            totals[0] += float(answer_loss(logits, batch["labels"]))
+            totals[1] += float((hit.all(dim=1) & real).sum())
+            totals[2] += float(real.sum())
+    engine.all_reduce_(totals)
+    return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+
+def random_units(units: Mapping[int, torch.Tensor], blocks: Sequence[MlpBlock], seed: int):
+    """As many random units per layer as `units` has (seeded, identical on every rank)."""
+    d_ff = {b.layer: b.d_ff for b in blocks}
+    return {layer: torch.sort(torch.randperm(d_ff[layer], generator=group_generator(
+                seed, f"layer{layer}"))[: len(idx)]).values  # fmt: skip
+            for layer, idx in units.items()}
+
+
+def evaluate_deactivation(
+    engine: Engine,
+    blocks: Sequence[MlpBlock],
+    neuron_set: NeuronSet,
+    encoded: Sequence[Mapping[str, torch.Tensor]],
+    seed: int = 0,
+    mode: str = "activation",
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """Task loss/accuracy with the set's units off, against as many random units off.
+
+    Args:
+        engine: The engine holding the model.
+        blocks: MLP blocks of the unwrapped model.
+        neuron_set: A unit selection (its down-projection entries give the units).
+        encoded: Evaluation examples.
+        seed: Seed of the random control.
+        mode: "activation" (hooks) or "weight" (zeroed local shards).
+        batch_size: Examples per rank per forward.
+        pad_id: Padding token id.
+
+    Returns:
+        `{"base", "set", "random"}` metrics, the deltas to base, and the unit count.
+    """
+    if mode not in ("activation", "weight"):
+        raise ValueError(f"mode must be 'activation' or 'weight', got {mode!r}")
+    units = neuron_set.units(blocks)
+    control = random_units(units, blocks, seed)
+
+    def off(chosen):
+        if mode == "activation":
+            return deactivate_activations(engine, blocks, chosen)
+        return deactivate_weights(engine, NeuronSet.from_units(blocks, chosen))
+
+    result: dict[str, Any] = {"base": _metrics(engine, encoded, batch_size, pad_id)}
+    for key, chosen in (("set", units), ("random", control)):
+        with off(chosen):
+            result[key] = _metrics(engine, encoded, batch_size, pad_id)
+    base = result["base"]
+    for key in ("set", "random"):
+        result[f"{key}_delta"] = {m: result[key][m] - base[m] for m in ("loss", "accuracy")}
+    result.update(mode=mode, seed=seed, num_units=sum(len(i) for i in units.values()))
+    return result
