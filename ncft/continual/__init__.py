@@ -1,0 +1,1 @@
+"""Continual learning: metrics over the accuracy matrix and W-NCFT inference-time mixing."""

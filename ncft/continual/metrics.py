@@ -1,0 +1,143 @@
+"""Continual-learning metrics over the accuracy matrix (pure functions, no torch).
+
+`a[i][j]` is the score (in [0, 1], see `ncft.evaluate.task_score`) on task i after
+training task j, for T tasks trained in order 0..T-1; None where not evaluated (e.g.
+`per_task` runs evaluate only the diagonal). Indices below are 0-based.
+
+- Average performance (CL, also AP): `mean_i a[i][T-1]`, the final model's mean score.
+- Backward transfer (BWT, Lopez-Paz & Ranzato 2017): `mean_{i<T-1} a[i][T-1] - a[i][i]`;
+  negative means forgetting.
+- Forgetting ratio FG_j (after Leng & Xiong 2024, "Towards Understanding Multi-Task
+  Learning (Generalization) of LLMs via Detecting and Exploring Task-Specific Neurons").
+  OUR READING, as the retention ratio of the earlier tasks after training task j:
+  `FG_j = mean_{i<j} a[i][j] / a[i][i]`, for j >= 1 (undefined for j = 0). 1 means
+  the earlier tasks kept their just-trained scores, below 1 means forgetting (higher
+  is better). Terms with `a[i][i] == 0` (a task never learned has nothing to retain)
+  or a missing entry are left out; FG_j is None when no term remains.
+- Forward transfer (FWT, Lopez-Paz & Ranzato 2017), optional: with `baseline[i]` the
+  untrained model's score on task i, `mean_{i>=1} a[i][i-1] - baseline[i]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Real
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+def _check(matrix: Matrix) -> list[list[float | None]]:
+    """A validated square copy of `matrix` with float or None entries."""
+    rows = [list(r) for r in matrix]
+    num = len(rows)
+    if num == 0:
+        raise ValueError("the accuracy matrix must have at least one task")
+    for i, row in enumerate(rows):
+        if len(row) != num:
+            raise ValueError(f"the accuracy matrix must be {num}x{num}; row {i} has {len(row)}")
+        for j, v in enumerate(row):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, Real) or v != v):
+                raise ValueError(f"matrix[{i}][{j}] must be a number or None, got {v!r}")
+            row[j] = None if v is None else float(v)
+    return rows
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _required(a: list[list[float | None]], cells: Sequence[tuple[int, int]], what: str):
+    missing = [(i, j) for i, j in cells if a[i][j] is None]
+    if missing:
+        raise ValueError(f"{what} needs matrix entries {missing} (task i after stage j)")
+
+
+def average_performance(matrix: Matrix) -> float:
+    """CL/AP: mean over tasks of the score after the last stage."""
+    a = _check(matrix)
+    last = len(a) - 1
+    _required(a, [(i, last) for i in range(len(a))], "average_performance")
+    return _mean([a[i][last] for i in range(len(a))])
+
+
+def backward_transfer(matrix: Matrix) -> float | None:
+    """BWT: mean change of each earlier task's score from its own stage to the last one.
+
+    Returns:
+        None for a single task (no earlier task).
+    """
+    a = _check(matrix)
+    last = len(a) - 1
+    if last == 0:
+        return None
+    _required(a, [c for i in range(last) for c in ((i, last), (i, i))], "backward_transfer")
+    return _mean([a[i][last] - a[i][i] for i in range(last)])
+
+
+def forgetting(matrix: Matrix) -> list[float | None]:
+    """FG_j for every stage j (see the module docstring); entry 0 is always None."""
+    a = _check(matrix)
+    out: list[float | None] = [None]
+    for j in range(1, len(a)):
+        ratios = [a[i][j] / a[i][i] for i in range(j)
+                  if a[i][j] is not None and a[i][i] is not None and a[i][i] != 0]  # fmt: skip
+        out.append(_mean(ratios) if ratios else None)
+    return out
+
+
+def forward_transfer(matrix: Matrix, baseline: Sequence[float]) -> float | None:
+    """FWT: mean gain on task i from training tasks < i, over the untrained baseline.
+
+    Args:
+        matrix: The accuracy matrix.
+        baseline: The untrained model's score on each task.
+
+    Returns:
+        None for a single task.
+    """
+    a = _check(matrix)
+    if len(baseline) != len(a):
+        raise ValueError(f"baseline has {len(baseline)} scores for {len(a)} tasks")
+    if len(a) == 1:
+        return None
+    _required(a, [(i, i - 1) for i in range(1, len(a))], "forward_transfer")
+    return _mean([a[i][i - 1] - float(baseline[i]) for i in range(1, len(a))])
+
+
+def cl_summary(
+    matrix: Matrix, task_names: Sequence[str], baseline: Sequence[float] | None = None
+) -> dict:
+    """All continual metrics, JSON-ready; a metric whose entries are missing is None.
+
+    Args:
+        matrix: `a[i][j]`, score on task i after training task j.
+        task_names: Name of each task, in training order.
+        baseline: Optional untrained scores per task (adds forward transfer).
+
+    Returns:
+        `{"tasks", "matrix", "average_performance", "backward_transfer",
+        "forgetting": {"per_stage": {task: FG_j}, "final": FG_{T-1}},
+        "diagonal_mean", "forward_transfer"}`. `diagonal_mean` is the mean
+        just-trained score, the reference `per_task` runs report.
+    """
+    a = _check(matrix)
+    if len(task_names) != len(a) or len(set(task_names)) != len(task_names):
+        raise ValueError(f"task_names must be {len(a)} distinct names, got {list(task_names)}")
+
+    def lenient(fn, *args):
+        try:
+            return fn(*args)
+        except ValueError:
+            return None
+
+    fg = forgetting(a)
+    diagonal = [a[i][i] for i in range(len(a)) if a[i][i] is not None]
+    return {
+        "tasks": list(task_names),
+        "matrix": a,
+        "average_performance": lenient(average_performance, a),
+        "backward_transfer": lenient(backward_transfer, a),
+        "forgetting": {"per_stage": dict(zip(task_names, fg)), "final": fg[-1]},
+        "diagonal_mean": _mean(diagonal) if diagonal else None,
+        "forward_transfer": None if baseline is None else lenient(forward_transfer, a, baseline),
+    }

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from ncft.continual.metrics import (
+    average_performance,
+    backward_transfer,
+    cl_summary,
+    forgetting,
+    forward_transfer,
+)
+
+# a[i][j]: task i after training task j (3 tasks).
+A = [
+    [0.80, 0.60, 0.40],
+    [0.30, 0.90, 0.45],
+    [0.20, 0.25, 0.50],
+]
+
+
+def test_average_performance_is_mean_of_last_column():
+    assert average_performance(A) == pytest.approx((0.40 + 0.45 + 0.50) / 3)
+
+
+def test_backward_transfer_by_hand():
+    # (0.40 - 0.80) + (0.45 - 0.90) = -0.85 over 2 earlier tasks.
+    assert backward_transfer(A) == pytest.approx(-0.425)
+    assert backward_transfer([[0.7]]) is None
+
+
+def test_forgetting_is_retention_ratio_per_stage():
+    fg = forgetting(A)
+    assert fg[0] is None
+    assert fg[1] == pytest.approx(0.60 / 0.80)
+    assert fg[2] == pytest.approx((0.40 / 0.80 + 0.45 / 0.90) / 2)
+
+
+def test_forgetting_skips_unlearned_and_missing_entries():
+    a = [[0.0, 0.1, None], [0.2, 0.5, 0.25], [0.1, 0.2, 0.3]]
+    fg = forgetting(a)
+    assert fg[1] is None  # the only earlier task has a[0][0] == 0
+    assert fg[2] == pytest.approx(0.25 / 0.5)  # a[0][2] missing and a[0][0] == 0
+
+
+def test_forward_transfer_against_baseline():
+    # a[1][0] - b1 = 0.30 - 0.10, a[2][1] - b2 = 0.25 - 0.20.
+    assert forward_transfer(A, [0.5, 0.10, 0.20]) == pytest.approx((0.20 + 0.05) / 2)
+    with pytest.raises(ValueError, match="baseline"):
+        forward_transfer(A, [0.1])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="3x3"):
+        average_performance([[0.1, 0.2, 0.3], [0.1, 0.2], [0.1, 0.2, 0.3]])
+    with pytest.raises(ValueError, match=r"matrix\[0\]\[1\]"):
+        average_performance([[0.1, "x"], [0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"\(1, 1\)"):
+        average_performance([[0.1, 0.2], [0.1, None]])
+
+
+def test_cl_summary_is_json_ready_and_lenient():
+    summary = cl_summary(A, ["sst2", "agnews", "yelp"], baseline=[0.3, 0.1, 0.2])
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["average_performance"] == pytest.approx(0.45)
+    assert summary["backward_transfer"] == pytest.approx(-0.425)
+    assert summary["forgetting"]["per_stage"]["agnews"] == pytest.approx(0.75)
+    assert summary["forgetting"]["final"] == pytest.approx(0.5)
+    assert summary["diagonal_mean"] == pytest.approx((0.8 + 0.9 + 0.5) / 3)
+    assert summary["forward_transfer"] == pytest.approx(0.125)
+    # A per_task run evaluates only the diagonal: what needs more is None.
+    diag = cl_summary([[0.8, None], [None, 0.9]], ["a", "b"])
+    assert diag["average_performance"] is None and diag["backward_transfer"] is None
+    assert diag["diagonal_mean"] == pytest.approx(0.85)
+    with pytest.raises(ValueError, match="task_names"):
+        cl_summary(A, ["a", "a", "b"])
