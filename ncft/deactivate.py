@@ -5,20 +5,21 @@ Two ways, which agree exactly for FFN units (a zero gate row and up row give
 
 - `deactivate_activations`: a forward pre-hook zeroes unit inputs of the down
   projection. Works on any engine, touches no weight.
-- `deactivate_weights`: zeroes the selected elements of the rank-LOCAL storage in
-  place (`Engine.segments()` + `segment_mask`), no gather, and restores the saved
-  values bit for bit on exit.
+- `deactivate_weights`: zeroes the selected weight elements in place and restores
+  the saved values bit for bit on exit. Where it can, it edits the rank-LOCAL
+  storage (`Engine.segments()` + `segment_mask`): no gather, no communication.
 
-Limits of `deactivate_weights` (from what the engine interface exposes):
-- `segments()` reports trainable parameters only, so every parameter named by the
-  set must be trainable in the engine (deactivate before freezing, or build the
-  engine with those matrices trainable).
-- A segment's storage must be what the forward reads. True for the single engine,
-  FSDP2 and FSDP1; not for ZeRO-3 parameters kept whole on every rank
-  (`stage3_param_persistence_threshold`) or trained in bf16 (segments are the fp32
-  master). Each zeroed parameter is therefore checked once through
-  `Engine.gathered` (one parameter at a time), and a mismatch restores the weights
-  and raises `NotImplementedError`.
+A segment is the tensor the OPTIMIZER steps, which is not always what the forward
+reads: on ZeRO-3 it is the fp32 master partition (a separate copy on CPU and in
+bf16 training), and parameters below `stage3_param_persistence_threshold` are kept
+whole on every rank. Frozen parameters have no segment at all. So, per parameter:
+1. trainable: zero the local segment, then (with `verify`) gather the parameter
+   once (`Engine.gathered`, one parameter at a time) and check the forward sees
+   zeros; every rank sees the same full tensor, so every rank decides the same;
+2. frozen, or failed the check (local zeroing undone first): edit the full tensor
+   through `Engine.edited` (one parameter at a time, written back to the shards the
+   forward uses; the optimizer's master copy is untouched), and restore it the same
+   way on exit.
 """
 
 from __future__ import annotations
@@ -78,66 +79,91 @@ def _plain_segments(model: nn.Module) -> list[Segment]:
             for n, p in model.named_parameters()]  # fmt: skip
 
 
-@contextmanager
-def deactivate_weights(
-    engine_or_model: Engine | nn.Module, neuron_set: NeuronSet, verify: bool = True
-) -> Iterator[None]:
-    """Zero the set's elements on this rank's local shards; restore them exactly on exit.
-
-    Args:
-        engine_or_model: An engine (sharded or not) or a plain model.
-        neuron_set: What to zero (storage coordinates of the full parameters).
-        verify: Check through `gathered` that the forward sees the zeros (module
-            docstring); skipped for a plain model.
-
-    Raises:
-        ValueError: If the set names a parameter the engine does not train.
-        NotImplementedError: If the engine's local storage is not what it computes with.
-    """
-    is_model = isinstance(engine_or_model, nn.Module)
-    segments = _plain_segments(engine_or_model) if is_model else engine_or_model.segments()
-    missing = sorted(set(neuron_set.entries) - {s.fqn for s in segments})
-    if missing:
-        raise ValueError(f"deactivate_weights: {missing[:3]} are not trainable in this engine, "
-                         "so their local shards are not exposed; deactivate before freezing")
-    saved = _zero_selected(segments, neuron_set)
-    try:
-        if verify and not is_model:
-            _check_zeroed(engine_or_model, neuron_set)
-        yield
-    finally:
-        with torch.no_grad():
-            for view, mask, values in saved:
-                view.masked_scatter_(mask, values)
+Saved = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (view, mask, old values)
 
 
-def _zero_selected(segments: Sequence[Segment], neuron_set: NeuronSet) -> list[tuple]:
-    saved = []
+def _zero_local(segments: Sequence[Segment], entries: Mapping[str, Any]) -> dict[str, Saved]:
+    saved: dict[str, Saved] = {}
     with torch.no_grad():
         for seg in segments:
-            sel = neuron_set.entries.get(seg.fqn)
+            sel = entries.get(seg.fqn)
             if sel is None or not seg.numel:
                 continue
             mask = segment_mask(seg.shape, seg.start, seg.stop, sel.axis, sel.indices, seg.fqn)
             view = local_view(seg)
             mask = mask.to(view.device)
-            saved.append((view, mask, view[mask].clone()))
+            saved.setdefault(seg.fqn, []).append((view, mask, view[mask].clone()))
             view.masked_fill_(mask, 0.0)
     return saved
 
 
-def _check_zeroed(engine: Engine, neuron_set: NeuronSet) -> None:
-    for fqn, sel in neuron_set.entries.items():
-        with engine.gathered([fqn]) as full:
-            part = full[fqn].index_select(sel.axis, sel.indices.to(full[fqn].device))
-            ok = not bool(part.any())
-        if not ok:
-            raise NotImplementedError(
-                f"deactivate_weights: zeroing {fqn} in the engine's local shard did not "
-                "reach the weights its forward uses (ZeRO-3 persistent or bf16 parameters). "
-                "Needs an engine method exposing the forward's local storage of every "
-                "parameter; use deactivate_activations meanwhile."
-            )
+def _restore_local(saved: Saved) -> None:
+    with torch.no_grad():
+        for view, mask, values in saved:
+            view.masked_scatter_(mask, values)
+
+
+def _forward_sees_zeros(engine: Engine, fqn: str, sel) -> bool:
+    with engine.gathered([fqn]) as full:
+        return not bool(full[fqn].index_select(sel.axis, sel.indices.to(full[fqn].device)).any())
+
+
+def _zero_edited(engine: Engine, fqn: str, sel) -> torch.Tensor:
+    with engine.edited([fqn]) as full:
+        idx = sel.indices.to(full[fqn].device)
+        old = full[fqn].index_select(sel.axis, idx).clone()
+        full[fqn].index_fill_(sel.axis, idx, 0.0)
+    return old
+
+
+def _restore_edited(engine: Engine, fqn: str, sel, old: torch.Tensor) -> None:
+    with engine.edited([fqn]) as full:
+        full[fqn].index_copy_(sel.axis, sel.indices.to(full[fqn].device), old.to(full[fqn]))
+
+
+@contextmanager
+def deactivate_weights(
+    engine_or_model: Engine | nn.Module, neuron_set: NeuronSet, verify: bool = True
+) -> Iterator[dict[str, str]]:
+    """Zero the set's weight elements; restore them bit for bit on exit.
+
+    Args:
+        engine_or_model: An engine (sharded or not) or a plain model.
+        neuron_set: What to zero (storage coordinates of the full parameters).
+        verify: Check that local edits reach the forward (module docstring); with
+            False, trainable parameters are trusted to compute from their segments.
+
+    Yields:
+        `fqn -> "local" | "edited"`: how each parameter was switched off.
+    """
+    entries = neuron_set.entries
+    if isinstance(engine_or_model, nn.Module):
+        saved = _zero_local(_plain_segments(engine_or_model), entries)
+        try:
+            yield dict.fromkeys(entries, "local")
+        finally:
+            for items in saved.values():
+                _restore_local(items)
+        return
+    engine = engine_or_model
+    segments = engine.segments()
+    trainable = {seg.fqn for seg in segments}  # every rank lists every trainable name
+    local = _zero_local(segments, {f: s for f, s in entries.items() if f in trainable})
+    edited: dict[str, torch.Tensor] = {}
+    try:
+        to_edit = [f for f in entries if f not in trainable]
+        for fqn in [f for f in entries if f in trainable and verify]:
+            if not _forward_sees_zeros(engine, fqn, entries[fqn]):
+                _restore_local(local.pop(fqn, []))
+                to_edit.append(fqn)
+        for fqn in to_edit:
+            edited[fqn] = _zero_edited(engine, fqn, entries[fqn])
+        yield {f: "edited" if f in to_edit else "local" for f in entries}
+    finally:
+        for fqn, old in edited.items():
+            _restore_edited(engine, fqn, entries[fqn], old)
+        for items in local.values():
+            _restore_local(items)
 
 
 def _metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dict[str, float]:

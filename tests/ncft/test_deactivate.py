@@ -59,19 +59,26 @@ def test_activation_and_weight_deactivation_agree_and_restore(wrap):
     assert torch.equal(_logits(model), base)
 
 
-def test_restores_after_an_error_and_refuses_frozen_parameters():
+def test_restores_after_an_error_and_edits_frozen_parameters():
     model = tiny_llama(seed=0)
     blocks = get_adapter(model).mlp_blocks(model)
-    before = _state(model)
+    before, base = _state(model), _logits(model)
     with pytest.raises(RuntimeError, match="boom"):
         with deactivate_weights(model, NeuronSet.from_units(blocks, UNITS)):
             raise RuntimeError("boom")
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-    model.get_parameter("model.layers.1.mlp.up_proj.weight").requires_grad_(False)
+    frozen = "model.layers.1.mlp.up_proj.weight"
+    model.get_parameter(frozen).requires_grad_(False)
     engine = SingleEngine(model, OptimConfig(), INFO)
-    with pytest.raises(ValueError, match="not trainable"):
-        with deactivate_weights(engine, NeuronSet.from_units(blocks, UNITS)):
-            pass
+    with deactivate_activations(engine, blocks, UNITS):
+        by_activation = _logits(model)
+    with deactivate_weights(engine, NeuronSet.from_units(blocks, UNITS)) as how:
+        assert torch.equal(_logits(model), by_activation)
+    # a frozen parameter has no segment: it goes through Engine.edited
+    assert how[frozen] == "edited"
+    assert {v for k, v in how.items() if k != frozen} == {"local"}
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert torch.equal(_logits(model), base)
 
 
 def test_evaluate_deactivation_against_matched_random_set():
