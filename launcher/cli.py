@@ -63,12 +63,46 @@ def _validate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run an experiment spec (spawns the ranks it asks for)")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=_run)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from launcher.experiment import main_run
+    from launcher.spec import SpecError
+
+    try:
+        main_run(ns.spec, ns.overrides)
+    except SpecError as err:
+        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write analyses, plots and report.md for a run dir")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from ncft.analysis.report import write_report
+
+    print(write_report(ns.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `ncft` parser."""
     parser = argparse.ArgumentParser(prog="ncft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_masked_train(sub)
+    _add_run(sub)
     _add_validate(sub)
+    _add_report(sub)
+    _add_masked_train(sub)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""`ncft run`: a spec -> a run directory, on one machine or under a launcher.
+
+The parent process validates the spec, prepares the run directory and converts the
+model once, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
+each process is already a rank and rank 0 does the preparation. Every rank then
+builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
+logs) and runs the stages that are not done yet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher import rundir
+from launcher.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
+from launcher.dist import DistInfo, init_distributed, print0, shutdown
+from launcher.engines import OptimConfig, build_engine
+from launcher.models import resolve_model
+from launcher.spawn import run_local, under_launcher
+from launcher.spec import Spec, dump_resolved, load_spec
+from launcher.task_data import load_task
+from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
+from ncft.continual.select import SelectConfig, select_neurons
+from ncft.data.examples import encode
+from ncft.neuron_set import NeuronSet
+from ncft.train import StepLog
+
+# Fault injection for the resume test: SIGKILL this rank right after a checkpoint.
+KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
+KILL_RANK = "NCFT_FAULT_KILL_RANK"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def optim_config(spec: Spec) -> OptimConfig:
+    """The engine's optimizer settings from the spec's training section."""
+    t = spec.training
+    return OptimConfig(
+        lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
+    )
+
+
+class LauncherBackend:
+    """The services `ContinualLoop` needs: models, engines, files and logs."""
+
+    def __init__(self, spec: Spec, info: DistInfo, run: rundir.RunDir, model_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.spec, self.info, self.run, self.model_dir = spec, info, run, model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        done = rundir.last_complete_stage(run)
+        self.metrics = rundir.MetricsLog(
+            run.metrics, info.is_main_process, keep_stages=(done[0] + 1) if done else 0
+        )
+
+    def load_model(self, stage: int | None) -> torch.nn.Module:  # noqa: D102
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
+        )
+        if self.spec.method in LORA_METHODS:
+            from ncft.lora import apply_lora
+
+            lora = self.spec.lora
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        if stage is not None:
+            state = load_file(self._stage_dir(stage) / "model.safetensors")
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected, unexpected[:5]
+            assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
+        return model
+
+    def build_engine(self, model: torch.nn.Module):  # noqa: D102
+        e = self.spec.engine
+        return build_engine(e.backend, model, optim_config(self.spec), self.info, e.ds_config)
+
+    def save_neurons(self, task: str, nset: NeuronSet) -> None:  # noqa: D102
+        if self.info.is_main_process:
+            nset.save(self.run.neuron_file(task))
+
+    def _stage_dir(self, stage: int) -> Path:
+        return self.run.stage_dir(stage, self.spec.tasks[stage].name)
+
+    def save_stage(self, engine, stage: int, state: dict[str, Any]) -> None:  # noqa: D102
+        from safetensors.torch import save_file
+
+        weights = gather_state_dict(engine)
+        if self.info.is_main_process:
+            target = self._stage_dir(stage)
+            tmp = atomic_dir(target)
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+            write_json(tmp / "state.json", {"stage": stage, **state})  # last: marks complete
+            commit_dir(tmp, target)
+        dist.barrier()
+        if os.environ.get(KILL_AFTER_STAGE) == str(stage + 1) and \
+                os.environ.get(KILL_RANK, "0") == str(self.info.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:  # noqa: D102
+        self.metrics.write(stage=stage, task=task, step=log.step, loss=log.loss,
+                           grad_norm=log.grad_norm, lr=lr)  # fmt: skip
+
+    def log_line(self, text: str) -> None:  # noqa: D102
+        print0(text)
+
+
+def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> ContinualLoop:
+    t, s, ev = spec.training, spec.selection, spec.eval
+    sel_cfg = SelectConfig(
+        scorer=s.scorer, fraction=s.fraction, count=s.count, per_layer=s.per_layer,
+        modules=tuple(s.modules), unit=s.unit, positions=s.positions,
+        num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
+        union_with_previous=s.union_with_previous, seed=s.seed,
+        model_id=spec.model.name_or_path,
+    )
+    holder: dict[str, ContinualLoop] = {}
+
+    def select(engine, model, task: TaskData, stage: int) -> NeuronSet:
+        tok = backend.tokenizer
+        previous = None
+        if s.union_with_previous and stage > 0:
+            previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
+        loop = holder["loop"]
+        return select_neurons(
+            engine, model, sel_cfg, method=spec.method,
+            encoded_train=encode(task.train, tok, task.max_length),
+            train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
+            pad_id=tok.pad_token_id, previous=previous,
+        )
+
+    cfg = LoopConfig(
+        method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
+        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+        warmup_steps=t.warmup_steps, lr=t.lr, eval_batch_size=ev.batch_size,
+        eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
+        metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
+        wncft_temperature=spec.wncft.temperature, select=select,
+        log_every=spec.output.log_every,
+    )
+    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.root / "wncft")
+    holder["loop"] = loop
+    return loop
+
+
+def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
+    """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
+    model = backend.load_model(last_stage)
+    if spec.method in LORA_METHODS:
+        from ncft.lora import merge_lora
+
+        model = merge_lora(model)
+    tmp = atomic_dir(backend.run.final)
+    model.save_pretrained(tmp)
+    backend.tokenizer.save_pretrained(tmp)
+    commit_dir(tmp, backend.run.final)
+
+
+def run_rank(run_root: str, model_dir: str) -> None:
+    """One rank of an experiment whose run directory is prepared."""
+    run = rundir.RunDir(Path(run_root))
+    spec = load_spec(run.spec)
+    info = init_distributed()
+    if info.world_size != spec.engine.world_size:
+        raise ValueError(
+            f"engine: the spec asks for {spec.engine.world_size} ranks "
+            f"(nnodes x nproc_per_node) but the launcher started {info.world_size}"
+        )
+    backend = LauncherBackend(spec, info, run, model_dir)
+    tasks = [load_task(t, spec.data_root) for t in spec.tasks]
+    loop = _loop(spec, backend, tasks)
+    done = rundir.last_complete_stage(run)
+    start, state = 0, None
+    if done is not None:
+        saved = rundir.read_state(done[1])
+        start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
+        print0(f"resuming {run.root} after stage {start}")
+    state = loop.run(start, state)
+    if info.is_main_process:
+        rundir.write_results(run, loop.summary(state))
+        _export_final(spec, backend, len(tasks) - 1)
+        if spec.output.report:
+            from ncft.analysis.report import write_report
+
+            write_report(run.root)
+        print0(f"done: {run.results}")
+    dist.barrier()
+    shutdown()
+
+
+def prepare(spec: Spec) -> tuple[str, str]:
+    """Validate-time work done once: run directory and model conversion."""
+    run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
+                         spec.output.overwrite)  # fmt: skip
+    return str(run.root), resolve_model(spec.model.name_or_path)
+
+
+def main_run(spec_path: str, overrides: list[str]) -> None:
+    """`ncft run SPEC [key=value ...]` (raises SpecError before any process starts)."""
+    spec = load_spec(spec_path, overrides)
+    if not under_launcher():
+        if spec.engine.nnodes > 1:
+            raise ValueError(
+                f"engine.nnodes={spec.engine.nnodes}: start multi-node runs with a launcher "
+                "(slurm/torchrun.slurm or slurm/deepspeed.slurm); `ncft run` spawns one node"
+            )
+        root, model_dir = prepare(spec)
+        run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
+        return
+    info = init_distributed()
+    payload = [None]
+    if info.is_main_process:
+        payload = [prepare(spec)]
+    dist.broadcast_object_list(payload, src=0)
+    run_rank(*payload[0])

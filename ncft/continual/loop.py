@@ -1,0 +1,266 @@
+"""One loop for every method: per task select, train, evaluate everything, checkpoint.
+
+Each task is a *stage* with its own engine, built from the previous stage's
+checkpoint (or the base model), so every stage freezes exactly what it does not
+train (DESIGN rule 5) and starts with a fresh optimizer, and a resumed run rebuilds
+the same state from disk. The loop needs a few services from the launcher
+(`Backend`), which owns engines and files; it never imports an engine library.
+
+| method | per stage trains | starts from |
+|---|---|---|
+| full / seqft | every parameter | previous stage |
+| neurons / ncft / wncft | the task's selected neurons | previous stage |
+| random_neurons | random units, same count | previous stage |
+| lora / seqlora | one LoRA adapter, continued across tasks | previous stage |
+| per_task | every parameter | the base model |
+
+W-NCFT evaluates each task with the tasks' neurons mixed (`ncft.continual.wncft`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ncft.continual import wncft
+from ncft.continual.metrics import cl_summary
+from ncft.data.examples import batches as share_batches
+from ncft.data.examples import collate, encode
+from ncft.engine import Engine
+from ncft.evaluate import evaluate_task
+from ncft.masks.plan import freeze_unselected, install
+from ncft.neuron_set import NeuronSet
+from ncft.train import StepLog, train
+
+NEURON_METHODS = ("neurons", "random_neurons", "ncft", "wncft")
+LORA_METHODS = ("lora", "seqlora")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task: examples and how to score it (built by the launcher from the spec)."""
+
+    name: str
+    format: str
+    labels: list[str] | None
+    train: list[Any]
+    test: list[Any]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs from the spec, as plain values."""
+
+    method: str
+    steps_per_task: int | None
+    epochs: int | None
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    warmup_steps: int
+    lr: float
+    eval_batch_size: int
+    eval_max_examples: int | None
+    max_new_tokens: int
+    metrics: tuple[str, ...]
+    wncft_samples: int
+    wncft_temperature: float
+    select: Callable[[Engine, nn.Module, TaskData, int], NeuronSet] | None = None
+    log_every: int = 1
+
+
+class Backend(Protocol):
+    """Services the launcher provides."""
+
+    tokenizer: Any
+
+    def load_model(self, stage: int | None) -> nn.Module:
+        """The model after stage `stage` (None: the base model), unwrapped, on CPU."""
+
+    def build_engine(self, model: nn.Module) -> Engine:
+        """Wrap a model whose frozen parameters are already marked."""
+
+    def save_neurons(self, task: str, nset: NeuronSet) -> None:
+        """Persist a task's NeuronSet (rank 0)."""
+
+    def save_stage(self, engine: Engine, stage: int, state: dict[str, Any]) -> None:
+        """Checkpoint the model after stage `stage` with the loop's bookkeeping."""
+
+    def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:
+        """Record one training step."""
+
+    def log_line(self, text: str) -> None:
+        """Print progress (rank 0)."""
+
+
+@dataclass
+class LoopState:
+    """Bookkeeping carried across stages (and saved with each checkpoint)."""
+
+    matrix: list[list[float | None]]
+    details: dict[str, list[dict | None]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:  # noqa: D102
+        return {"matrix": self.matrix, "details": self.details}
+
+
+class ContinualLoop:
+    """Runs the stages of one experiment (see module docstring)."""
+
+    def __init__(
+        self, cfg: LoopConfig, tasks: Sequence[TaskData], backend: Backend,
+        store_dir: Path | None = None,
+    ) -> None:
+        self.cfg, self.tasks, self.backend = cfg, list(tasks), backend
+        self.store_dir = store_dir
+        self.store = wncft.TaskStore()
+
+    # ---- the run --------------------------------------------------------------
+    def run(self, start_stage: int = 0, state: LoopState | None = None) -> LoopState:
+        """Run stages `start_stage..`, continuing `state` (a resumed run's)."""
+        n = len(self.tasks)
+        state = state or LoopState(matrix=[[None] * n for _ in range(n)])
+        if start_stage and self.cfg.method == "wncft" and self.store_dir is not None:
+            self.store = wncft.TaskStore.load(self.store_dir)
+        for stage in range(start_stage, n):
+            self._stage(stage, state)
+        return state
+
+    def summary(self, state: LoopState) -> dict[str, Any]:
+        """results.json payload: tasks, matrix, CL summary, per-task details."""
+        names = [t.name for t in self.tasks]
+        matrix = state.matrix
+        if self.cfg.method == "per_task":  # each column is its own model: keep the diagonal
+            matrix = [[v if i == j else None for j, v in enumerate(row)]
+                      for i, row in enumerate(matrix)]  # fmt: skip
+        return {
+            "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
+            "summary": cl_summary(matrix, names), "details": state.details,
+        }
+
+    def _stage(self, stage: int, state: LoopState) -> None:
+        task, method = self.tasks[stage], self.cfg.method
+        source = None if method == "per_task" or stage == 0 else stage - 1
+        self.backend.log_line(f"stage {stage + 1}/{len(self.tasks)}: {task.name} ({method})")
+        nset = None
+        if method in NEURON_METHODS:
+            assert self.cfg.select is not None, "neuron methods need a selection function"
+            # The scoring engine shards (and NeFT's probe fine-tunes) its model in
+            # place, so training starts again from a fresh load of the same weights.
+            nset = self._select(self.backend.load_model(source), task, stage)
+        model = self.backend.load_model(source)
+        if nset is not None:
+            freeze_unselected(model, nset.entries)
+        elif method not in LORA_METHODS:  # LoRA marked its own trainables
+            for p in model.parameters():
+                p.requires_grad_(True)
+        engine = self.backend.build_engine(model)
+        plan = install(engine, nset.entries) if nset is not None else None
+        before = wncft.snapshot(engine, nset) if method == "wncft" else None
+        num_steps = self._num_steps(task, engine.world_size)
+        self._set_lr(engine, 1)
+        steps = islice(self.train_steps(engine, task, stage), num_steps)
+        train(engine, steps, plan, on_step=self._logger(engine, stage, task, num_steps))
+        if method == "wncft":
+            self._capture(engine, task, nset, before)
+        self._evaluate(engine, stage, state)
+        self.backend.save_stage(engine, stage, state.to_json())
+        engine.close()
+
+    def _select(self, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
+        # Scoring runs on its own engine over the candidate matrices (NeFT's probe
+        # fine-tune changes weights), then the training engine starts clean.
+        engine = self.backend.build_engine(model)
+        nset = self.cfg.select(engine, model, task, stage)
+        engine.close()
+        self.backend.save_neurons(task.name, nset)
+        return nset
+
+    # ---- training -------------------------------------------------------------
+    def _num_steps(self, task: TaskData, world_size: int) -> int:
+        if self.cfg.steps_per_task is not None:
+            return self.cfg.steps_per_task
+        per_step = self.cfg.micro_batch_size * world_size * self.cfg.grad_accum
+        return max(1, self.cfg.epochs * -(-len(task.train) // per_step))
+
+    def train_steps(self, engine: Engine, task: TaskData, stage: int) -> Iterator[list[dict]]:
+        """Endless micro-batch lists for `task` on this rank (callers take what they need)."""
+        tok = self.backend.tokenizer
+        encoded = encode(task.train, tok, task.max_length)
+        # The order depends on seed and stage only, so a resumed stage repeats itself.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        mb, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
+        micro = []
+        while True:  # epochs until the caller stops taking steps
+            order = torch.randperm(len(encoded), generator=gen).tolist()
+            shuffled = [encoded[i] for i in order]
+            for share in share_batches(shuffled, mb, engine.rank, engine.world_size, "repeat"):
+                micro.append(collate(share, pad))
+                if len(micro) == accum:
+                    yield micro
+                    micro = []
+
+    def _logger(
+        self, engine: Engine, stage: int, task: TaskData, total: int
+    ) -> Callable[[StepLog], None]:
+        def on_step(log: StepLog) -> None:
+            if log.step % self.cfg.log_every == 0 or log.step == total:
+                self.backend.log_step(stage, task.name, log, self._lr(log.step))
+            self._set_lr(engine, log.step + 1)
+
+        return on_step
+
+    def _lr(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps` (1-based steps), then constant."""
+        warm = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, step / warm) if warm else self.cfg.lr
+
+    def _set_lr(self, engine: Engine, step: int) -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+
+    # ---- W-NCFT ----------------------------------------------------------------
+    def _vector(self, engine: Engine, examples: Sequence[Any], max_length: int) -> torch.Tensor:
+        prompts = [ex.prompt for ex in examples[: self.cfg.wncft_samples]]
+        batches = wncft.prompt_batches(self.backend.tokenizer, prompts, self.cfg.eval_batch_size,
+                                       max_length, engine.rank, engine.world_size)  # fmt: skip
+        return wncft.task_vector(engine, batches)
+
+    def _capture(self, engine: Engine, task: TaskData, nset: NeuronSet, before) -> None:
+        after = wncft.snapshot(engine, nset)
+        vector = self._vector(engine, task.train, task.max_length)
+        self.store.capture(task.name, nset, before, after, vector)
+        if self.store_dir is not None and engine.is_main_process:
+            self.store.save(self.store_dir)
+
+    # ---- evaluation -----------------------------------------------------------
+    def _evaluate(self, engine: Engine, stage: int, state: LoopState) -> None:
+        for i, task in enumerate(self.tasks):
+            examples = task.test[: self.cfg.eval_max_examples or len(task.test)]
+            if self.cfg.method == "wncft" and len(self.store):
+                query = self._vector(engine, examples, task.max_length)
+                weights = self.store.weights(query, self.cfg.wncft_temperature)
+                with wncft.mixed(engine, self.store, weights):
+                    result = self._eval_one(engine, task, examples)
+                result["mixing_weights"] = weights.tolist()
+            else:
+                result = self._eval_one(engine, task, examples)
+            state.matrix[i][stage] = result["score"]
+            state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
+            self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
+                                  f"{result['score']:.4f}")  # fmt: skip
+
+    def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
+        return evaluate_task(
+            engine, self.backend.tokenizer, examples, format=task.format, labels=task.labels,
+            metrics=self.cfg.metrics, batch_size=self.cfg.eval_batch_size,
+            max_length=task.max_length, max_new_tokens=self.cfg.max_new_tokens,
+        )
