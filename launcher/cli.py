@@ -95,6 +95,19 @@ def _report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="one table of several finished runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=_compare)
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from launcher.compare import compare_table
+
+    print(compare_table(ns.run_dirs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `ncft` parser."""
     parser = argparse.ArgumentParser(prog="ncft", description=__doc__)
@@ -102,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_validate(sub)
     _add_report(sub)
+    _add_compare(sub)
     _add_masked_train(sub)
     return parser
 

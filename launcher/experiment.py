@@ -9,6 +9,7 @@ logs) and runs the stages that are not done yet.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -125,14 +126,14 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
     )
     holder: dict[str, ContinualLoop] = {}
 
-    def select(engine, model, task: TaskData, stage: int) -> NeuronSet:
+    def select(engine, model, task: TaskData, stage: int, method: str = spec.method) -> NeuronSet:
         tok = backend.tokenizer
         previous = None
         if s.union_with_previous and stage > 0:
             previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
         loop = holder["loop"]
         return select_neurons(
-            engine, model, sel_cfg, method=spec.method,
+            engine, model, sel_cfg, method=method,
             encoded_train=encode(task.train, tok, task.max_length),
             train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
             pad_id=tok.pad_token_id, previous=previous,
@@ -150,6 +151,39 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
     loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.root / "wncft")
     holder["loop"] = loop
     return loop
+
+
+def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
+                        tasks: list[TaskData]) -> None:
+    """Tune on all tasks, select each task's units, switch them off (rank-0 JSON)."""
+    from itertools import islice
+
+    from ncft.arch import get_adapter
+    from ncft.studies.deactivation import deactivation_grid
+    from ncft.train import train
+
+    out = backend.run.root / "deactivation.json"
+    if out.is_file():  # a resumed run keeps its study
+        return
+    tok, study = backend.tokenizer, spec.study
+    model = backend.load_model(None)
+    blocks = get_adapter(model).mlp_blocks(model)
+    engine = backend.build_engine(model)
+    mixed = TaskData("all-tasks", "classification", None,
+                     [ex for t in tasks for ex in t.train], [], max(t.max_length for t in tasks))
+    print0(f"study: tuning every parameter {study.finetune_steps} steps on all tasks")
+    train(engine, islice(loop.train_steps(engine, mixed, -1), study.finetune_steps), None)
+    sets = {}
+    for stage, task in enumerate(tasks):
+        sets[task.name] = loop.cfg.select(engine, model, task, stage, method="ncft")
+        backend.save_neurons(f"study-{task.name}", sets[task.name])
+    encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length) for t in tasks}
+    grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
+                             spec.eval.batch_size, tok.pad_token_id, log=print0)  # fmt: skip
+    if backend.info.is_main_process:
+        write_json(out, grid)
+    engine.close()
+    dist.barrier()
 
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
@@ -178,6 +212,8 @@ def run_rank(run_root: str, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
     loop = _loop(spec, backend, tasks)
+    if spec.study.deactivation:
+        _deactivation_study(spec, backend, loop, tasks)
     done = rundir.last_complete_stage(run)
     start, state = 0, None
     if done is not None:
@@ -186,7 +222,11 @@ def run_rank(run_root: str, model_dir: str) -> None:
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
     if info.is_main_process:
-        rundir.write_results(run, loop.summary(state))
+        results = loop.summary(state)
+        study = run.root / "deactivation.json"
+        if study.is_file():
+            results["deactivation"] = json.loads(study.read_text())
+        rundir.write_results(run, results)
         _export_final(spec, backend, len(tasks) - 1)
         if spec.output.report:
             from ncft.analysis.report import write_report

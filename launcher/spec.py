@@ -234,6 +234,18 @@ class WncftSpec(_Section):
     temperature: float = Field(1.0, gt=0, description="Softmax temperature over similarities.")
 
 
+class StudySpec(_Section):
+    """Leng & Xiong's deactivation study, run before the training sequence."""
+
+    deactivation: bool = Field(
+        False, description="Tune on all tasks, find each task's units, switch them off."
+    )
+    finetune_steps: int = Field(
+        20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
+    )
+    eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
+
+
 class EvalSpec(_Section):
     """Evaluation after each task, on every task of the sequence."""
 
@@ -302,6 +314,7 @@ class Spec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora).")
     wncft: WncftSpec = Field(default_factory=WncftSpec, description="W-NCFT mixing.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
+    study: StudySpec = Field(default_factory=StudySpec, description="Neuron studies.")
     output: OutputSpec = Field(description="Run directory.")
 
     @field_validator("data_root")
