@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_report(sub)
     _add_compare(sub)
+    from launcher.cli_neurons import add_neuron_commands
+
+    add_neuron_commands(sub)
     _add_masked_train(sub)
     return parser
 
