@@ -41,14 +41,14 @@ def neuron_sets(model) -> tuple[NeuronSet, NeuronSet]:
     return a.union(qa), b.union(qb)
 
 
-def batches(step: int, rank: int, world: int) -> list[dict]:
+def batches(step: int, rank: int, world: int, device="cpu") -> list[dict]:
     gen = torch.Generator().manual_seed(1000 + step)
     out = []
     for _ in range(ACCUM):
         ids = torch.randint(0, VOCAB, (GLOBAL_MICRO, 12), generator=gen)
         per = GLOBAL_MICRO // world
         ids = ids[rank * per : (rank + 1) * per]
-        out.append({"input_ids": ids, "labels": ids})
+        out.append({"input_ids": ids.to(device), "labels": ids.to(device)})
     return out
 
 
@@ -75,7 +75,7 @@ class CallCounter:
 
 
 def one_step(engine, plan, step, info, manual_norms=None):
-    for mb in batches(step, info.rank, info.world_size):
+    for mb in batches(step, info.rank, info.world_size, info.device):
         engine.backward(engine.forward(mb).loss)
     if plan is not None:
         plan.apply_to_grads()
@@ -89,14 +89,14 @@ def gather_all(engine) -> dict[str, torch.Tensor]:
     out = {}
     for name, _ in engine.named_parameter_shapes():
         with engine.gathered([name]) as full:  # one parameter at a time
-            out[name] = full[name].detach().clone()
+            out[name] = full[name].detach().to("cpu", copy=True)
     return out
 
 
 def check_edit(engine, info) -> dict:
     """`engine.edited` writes back to shards, forward sees it, restoring is exact."""
     name = "model.layers.0.mlp.gate_proj.weight"
-    probe = batches(0, info.rank, info.world_size)[0]
+    probe = batches(0, info.rank, info.world_size, info.device)[0]
     with torch.no_grad():
         before_logits = engine.forward(probe).logits.clone()
     with engine.gathered([name]) as full:
@@ -120,15 +120,18 @@ def check_edit(engine, info) -> dict:
     }
 
 
-def run_backend(backend: str, info, out_dir: Path, count: bool) -> None:
-    model = tiny_llama(seed=0)
+def run_backend(
+    backend: str, info, out_dir: Path, count: bool, dtype: str = "float32",
+    ds_config: str = "zero3", grad_clip: float = 0.005,
+) -> None:
+    model = tiny_llama(seed=0).to(getattr(torch, dtype))
     set_a, set_b = neuron_sets(model)
     freeze_unselected(model, set(set_a.entries) | set(set_b.entries))
     cfg = OptimConfig(
-        lr=1e-2, weight_decay=0.1, grad_clip=0.005, grad_accum=ACCUM,
+        lr=1e-2, weight_decay=0.1, grad_clip=grad_clip, grad_accum=ACCUM,
         micro_batch_size=GLOBAL_MICRO // info.world_size,
     )
-    engine = build_engine(backend, model, cfg, info)
+    engine = build_engine(backend, model, cfg, info, ds_config=ds_config)
     tag = f"{backend}_ws{info.world_size}"
     weights = {"init": gather_all(engine)}
     norms = []
@@ -170,10 +173,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
     parser.add_argument("--count", action="store_true")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--ds-config", default="zero3")
+    parser.add_argument("--grad-clip", type=float, default=0.005)
     args = parser.parse_args()
     info = init_distributed()
     for backend in args.backends.split(","):
-        run_backend(backend, info, args.out, args.count)
+        run_backend(backend, info, args.out, args.count, args.dtype, args.ds_config,
+                    args.grad_clip)
     shutdown()
 
 
