@@ -13,8 +13,12 @@ The scorer then calls `torch.autograd.grad(loss, activations)` instead of
 activation and builds no parameter gradient at all, so nothing is reduced and the
 optimizer state is untouched. The engines' own backward hooks still re-gather the
 parameters that this partial backward needs (down/up projections, attention of
-later layers) and release them afterwards; this was checked on ZeRO-3 (with
-parameter partitioning forced on), FSDP2 and FSDP1 (`tests/dist/scoring_worker.py`).
+later layers) and release them afterwards. Checked on ZeRO-3 (with parameter
+partitioning forced on), FSDP2 and FSDP1 at 2 and 3 ranks
+(`tests/dist/scoring_worker.py`): scores match one process, no nonzero gradient is
+left (ZeRO-3 does allocate its gradient partitions, zero-filled), so a training
+step after scoring is unaffected. It also skips the weight-gradient
+matmuls, so a scoring pass costs less than a training forward + backward.
 
 Loss: the sum over examples of each example's MEAN token cross-entropy on its
 answer tokens. Because each example's term is independent of its batch mates, the

@@ -12,9 +12,10 @@ parameter (`Engine.segments()`); flattened element `e` of a `[R, C]` weight is r
 sums, and one all-reduce of `3 x num_candidates` float64 values finishes the job,
 including rows that straddle a ZeRO-3 partition boundary.
 
-Memory: `snapshot` keeps one clone of this rank's trainable local shards (1/world of
-the trainable model, never a full copy); scoring itself adds the per-candidate sums
-plus temporaries of one segment at a time (at most one parameter's local share).
+Memory: `LocalSnapshot` keeps one clone of this rank's trainable local shards
+(1/world of the trainable model, never a full copy); scoring itself adds the
+per-candidate sums (3 float64 per candidate) plus float64 temporaries for at most
+`CHUNK_ELEMENTS` elements at a time (8 MiB), far below one layer of a real model.
 With a checkpoint reference (`CheckpointReference`) no snapshot is kept at all: the
 reference rows this rank needs are read from the safetensors files one segment at a
 time.
@@ -36,6 +37,8 @@ from tqdm.auto import tqdm
 from ncft.engine import Engine, Segment, local_flat
 from ncft.selection import Group, Scores
 from ncft.train import train
+
+CHUNK_ELEMENTS = 1 << 18  # elements scored at once: temporaries <= 8 MiB
 
 
 class Reference(Protocol):
@@ -72,12 +75,12 @@ class LocalSnapshot:
         return cls(pieces)
 
     def read(self, fqn: str, start: int, stop: int) -> torch.Tensor:
-        """The snapshot of exactly the segment `[start, stop)` of `fqn`."""
-        try:
-            return self.pieces[(fqn, start, stop)]
-        except KeyError:
-            raise ValueError(f"snapshot has no segment {fqn}[{start}:{stop}]; the engine's "
-                             "layout changed since it was taken") from None  # fmt: skip
+        """The snapshot of elements `[start, stop)` of `fqn` (inside one saved segment)."""
+        for (name, lo, hi), piece in self.pieces.items():
+            if name == fqn and lo <= start and stop <= hi:
+                return piece[start - lo : stop - lo]
+        raise ValueError(f"snapshot has no segment holding {fqn}[{start}:{stop}]; the "
+                         "engine's layout changed since it was taken")  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -123,12 +126,12 @@ class CheckpointReference:
         return rows[offset : offset + stop - start]
 
 
-def _candidate_index(seg: Segment, axis: int) -> torch.Tensor:
-    """Candidate (row or column) of each element of the segment."""
-    e = torch.arange(seg.start, seg.stop, dtype=torch.int64)
-    if len(seg.shape) == 1:
+def _candidate_index(shape: tuple[int, ...], start: int, stop: int, axis: int) -> torch.Tensor:
+    """Candidate (row or column) of each flattened element in `[start, stop)`."""
+    e = torch.arange(start, stop, dtype=torch.int64)
+    if len(shape) == 1:
         return e
-    width = math.prod(seg.shape[1:])
+    width = math.prod(shape[1:])
     return e // width if axis == 0 else e % width
 
 
@@ -177,12 +180,18 @@ class WeightCosine:
                 zip(groups, flat.cpu().split([g.size for g in groups], dim=1))}  # fmt: skip
 
     def _accumulate(self, seg: Segment, axis: int, stats: torch.Tensor) -> None:
-        cur = local_view(seg).detach().to("cpu", torch.float64)
-        ref = self.reference.read(seg.fqn, seg.start, seg.stop).to("cpu", torch.float64)
-        idx = _candidate_index(seg, axis)
-        stats[0].index_add_(0, idx, cur * ref)
-        stats[1].index_add_(0, idx, cur * cur)
-        stats[2].index_add_(0, idx, ref * ref)
+        # Chunks bound the float64 temporaries (~32 bytes per element) whatever the
+        # parameter's size.
+        view = local_view(seg).detach()
+        for lo in range(0, seg.numel, CHUNK_ELEMENTS):
+            hi = min(lo + CHUNK_ELEMENTS, seg.numel)
+            start, stop = seg.start + lo, seg.start + hi
+            cur = view[lo:hi].to("cpu", torch.float64)
+            ref = self.reference.read(seg.fqn, start, stop).to("cpu", torch.float64)
+            idx = _candidate_index(seg.shape, start, stop, axis)
+            stats[0].index_add_(0, idx, cur * ref)
+            stats[1].index_add_(0, idx, cur * cur)
+            stats[2].index_add_(0, idx, ref * ref)
 
     def meta(self) -> dict[str, Any]:
         """What a NeuronSet built from these scores records."""

@@ -14,6 +14,7 @@ from launcher.dist import DistInfo
 from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
+from ncft.scoring import cosine
 from ncft.scoring.cosine import CheckpointReference, LocalSnapshot, WeightCosine, finetune_and_score
 from ncft.selection import row_groups, top_k, unit_groups
 from tests.support.tiny import VOCAB, tiny_llama
@@ -83,7 +84,9 @@ def test_changed_units_exactly_selected(tmp_path):
     assert engine.gathers == 0
 
 
-def test_changed_rows_exactly_selected(tmp_path):
+def test_changed_rows_exactly_selected(tmp_path, monkeypatch):
+    # tiny chunks: rows are split across chunks and still summed correctly
+    monkeypatch.setattr(cosine, "CHUNK_ELEMENTS", 100)
     engine = _engine()
     tuned = copy.deepcopy(engine.module)
     _perturb(tuned, CHANGED_ROWS)
