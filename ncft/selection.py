@@ -219,6 +219,14 @@ def _digest_words(text_hex: str) -> torch.Tensor:
                         dtype=torch.int64)  # fmt: skip
 
 
+def _device(engine: Engine) -> torch.device:
+    module = getattr(engine, "module", None)
+    for p in module.parameters() if module is not None else ():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
     """Raise on every rank unless all ranks hold a set with the same checksum.
 
@@ -232,9 +240,11 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
     checksum = nset.checksum()
     if engine.world_size == 1:
         return checksum
-    mine = _digest_words(checksum)
+    device = _device(engine)  # NCCL reduces only device tensors
+    mine = _digest_words(checksum).to(device)
     total = engine.all_reduce_(mine.clone())
-    bad = torch.tensor([int(not torch.equal(total, mine * engine.world_size))], dtype=torch.int64)
+    bad = torch.tensor([int(not torch.equal(total, mine * engine.world_size))],
+                       dtype=torch.int64, device=device)  # fmt: skip
     engine.all_reduce_(bad)
     if int(bad):
         raise RuntimeError(

@@ -63,6 +63,7 @@ class LocalSnapshot:
     """
 
     pieces: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
+    _by_fqn: dict[str, list[tuple[int, int]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def take(cls, engine: Engine, fqns: Iterable[str] | None = None) -> LocalSnapshot:
@@ -76,9 +77,12 @@ class LocalSnapshot:
 
     def read(self, fqn: str, start: int, stop: int) -> torch.Tensor:
         """The snapshot of elements `[start, stop)` of `fqn` (inside one saved segment)."""
-        for (name, lo, hi), piece in self.pieces.items():
-            if name == fqn and lo <= start and stop <= hi:
-                return piece[start - lo : stop - lo]
+        if not self._by_fqn:
+            for name, lo, hi in self.pieces:
+                self._by_fqn.setdefault(name, []).append((lo, hi))
+        for lo, hi in self._by_fqn.get(fqn, []):
+            if lo <= start and stop <= hi:
+                return self.pieces[(fqn, lo, hi)][start - lo : stop - lo]
         raise ValueError(f"snapshot has no segment holding {fqn}[{start}:{stop}]; the "
                          "engine's layout changed since it was taken")  # fmt: skip
 
@@ -161,21 +165,19 @@ class WeightCosine:
     def score(self, engine: Engine, groups: Sequence[Group]) -> Scores:
         """Per-candidate `1 - cos`, from local segments and one all-reduce."""
         owners = _piece_owners(groups)
-        stats = [torch.zeros(3, g.size, dtype=torch.float64) for g in groups]
-        seen, device = set(), torch.device("cpu")
-        for seg in engine.segments():
-            if seg.fqn not in owners:
-                continue
-            seen.add(seg.fqn)
-            device = seg.opt_param.device
-            if seg.numel:
-                gi, axis = owners[seg.fqn]
-                self._accumulate(seg, axis, stats[gi])
-        missing = sorted(set(owners) - seen)
+        segments = [seg for seg in engine.segments() if seg.fqn in owners]
+        missing = sorted(set(owners) - {seg.fqn for seg in segments})
         if missing:
             raise ValueError(f"weight_cosine needs trainable parameters; not trained: "
                              f"{missing[:3]}")  # fmt: skip
-        flat = engine.all_reduce_(torch.cat(stats, dim=1).to(device))
+        # Sums live where the weights do (and where the collective runs: NCCL or gloo).
+        device = segments[0].opt_param.device if segments else torch.device("cpu")
+        stats = [torch.zeros(3, g.size, dtype=torch.float64, device=device) for g in groups]
+        for seg in segments:
+            if seg.numel:
+                gi, axis = owners[seg.fqn]
+                self._accumulate(seg, axis, stats[gi])
+        flat = engine.all_reduce_(torch.cat(stats, dim=1))
         return {g.name: _one_minus_cos(s) for g, s in
                 zip(groups, flat.cpu().split([g.size for g in groups], dim=1))}  # fmt: skip
 
@@ -186,9 +188,9 @@ class WeightCosine:
         for lo in range(0, seg.numel, CHUNK_ELEMENTS):
             hi = min(lo + CHUNK_ELEMENTS, seg.numel)
             start, stop = seg.start + lo, seg.start + hi
-            cur = view[lo:hi].to("cpu", torch.float64)
-            ref = self.reference.read(seg.fqn, start, stop).to("cpu", torch.float64)
-            idx = _candidate_index(seg.shape, start, stop, axis)
+            cur = view[lo:hi].to(stats.device, torch.float64)
+            ref = self.reference.read(seg.fqn, start, stop).to(stats.device, torch.float64)
+            idx = _candidate_index(seg.shape, start, stop, axis).to(stats.device)
             stats[0].index_add_(0, idx, cur * ref)
             stats[1].index_add_(0, idx, cur * cur)
             stats[2].index_add_(0, idx, ref * ref)
