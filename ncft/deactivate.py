@@ -166,7 +166,7 @@ def deactivate_weights(
             _restore_local(items)
 
 
-def _metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dict[str, float]:
+def answer_metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dict[str, float]:
     """Mean answer loss and exact-match token accuracy over `encoded`, all ranks."""
     device = next(engine_module(engine).parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -230,10 +230,10 @@ def evaluate_deactivation(
             return deactivate_activations(engine, blocks, chosen)
         return deactivate_weights(engine, NeuronSet.from_units(blocks, chosen))
 
-    result: dict[str, Any] = {"base": _metrics(engine, encoded, batch_size, pad_id)}
+    result: dict[str, Any] = {"base": answer_metrics(engine, encoded, batch_size, pad_id)}
     for key, chosen in (("set", units), ("random", control)):
         with off(chosen):
-            result[key] = _metrics(engine, encoded, batch_size, pad_id)
+            result[key] = answer_metrics(engine, encoded, batch_size, pad_id)
     base = result["base"]
     for key in ("set", "random"):
         result[f"{key}_delta"] = {m: result[key][m] - base[m] for m in ("loss", "accuracy")}

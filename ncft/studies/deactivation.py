@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ncft.arch import MlpBlock
-from ncft.deactivate import _metrics, deactivate_activations, random_units
+from ncft.deactivate import answer_metrics, deactivate_activations, random_units
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
 
@@ -57,7 +57,7 @@ def deactivation_grid(
     tasks = list(sets)
 
     def grid_row() -> tuple[list[float], list[float]]:
-        row = [_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
+        row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
         return [m["accuracy"] for m in row], [m["loss"] for m in row]
 
     base_acc, base_loss = grid_row()
