@@ -41,7 +41,15 @@ mask-demo: install
 		bad={k:v for k,v in r['parameters'].items() if v['outside_selection_changed']}; \
 		print('parameters with changes outside the NeuronSet:', bad or 'none'); assert not bad"
 
-demo: mask-demo
+# The default demo (README "Results"): SmolLM2-135M on real tasks, 2 CPU ranks.
+# NCFT with the deactivation study, then SeqFT on the same tasks, then one table.
+DEMO_SPEC := examples/demo_smollm2.yaml
+demo: install
+	$(BIN)/ncft run $(DEMO_SPEC) output.overwrite=true
+	$(BIN)/ncft run $(DEMO_SPEC) method=seqft study.deactivation=false \
+		output.dir=$(CURDIR)/runs/demo_smollm2_seqft output.overwrite=true output.report=false
+	$(BIN)/ncft compare runs/demo_smollm2 runs/demo_smollm2_seqft
+	@echo "report: runs/demo_smollm2/report.md"
 
 clean:
 	rm -rf $(VENV) runs
