@@ -8,7 +8,7 @@ elements of which full parameter this rank owns, and where) and the methods belo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +67,25 @@ def local_flat(t: torch.Tensor) -> torch.Tensor:
     local = local_tensor(t)
     assert local.is_contiguous(), "optimizer tensors must be contiguous to be masked flat"
     return local.view(-1)
+
+
+def device_of(engine: Engine) -> torch.device:
+    """The device the engine computes on (that of its first materialised parameter)."""
+    for p in engine.module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Switch dropout off and restore the previous train/eval mode afterwards."""
+    was_training = module.training
+    module.train(False)
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @dataclass(frozen=True)

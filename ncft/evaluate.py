@@ -20,36 +20,15 @@ Shapes: B batch rows, T tokens, V vocabulary, K labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ncft.data.examples import IGNORE, Example, collate, encode
-from ncft.engine import Engine
+from ncft.engine import Engine, device_of, eval_mode
 
 METRICS = ("bleu", "rougeL")
-
-
-def device_of(engine: Engine) -> torch.device:
-    """The device the engine computes on (that of its first materialised parameter)."""
-    for p in engine.module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Switch dropout off and restore the previous train/eval mode afterwards."""
-    was_training = module.training
-    module.train(False)
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def share(num: int, rank: int, world_size: int) -> range:

@@ -55,8 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ncft.data.examples import IGNORE, batches, collate
-from ncft.engine import Engine
-from ncft.evaluate import device_of, eval_mode
+from ncft.engine import Engine, device_of, eval_mode
 from ncft.neuron_set import NeuronSet
 
 Slices = dict[str, torch.Tensor]  # fqn -> values of the selected rows/columns

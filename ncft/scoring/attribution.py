@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate, data_hash
-from ncft.engine import Engine
+from ncft.engine import Engine, eval_mode
 from ncft.selection import Group, Scores
 
 AGGREGATION = "sum_abs_act_x_grad over tokens"
@@ -151,16 +151,6 @@ def logits_of(output: Any) -> torch.Tensor:
     """The logits of a HF model output (or the tensor itself)."""
     return output.logits if hasattr(output, "logits") else output
 
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Switch dropout off for scoring and restore the previous mode afterwards."""
-    was_training = module.training
-    module.train(False)
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 @dataclass(frozen=True)
