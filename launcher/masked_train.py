@@ -20,7 +20,7 @@ from launcher.models import resolve_model
 from ncft.arch import get_adapter
 from ncft.data.text import lm_steps, token_blocks
 from ncft.masks.plan import freeze_unselected, install
-from ncft.neuron_set import NeuronSet, Selection
+from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 
 
@@ -65,13 +65,7 @@ def change_report(final: dict[str, torch.Tensor], model_dir: str, nset: NeuronSe
         if name not in final:
             continue
         changed = final[name].to(before.dtype) != before
-        allowed = torch.zeros_like(changed)
-        sel: Selection | None = nset.entries.get(name)
-        if sel is not None:
-            if sel.axis == 0:
-                allowed[sel.indices] = True
-            else:
-                allowed[:, sel.indices] = True
+        allowed = nset.dense_mask(name, changed.shape)
         report[name] = {
             "selected": int(allowed.sum()),
             "changed": int(changed.sum()),

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,21 @@ class NeuronSet:
         return self.entries == other.entries and self.meta == other.meta
 
     __hash__ = None  # type: ignore[assignment]
+
+    def dense_mask(self, fqn: str, shape: Sequence[int]) -> torch.Tensor:
+        """Full-size bool mask of `fqn`'s selected elements.
+
+        For checks and reports on one gathered parameter; masks on shards are built
+        by `ncft.masks` without any full-size tensor.
+        """
+        mask = torch.zeros(tuple(shape), dtype=torch.bool)
+        sel = self.entries.get(fqn)
+        if sel is not None:
+            if sel.axis == 0:
+                mask[sel.indices] = True
+            else:
+                mask[:, sel.indices] = True
+        return mask
 
     def num_selected(self) -> int:
         """Count selected rows/columns/elements over all entries."""

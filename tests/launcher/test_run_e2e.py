@@ -62,13 +62,7 @@ def _outside_union_moved(base: dict, final: dict, sets: list[NeuronSet]) -> dict
         union = union.union(s)
     moved = {}
     for name, before in base.items():
-        allowed = torch.zeros_like(before, dtype=torch.bool)
-        sel = union.entries.get(name)
-        if sel is not None:
-            if sel.axis == 0:
-                allowed[sel.indices] = True
-            else:
-                allowed[:, sel.indices] = True
+        allowed = union.dense_mask(name, before.shape)
         bad = int(((final[name] != before) & ~allowed).sum())
         if bad:
             moved[name] = bad

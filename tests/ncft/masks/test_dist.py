@@ -44,14 +44,7 @@ def _load(out: Path, backend: str, world: int, phase: str) -> dict[str, torch.Te
 
 
 def _allowed(nset: NeuronSet, name: str, shape) -> torch.Tensor:
-    mask = torch.zeros(shape, dtype=torch.bool)
-    sel = nset.entries.get(name)
-    if sel is not None:
-        if sel.axis == 0:
-            mask[sel.indices] = True
-        else:
-            mask[:, sel.indices] = True
-    return mask
+    return nset.dense_mask(name, shape)
 
 
 def _changed_units(before, after, nset: NeuronSet) -> list[str]:
