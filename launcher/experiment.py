@@ -61,6 +61,11 @@ class LauncherBackend:
         self.metrics = rundir.MetricsLog(
             run.metrics, info.is_main_process, keep_stages=(done[0] + 1) if done else 0
         )
+        self.board = None
+        if spec.output.tensorboard and info.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run.root / "tensorboard"))
 
     def load_model(self, stage: int | None) -> torch.nn.Module:  # noqa: D102
         from safetensors.torch import load_file
@@ -110,6 +115,9 @@ class LauncherBackend:
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:  # noqa: D102
         self.metrics.write(stage=stage, task=task, step=log.step, loss=log.loss,
                            grad_norm=log.grad_norm, lr=lr)  # fmt: skip
+        if self.board is not None:
+            for key, value in (("loss", log.loss), ("grad_norm", log.grad_norm), ("lr", lr)):
+                self.board.add_scalar(f"{task}/{key}", value, log.step)
 
     def log_line(self, text: str) -> None:  # noqa: D102
         print0(text)

@@ -14,6 +14,7 @@ anywhere.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import types
@@ -266,7 +267,8 @@ class OutputSpec(_Section):
     resume: bool = Field(False, description="Continue an existing run from its checkpoints.")
     overwrite: bool = Field(False, description="Delete an existing run directory first.")
     checkpoint_every: int = Field(
-        0, ge=0, description="Checkpoint every N steps; 0 = only after each task."
+        0, ge=0, description="Checkpoint every N steps within a task; only 0 (checkpoint "
+        "after each task) is implemented, so a resumed run repeats at most one task."
     )
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
@@ -279,8 +281,17 @@ class OutputSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> OutputSpec:
+        problems = []
         if self.resume and self.overwrite:
-            raise Problems([("resume", "resume and overwrite exclude each other; pick one")])
+            problems.append(("resume", "resume and overwrite exclude each other; pick one"))
+        if self.checkpoint_every:
+            problems.append(("checkpoint_every", "mid-task checkpoints are not implemented; "
+                             "use 0 (a checkpoint after every task)"))  # fmt: skip
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            problems.append(("tensorboard", "needs the tensorboard package: "
+                             "pip install tensorboard, or set it to false"))  # fmt: skip
+        if problems:
+            raise Problems(problems)
         return self
 
 

@@ -1,0 +1,76 @@
+"""Every `method` (and NeFT's row selection) runs end to end and writes its run dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ncft.neuron_set import NeuronSet
+from tests.dist.methods_worker import RUNS, SINGLE_TASK
+from tests.support.spawn import REPO, worker_env
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("methods")
+    env = worker_env({"NCFT_CACHE": str(cache)})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "dist" / "methods_worker.py"), str(out),
+         ",".join(RUNS)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_method_run_directory(runs, name):
+    run = runs / name
+    results = json.loads((run / "results.json").read_text())
+    n = 1 if name in SINGLE_TASK else 2
+    assert len(results["matrix"]) == n and all(len(r) == n for r in results["matrix"])
+    assert (run / "final" / "config.json").is_file()
+    final = load_file(run / "final" / "model.safetensors")
+    assert "lora" not in " ".join(final), "LoRA must be merged into the exported model"
+    if name == "per_task":  # each column its own model: only the diagonal counts
+        assert results["summary"]["backward_transfer"] is None
+    if name == "wncft":
+        weights = results["details"]["sst2"][1]["mixing_weights"]
+        assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
+        assert (run / "wncft").is_dir() and list((run / "tensorboard").iterdir())
+
+
+def test_neft_rows_select_attention_and_mlp_rows(runs):
+    nset = NeuronSet.load(runs / "neft_rows" / "neurons" / "sst2.safetensors")
+    assert nset.meta["scorer"] == "weight_cosine" and nset.meta["unit"] == "row"
+    names = " ".join(nset.entries)
+    assert "q_proj" in names and "gate_proj" in names
+    assert all(sel.axis == 0 for name, sel in nset.entries.items()
+               if "down_proj" not in name)
+
+
+def test_random_neurons_differ_from_attribution(runs):
+    a = NeuronSet.load(runs / "neurons" / "neurons" / "sst2.safetensors")
+    r = NeuronSet.load(runs / "random_neurons" / "neurons" / "sst2.safetensors")
+    assert r.meta["scorer"] == "random" and a.meta["scorer"] == "grad_attribution"
+    assert a.num_selected() == r.num_selected() and a.iou(r) < 1.0
+
+
+def test_full_changes_attention_neurons_leave_it(runs, cache):
+    base = load_file(cache / "tiny-random-llama" / "model.safetensors")
+    full = load_file(runs / "full" / "final" / "model.safetensors")
+    neurons = load_file(runs / "neurons" / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(full[name], base[name])
+    assert torch.equal(neurons[name], base[name])
