@@ -194,6 +194,31 @@ def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoo
     dist.barrier()
 
 
+def _similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict | None:
+    """Leng & Xiong Fig. 3 on the final model: per-layer cosine of task-neuron params.
+
+    `generalization[i][j]` is the score on task j after training task i (`a[j][i]`),
+    so its correlation with the similarity of tasks i and j is the paper's question.
+    """
+    from ncft.analysis.similarity import layer_similarity
+    from ncft.arch import get_adapter
+
+    files = [backend.run.neuron_file(t.name) for t in tasks]
+    if not all(f.is_file() for f in files):
+        return None
+    model = backend.load_model(len(tasks) - 1)
+    blocks = get_adapter(model).mlp_blocks(model)
+    sets = {t.name: NeuronSet.load(f) for t, f in zip(tasks, files)}
+    if any(s.meta.get("unit", "neuron") != "neuron" for s in sets.values()):
+        return None  # NeFT row sets have no FFN units to compare
+    params = dict(model.named_parameters())
+    sim = layer_similarity(blocks, {n: s.units(blocks) for n, s in sets.items()},
+                           lambda fqn: params[fqn].detach())  # fmt: skip
+    n = len(tasks)
+    sim["generalization"] = [[matrix[j][i] for j in range(n)] for i in range(n)]
+    return sim
+
+
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
     """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
     model = backend.load_model(last_stage)
@@ -234,6 +259,9 @@ def run_rank(run_root: str, model_dir: str) -> None:
         study = run.root / "deactivation.json"
         if study.is_file():
             results["deactivation"] = json.loads(study.read_text())
+        similarity = _similarity(backend, tasks, state.matrix)
+        if similarity is not None:
+            results["similarity"] = similarity
         rundir.write_results(run, results)
         _export_final(spec, backend, len(tasks) - 1)
         if spec.output.report:

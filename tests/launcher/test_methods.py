@@ -49,6 +49,9 @@ def test_method_run_directory(runs, name):
         weights = results["details"]["sst2"][1]["mixing_weights"]
         assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
         assert (run / "wncft").is_dir() and list((run / "tensorboard").iterdir())
+        sim = results["similarity"]  # Fig. 3 inputs, from the final model's task neurons
+        assert sim["tasks"] == ["sst2", "rte"] and len(sim["generalization"]) == 2
+        assert sim["mean"][0][0] == pytest.approx(1.0)
 
 
 def test_neft_rows_select_attention_and_mlp_rows(runs):
