@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ncft.continual import wncft
 from ncft.continual.metrics import cl_summary
@@ -167,7 +168,10 @@ class ContinualLoop:
         num_steps = self._num_steps(task, engine.world_size)
         self._set_lr(engine, 1)
         steps = islice(self.train_steps(engine, task, stage), num_steps)
-        train(engine, steps, plan, on_step=self._logger(engine, stage, task, num_steps))
+        with tqdm(total=num_steps, desc=f"train {task.name}",
+                  disable=not engine.is_main_process) as bar:  # fmt: skip
+            train(engine, steps, plan,
+                  on_step=self._logger(engine, stage, task, num_steps, bar))  # fmt: skip
         if method == "wncft":
             self._capture(engine, task, nset, before)
         self._evaluate(engine, stage, state)
@@ -209,9 +213,11 @@ class ContinualLoop:
                     micro = []
 
     def _logger(
-        self, engine: Engine, stage: int, task: TaskData, total: int
+        self, engine: Engine, stage: int, task: TaskData, total: int, bar: tqdm
     ) -> Callable[[StepLog], None]:
         def on_step(log: StepLog) -> None:
+            bar.update()
+            bar.set_postfix(loss=f"{log.loss:.3f}")
             if log.step % self.cfg.log_every == 0 or log.step == total:
                 self.backend.log_step(stage, task.name, log, self._lr(log.step))
             self._set_lr(engine, log.step + 1)
