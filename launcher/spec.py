@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
-import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,10 +31,10 @@ from pydantic import (
     model_validator,
 )
 
+from launcher.spec_paths import apply_override, problem_lines
 from launcher.spec_tasks import (
     CONTINUAL_METHODS,
     SINGLE_TASK_METHODS,
-    SOURCE_TYPES,
     Problems,
     TaskSpec,
     absolute,
@@ -372,7 +370,7 @@ def validate_spec(data: Any, base: str | Path | None = None, source: str | None 
     try:
         return Spec.model_validate(data, context=context)
     except ValidationError as exc:
-        lines = _problem_lines(exc)
+        lines = problem_lines(exc, Spec)
         # Spec-level checks only run once every section is valid; report the method/task
         # count mismatch anyway, from the raw data, so one round of fixes is enough.
         if isinstance(data, dict) and isinstance(data.get("tasks"), list) and data["tasks"]:
@@ -409,7 +407,10 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
         raise SpecError([f"<top level>: expected a mapping of sections, got {type(data).__name__}"],
                         path)  # fmt: skip
     for text in overrides:
-        _apply_override(data, text)
+        try:
+            apply_override(data, text, Spec)
+        except ValueError as exc:
+            raise SpecError([str(exc)]) from None
     return validate_spec(data, path.resolve().parent, str(path))
 
 
@@ -418,132 +419,6 @@ def dump_resolved(spec: Spec) -> str:
     header = "# Resolved ncft spec: defaults and overrides applied, paths absolute.\n"
     body = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     return header + body
-
-
-# --- overrides ---------------------------------------------------------------------------
-
-
-def _split_key(key: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for part in re.sub(r"\[(\d+)\]", r".\1", key).split("."):
-        if not part:
-            raise ValueError("empty key segment")
-        parts.append(int(part) if part.isdigit() else part)
-    return parts
-
-
-def _apply_override(data: dict, text: str) -> None:
-    key, sep, raw = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError("expected KEY=VALUE, e.g. training.lr=1e-4 or tasks.0.train_size=10")
-        parts = _split_key(key.strip())
-        value = yaml.safe_load(raw)
-        node: Any = data
-        schema_loc: list[str | int] = []
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            node = _override_step(node, part, schema_loc, value if last else None, last)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise SpecError([f"override {text!r}: {exc}"]) from None
-
-
-def _override_step(node: Any, part: str | int, loc: list, value: Any, last: bool) -> Any:
-    where = _format_loc(tuple(loc)) or "the top level"
-    if isinstance(node, list):
-        if not isinstance(part, int) or not 0 <= part < len(node):
-            raise ValueError(f"{where} is a list of {len(node)}; index it with 0..{len(node) - 1}")
-    elif isinstance(node, dict):
-        valid = _valid_keys(tuple(loc))
-        if isinstance(part, int) or (valid is not None and part not in valid):
-            raise ValueError(f"unknown key {part!r} in {where}; valid keys: {valid}")
-        if not last and node.get(part) is None:
-            node[part] = {}
-    else:
-        raise ValueError(f"{where} is a {type(node).__name__}, not a section or list")
-    loc.append(part)
-    if last:
-        node[part] = value
-        return None
-    child = node[part]
-    if part == "source" and isinstance(child, dict) and child.get("type") in SOURCE_TYPES:
-        loc.append(child["type"])  # the schema path of a union member carries its tag
-    return child
-
-
-# --- error messages ----------------------------------------------------------------------
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for k, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not (k and loc[k - 1] == "source" and part in SOURCE_TYPES):  # drop union tags
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _join(base: str, rel: str) -> str:
-    return rel if not base else base + (rel if rel.startswith("[") else f".{rel}")
-
-
-def _problem_lines(exc: ValidationError) -> list[str]:
-    lines = []
-    for err in exc.errors(include_url=False):
-        path = _format_loc(err["loc"])
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, Problems):
-            lines += [f"{_join(path, rel) or '<top level>'}: {msg}" for rel, msg in cause.items]
-        else:
-            lines.append(f"{path or '<top level>'}: {_message(err, path, cause)}")
-    return lines
-
-
-def _message(err: dict, path: str, cause: Any) -> str:
-    if err["type"] == "extra_forbidden":
-        return f"unknown key; valid keys here: {_valid_keys(err['loc'][:-1])}"
-    if err["type"] == "missing":
-        return "too few items" if isinstance(err["loc"][-1], int) else "required key is missing"
-    if isinstance(cause, Exception):
-        msg = str(cause)
-        return msg.removeprefix(f"{path}: ")
-    got = err.get("input")
-    if isinstance(got, (str, int, float, bool)):
-        return f"{err['msg']} (got {got!r})"
-    return err["msg"]
-
-
-def _valid_keys(loc: tuple) -> list[str] | None:
-    """Return the field names of the model at a pydantic-style location, if any."""
-    node: Any = Spec
-    for part in loc:
-        node = _schema_step(_strip_optional(node), part)
-    node = _strip_optional(node)
-    is_model = isinstance(node, type) and issubclass(node, BaseModel)
-    return list(node.model_fields) if is_model else None
-
-
-def _schema_step(node: Any, part: str | int) -> Any:
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        field = node.model_fields.get(part) if isinstance(part, str) else None
-        return field.annotation if field else None
-    if get_origin(node) is list and isinstance(part, int):
-        return get_args(node)[0]
-    if get_origin(node) in (Union, types.UnionType):
-        for member in get_args(node):
-            tag = getattr(member, "model_fields", {}).get("type")
-            if tag is not None and get_args(tag.annotation) == (part,):
-                return member
-    return None
-
-
-def _strip_optional(node: Any) -> Any:
-    if get_origin(node) in (Union, types.UnionType):
-        args = [a for a in get_args(node) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return node
 
 
 __all__ = [
