@@ -71,7 +71,7 @@ def _job(tmp_path: Path, backend: str) -> list[str]:
     ]
 
 
-def _run(script: str, tmp_path: Path, env_extra: dict, args: list[str]):
+def _run(script: str, tmp_path: Path, env_extra: dict, args: list[str], report=True):
     env = worker_env(env_extra)
     # shims first; then the venv's bin (torchrun, deepspeed) as `make test` has it
     env["PATH"] = os.pathsep.join([str(_shims(tmp_path)), str(Path(sys.executable).parent),
@@ -82,7 +82,9 @@ def _run(script: str, tmp_path: Path, env_extra: dict, args: list[str]):
         capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((tmp_path / "out" / "report.json").read_text())
+    if report:
+        return json.loads((tmp_path / "out" / "report.json").read_text())
+    return proc
 
 
 def test_torchrun_template_two_nodes_on_loopback(tmp_path):
@@ -101,6 +103,30 @@ def test_torchrun_template_two_nodes_on_loopback(tmp_path):
     launched = (tmp_path / "srun.log").read_text()
     assert "--nnodes 2" in launched and "--rdzv-backend c10d" in launched
     assert f"--rdzv-endpoint 127.0.0.1:{port}" in launched and "-m launcher" in launched
+
+
+def test_torchrun_template_runs_a_spec_as_ranks(tmp_path):
+    """`sbatch slurm/torchrun.slurm run SPEC`: each rank runs `python -m launcher run`,
+    rank 0 prepares the run dir, and node counts come from SLURM (2 nodes x 1)."""
+    run = tmp_path / "run"
+    small = [f"tasks.{i}.{k}={v}" for i in range(3)
+             for k, v in (("train_size", 8), ("eval_size", 4), ("max_length", 64))]
+    _run(
+        "torchrun.slurm", tmp_path,
+        {
+            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2",
+            "SLURM_JOB_ID": "4244", "SLURM_GPUS_ON_NODE": "1",
+            "NCFT_RDZV_PORT": str(free_port()), "NCFT_TORCHRUN_ARGS": "--local-addr 127.0.0.1",
+            "NCFT_CACHE": str(tmp_path / "cache"),
+        },
+        ["run", str(REPO / "examples" / "tiny_ncft.yaml"), f"output.dir={run}",
+         "training.steps=1", "selection.num_examples=4", "eval.batch_size=4", *small],
+        report=False,
+    )
+    resolved = (run / "spec.resolved.yaml").read_text()
+    assert "nnodes: 2" in resolved and "nproc_per_node: 1" in resolved
+    results = json.loads((run / "results.json").read_text())
+    assert len(results["matrix"]) == 3 and (run / "final" / "config.json").is_file()
 
 
 def test_deepspeed_template_hostfile(tmp_path):
