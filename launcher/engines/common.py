@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ncft.masks.optim import MaskedAdamW
@@ -66,11 +65,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             "cannot shard it per layer"
         )
     return layers
-
-
-def loss_of(output) -> torch.Tensor:
-    """The loss of a HF model output (or the tensor itself)."""
-    return output.loss if hasattr(output, "loss") else output
 
 
 def named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
