@@ -4,19 +4,22 @@ A `MaskPlan` holds one bool buffer per optimizer tensor this rank steps (True =
 frozen), laid out on that tensor's local flat storage, and per-segment views into it
 for the gradients. Building it is arithmetic on the segments the engine reports;
 applying it touches local memory only, so a masked step issues exactly the
-collectives an unmasked one does.
+collectives an unmasked one does. Sparse segments (few trainable elements) also get
+an index of their trainable elements, so masking their gradient is a gather, a
+memset and a scatter instead of a full-size masked write.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ncft.engine import Engine, Segment, local_flat
 from ncft.masks.layout import segment_mask
+from ncft.masks.optim import sparse_trainable_index
 
 
 class SelectionLike(Protocol):
@@ -35,11 +38,22 @@ class MaskPlan:
         grad_frozen: Per segment, a view of the frozen mask over its elements.
         frozen: `{id(opt_tensor): (opt_tensor, frozen mask over its local flat)}`,
             the form `MaskedAdamW.set_frozen` takes. Padding is always frozen.
+        grad_index: Per segment, the positions of its trainable elements when the
+            segment is sparse enough to mask by index (`sparse_trainable_index`),
+            else None. Computed from `grad_frozen` when the plan is created, so the
+            masks must not be modified in place afterwards.
     """
 
     segments: list[Segment]
     grad_frozen: list[torch.Tensor]
     frozen: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    grad_index: list[torch.Tensor | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grad_index = [
+            sparse_trainable_index(f, local_flat(seg.opt_param).device)
+            for seg, f in zip(self.segments, self.grad_frozen)
+        ]
 
     @classmethod
     def build(
@@ -84,10 +98,19 @@ class MaskPlan:
         Call after the last backward of an optimizer step and before clipping, so
         the clipped norm is the norm of the masked gradient.
         """
-        for seg, frozen in zip(self.segments, self.grad_frozen):
+        for seg, frozen, index in zip(self.segments, self.grad_frozen, self.grad_index):
             grad = seg.grad()
-            if grad is not None:
-                grad.masked_fill_(frozen, 0.0)
+            if grad is None:
+                continue
+            if index is not None:
+                # Keep the few trainable values, clear the whole segment with a memset
+                # (also clearing inf/nan in frozen slots), and put them back.
+                kept = grad.index_select(0, index)
+                grad.zero_()
+                grad.index_copy_(0, index, kept)
+            else:
+                # A select, not a multiply, so inf/nan in frozen slots become 0.
+                torch.where(frozen, grad.new_zeros(()), grad, out=grad)
 
     def num_trainable_local(self) -> int:
         """Selected elements held on this rank (padding excluded)."""

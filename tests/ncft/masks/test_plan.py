@@ -48,3 +48,34 @@ def test_freeze_unselected():
     assert [p.requires_grad for p in model.parameters()] == [False, False, True, False]
     with pytest.raises(ValueError, match="lacks"):
         freeze_unselected(model, ["2.weight"])
+
+
+def test_sparse_segments_mask_grads_by_index_like_masked_fill():
+    # Large segments packed into one flat tensor with padding; the 3-column selection
+    # is sparse (index path), the 3-of-4-rows one dense (torch.where path).
+    rows, cols = 300, 229  # 68,700 elements, over the index-path threshold
+    n_w = rows * cols
+    flat = torch.zeros(n_w + 400 + 8)
+    flat.grad = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(0))
+    w = Segment("w", (rows, cols), 0, n_w, flat, 0, grad=lambda: flat.grad[0:n_w])
+    b = Segment("b", (4, 100), 0, 400, flat, n_w, grad=lambda: flat.grad[n_w : n_w + 400])
+    sel = {
+        "w": Selection(1, torch.tensor([0, 17, 200])),
+        "b": Selection(0, torch.tensor([0, 1, 3])),
+    }
+    plan = MaskPlan.build(sel, [w, b])
+    assert plan.grad_index[0] is not None and plan.grad_index[1] is None
+    frozen = plan.frozen[id(flat)][1]
+    bad = frozen.clone()
+    bad[::3] = False
+    bad[-8:] = False  # padding is never written, by either approach
+    flat.grad[bad] = float("nan")
+    flat.grad[bad & (torch.arange(flat.numel()) % 2 == 0)] = -float("inf")
+    flat.grad[~frozen & (torch.arange(flat.numel()) % 5 == 0)] = -0.0  # must stay -0.0
+    expected = flat.grad.clone()
+    for view, f in zip((expected[:n_w], expected[n_w : n_w + 400]), plan.grad_frozen):
+        view.masked_fill_(f, 0.0)  # the approach the index path replaced
+    plan.apply_to_grads()
+    assert torch.equal(flat.grad.view(torch.int32), expected.view(torch.int32))
+    assert torch.isfinite(flat.grad).all()
+    assert plan.num_trainable_local() == 3 * rows + 300
