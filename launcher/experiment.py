@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher import rundir
+from launcher import progress, rundir
 from launcher.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
 from launcher.dist import DistInfo, init_distributed, print0, shutdown
 from launcher.engines import OptimConfig, build_engine
@@ -32,8 +32,10 @@ from ncft.data.examples import encode
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog
 
-# Fault injection for the resume test: SIGKILL this rank right after a checkpoint.
+# Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
+# checkpoint of stage N (1-based), or after optimizer step K of stage N ("N:K").
 KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
+KILL_AT_STEP = "NCFT_FAULT_KILL_AT_STEP"
 KILL_RANK = "NCFT_FAULT_KILL_RANK"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,9 +60,9 @@ class LauncherBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         done = rundir.last_complete_stage(run)
-        self.metrics = rundir.MetricsLog(
-            run.metrics, info.is_main_process, keep_stages=(done[0] + 1) if done else 0
-        )
+        stage = done[0] + 1 if done else 0
+        step = self.resume_step(stage) if stage < len(spec.tasks) else 0
+        self.metrics = rundir.MetricsLog(run.metrics, info.is_main_process, (stage, step))
         self.board = None
         if spec.output.tensorboard and info.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -94,6 +96,9 @@ class LauncherBackend:
         if self.info.is_main_process:
             nset.save(self.run.neuron_file(task))
 
+    def load_neurons(self, task: str) -> NeuronSet:  # noqa: D102
+        return NeuronSet.load(self.run.neuron_file(task))
+
     def _stage_dir(self, stage: int) -> Path:
         return self.run.stage_dir(stage, self.spec.tasks[stage].name)
 
@@ -107,8 +112,28 @@ class LauncherBackend:
             save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             write_json(tmp / "state.json", {"stage": stage, **state})  # last: marks complete
             commit_dir(tmp, target)
+            progress.clear(self.run, stage, self.spec.tasks[stage].name)
         dist.barrier()
-        if os.environ.get(KILL_AFTER_STAGE) == str(stage + 1) and \
+        self._fault(KILL_AFTER_STAGE, str(stage + 1))
+
+    def resume_step(self, stage: int) -> int:  # noqa: D102
+        found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
+        return found[0] if found else 0
+
+    def restore_progress(self, engine, stage: int) -> None:  # noqa: D102
+        found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
+        assert found is not None, f"no mid-task checkpoint of stage {stage}"
+        progress.load(engine, found[1], self.spec.engine.backend)
+
+    def after_step(self, engine, stage: int, step: int, total: int) -> None:  # noqa: D102
+        every = self.spec.output.checkpoint_every
+        if every and step % every == 0 and step < total:  # the last step gets save_stage
+            progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
+                          self.spec.engine.backend)  # fmt: skip
+        self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+
+    def _fault(self, variable: str, point: str) -> None:
+        if os.environ.get(variable) == point and \
                 os.environ.get(KILL_RANK, "0") == str(self.info.rank):
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -6,6 +6,7 @@ RUN/neurons/<task>.safetensors  selected NeuronSets (+ .json sidecars)
 RUN/metrics.jsonl               one JSON object per logged step (rank 0)
 RUN/results.json                accuracy matrix, CL summary, per-task scores
 RUN/checkpoints/<stage>/        model/ + state.json after each task (atomic)
+RUN/checkpoints/in-progress/    per-rank mid-task checkpoints (launcher.progress)
 RUN/final/                      consolidated HF model
 RUN/plots/*.png                 figures
 ```
@@ -128,14 +129,16 @@ def read_state(stage_dir: Path) -> dict[str, Any]:
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (rank 0 only)."""
 
-    def __init__(self, path: Path, enabled: bool, keep_stages: int | None = None) -> None:
+    def __init__(
+        self, path: Path, enabled: bool, keep_until: tuple[int, int] | None = None
+    ) -> None:
         self.path, self.enabled = path, enabled
-        if enabled and keep_stages is not None and path.exists():
-            # A resumed run drops lines of the stage that was interrupted, so the log
-            # ends up identical in shape to an uninterrupted run's.
+        if enabled and keep_until is not None and path.exists():
+            # A resumed run drops the lines logged after its checkpoint (stage, step),
+            # so the log ends up identical in shape to an uninterrupted run's.
             kept = [
                 line for line in path.read_text().splitlines()
-                if line and json.loads(line).get("stage", 0) < keep_stages
+                if line and _before(json.loads(line), keep_until)
             ]
             write_text = "\n".join(kept) + ("\n" if kept else "")
             tmp = path.with_name(".metrics.tmp")
@@ -149,6 +152,11 @@ class MetricsLog:
         record.setdefault("time", time.time())
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _before(record: dict[str, Any], until: tuple[int, int]) -> bool:
+    stage, step = record.get("stage", 0), record.get("step", 0)
+    return stage < until[0] or (stage == until[0] and step <= until[1])
 
 
 def write_results(run: RunDir, payload: dict[str, Any]) -> None:

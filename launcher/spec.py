@@ -265,8 +265,9 @@ class OutputSpec(_Section):
     resume: bool = Field(False, description="Continue an existing run from its checkpoints.")
     overwrite: bool = Field(False, description="Delete an existing run directory first.")
     checkpoint_every: int = Field(
-        0, ge=0, description="Checkpoint every N steps within a task; only 0 (checkpoint "
-        "after each task) is implemented, so a resumed run repeats at most one task."
+        0, ge=0, description="Also checkpoint every N optimizer steps within a task (each "
+        "rank writes its own shard; a resume needs the same backend and world size); 0: "
+        "only after each task, so a resumed run repeats at most one task."
     )
     log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
@@ -282,9 +283,6 @@ class OutputSpec(_Section):
         problems = []
         if self.resume and self.overwrite:
             problems.append(("resume", "resume and overwrite exclude each other; pick one"))
-        if self.checkpoint_every:
-            problems.append(("checkpoint_every", "mid-task checkpoints are not implemented; "
-                             "use 0 (a checkpoint after every task)"))  # fmt: skip
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             problems.append(("tensorboard", "needs the tensorboard package: "
                              "pip install tensorboard, or set it to false"))  # fmt: skip

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from ncft.engine import local_tensor
 from ncft.masks.optim import MaskedAdamW
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,72 @@ def named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
     """FQN and shape of every parameter of an unwrapped model."""
     for name, param in model.named_parameters():
         yield name, tuple(param.shape)
+
+
+class LocalState:
+    """Mixin: save and restore this rank's training state without communication.
+
+    What the optimizer steps on this rank (its local shards of the trainable
+    parameters, or ZeRO-3's fp32 master partitions) and their AdamW moments are
+    copied as plain local tensors, keyed by position. That is enough to continue a
+    task mid-way: frozen elements are the stage's starting weights, which the caller
+    reloads, and the data order is a function of seed and stage. A state only fits an
+    engine of the same backend, world size and rank built over the same trainable
+    parameters; `load_local_state` checks every shape and refuses anything else.
+    """
+
+    optimizer: MaskedAdamW
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        # The tensors the optimizer steps, in a fixed order: its param groups'.
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer tensors and Adam state as CPU tensors.
+
+        Returns:
+            `{"<i>.param", "<i>.exp_avg", "<i>.exp_avg_sq", "<i>.step"}` per optimizer
+            tensor `i` (the Adam entries only once it has stepped).
+        """
+        out = {}
+        for i, tensor in enumerate(self._optimizer_tensors()):
+            out[f"{i}.param"] = _cpu_copy(local_tensor(tensor))
+            state = self.optimizer.state.get(tensor)
+            if state:
+                for key in _ADAM_KEYS:
+                    out[f"{i}.{key}"] = _cpu_copy(local_tensor(state[key]))
+                out[f"{i}.step"] = state["step"].detach().reshape(1).clone()
+        return out
+
+    def load_local_state(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `local_state` returned on an engine built the same way.
+
+        Raises:
+            ValueError: If the number or shapes of optimizer tensors differ.
+        """
+        tensors = self._optimizer_tensors()
+        count = sum(key.endswith(".param") for key in saved)
+        if count != len(tensors):
+            raise ValueError(
+                f"saved optimizer state has {count} tensors, this engine steps {len(tensors)}"
+            )
+        with torch.no_grad():
+            for i, tensor in enumerate(tensors):
+                _copy_checked(local_tensor(tensor), saved[f"{i}.param"], f"tensor {i}")
+                if f"{i}.step" not in saved:
+                    continue
+                state = self.optimizer.state[tensor]
+                state["step"] = saved[f"{i}.step"].reshape(()).clone()
+                for key in _ADAM_KEYS:
+                    state[key] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+                    _copy_checked(local_tensor(state[key]), saved[f"{i}.{key}"], f"{key} {i}")
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"saved {what} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)

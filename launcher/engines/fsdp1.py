@@ -26,6 +26,7 @@ from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from launcher.dist import DistInfo
 from launcher.engines.common import (
+    LocalState,
     OptimConfig,
     decoder_layers,
     make_optimizer,
@@ -49,7 +50,7 @@ def _units(model: nn.Module) -> set[int]:
     return owners | {id(m) for m in decoder_layers(model)}
 
 
-class Fsdp1Engine:
+class Fsdp1Engine(LocalState):
     """FULL_SHARD FSDP1 over decoder layers and trainable modules, flat params."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from launcher.dist import DistInfo
 from launcher.engines.common import (
+    LocalState,
     OptimConfig,
     decoder_layers,
     make_optimizer,
@@ -28,7 +29,7 @@ from ncft.engine import Segment, StepStats, local_tensor
 from ncft.masks.layout import chunk_rows
 
 
-class Fsdp2Engine:
+class Fsdp2Engine(LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:

@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from launcher.dist import DistInfo
-from launcher.engines.common import OptimConfig, make_optimizer, named_shapes, trainable
+from launcher.engines.common import (
+    LocalState,
+    OptimConfig,
+    make_optimizer,
+    named_shapes,
+    trainable,
+)
 from ncft.engine import Segment, StepStats
 
 
-class SingleEngine:
+class SingleEngine(LocalState):
     """One process, unsharded parameters; a `Segment` is a whole parameter."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:

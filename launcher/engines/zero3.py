@@ -28,6 +28,7 @@ import deepspeed.ops  # noqa: E402
 from launcher import ds_config  # noqa: E402
 from launcher.dist import DistInfo  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
+    LocalState,
     OptimConfig,
     make_optimizer,
     named_shapes,
@@ -46,7 +47,7 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-class Zero3Engine:
+class Zero3Engine(LocalState):
     """`deepspeed.initialize` with ZeRO stage 3 and the project's MaskedAdamW."""
 
     def __init__(
@@ -146,6 +147,27 @@ class Zero3Engine:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
         dist.all_reduce(tensor)
         return tensor
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        # The client optimizer's param groups are empty between steps: DeepSpeed hands
+        # it one fp32 sub-group partition at a time, and its state is keyed by those.
+        return list(self._zero.fp32_partitioned_groups_flat)
+
+    def load_local_state(self, saved) -> None:
+        """Restore the fp32 masters and moments, then the model's partitions from them.
+
+        DeepSpeed copies masters into the model's (possibly bf16) partitions after each
+        step and re-gathers the persistent small parameters; a restore does the same.
+        """
+        super().load_local_state(saved)
+        zero = self._zero
+        with torch.no_grad():
+            for low, master in zip(zero.fp16_partitioned_groups_flat,
+                                   zero.fp32_partitioned_groups_flat):  # fmt: skip
+                if low is not None and low.data_ptr() != master.data_ptr():
+                    low.copy_(master)
+        if zero.persistent_parameters:
+            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
 
     def close(self) -> None:  # noqa: D102
         # Drop DeepSpeed's module hooks and partition bookkeeping while the process

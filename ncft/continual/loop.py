@@ -91,8 +91,20 @@ class Backend(Protocol):
     def save_neurons(self, task: str, nset: NeuronSet) -> None:
         """Persist a task's NeuronSet (rank 0)."""
 
+    def load_neurons(self, task: str) -> NeuronSet:
+        """The NeuronSet `save_neurons` stored for `task` (a resumed stage reuses it)."""
+
     def save_stage(self, engine: Engine, stage: int, state: dict[str, Any]) -> None:
         """Checkpoint the model after stage `stage` with the loop's bookkeeping."""
+
+    def resume_step(self, stage: int) -> int:
+        """Optimizer steps a mid-task checkpoint of `stage` holds (0: none)."""
+
+    def restore_progress(self, engine: Engine, stage: int) -> None:
+        """Load that mid-task checkpoint into an engine built from the stage's start."""
+
+    def after_step(self, engine: Engine, stage: int, step: int, total: int) -> None:
+        """Called after every optimizer step (mid-task checkpoints are its business)."""
 
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:
         """Record one training step."""
@@ -151,7 +163,10 @@ class ContinualLoop:
         source = None if method == "per_task" or stage == 0 else stage - 1
         self.backend.log_line(f"stage {stage + 1}/{len(self.tasks)}: {task.name} ({method})")
         nset = None
-        if method in NEURON_METHODS:
+        resume_at = self.backend.resume_step(stage)
+        if method in NEURON_METHODS and resume_at:
+            nset = self.backend.load_neurons(task.name)  # chosen before the interruption
+        elif method in NEURON_METHODS:
             assert self.cfg.select is not None, "neuron methods need a selection function"
             # The scoring engine shards (and NeFT's probe fine-tunes) its model in
             # place, so training starts again from a fresh load of the same weights.
@@ -164,13 +179,18 @@ class ContinualLoop:
                 p.requires_grad_(True)
         engine = self.backend.build_engine(model)
         plan = install(engine, nset.entries) if nset is not None else None
+        # Taken on the stage's starting weights, before a mid-task restore moves them.
         before = wncft.snapshot(engine, nset) if method == "wncft" else None
         num_steps = self._num_steps(task, engine.world_size)
-        self._set_lr(engine, 1)
-        steps = islice(self.train_steps(engine, task, stage), num_steps)
-        with tqdm(total=num_steps, desc=f"train {task.name}",
+        if resume_at:
+            self.backend.restore_progress(engine, stage)
+            self.backend.log_line(f"  resuming {task.name} at step {resume_at}/{num_steps}")
+        self._set_lr(engine, resume_at + 1)
+        # The data order depends on seed and stage only: skip the steps already taken.
+        steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
+        with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
                   disable=not engine.is_main_process) as bar:  # fmt: skip
-            train(engine, steps, plan,
+            train(engine, steps, plan, start_step=resume_at,
                   on_step=self._logger(engine, stage, task, num_steps, bar))  # fmt: skip
         if method == "wncft":
             self._capture(engine, task, nset, before)
@@ -221,6 +241,7 @@ class ContinualLoop:
             if log.step % self.cfg.log_every == 0 or log.step == total:
                 self.backend.log_step(stage, task.name, log, self._lr(log.step))
             self._set_lr(engine, log.step + 1)
+            self.backend.after_step(engine, stage, log.step, total)
 
         return on_step
 

@@ -2,7 +2,8 @@
 
 NCFT over sst2 -> agnews -> rte (the data root's real cl_benchmark files) on 2 ranks,
 on FSDP2 and on ZeRO-3; then a run whose rank 1 is SIGKILLed right after the first
-checkpoint, resumed, and compared with the uninterrupted run.
+checkpoint, and a ZeRO-3 run whose rank 0 is SIGKILLed mid-task between two mid-task
+checkpoints, each resumed and compared with the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.experiment import KILL_AFTER_STAGE, KILL_RANK
+from launcher.experiment import KILL_AFTER_STAGE, KILL_AT_STEP, KILL_RANK
 from ncft.neuron_set import NeuronSet
 from tests.support.spawn import REPO, worker_env
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.dist
 
 SPEC = REPO / "examples" / "tiny_ncft.yaml"
 SMALL = [
-    "training.steps=2", "selection.num_examples=8", "eval.batch_size=8",
+    "training.steps=3", "selection.num_examples=8", "eval.batch_size=8",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
       for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))],
 ]
@@ -84,7 +85,7 @@ def test_ncft_run_directory_and_untouched_weights(runs, cache, backend):
     assert results["summary"]["average_performance"] == pytest.approx(
         sum(row[-1] for row in matrix) / 3)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in lines] == [(s, k) for s in range(3) for k in (1, 2)]
+    assert [(r["stage"], r["step"]) for r in lines] == [(s, k) for s in range(3) for k in (1, 2, 3)]
     sets = [NeuronSet.load(run / "neurons" / f"{t}.safetensors") for t in ("sst2", "agnews",
                                                                              "rte")]
     assert all(s.meta["scorer"] == "grad_attribution" for s in sets)
@@ -115,6 +116,36 @@ def test_resume_after_sigkill_matches_uninterrupted(runs, cache, tmp_path):
         assert torch.equal(a[name], b[name]), name
     n_lines = len((run / "metrics.jsonl").read_text().splitlines())
     assert n_lines == len((ref / "metrics.jsonl").read_text().splitlines())
+
+
+def _losses(run: Path) -> list[tuple[int, int, float]]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in lines]
+
+
+def test_resume_mid_task_after_sigkill_matches_uninterrupted(runs, cache, tmp_path):
+    run = tmp_path / "killed-mid-task"
+    args = ["run", str(SPEC), f"output.dir={run}", "engine.backend=deepspeed",
+            "output.checkpoint_every=2", *SMALL]  # fmt: skip
+    # Rank 0 dies after step 3 of task 2, one step past the step-2 checkpoint and
+    # before the task's own checkpoint: the resume must replay step 3 exactly.
+    killed = _ncft(args, cache, {KILL_AT_STEP: "2:3", KILL_RANK: "0"}, check=False)
+    assert killed.returncode != 0, "the fault hook must kill rank 0"
+    step_dir = run / "checkpoints" / "in-progress" / "02-agnews" / "step-00000002"
+    assert (step_dir / "progress.json").is_file()
+    assert len(list(step_dir.glob("rank-*-of-00002.safetensors"))) == 2
+    assert not (run / "checkpoints" / "in-progress" / "01-sst2").exists(), "superseded"
+    assert not (run / "checkpoints" / "02-agnews").exists()
+    resumed = _ncft([*args, "output.resume=true"], cache)
+    assert "resuming agnews at step 2/3" in resumed.stdout
+    assert not (run / "checkpoints" / "in-progress").exists()
+    ref = runs["deepspeed"]
+    got, want = (json.loads((r / "results.json").read_text()) for r in (run, ref))
+    assert got["matrix"] == want["matrix"]
+    assert _losses(run) == _losses(ref)
+    a, b = (load_file(r / "final" / "model.safetensors") for r in (run, ref))
+    for name in b:  # same engine, world size and data order: expected bit-identical
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_validate_prints_stages_and_rejects_bad_spec(cache):

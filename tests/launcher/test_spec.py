@@ -185,7 +185,6 @@ MALFORMED = [
     ("output_dir_missing", {"output.dir": DELETE}, "output.dir"),
     ("resume_overwrite", {"output.resume": True, "output.overwrite": True}, "output.resume"),
     ("checkpoint_every", {"output.checkpoint_every": -1}, "output.checkpoint_every"),
-    ("mid_task_checkpoints", {"output.checkpoint_every": 5}, "output.checkpoint_every"),
     ("output_extra", {"output.path": "x"}, "output.path"),
 ]
 

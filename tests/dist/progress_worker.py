@@ -1,0 +1,79 @@
+"""One launched job: a mid-task checkpoint restored into a fresh engine, per backend.
+
+Run under torchrun by tests/launcher/test_progress.py. For each backend: train a
+tiny Llama with masks for 2 steps, write a mid-task checkpoint (`launcher.progress`),
+train 2 more steps (the reference); then build a new engine from the same initial
+weights, restore the checkpoint and train the same 2 steps. Rank 0 saves the gathered
+weights of both, and of the initial model, for the test to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from launcher import progress
+from launcher.dist import init_distributed, shutdown
+from launcher.engines import OptimConfig, build_engine
+from launcher.rundir import RunDir
+from ncft.masks.plan import freeze_unselected, install
+from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, gather_all, neuron_sets, one_step
+from tests.support.tiny import tiny_llama
+
+STEPS = 2
+
+
+def fresh(backend: str, info):
+    model = tiny_llama(seed=0)
+    nset, _ = neuron_sets(model)
+    freeze_unselected(model, nset.entries)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.005, grad_accum=ACCUM,
+                      micro_batch_size=GLOBAL_MICRO // info.world_size)  # fmt: skip
+    engine = build_engine(backend, model, cfg, info)
+    return engine, install(engine, nset.entries)
+
+
+def run_backend(backend: str, info, out: Path) -> None:
+    run = RunDir(out / backend)
+    engine, plan = fresh(backend, info)
+    init = gather_all(engine)
+    for step in range(STEPS):
+        one_step(engine, plan, step, info)
+    step_dir = progress.save(engine, run, 0, "task", STEPS, backend)
+    for step in range(STEPS, 2 * STEPS):
+        one_step(engine, plan, step, info)
+    reference = gather_all(engine)
+    engine.close()
+
+    engine, plan = fresh(backend, info)
+    assert progress.latest(run, 0, "task") == (STEPS, step_dir)
+    restored_at = progress.load(engine, step_dir, backend)
+    assert restored_at == STEPS
+    at_checkpoint = gather_all(engine)
+    for step in range(STEPS, 2 * STEPS):
+        one_step(engine, plan, step, info)
+    resumed = gather_all(engine)
+    engine.close()
+    if info.is_main_process:
+        for tag, tensors in (("init", init), ("checkpoint", at_checkpoint),
+                             ("reference", reference), ("resumed", resumed)):  # fmt: skip
+            save_file(tensors, out / f"{backend}_{tag}.safetensors")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
+    args = parser.parse_args()
+    info = init_distributed()
+    torch.manual_seed(0)
+    for backend in args.backends.split(","):
+        run_backend(backend, info, args.out)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
