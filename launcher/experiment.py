@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher import progress, rundir
+from launcher import neft, progress, rundir
 from launcher.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
 from launcher.dist import DistInfo, init_distributed, print0, shutdown
 from launcher.engines import OptimConfig, build_engine
@@ -148,29 +148,40 @@ class LauncherBackend:
         print0(text)
 
 
-def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> ContinualLoop:
-    t, s, ev = spec.training, spec.selection, spec.eval
-    sel_cfg = SelectConfig(
+def loop_select_config(spec: Spec) -> SelectConfig:
+    """The spec's selection section as the loop's plain values."""
+    s = spec.selection
+    return SelectConfig(
         scorer=s.scorer, fraction=s.fraction, count=s.count, per_layer=s.per_layer,
         modules=tuple(s.modules), unit=s.unit, positions=s.positions,
         num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
         union_with_previous=s.union_with_previous, seed=s.seed,
         model_id=spec.model.name_or_path,
     )
+
+
+def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> ContinualLoop:
+    t, s, ev = spec.training, spec.selection, spec.eval
+    sel_cfg = loop_select_config(spec)
     holder: dict[str, ContinualLoop] = {}
 
-    def select(engine, model, task: TaskData, stage: int, method: str = spec.method) -> NeuronSet:
+    def select(engine, model, task: TaskData, stage: int, method: str = spec.method,
+               record: bool = True) -> NeuronSet:  # fmt: skip
         tok = backend.tokenizer
         previous = None
         if s.union_with_previous and stage > 0:
             previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
         loop = holder["loop"]
-        return select_neurons(
+        scores: dict[str, torch.Tensor] = {}
+        nset = select_neurons(
             engine, model, sel_cfg, method=method,
             encoded_train=encode(task.train, tok, task.max_length),
             train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
-            pad_id=tok.pad_token_id, previous=previous,
+            pad_id=tok.pad_token_id, previous=previous, keep_scores=scores,
         )
+        if record and _probes(spec, method) and backend.info.is_main_process:
+            neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
+        return nset
 
     cfg = LoopConfig(
         method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
@@ -208,7 +219,8 @@ def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoo
     train(engine, islice(loop.train_steps(engine, mixed, -1), study.finetune_steps), None)
     sets = {}
     for stage, task in enumerate(tasks):
-        sets[task.name] = loop.cfg.select(engine, model, task, stage, method="ncft")
+        sets[task.name] = loop.cfg.select(engine, model, task, stage, method="ncft",
+                                          record=False)  # fmt: skip
         backend.save_neurons(f"study-{task.name}", sets[task.name])
     encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length) for t in tasks}
     grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
@@ -217,6 +229,57 @@ def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoo
         write_json(out, grid)
     engine.close()
     dist.barrier()
+
+
+def _probes(spec: Spec, method: str) -> bool:
+    """Whether a run records NeFT's probe scores for the rank-shift analysis."""
+    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
+            and method in ("neurons", "ncft", "wncft"))  # fmt: skip
+
+
+def _neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
+                     tasks: list[TaskData]) -> dict[str, Any]:
+    """NeFT's utilization rank shift of every task (all ranks; rank 0 gets the dict).
+
+    Utilization of a candidate row is NeFT's own probe score, `1 - cos` between the
+    weights before and after `selection.cosine_steps` steps of full fine-tuning on the
+    task. "Before" is the probe that chose the task's rows (on the task's starting
+    model); "after" repeats the same probe, same steps and data order, on the model the
+    task ended with. The shift says which rows the selective training made more or
+    less utilized: trained rows that gained rank are strongly affected, untrained rows
+    that gained rank are indirectly affected, rows that lost rank are suppressed
+    (`ncft.analysis.neft_stats`). Stored per task, so a resumed run redoes none.
+    """
+    from ncft.analysis.neft_stats import selected_from_set, utilization_shift
+    from ncft.continual.select import candidate_groups
+    from ncft.scoring.cosine import finetune_and_score
+
+    out = {}
+    for stage, task in enumerate(tasks):
+        before_file = backend.run.neft / f"{task.name}.before.safetensors"
+        result_file = backend.run.neft / f"{task.name}.rank_shift.json"
+        if not before_file.is_file():
+            continue
+        if not result_file.is_file():
+            model = backend.load_model(stage)
+            engine = backend.build_engine(model)
+            groups = candidate_groups(model, loop_select_config(spec))
+            print0(f"NeFT rank shift: probing {task.name} after training")
+            after, _ = finetune_and_score(engine, groups, loop.train_steps(engine, task, stage),
+                                          spec.selection.cosine_steps)  # fmt: skip
+            engine.close()
+            if backend.info.is_main_process:
+                saved = neft.load_scores(before_file)  # keys come back sorted: model order
+                before = {g.name: saved[g.name] for g in groups}
+                nset = NeuronSet.load(backend.run.neuron_file(task.name))
+                shift = utilization_shift(before, after, selected_from_set(nset, groups))
+                shift["utilization"] = "1 - cos(w, w after cosine_steps of full fine-tuning)"
+                neft.save_scores(backend.run.neft / f"{task.name}.after.safetensors", after)
+                write_json(result_file, shift)
+            dist.barrier()
+        if backend.info.is_main_process:
+            out[task.name] = json.loads(result_file.read_text())
+    return out
 
 
 def _similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict | None:
@@ -279,8 +342,11 @@ def run_rank(run_root: str, model_dir: str) -> None:
         start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
+    rank_shift = _neft_rank_shift(spec, backend, loop, tasks)
     if info.is_main_process:
         results = loop.summary(state)
+        if rank_shift:
+            results["neft"] = rank_shift
         study = run.root / "deactivation.json"
         if study.is_file():
             results["deactivation"] = json.loads(study.read_text())

@@ -7,6 +7,7 @@ RUN/metrics.jsonl               one JSON object per logged step (rank 0)
 RUN/results.json                accuracy matrix, CL summary, per-task scores
 RUN/checkpoints/<stage>/        model/ + state.json after each task (atomic)
 RUN/checkpoints/in-progress/    per-rank mid-task checkpoints (launcher.progress)
+RUN/neft/<task>.*               NeFT probe scores before/after training, rank shift
 RUN/final/                      consolidated HF model
 RUN/plots/*.png                 figures
 ```
@@ -64,6 +65,10 @@ class RunDir:
     @property
     def plots(self) -> Path:  # noqa: D102
         return self.root / "plots"
+
+    @property
+    def neft(self) -> Path:  # noqa: D102
+        return self.root / "neft"
 
     def stage_dir(self, index: int, task: str) -> Path:
         """Checkpoint directory of stage `index` (0-based), which trained `task`."""

@@ -234,7 +234,7 @@ class WncftSpec(_Section):
 
 
 class StudySpec(_Section):
-    """Leng & Xiong's deactivation study, run before the training sequence."""
+    """Neuron studies: Leng & Xiong's deactivation (before training), NeFT's rank shift."""
 
     deactivation: bool = Field(
         False, description="Tune on all tasks, find each task's units, switch them off."
@@ -243,6 +243,11 @@ class StudySpec(_Section):
         20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
+    neft_rank_shift: bool = Field(
+        True, description="With selection.scorer weight_cosine or reversed: after the run, "
+        "repeat NeFT's probe on each task's trained model and record the utilization rank "
+        "shift and neuron categories (results.neft); costs one probe per task."
+    )
 
 
 class EvalSpec(_Section):

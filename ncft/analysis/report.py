@@ -7,7 +7,8 @@ Reads (DESIGN section 6; each input optional):
   our functions:
   - `similarity`: the dict of `ncft.analysis.similarity.layer_similarity`, with an
     optional `generalization` matrix indexed like its `mean` (`[i][j]`);
-  - `neft`: the dict of `ncft.analysis.neft_stats.utilization_shift`.
+  - `neft`: the dict of `ncft.analysis.neft_stats.utilization_shift`, or one such
+    dict per task name (what `ncft run` writes).
 * `RUN/neurons/*.safetensors` (+ `.json`): NeuronSets, named by file stem.
 
 Writes `RUN/analysis/<name>.json`, `RUN/plots/<name>.png` and `RUN/report.md`, each
@@ -239,18 +240,25 @@ def _neft(run: _Run) -> Lines | str:
     if isinstance(res, str):
         return res
     data = res["neft"]
-    for key in ("counts", "hist", "shift_threshold", "scope"):
-        if key not in data:
-            raise ValueError(f"results.neft is missing `{key}`")
+    # One `utilization_shift` dict, or (what `ncft run` writes) one per task.
+    per_task = {"": data} if "counts" in data else data
+    for task, shift in per_task.items():
+        for key in ("counts", "hist", "shift_threshold", "scope"):
+            if key not in shift:
+                raise ValueError(f"results.neft{'.' + task if task else ''} is missing `{key}`")
     run.save("neft", data)
-    counts = data["counts"]
-    out = _table(
-        ["category", "selected", "not selected"],
-        [[c, v["selected"], v["unselected"]] for c, v in counts.items()],
-    )
-    out.append(
-        run.figure("neft_rank_shift", "rank shift", lambda p: plots.plot_rank_shift(data, p))
-    )
+    out = []
+    for task, shift in per_task.items():
+        name = f"neft_rank_shift_{task}" if task else "neft_rank_shift"
+        if task:
+            out += [f"Task `{task}`: {shift['num_selected']} of {shift['num_rows']} candidates "
+                    f"trained, threshold {shift['shift_threshold']}.", ""]  # fmt: skip
+        out += _table(
+            ["category", "selected", "not selected"],
+            [[c, v["selected"], v["unselected"]] for c, v in shift["counts"].items()],
+        )
+        out.append(run.figure(name, f"rank shift {task}".strip(),
+                              lambda p, d=shift: plots.plot_rank_shift(d, p)))  # fmt: skip
     return out
 
 

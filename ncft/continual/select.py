@@ -57,6 +57,7 @@ def candidate_groups(model: nn.Module, cfg: SelectConfig):
 def select_neurons(
     engine: Engine, model: nn.Module, cfg: SelectConfig, *, method: str, encoded_train,
     train_steps, task: str, stage: int, pad_id: int, previous: NeuronSet | None,
+    keep_scores: dict | None = None,
 ) -> NeuronSet:
     """Score on `engine` (built over the candidates) and return the task's NeuronSet.
 
@@ -71,6 +72,8 @@ def select_neurons(
         stage: Stage index (seeds the random control per task).
         pad_id: Padding token id.
         previous: The previous task's set, for `union_with_previous`.
+        keep_scores: If given, filled with the per-candidate scores (group name ->
+            1-D tensor) the selection was made from.
     """
     groups = candidate_groups(model, cfg)
     scorer_name = "random" if method == "random_neurons" else cfg.scorer
@@ -87,6 +90,8 @@ def select_neurons(
     else:
         scorer = RandomScorer(seed=cfg.seed * 1000 + stage)
         scores, meta = scorer.score(engine, groups), scorer.meta()
+    if keep_scores is not None:
+        keep_scores.update(scores)
     chosen = top_k(scores, groups, cfg.fraction, cfg.count, cfg.per_layer,
                    reverse=scorer_name == "reversed")  # fmt: skip
     meta = {**meta, "task": task, "fraction": cfg.fraction, "count": cfg.count,

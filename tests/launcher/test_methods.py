@@ -63,6 +63,32 @@ def test_neft_rows_select_attention_and_mlp_rows(runs):
                if "down_proj" not in name)
 
 
+def test_neft_run_records_rank_shift(runs):
+    run = runs / "neft_rows"
+    shift = json.loads((run / "results.json").read_text())["neft"]["sst2"]
+    counts = shift["counts"]
+    assert sum(v["selected"] + v["unselected"] for v in counts.values()) == shift["num_rows"]
+    assert 0 < shift["num_selected"] < shift["num_rows"]
+    before = load_file(run / "neft" / "sst2.before.safetensors")
+    after = load_file(run / "neft" / "sst2.after.safetensors")
+    assert list(shift["groups"]) == [g for g in shift["groups"] if g in before]
+    assert set(before) == set(after) == set(shift["groups"])
+    assert any(not torch.equal(before[g], after[g]) for g in before), "a real second probe"
+    # The saved "before" scores are the ones the rows were chosen from: selected rows
+    # (top 5% per layer) score higher on average than the rest.
+    nset = NeuronSet.load(run / "neurons" / "sst2.safetensors")
+    chosen, rest = [], []
+    for group, scores in before.items():
+        entry = nset.entries.get(f"{group}.weight")
+        mask = torch.zeros(scores.numel(), dtype=torch.bool)
+        if entry is not None:
+            mask[entry.indices] = True
+        chosen.append(scores[mask])
+        rest.append(scores[~mask])
+    assert torch.cat(chosen).mean() > torch.cat(rest).mean()
+    assert (run / "plots" / "neft_rank_shift_sst2.png").is_file()
+
+
 def test_random_neurons_differ_from_attribution(runs):
     a = NeuronSet.load(runs / "neurons" / "neurons" / "sst2.safetensors")
     r = NeuronSet.load(runs / "random_neurons" / "neurons" / "sst2.safetensors")

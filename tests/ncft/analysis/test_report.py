@@ -111,3 +111,17 @@ def test_malformed_section_does_not_cost_the_rest(run):
 def test_not_a_directory(tmp_path):
     with pytest.raises(ValueError, match="run_dir"):
         write_report(tmp_path / "nope")
+
+
+def test_neft_per_task(run):
+    results = json.loads((run / "results.json").read_text())
+    results["neft"] = {"sst2": results["neft"], "rte": results["neft"]}
+    (run / "results.json").write_text(json.dumps(results))
+    md = write_report(run).read_text()
+    for task in ("sst2", "rte"):
+        assert (run / "plots" / f"neft_rank_shift_{task}.png").read_bytes()[:8] == PNG
+        assert f"Task `{task}`: 1 of" in md
+    assert md.count("| strongly_affected | 1 | 0 |") == 2
+    results["neft"]["rte"] = {"counts": {}}
+    (run / "results.json").write_text(json.dumps(results))
+    assert "results.neft.rte is missing `hist`" in write_report(run).read_text()
