@@ -79,7 +79,9 @@ class MaskPlan:
             key = id(seg.opt_param)
             if key not in frozen:
                 flat = local_flat(seg.opt_param)
-                frozen[key] = (seg.opt_param, torch.ones(flat.numel(), dtype=torch.bool))
+                # On the tensor's device: the step and apply_to_grads select with it there.
+                ones = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                frozen[key] = (seg.opt_param, ones)
             view = frozen[key][1][seg.opt_offset : seg.opt_offset + seg.numel]
             sel = selections.get(seg.fqn)
             if sel is not None:

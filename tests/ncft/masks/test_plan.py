@@ -30,6 +30,15 @@ def test_plan_layout_and_grad_masking():
     assert plan.num_trainable_local() == 4
 
 
+def test_masks_live_on_the_optimizer_tensor_device():
+    # Meta stands in for CUDA here: a mask left on CPU would meet a GPU update in the
+    # step's select (a device mismatch the GPU-marked tests would only see on a GPU).
+    flat = torch.zeros(20, device="meta")
+    segs = [Segment("w", (4, 3), 5, 12, flat, 0, grad=lambda: None)]
+    plan = MaskPlan.build(NeuronSet({"w": Selection(1, torch.tensor([2]))}).entries, segs)
+    assert plan.frozen[id(flat)][1].device.type == "meta"
+
+
 def test_unselected_parameter_is_fully_frozen():
     flat, segs = _segments()
     plan = MaskPlan.build(NeuronSet({"w": Selection(0, torch.tensor([1]))}).entries, segs)
