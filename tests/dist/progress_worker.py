@@ -9,18 +9,16 @@ weights of both, and of the initial model, for the test to compare.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from launcher import progress
-from launcher.dist import init_distributed, shutdown
 from launcher.engines import OptimConfig, build_engine
 from launcher.rundir import RunDir
 from ncft.masks.plan import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, gather_all, neuron_sets, one_step
+from tests.support.spawn import backends_main
 from tests.support.tiny import tiny_llama
 
 STEPS = 2
@@ -63,17 +61,5 @@ def run_backend(backend: str, info, out: Path) -> None:
             save_file(tensors, out / f"{backend}_{tag}.safetensors")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
-    args = parser.parse_args()
-    info = init_distributed()
-    torch.manual_seed(0)
-    for backend in args.backends.split(","):
-        run_backend(backend, info, args.out)
-    shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    backends_main(run_backend)

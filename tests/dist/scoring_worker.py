@@ -16,14 +16,12 @@ fp32 master partitions, a separate copy from what the forward gathers on CPU).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from launcher.dist import init_distributed, shutdown
 from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
@@ -38,6 +36,7 @@ from ncft.selection import (
     top_k,
     unit_groups,
 )
+from tests.support.spawn import backends_main
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
 
 WORDS = SAMPLE_TEXT.split()
@@ -134,39 +133,27 @@ def finetuned_cosine(engine, model_rows, info, tensors) -> None:
         tensors[f"ft_cosine/{name}"] = s
 
 
-def run_backend(backend: str, info, args) -> None:
+def run_backend(backend: str, info, out: Path) -> None:
     model = tiny_llama(seed=0)
     blocks = get_adapter(model).mlp_blocks(model)
     model_rows = row_groups(model, ROW_MODULES)
-    ds_config = str(args.out / "ds_partitioned.json")
+    ds_config = str(out / "ds_partitioned.json")
     cfg = OptimConfig(lr=1e-2, micro_batch_size=6 // info.world_size)
     engine = build_engine(backend, model, cfg, info, ds_config=ds_config)
     report: dict = {}
     tensors: dict[str, torch.Tensor] = {}
     attribution(engine, blocks, encoded_examples(), report, tensors)
-    ckpts = {"rows": args.out / "ckpt_rows", "units": args.out / "ckpt_units"}
+    ckpts = {"rows": out / "ckpt_rows", "units": out / "ckpt_units"}
     cosine_vs_checkpoints(engine, blocks, model_rows, ckpts, report)
     deactivation(engine, blocks, report, tensors)
     finetuned_cosine(engine, model_rows, info, tensors)
     if info.is_main_process:
         tag = f"{backend}_ws{info.world_size}"
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, args.out / f"{tag}.safetensors")
-        (args.out / f"{tag}.json").write_text(json.dumps(report))
+        save_file(tensors, out / f"{tag}.safetensors")
+        (out / f"{tag}.json").write_text(json.dumps(report))
     engine.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
-    args = parser.parse_args()
-    info = init_distributed()
-    torch.set_num_threads(1)
-    for backend in args.backends.split(","):
-        run_backend(backend, info, args)
-    shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    backends_main(run_backend)

@@ -49,3 +49,24 @@ def torchrun(
             f"\n--- stderr\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def backends_main(run_backend) -> None:
+    """Entry point of a launched worker: `run_backend(backend, info, out_dir)` for each
+    backend named by `--backends`, inside one process group."""
+    import argparse
+
+    import torch
+
+    from launcher.dist import init_distributed, shutdown
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
+    args = parser.parse_args()
+    info = init_distributed()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    for backend in args.backends.split(","):
+        run_backend(backend, info, args.out)
+    shutdown()
