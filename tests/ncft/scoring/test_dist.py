@@ -15,7 +15,6 @@ Tolerances (fp32), measured on 2 CPU cores:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -76,7 +75,7 @@ def results(tmp_path_factory) -> Path:
     try:
         info = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
                         device=torch.device("cpu"))  # fmt: skip
-        scoring_worker.run_backend("single", info, argparse.Namespace(out=out))
+        scoring_worker.run_backend("single", info, out)
     finally:
         torch.set_num_threads(threads)
     torchrun(WORKER, 2, ["--out", str(out)])
