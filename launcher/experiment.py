@@ -27,9 +27,10 @@ from launcher.spawn import run_local, under_launcher
 from launcher.spec import Spec, dump_resolved, load_spec
 from launcher.task_data import load_task
 from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
-from ncft.continual.select import SelectConfig, select_neurons
+from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
 from ncft.data.examples import encode
 from ncft.neuron_set import NeuronSet
+from ncft.scoring.cosine import finetune_and_score
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
@@ -173,11 +174,19 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
         loop = holder["loop"]
         scores: dict[str, torch.Tensor] = {}
+        control = record and method == "random_neurons" and _probes(spec, method)
+        if control:
+            # The control of NeFT's rank shift: random rows, but the same probe before
+            # (the random choice does not look at the weights the probe moves).
+            scores, _ = finetune_and_score(engine, candidate_groups(model, sel_cfg),
+                                           loop.train_steps(engine, task, stage),
+                                           s.cosine_steps)  # fmt: skip
         nset = select_neurons(
             engine, model, sel_cfg, method=method,
             encoded_train=encode(task.train, tok, task.max_length),
             train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
-            pad_id=tok.pad_token_id, previous=previous, keep_scores=scores,
+            pad_id=tok.pad_token_id, previous=previous,
+            keep_scores=None if control else scores,
         )
         if record and _probes(spec, method) and backend.info.is_main_process:
             neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
@@ -234,7 +243,7 @@ def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoo
 def _probes(spec: Spec, method: str) -> bool:
     """Whether a run records NeFT's probe scores for the rank-shift analysis."""
     return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
-            and method in ("neurons", "ncft", "wncft"))  # fmt: skip
+            and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
 
 
 def _neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
@@ -251,8 +260,6 @@ def _neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
     (`ncft.analysis.neft_stats`). Stored per task, so a resumed run redoes none.
     """
     from ncft.analysis.neft_stats import selected_from_set, utilization_shift
-    from ncft.continual.select import candidate_groups
-    from ncft.scoring.cosine import finetune_and_score
 
     out = {}
     for stage, task in enumerate(tasks):

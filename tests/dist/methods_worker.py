@@ -26,12 +26,15 @@ RUNS = {
     "neft_rows": ["method=neurons", "selection.scorer=weight_cosine", "selection.unit=row",
                   "selection.cosine_steps=2", "selection.modules=[gate,up,down,attention]",
                   "output.report=true"],
+    "random_rows": ["method=random_neurons", "selection.scorer=weight_cosine",
+                    "selection.unit=row", "selection.cosine_steps=2",
+                    "selection.modules=[gate,up,down,attention]"],
     "seqft": ["method=seqft"],
     "seqlora": ["method=seqlora"],
     "wncft": ["method=wncft", "wncft.num_samples=4", "output.tensorboard=true"],
     "per_task": ["method=per_task"],
 }
-SINGLE_TASK = {"full", "neurons", "random_neurons", "lora", "neft_rows"}
+SINGLE_TASK = {"full", "neurons", "random_neurons", "lora", "neft_rows", "random_rows"}
 
 
 def main(out: Path, names: list[str]) -> None:

@@ -89,6 +89,19 @@ def test_neft_run_records_rank_shift(runs):
     assert (run / "plots" / "neft_rank_shift_sst2.png").is_file()
 
 
+def test_random_rows_control_records_rank_shift(runs):
+    run = runs / "random_rows"
+    nset = NeuronSet.load(run / "neurons" / "sst2.safetensors")
+    assert nset.meta["scorer"] == "random" and nset.meta["unit"] == "row"
+    shift = json.loads((run / "results.json").read_text())["neft"]["sst2"]
+    neft_rows = json.loads((runs / "neft_rows" / "results.json").read_text())["neft"]["sst2"]
+    assert shift["num_rows"] == neft_rows["num_rows"]
+    # Same probe on the same starting model: identical "before" scores.
+    a, b = (load_file(r / "neft" / "sst2.before.safetensors")
+            for r in (run, runs / "neft_rows"))  # fmt: skip
+    assert all(torch.equal(a[g], b[g]) for g in b)
+
+
 def test_random_neurons_differ_from_attribution(runs):
     a = NeuronSet.load(runs / "neurons" / "neurons" / "sst2.safetensors")
     r = NeuronSet.load(runs / "random_neurons" / "neurons" / "sst2.safetensors")
