@@ -1,0 +1,71 @@
+"""`make demo` at tiny scale: its commands are valid specs, and its spec shape runs.
+
+The real demo (SmolLM2-135M, ~17 min on 2 cores) is not run in CI. Here every
+`ncft run` line of the Makefile's `demo` target is validated with its overrides, and
+the demo spec runs end to end on 2 FSDP2 ranks with the tiny random Llama and small
+sizes: the deactivation study, NCFT, results, report and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.spec import load_spec
+from tests.support.spawn import REPO, worker_env
+
+SPEC = REPO / "examples" / "demo_smollm2.yaml"
+
+
+def _demo_runs() -> list[list[str]]:
+    """The override lists of each `ncft run $(DEMO_SPEC) ...` in the demo target."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    target = text.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    runs = []
+    for line in target.splitlines():
+        if "ncft run $(DEMO_SPEC)" in line:
+            args = shlex.split(line.split("$(DEMO_SPEC)", 1)[1])
+            runs.append([a.replace("$(CURDIR)", str(REPO)) for a in args])
+    return runs
+
+
+def test_makefile_demo_commands_are_valid_specs():
+    runs = _demo_runs()
+    assert len(runs) == 3, runs
+    methods = [load_spec(SPEC, args).method for args in runs]
+    assert methods == ["ncft", "seqft", "wncft"]
+    dirs = {str(load_spec(SPEC, args).output.dir) for args in runs}
+    assert len(dirs) == 3, "each demo run needs its own output.dir"
+    compare = re.search(r"ncft compare (.+)", (REPO / "Makefile").read_text()).group(1)
+    assert [Path(d).name for d in sorted(dirs)] == sorted(Path(c).name for c in compare.split())
+
+
+@pytest.mark.dist
+def test_demo_spec_shape_runs_on_the_tiny_model(tmp_path):
+    run = tmp_path / "demo"
+    sizes = [f"tasks.{i}.{k}={v}" for i in range(2)
+             for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))]  # fmt: skip
+    args = ["run", str(SPEC), "model.name_or_path=tiny-random-llama", *sizes,
+            "training.steps=2", "study.finetune_steps=2", "study.eval_examples=8",
+            "selection.num_examples=8", "eval.batch_size=8", f"output.dir={run}"]  # fmt: skip
+    env = worker_env({"NCFT_CACHE": str(tmp_path / "cache")})
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads((run / "results.json").read_text())
+    grid = results["deactivation"]
+    assert grid["tasks"] == ["sst2", "agnews"]
+    assert len(grid["task_neurons_off"]) == 2 and len(grid["random_off"]) == 2
+    assert results["method"] == "ncft" and len(results["matrix"]) == 2
+    for task in ("sst2", "agnews"):
+        assert (run / "neurons" / f"study-{task}.safetensors").is_file()
+    report = (run / "report.md").read_text()
+    for png in ("deactivation", "accuracy_matrix", "iou"):
+        assert (run / "plots" / f"{png}.png").is_file(), png
+        assert f"plots/{png}.png" in report
