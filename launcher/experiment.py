@@ -25,6 +25,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.models import resolve_model
 from launcher.spawn import run_local, under_launcher
 from launcher.spec import Spec, dump_resolved, load_spec
+from launcher.spec_tasks import records_rank_shift
 from launcher.task_data import load_task
 from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
 from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
@@ -174,7 +175,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
         loop = holder["loop"]
         scores: dict[str, torch.Tensor] = {}
-        control = record and method == "random_neurons" and _probes(spec, method)
+        control = record and method == "random_neurons" and records_rank_shift(spec, method)
         if control:
             # The control of NeFT's rank shift: random rows, but the same probe before
             # (the random choice does not look at the weights the probe moves).
@@ -188,7 +189,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             pad_id=tok.pad_token_id, previous=previous,
             keep_scores=None if control else scores,
         )
-        if record and _probes(spec, method) and backend.info.is_main_process:
+        if record and records_rank_shift(spec, method) and backend.info.is_main_process:
             neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
         return nset
 
@@ -238,12 +239,6 @@ def _deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoo
         write_json(out, grid)
     engine.close()
     dist.barrier()
-
-
-def _probes(spec: Spec, method: str) -> bool:
-    """Whether a run records NeFT's probe scores for the rank-shift analysis."""
-    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
-            and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
 
 
 def _neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,

@@ -306,6 +306,12 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 # --- plan --------------------------------------------------------------------------------
 
 
+def records_rank_shift(spec: Spec, method: str) -> bool:
+    """Whether a run of `method` records NeFT's probe scores and rank shift."""
+    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
+            and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
+
+
 def plan_stages(spec: Spec) -> list[str]:
     """Human-readable stages a run of `spec` will go through (for `ncft validate`).
 
@@ -317,6 +323,11 @@ def plan_stages(spec: Spec) -> list[str]:
     n = len(spec.tasks)
     where = _where(spec.engine)
     stages = []
+    if spec.study.deactivation:
+        stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
+                      "tasks, select each task's units, switch them off vs random units "
+                      f"({spec.study.eval_examples} examples per task)")  # fmt: skip
+    every = spec.output.checkpoint_every
     for i, task in enumerate(spec.tasks, start=1):
         what = _train_what(spec, i)
         stages.append(f"task {i}/{n} {task.name}: {what} for {_amount(spec, task)} {where}")
@@ -331,6 +342,12 @@ def plan_stages(spec: Spec) -> list[str]:
             stages.append(f"eval after task {i} on all {n} tasks{mix}")
         else:
             stages.append(f"eval on {task.name}")
+        stages.append(f"checkpoint after task {i}"
+                      + (f" (and every {every} steps within it, per-rank shards)"
+                         if every else ""))  # fmt: skip
+    if records_rank_shift(spec, spec.method):
+        stages.append(f"NeFT rank shift: repeat the {spec.selection.cosine_steps}-step probe "
+                      "on each task's trained model")  # fmt: skip
     stages.append(f"write {spec.output.dir}/results.json"
                   + (" (accuracy matrix, CL, BWT, FG)" if n > 1 else ""))  # fmt: skip
     stages.append(f"save consolidated model to {spec.output.dir}/final")

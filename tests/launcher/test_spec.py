@@ -98,6 +98,20 @@ def test_tiny_ncft_shape():
     assert stages[0].startswith("task 1/3 sst2: score neurons (grad_attribution, 10%")
     assert "4 steps on 2 ranks (fsdp2)" in stages[0]
     assert "eval after task 1 on all 3 tasks" in stages
+    assert "checkpoint after task 1" in stages
+    assert not any(s.startswith(("study:", "NeFT rank shift")) for s in stages)
+
+
+def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
+    demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                                 ["output.checkpoint_every=5"]))  # fmt: skip
+    assert demo[0].startswith("study: tune every parameter 10 steps on all tasks")
+    assert "checkpoint after task 2 (and every 5 steps within it, per-rank shards)" in demo
+    neft = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
+    assert "NeFT rank shift: repeat the 20-step probe on each task's trained model" in neft
+    off = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml",
+                                ["study.neft_rank_shift=false"]))  # fmt: skip
+    assert not any(s.startswith("NeFT rank shift") for s in off)
 
 
 # --- malformed specs ----------------------------------------------------------------------
