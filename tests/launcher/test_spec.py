@@ -426,3 +426,13 @@ def test_method_mismatch_reported_beside_section_errors(tmp_path: Path):
         load_spec(_write(tmp_path, _patched({"method": "full", "training.lr": 0})))
     paths = {p.split(":")[0] for p in info.value.problems}
     assert paths == {"training.lr", "method"}
+
+
+def test_standard_cl_o1_methods_in_its_header_are_valid():
+    path = REPO / "examples" / "standard_cl_o1.yaml"
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   ncft run")]
+    methods = []
+    for line in lines:
+        overrides = line.split("#", 2)[1].split()[3:]  # after `ncft run SPEC`
+        methods.append(load_spec(path, overrides).method)
+    assert sorted(methods) == ["ncft", "per_task", "seqft", "seqlora", "wncft"]
