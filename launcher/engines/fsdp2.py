@@ -3,6 +3,12 @@
 Each rank holds `torch.chunk(param, world, dim=0)[rank]`, a contiguous run of whole
 rows of the flattened parameter, so a selection maps to the chunk's row range
 (see `ncft.masks.layout.chunk_rows`).
+
+Only rank 0 needs real weights: the other ranks may build the model on the meta
+device (no host memory), and after sharding rank 0 broadcasts one parameter at a
+time, each rank keeping its rows. Buffers, including non-persistent ones that no
+checkpoint holds (rotary `inv_freq`), are broadcast too, so no rank relies on
+re-running initialisation code for them.
 """
 
 from __future__ import annotations
@@ -35,14 +41,44 @@ class Fsdp2Engine(LocalState):
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
-        model.to(info.device)
+        meta = _on_meta(model)
+        from_rank0 = info.world_size > 1 and _any_rank(meta)
+        if meta and (self.rank == 0 or not from_rank0):
+            raise ValueError("FSDP2: rank 0 must build the model with real weights; only "
+                             "other ranks may build it on the meta device")  # fmt: skip
+        # Rank 0's full tensors, kept referenced while sharding replaces them.
+        full = dict(model.named_parameters()) if from_rank0 and self.rank == 0 else {}
+        if not meta:
+            model.to(info.device)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
+        if meta:
+            model.to_empty(device=info.device)
+        if from_rank0:
+            self._broadcast_from_rank0(model, full, info.device)
+        del full
         self.module = model
         self._params = dict(model.named_parameters())
         self.optimizer = make_optimizer(trainable(model), cfg)
         self._micro = 0
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(
+        self, model: nn.Module, full: dict[str, torch.Tensor], device: torch.device
+    ) -> None:
+        # One full parameter in flight at a time: peak extra memory is the largest
+        # parameter, whatever the model's size.
+        for name, param in model.named_parameters():
+            shape = self._shapes[name]
+            buf = full[name].detach().to(device) if self.rank == 0 else \
+                torch.empty(shape, dtype=param.dtype, device=device)
+            dist.broadcast(buf, src=0)
+            lo, hi = chunk_rows(shape[0], self.world_size, self.rank) if shape else (0, 0)
+            local = local_tensor(param)
+            local.copy_(buf[lo:hi] if shape else buf)
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
     @property
     def is_main_process(self) -> bool:  # noqa: D102
@@ -109,6 +145,17 @@ class Fsdp2Engine(LocalState):
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (one tiny all-reduce)."""
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _local_grad(p: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,28 @@
+"""FSDP2 built from real weights on rank 0 only (meta device on the other ranks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support.spawn import REPO, torchrun
+
+pytestmark = pytest.mark.dist
+
+WORKER = REPO / "tests" / "dist" / "meta_init_worker.py"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_meta_ranks_receive_rank0_weights_and_buffers(tmp_path, world):
+    torchrun(WORKER, world, [str(tmp_path)])
+    saved = load_file(tmp_path / "weights.safetensors")
+    names = [k[4:] for k in saved if k.startswith("got.")]
+    assert names, "no parameters gathered"
+    for name in names:
+        assert torch.equal(saved["got." + name], saved["ref." + name]), name
+    # Logits on every rank equal the single-process model's: the meta ranks got the
+    # rotary buffers too (a non-persistent buffer, in no checkpoint).
+    for rank in range(world):
+        logits = load_file(tmp_path / f"logits_rank{rank}.safetensors")["logits"]
+        torch.testing.assert_close(logits, saved["ref_logits"], rtol=1e-5, atol=1e-5)
