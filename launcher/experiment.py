@@ -198,7 +198,8 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
         loop = holder["loop"]
         scores: dict[str, torch.Tensor] = {}
-        control = record and method == "random_neurons" and records_rank_shift(spec, method)
+        record = record and records_rank_shift(spec, method)
+        control = record and method == "random_neurons"
         if control:
             # The control of NeFT's rank shift: random rows, but the same probe before
             # (the random choice does not look at the weights the probe moves).
@@ -212,7 +213,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             pad_id=tok.pad_token_id, previous=previous,
             keep_scores=None if control else scores,
         )
-        if record and records_rank_shift(spec, method) and backend.info.is_main_process:
+        if record and backend.info.is_main_process:
             neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
         return nset
 
