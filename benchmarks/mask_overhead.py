@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown engine {e!r}; choose from {list(ENGINES)}")
     args.command = " ".join([os.path.basename(sys.executable), *sys.argv])
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before any worker imports torch
-    from launcher.spawn import run_local
+    from launcher.run.spawn import run_local
 
     run_local(worker, args.nproc, args)
 

@@ -168,7 +168,7 @@ def neft_memory(engine, model) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    """One rank's benchmark (every rank, or via `launcher.spawn.run_local`)."""
+    """One rank's benchmark (every rank, or via `launcher.run.spawn.run_local`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from launcher.dist import init_distributed, print0, shutdown
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--out", help="write the report JSON here (rank 0)")
     args = parser.parse_args()
-    from launcher.spawn import run_local
+    from launcher.run.spawn import run_local
 
     run_local(run, args.nproc, args)
 

@@ -25,8 +25,8 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed`
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
-from launcher import ds_config  # noqa: E402
 from launcher.dist import DistInfo  # noqa: E402
+from launcher.engines import ds_config  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
     LocalState,
     OptimConfig,

@@ -1,13 +1,13 @@
 """Every training method through `ncft run` on the tiny model, one process, in turn.
 
-Run by tests/launcher/test_methods.py; each run is a real `main_run` (world of one,
+Run by tests/launcher/run/test_methods.py; each run is a real `main_run` (world of one,
 single engine) writing a complete run directory.
 """
 
 import sys
 from pathlib import Path
 
-from launcher.experiment import main_run
+from launcher.run.experiment import main_run
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = str(REPO / "examples" / "tiny_ncft.yaml")

@@ -1,7 +1,7 @@
 """One launched job: a mid-task checkpoint restored into a fresh engine, per backend.
 
-Run under torchrun by tests/launcher/test_progress.py. For each backend: train a
-tiny Llama with masks for 2 steps, write a mid-task checkpoint (`launcher.progress`),
+Run under torchrun by tests/launcher/run/test_progress.py. For each backend: train a
+tiny Llama with masks for 2 steps, write a mid-task checkpoint (`launcher.run.progress`),
 train 2 more steps (the reference); then build a new engine from the same initial
 weights, restore the checkpoint and train the same 2 steps. Rank 0 saves the gathered
 weights of both, and of the initial model, for the test to compare.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from launcher import progress
+from launcher.run import progress
 from launcher.engines import OptimConfig, build_engine
-from launcher.rundir import RunDir
+from launcher.run.rundir import RunDir
 from ncft.masks.plan import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, gather_all, neuron_sets, one_step
 from tests.support.spawn import backends_main

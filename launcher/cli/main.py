@@ -1,0 +1,133 @@
+"""The `ncft` command line: a few subcommands; experiment knobs live in the spec."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+
+def _add_masked_train(sub) -> None:
+    from launcher.run.masked_train import MaskedTrainArgs
+
+    p = sub.add_parser(
+        "masked-train",
+        help="train N steps with a NeuronSet (or random units) on an engine; export + report",
+    )
+    p.add_argument("--model", required=True, help="HF model directory or id")
+    p.add_argument("--data", required=True, help="UTF-8 text file to train on")
+    p.add_argument("--out", required=True, help="output directory (model/, report.json)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to spawn")
+    for f in fields(MaskedTrainArgs):
+        if f.name in {"model", "data", "out"}:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = float if f.type in ("float",) else int if f.type in ("int",) else str
+        p.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default}")
+    p.set_defaults(func=_masked_train)
+
+
+def _masked_train(ns: argparse.Namespace) -> int:
+    from launcher.run.masked_train import MaskedTrainArgs, run
+    from launcher.run.models import resolve_model
+    from launcher.run.spawn import run_local
+
+    values = {f.name: getattr(ns, f.name) for f in fields(MaskedTrainArgs)}
+    if ns.backend == "single" and ns.nproc != 1:
+        raise SystemExit("--backend single runs one process; use --nproc 1")
+    values["model"] = resolve_model(ns.model)  # convert once, before ranks start
+    run_local(run, ns.nproc, MaskedTrainArgs(**values))
+    return 0
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a spec; print it resolved and its stages")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=_validate)
+
+
+def _validate(ns: argparse.Namespace) -> int:
+    from launcher.spec import SpecError, dump_resolved, load_spec, plan_stages
+
+    try:
+        spec = load_spec(ns.spec, ns.overrides)
+    except SpecError as err:
+        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
+        return 2
+    print(dump_resolved(spec))
+    print("# planned stages")
+    for line in plan_stages(spec):
+        print(f"# - {line}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run an experiment spec (spawns the ranks it asks for)")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(func=_run)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from launcher.run.experiment import main_run
+    from launcher.spec import SpecError
+
+    try:
+        main_run(ns.spec, ns.overrides)
+    except SpecError as err:
+        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write analyses, plots and report.md for a run dir")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from ncft.analysis.report import write_report
+
+    print(write_report(ns.run_dir))
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="one table of several finished runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(func=_compare)
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from launcher.cli.compare import compare_table
+
+    print(compare_table(ns.run_dirs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `ncft` parser."""
+    parser = argparse.ArgumentParser(prog="ncft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_validate(sub)
+    _add_report(sub)
+    _add_compare(sub)
+    from launcher.cli.neurons import add_neuron_commands
+
+    add_neuron_commands(sub)
+    _add_masked_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ncft` console script."""
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Running an experiment: from a validated spec to a finished run directory.
+
+- `experiment`: `ncft run` (spawn or join ranks, orchestrate the stages).
+- `models`, `task_data`: resolve the model and read task data.
+- `rundir`, `checkpoint`, `progress`: the run directory, stage checkpoints, mid-task
+  checkpoints.
+- `studies`, `neft`: the analyses around the continual sequence.
+- `spawn`: start local ranks or detect an outer launcher.
+- `masked_train`: `ncft masked-train`, the mask contract on any text file.
+"""

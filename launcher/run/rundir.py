@@ -1,0 +1,169 @@
+"""The run directory contract (DESIGN section 6), owned in one place.
+
+```
+RUN/spec.resolved.yaml          the spec after defaults and overrides
+RUN/neurons/<task>.safetensors  selected NeuronSets (+ .json sidecars)
+RUN/metrics.jsonl               one JSON object per logged step (rank 0)
+RUN/results.json                accuracy matrix, CL summary, per-task scores
+RUN/checkpoints/<stage>/        model/ + state.json after each task (atomic)
+RUN/checkpoints/in-progress/    per-rank mid-task checkpoints (launcher.run.progress)
+RUN/neft/<task>.*               NeFT probe scores before/after training, rank shift
+RUN/final/                      consolidated HF model
+RUN/plots/*.png                 figures
+```
+An existing run is never overwritten unless the spec says `output.overwrite` (start
+over) or `output.resume` (continue from the last complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.run.checkpoint import write_json
+
+_POLICY_KEYS = ("resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:  # noqa: D102
+        return self.root / "spec.resolved.yaml"
+
+    @property
+    def neurons(self) -> Path:  # noqa: D102
+        return self.root / "neurons"
+
+    @property
+    def metrics(self) -> Path:  # noqa: D102
+        return self.root / "metrics.jsonl"
+
+    @property
+    def results(self) -> Path:  # noqa: D102
+        return self.root / "results.json"
+
+    @property
+    def checkpoints(self) -> Path:  # noqa: D102
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:  # noqa: D102
+        return self.root / "final"
+
+    @property
+    def plots(self) -> Path:  # noqa: D102
+        return self.root / "plots"
+
+    @property
+    def neft(self) -> Path:  # noqa: D102
+        return self.root / "neft"
+
+    def stage_dir(self, index: int, task: str) -> Path:
+        """Checkpoint directory of stage `index` (0-based), which trained `task`."""
+        return self.checkpoints / f"{index + 1:02d}-{task}"
+
+    def neuron_file(self, task: str) -> Path:  # noqa: D102
+        return self.neurons / f"{task}.safetensors"
+
+
+def _comparable(resolved_yaml: str) -> dict:
+    data = yaml.safe_load(resolved_yaml)
+    for key in _POLICY_KEYS:
+        data.get("output", {}).pop(key, None)
+    return data
+
+
+def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> RunDir:
+    """Create or reopen a run directory according to the output policy (rank 0 only).
+
+    Raises:
+        ValueError: If the directory holds a run and neither policy is set, or if a
+            resumed run's spec differs from the one it started with.
+    """
+    run = RunDir(Path(root))
+    exists = run.root.exists() and any(run.root.iterdir())
+    if exists and overwrite:
+        shutil.rmtree(run.root)
+    elif exists and not resume:
+        raise ValueError(
+            f"output.dir: {run.root} already holds a run; set output.resume=true to "
+            "continue it or output.overwrite=true to start over"
+        )
+    elif exists and run.spec.is_file():
+        before, now = _comparable(run.spec.read_text()), _comparable(resolved_yaml)
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ValueError(
+                f"output.resume: the spec differs from the one {run.root} started with "
+                f"(sections {changed}); resume with the same spec or use a new output.dir"
+            )
+    for path in (run.root, run.neurons, run.checkpoints, run.plots):
+        path.mkdir(parents=True, exist_ok=True)
+    tmp = run.spec.with_name(".spec.resolved.yaml.tmp")
+    tmp.write_text(resolved_yaml)
+    os.replace(tmp, run.spec)
+    return run
+
+
+def last_complete_stage(run: RunDir) -> tuple[int, Path] | None:
+    """(index, dir) of the newest checkpoint whose state.json exists, else None."""
+    best = None
+    for path in sorted(run.checkpoints.glob("[0-9][0-9]-*")):
+        if (path / "state.json").is_file():
+            best = (int(path.name[:2]) - 1, path)
+    return best
+
+
+def read_state(stage_dir: Path) -> dict[str, Any]:
+    """The bookkeeping saved with a stage checkpoint."""
+    return json.loads((stage_dir / "state.json").read_text())
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only)."""
+
+    def __init__(
+        self, path: Path, enabled: bool, keep_until: tuple[int, int] | None = None
+    ) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until is not None and path.exists():
+            # A resumed run drops the lines logged after its checkpoint (stage, step),
+            # so the log ends up identical in shape to an uninterrupted run's.
+            kept = [
+                line for line in path.read_text().splitlines()
+                if line and _before(json.loads(line), keep_until)
+            ]
+            write_text = "\n".join(kept) + ("\n" if kept else "")
+            tmp = path.with_name(".metrics.tmp")
+            tmp.write_text(write_text)
+            os.replace(tmp, path)
+
+    def write(self, **record: Any) -> None:
+        """Append a record (adds a wall-clock timestamp)."""
+        if not self.enabled:
+            return
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _before(record: dict[str, Any], until: tuple[int, int]) -> bool:
+    stage, step = record.get("stage", 0), record.get("step", 0)
+    return stage < until[0] or (stage == until[0] and step <= until[1])
+
+
+def write_results(run: RunDir, payload: dict[str, Any]) -> None:
+    """results.json, atomically."""
+    write_json(run.results, payload)

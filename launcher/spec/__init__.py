@@ -1,0 +1,31 @@
+"""The experiment spec: one typed tree from YAML to objects.
+
+- `schema`: the sections (model, engine, selection, training, ...) and `load_spec`.
+- `tasks`: a task's data source, format, labels and prompt, and the stages a run plans.
+- `overrides`: `key.sub=value` overrides and YAML-path error messages.
+"""
+
+from launcher.spec.schema import (
+    EngineSpec,
+    EvalSpec,
+    LoraSpec,
+    ModelSpec,
+    OutputSpec,
+    SelectionSpec,
+    Spec,
+    SpecError,
+    TaskSpec,
+    TrainingSpec,
+    WncftSpec,
+    default_data_root,
+    dump_resolved,
+    load_spec,
+    plan_stages,
+    validate_spec,
+)
+
+__all__ = [
+    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OutputSpec", "SelectionSpec", "Spec",
+    "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
+    "load_spec", "plan_stages", "validate_spec",
+]

@@ -1,0 +1,435 @@
+"""The experiment spec: one YAML file, validated into a typed tree of pydantic models.
+
+Sections mirror what they configure: `model`, `engine`, `data_root`, `tasks`,
+`selection`, `training`, `method`, `lora`, `wncft`, `eval`, `output`. Unknown keys are
+errors, defaults live here, and every problem is reported at its YAML path
+(`tasks[1].source.name: ...`) through `SpecError`.
+
+Relative paths (`data_root`, json source files, `output.dir`, a `.json` `engine.ds_config`)
+are resolved against the directory of the spec file (the working directory when a spec
+is validated from a dict), and cl_benchmark/translation files against `data_root`. The
+resolved spec holds absolute paths, so `dump_resolved` output loads back unchanged from
+anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from launcher.spec.overrides import apply_override, problem_lines
+from launcher.spec.tasks import (
+    CONTINUAL_METHODS,
+    SINGLE_TASK_METHODS,
+    Problems,
+    TaskSpec,
+    absolute,
+    base_dir,
+    plan_stages,
+    resolve_task_data,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+MODULES = ("gate", "up", "down", "fc_in", "fc_out", "attention")
+
+
+class SpecError(ValueError):
+    """An invalid spec; `problems` holds one `<yaml.path>: <what is wrong>` line each."""
+
+    def __init__(self, problems: Sequence[str], source: str | Path | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid spec{where} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    """The pretrained causal LM to fine-tune."""
+
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="HF hub id, local directory, or a name the project resolves to a "
+        "converted local cache (e.g. smollm2-135m-instruct).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter and compute dtype."
+    )
+    architecture: str | None = Field(
+        None, description="Architecture adapter name; inferred from the model config if unset."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load.")
+
+
+class EngineSpec(_Section):
+    """How the model is wrapped and how many processes run it."""
+
+    backend: Literal["single", "deepspeed", "fsdp2", "fsdp1"] = Field(
+        "single", description="single process, DeepSpeed ZeRO-3, FSDP2 or FSDP1 (flat)."
+    )
+    ds_config: str = Field(
+        "zero3",
+        description="DeepSpeed JSON: a name in ds_configs/ (zero3, zero3_offload) or a path "
+        "to a .json file (relative to the spec file). Used by backend deepspeed.",
+    )
+    nnodes: int = Field(1, gt=0, description="Number of nodes.")
+    nproc_per_node: int = Field(1, gt=0, description="Processes (ranks) per node.")
+
+    @property
+    def world_size(self) -> int:
+        """Total number of ranks."""
+        return self.nnodes * self.nproc_per_node
+
+    @field_validator("ds_config")
+    @classmethod
+    def _ds_config_exists(cls, value: str, info: ValidationInfo) -> str:
+        from launcher.engines.ds_config import resolve_path  # imports torch: only when validating
+
+        if value.endswith(".json"):
+            value = str(absolute(Path(value), base_dir(info)))
+        resolve_path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _single_is_one_rank(self) -> EngineSpec:
+        if self.backend == "single" and self.world_size != 1:
+            field = "nproc_per_node" if self.nproc_per_node != 1 else "nnodes"
+            raise Problems([(field, f"backend single runs 1 process, but nnodes x nproc_per_node"
+                             f" = {self.world_size}; use fsdp2/deepspeed/fsdp1 or 1 process")])
+        return self
+
+
+class SelectionSpec(_Section):
+    """How task-specific neurons are scored and selected."""
+
+    scorer: Literal["grad_attribution", "weight_cosine", "random", "reversed"] = Field(
+        "grad_attribution",
+        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random or "
+        "reversed (NeFT's highest-similarity control). Method random_neurons always uses random.",
+    )
+    fraction: float | None = Field(
+        0.05, gt=0, le=1, description="Fraction selected (0 < f <= 1); unset when count is given."
+    )
+    count: int | None = Field(None, gt=0, description="Number selected, instead of fraction.")
+    per_layer: bool = Field(True, description="Top-k within each layer; false = global top-k.")
+    modules: list[Literal[MODULES]] = Field(  # type: ignore[valid-type]
+        ["gate", "up", "down"],
+        min_length=1,
+        description="Module roles scored and trained: gate/up/down (gated MLP), fc_in/fc_out "
+        "(plain MLP), attention (q/k/v/o projections; unit row only).",
+    )
+    unit: Literal["neuron", "row"] = Field(
+        "neuron",
+        description="neuron: FFN unit (gate row + up row + down column together); "
+        "row: one weight row (NeFT's neuron).",
+    )
+    positions: Literal["all", "answer"] = Field(
+        "answer", description="Token positions whose attribution is summed."
+    )
+    num_examples: int = Field(128, gt=0, description="Examples used to score.")
+    batch_size: int = Field(8, gt=0, description="Scoring batch size per rank.")
+    cosine_steps: int = Field(
+        20, gt=0, description="Full fine-tuning steps before weight_cosine compares rows."
+    )
+    union_with_previous: bool = Field(
+        False, description="Also train the neurons selected for earlier tasks."
+    )
+    seed: int | None = Field(None, description="Seed of random selection; default training.seed.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_replaces_fraction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("count") is not None and "fraction" not in data:
+            data = {**data, "fraction": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SelectionSpec:
+        problems = []
+        if (self.fraction is None) == (self.count is None):
+            problems.append(("fraction", "give exactly one of selection.fraction or "
+                             "selection.count (set the other to null)"))
+        if len(set(self.modules)) != len(self.modules):
+            problems.append(("modules", f"duplicate entries in {self.modules}"))
+        if "attention" in self.modules and self.unit != "row":
+            problems.append(("modules", "attention has no FFN neuron units; use unit: row"))
+        if problems:
+            raise Problems(problems)
+        return self
+
+
+class TrainingSpec(_Section):
+    """Optimizer and schedule, per task."""
+
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    steps: int | None = Field(
+        100, gt=0, description="Optimizer steps per task; unset when epochs is given."
+    )
+    epochs: int | None = Field(None, gt=0, description="Epochs per task, instead of steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per rank per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    seed: int = Field(0, description="Seed of data order and initialisation.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is not None and "steps" not in data:
+            data = {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        problems = []
+        if (self.steps is None) == (self.epochs is None):
+            problems.append(("steps", "give exactly one of training.steps or training.epochs "
+                             "(set the other to null)"))
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(("betas", f"each beta must be in [0, 1), got {list(self.betas)}"))
+        if self.steps is not None and self.warmup_steps > self.steps:
+            problems.append(("warmup_steps", f"{self.warmup_steps} exceeds steps={self.steps}"))
+        if problems:
+            raise Problems(problems)
+        return self
+
+
+class LoraSpec(_Section):
+    """LoRA adapters (methods lora and seqlora)."""
+
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "v_proj"], min_length=1, description="Module names that get adapters."
+    )
+
+
+class WncftSpec(_Section):
+    """W-NCFT inference-time mixing of earlier tasks' neurons."""
+
+    num_samples: int = Field(32, gt=0, description="Samples averaged into a task vector.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature over similarities.")
+
+
+class StudySpec(_Section):
+    """Neuron studies: Leng & Xiong's deactivation (before training), NeFT's rank shift."""
+
+    deactivation: bool = Field(
+        False, description="Tune on all tasks, find each task's units, switch them off."
+    )
+    finetune_steps: int = Field(
+        20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
+    )
+    eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
+    neft_rank_shift: bool = Field(
+        True, description="With selection.scorer weight_cosine or reversed: after the run, "
+        "repeat NeFT's probe on each task's trained model and record the utilization rank "
+        "shift and neuron categories (results.neft); costs one probe per task."
+    )
+
+
+class EvalSpec(_Section):
+    """Evaluation after each task, on every task of the sequence."""
+
+    batch_size: int = Field(8, gt=0, description="Evaluation batch size per rank.")
+    max_examples: int | None = Field(
+        None, gt=0, description="Examples per task; default each task's eval_size."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    metrics: list[Literal["bleu", "rougeL"]] = Field(
+        ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
+    )
+
+
+class OutputSpec(_Section):
+    """The run directory and what is written into it."""
+
+    dir: Path = Field(description="Run directory (relative to the spec file).")
+    resume: bool = Field(False, description="Continue an existing run from its checkpoints.")
+    overwrite: bool = Field(False, description="Delete an existing run directory first.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Also checkpoint every N optimizer steps within a task (each "
+        "rank writes its own shard; a resume needs the same backend and world size); 0: "
+        "only after each task, so a resumed run repeats at most one task."
+    )
+    log_every: int = Field(1, gt=0, description="Log metrics every N steps.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    report: bool = Field(True, description="Write analyses and plots at the end.")
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, path: Path, info: ValidationInfo) -> Path:
+        return absolute(path, base_dir(info))
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputSpec:
+        problems = []
+        if self.resume and self.overwrite:
+            problems.append(("resume", "resume and overwrite exclude each other; pick one"))
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            problems.append(("tensorboard", "needs the tensorboard package: "
+                             "pip install tensorboard, or set it to false"))  # fmt: skip
+        if problems:
+            raise Problems(problems)
+        return self
+
+
+def default_data_root() -> Path | None:
+    """Env `NCFT_DATA_ROOT`, else the repository's own `data/` if it exists, else None.
+
+    The benchmark subsets ship inside the repository (`data/README.md`), so a fresh
+    clone runs its examples with no other folder beside it.
+    """
+    env = os.environ.get("NCFT_DATA_ROOT")
+    if env:
+        return Path(env).expanduser().absolute()
+    shipped = REPO_ROOT / "data"
+    return shipped if shipped.is_dir() else None
+
+
+class Spec(_Section):
+    """A whole experiment: model, engine, data, tasks, method and outputs."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Pretrained model.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Distributed engine.")
+    data_root: Path | None = Field(
+        None,
+        validate_default=True,
+        description="Folder holding cl_benchmark/ and translation_en_es/; default "
+        "NCFT_DATA_ROOT, else the repository's data/.",
+    )
+    tasks: list[TaskSpec] = Field(min_length=1, description="Tasks, in training order.")
+    selection: SelectionSpec = Field(default_factory=SelectionSpec, description="Neurons.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimizer.")
+    method: Literal[SINGLE_TASK_METHODS + CONTINUAL_METHODS] = Field(  # type: ignore[valid-type]
+        description="full, neurons, random_neurons, lora (one task) or seqft, seqlora, ncft, "
+        "wncft, per_task (continual, >= 2 tasks)."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora).")
+    wncft: WncftSpec = Field(default_factory=WncftSpec, description="W-NCFT mixing.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
+    study: StudySpec = Field(default_factory=StudySpec, description="Neuron studies.")
+    output: OutputSpec = Field(description="Run directory.")
+
+    @field_validator("data_root")
+    @classmethod
+    def _resolve_data_root(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return default_data_root() if path is None else absolute(path, base_dir(info))
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Spec:
+        problems = method_problems(self.method, len(self.tasks))
+        names = [t.name for t in self.tasks]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append((f"tasks[{i}].name", f"duplicate task name {name!r}"))
+        for i, task in enumerate(self.tasks):
+            problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
+        if self.selection.seed is None:
+            self.selection.seed = self.training.seed
+        if problems:
+            raise Problems(problems)
+        return self
+
+
+
+def method_problems(method: str, num_tasks: int) -> list[tuple[str, str]]:
+    """Check that a method gets the number of tasks it trains on."""
+    if method in SINGLE_TASK_METHODS and num_tasks != 1:
+        return [("method", f"{method!r} trains a single task but tasks has {num_tasks} entries; "
+                 f"keep one task or use a continual method {list(CONTINUAL_METHODS)}")]
+    if method in CONTINUAL_METHODS and num_tasks < 2:
+        return [("method", f"{method!r} is continual and needs >= 2 tasks, tasks has "
+                 f"{num_tasks}; add tasks or use {list(SINGLE_TASK_METHODS)}")]
+    return []
+
+
+def validate_spec(data: Any, base: str | Path | None = None, source: str | None = None) -> Spec:
+    """Validate a spec mapping, resolving relative paths against `base` (default cwd).
+
+    Raises:
+        SpecError: Listing every problem at its YAML path.
+
+    """
+    context = {"base_dir": Path(base or Path.cwd()).absolute()}
+    try:
+        return Spec.model_validate(data, context=context)
+    except ValidationError as exc:
+        lines = problem_lines(exc, Spec)
+        # Spec-level checks only run once every section is valid; report the method/task
+        # count mismatch anyway, from the raw data, so one round of fixes is enough.
+        if isinstance(data, dict) and isinstance(data.get("tasks"), list) and data["tasks"]:
+            extra = method_problems(str(data.get("method")), len(data["tasks"]))
+            lines += [f"{p}: {m}" for p, m in extra if not any(x.startswith(p) for x in lines)]
+        raise SpecError(lines, source) from None
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Read a YAML spec, apply `a.b.c=value` overrides, and validate it.
+
+    Args:
+        path: The spec file; relative paths inside it are relative to its directory.
+        overrides: `key.path=value` strings; values are parsed as YAML (numbers, bools,
+            lists, null) and list items are addressed by index (`tasks.0.train_size=10`
+            or `tasks[0].train_size=10`).
+
+    Returns:
+        The validated spec, with defaults filled and paths absolute.
+
+    Raises:
+        SpecError: For a missing file, bad YAML, a malformed override or an override of an
+            unknown key, and for every validation problem (one line each).
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"spec file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError([f"not valid YAML: {exc}"], path) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"<top level>: expected a mapping of sections, got {type(data).__name__}"],
+                        path)  # fmt: skip
+    for text in overrides:
+        try:
+            apply_override(data, text, Spec)
+        except ValueError as exc:
+            raise SpecError([str(exc)]) from None
+    return validate_spec(data, path.resolve().parent, str(path))
+
+
+def dump_resolved(spec: Spec) -> str:
+    """Render the spec as YAML after defaults and overrides; `load_spec` reads it back equal."""
+    header = "# Resolved ncft spec: defaults and overrides applied, paths absolute.\n"
+    body = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return header + body
+
+
+__all__ = [
+    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OutputSpec", "SelectionSpec", "Spec",
+    "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
+    "load_spec", "plan_stages", "validate_spec",
+]  # fmt: skip

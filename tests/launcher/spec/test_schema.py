@@ -1,0 +1,438 @@
+"""The experiment spec: shipped examples, malformed specs, overrides, round trip."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.spec import (
+    Spec,
+    SpecError,
+    default_data_root,
+    dump_resolved,
+    load_spec,
+    plan_stages,
+    validate_spec,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+DATA_ROOT = default_data_root()
+
+BASE = {
+    "engine": {"backend": "fsdp2", "nproc_per_node": 1},
+    "tasks": [
+        {"source": {"type": "cl_benchmark", "name": "sst2"}, "train_size": 8},
+        {"source": {"type": "cl_benchmark", "name": "agnews"}, "train_size": 8},
+    ],
+    "method": "ncft",
+    "training": {"steps": 2},
+    "output": {"dir": "run"},
+}
+DELETE = object()
+
+
+@pytest.fixture(autouse=True)
+def _needs_data():
+    if DATA_ROOT is None or not (DATA_ROOT / "cl_benchmark").is_dir():
+        pytest.fail("data root not found: no data/ in the repository, or a bad NCFT_DATA_ROOT")
+
+
+def _patched(patch: dict) -> dict:
+    """BASE with `dotted.key: value` entries set (DELETE removes); indices as `tasks.0`."""
+    data = copy.deepcopy(BASE)
+    for key, value in patch.items():
+        *parents, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
+        node = data
+        for part in parents:
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return data
+
+
+def _write(tmp_path: Path, data, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def json_files(tmp_path: Path) -> Path:
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [{"text": f"{split} {i}", "label": "yes" if i % 2 else "no"} for i in range(4)]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+# --- shipped examples ---------------------------------------------------------------------
+
+
+def test_examples_exist():
+    assert EXAMPLES, "examples/*.yaml is empty"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_loads_and_round_trips(path: Path, tmp_path: Path):
+    spec = load_spec(path)
+    assert plan_stages(spec)
+    again = load_spec(_write(tmp_path, dump_resolved(spec), "resolved.yaml"))
+    assert again == spec
+
+
+def test_tiny_ncft_shape():
+    spec = load_spec(REPO / "examples" / "tiny_ncft.yaml")
+    assert [t.name for t in spec.tasks] == ["sst2", "agnews", "rte"]
+    assert spec.engine.backend == "fsdp2" and spec.engine.world_size == 2
+    assert all(t.train_size == 32 and t.eval_size == 16 for t in spec.tasks)
+    assert spec.training.steps == 4 and spec.method == "ncft"
+    stages = plan_stages(spec)
+    assert stages[0].startswith("task 1/3 sst2: score neurons (grad_attribution, 10%")
+    assert "4 steps on 2 ranks (fsdp2)" in stages[0]
+    assert "eval after task 1 on all 3 tasks" in stages
+    assert "checkpoint after task 1" in stages
+    assert not any(s.startswith(("study:", "NeFT rank shift")) for s in stages)
+
+
+def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
+    demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                                 ["output.checkpoint_every=5"]))  # fmt: skip
+    assert demo[0].startswith("study: tune every parameter 10 steps on all tasks")
+    assert "checkpoint after task 2 (and every 5 steps within it, per-rank shards)" in demo
+    neft = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
+    assert "NeFT rank shift: repeat the 20-step probe on each task's trained model" in neft
+    off = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml",
+                                ["study.neft_rank_shift=false"]))  # fmt: skip
+    assert not any(s.startswith("NeFT rank shift") for s in off)
+
+
+# --- malformed specs ----------------------------------------------------------------------
+
+TRANSLATION = {"source": {"type": "translation"}, "name": "tr"}
+
+MALFORMED = [
+    # (case id, patch of BASE, expected YAML path in the message)
+    ("dtype", {"model.dtype": "float64"}, "model.dtype"),
+    ("name_type", {"model.name_or_path": 5}, "model.name_or_path"),
+    ("model_extra", {"model.revision": "main"}, "model.revision"),
+    ("backend", {"engine.backend": "horovod"}, "engine.backend"),
+    ("single_2_procs", {"engine.backend": "single", "engine.nproc_per_node": 2},
+     "engine.nproc_per_node"),
+    ("single_2_nodes", {"engine.backend": "single", "engine.nnodes": 2}, "engine.nnodes"),
+    ("nproc_0", {"engine.nproc_per_node": 0}, "engine.nproc_per_node"),
+    ("nnodes_type", {"engine.nnodes": "two"}, "engine.nnodes"),
+    ("ds_config", {"engine.ds_config": "zero9"}, "engine.ds_config"),
+    ("ds_config_path", {"engine.ds_config": "nowhere/ds.json"}, "engine.ds_config"),
+    ("engine_extra", {"engine.gpus": 2}, "engine.gpus"),
+    ("top_extra", {"optimizer": {"lr": 1}}, "optimizer"),
+    ("empty_tasks", {"tasks": []}, "tasks"),
+    ("tasks_type", {"tasks": "sst2"}, "tasks"),
+    ("duplicate_names", {"tasks.1.source.name": "sst2"}, "tasks[1].name"),
+    ("bad_task_name", {"tasks.0.name": "a/b"}, "tasks[0].name"),
+    ("cl_task", {"tasks.0.source.name": "imagenet"}, "tasks[0].source.name"),
+    ("source_type", {"tasks.0.source.type": "csv"}, "tasks[0].source"),
+    ("source_no_type", {"tasks.0.source.type": DELETE}, "tasks[0].source"),
+    ("source_extra", {"tasks.0.source.split": "dev"}, "tasks[0].source.split"),
+    ("task_extra", {"tasks.1.epochs": 3}, "tasks[1].epochs"),
+    ("train_size_0", {"tasks.0.train_size": 0}, "tasks[0].train_size"),
+    ("max_length_type", {"tasks.1.max_length": "long"}, "tasks[1].max_length"),
+    ("cl_labels_wrong", {"tasks.0.labels": ["pos", "neg"]}, "tasks[0].labels"),
+    ("cl_generation", {"tasks.0.format": "generation"}, "tasks[0].format"),
+    ("prompt_no_text", {"tasks.0.prompt": "Answer:"}, "tasks[0].prompt"),
+    ("prompt_placeholder", {"tasks.0.prompt": "{text} {answer}"}, "tasks[0].prompt"),
+    ("prompt_braces", {"tasks.0.prompt": "{text} {"}, "tasks[0].prompt"),
+    ("translation_labels", {"tasks": [TRANSLATION, {**TRANSLATION, "name": "t2",
+                                                    "labels": ["a", "b"]}]}, "tasks[1].labels"),
+    ("translation_classification", {"tasks.0": {**TRANSLATION, "format": "classification"}},
+     "tasks[0].format"),
+    ("generation_prompt_labels", {"tasks.0": {**TRANSLATION, "prompt": "{labels}: {text}"}},
+     "tasks[0].prompt"),
+    ("hf_no_labels", {"tasks.0.source": {"type": "hf", "path": "glue"}, "tasks.0.name": "g"},
+     "tasks[0].labels"),
+    ("hf_no_path", {"tasks.0.source": {"type": "hf"}, "tasks.0.name": "g"},
+     "tasks[0].source.path"),
+    ("hf_no_name", {"tasks.0.source": {"type": "hf", "path": "glue"}, "tasks.0.labels": ["a", "b"]},
+     "tasks[0].name"),
+    ("json_missing_file", {"tasks.0.source": {"type": "json", "train": "no/train.jsonl",
+                                              "test": "no/test.jsonl"}, "tasks.0.name": "j"},
+     "tasks[0].source.train"),
+    ("fraction_0", {"selection.fraction": 0}, "selection.fraction"),
+    ("fraction_1.5", {"selection.fraction": 1.5}, "selection.fraction"),
+    ("fraction_and_count", {"selection.fraction": 0.1, "selection.count": 10},
+     "selection.fraction"),
+    ("neither_fraction_nor_count", {"selection.fraction": None}, "selection.fraction"),
+    ("count_0", {"selection.count": 0}, "selection.count"),
+    ("scorer", {"selection.scorer": "magic"}, "selection.scorer"),
+    ("module", {"selection.modules": ["gate", "mlp"]}, "selection.modules[1]"),
+    ("modules_str", {"selection.modules": "gate"}, "selection.modules"),
+    ("attention_neuron", {"selection.modules": ["attention"]}, "selection.modules"),
+    ("selection_extra", {"selection.topk": 5}, "selection.topk"),
+    ("positions", {"selection.positions": "prompt"}, "selection.positions"),
+    ("per_layer_type", {"selection.per_layer": "maybe"}, "selection.per_layer"),
+    ("lr_negative", {"training.lr": -1e-4}, "training.lr"),
+    ("lr_type", {"training.lr": "fast"}, "training.lr"),
+    ("steps_and_epochs", {"training.epochs": 1}, "training.steps"),
+    ("steps_0", {"training.steps": 0}, "training.steps"),
+    ("weight_decay", {"training.weight_decay": -0.1}, "training.weight_decay"),
+    ("betas", {"training.betas": [0.9, 1.0]}, "training.betas"),
+    ("betas_len", {"training.betas": [0.9]}, "training.betas[1]"),
+    ("warmup", {"training.warmup_steps": 5}, "training.warmup_steps"),
+    ("method", {"method": "magic"}, "method"),
+    ("method_missing", {"method": DELETE}, "method"),
+    ("neurons_2_tasks", {"method": "neurons"}, "method"),
+    ("lora_2_tasks", {"method": "lora"}, "method"),
+    ("ncft_1_task", {"tasks": [{"source": {"type": "cl_benchmark", "name": "sst2"}}]}, "method"),
+    ("lora_dropout", {"lora.dropout": 1.0}, "lora.dropout"),
+    ("lora_extra", {"lora.rank": 4}, "lora.rank"),
+    ("wncft_temperature", {"wncft.temperature": 0}, "wncft.temperature"),
+    ("eval_metric", {"eval.metrics": ["accuracy"]}, "eval.metrics[0]"),
+    ("eval_max_examples", {"eval.max_examples": 0}, "eval.max_examples"),
+    ("output_missing", {"output": DELETE}, "output"),
+    ("output_dir_missing", {"output.dir": DELETE}, "output.dir"),
+    ("resume_overwrite", {"output.resume": True, "output.overwrite": True}, "output.resume"),
+    ("checkpoint_every", {"output.checkpoint_every": -1}, "output.checkpoint_every"),
+    ("output_extra", {"output.path": "x"}, "output.path"),
+]
+
+
+@pytest.mark.parametrize(("patch", "where"), [c[1:] for c in MALFORMED],
+                         ids=[c[0] for c in MALFORMED])  # fmt: skip
+def test_malformed_spec_is_rejected_at_its_path(tmp_path: Path, patch: dict, where: str):
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, _patched(patch)))
+    assert any(p.startswith(f"{where}:") for p in info.value.problems), str(info.value)
+    assert where in str(info.value)
+
+
+def test_malformed_table_is_large_enough():
+    assert len(MALFORMED) >= 30
+
+
+def test_missing_data_file_names_the_file(tmp_path: Path):
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, _patched({"data_root": str(empty)})))
+    msg = str(info.value)
+    assert "tasks[0].source: file" in msg and "cl_benchmark/sst2/train.jsonl" in msg
+    assert "tasks[1].source: file" in msg  # every task is reported, not just the first
+
+
+def test_every_problem_is_listed(tmp_path: Path):
+    patch = {"engine.backend": "horovod", "training.lr": -1, "selection.fraction": 2}
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, _patched(patch)))
+    paths = [p.split(":")[0] for p in info.value.problems]
+    assert {"engine.backend", "training.lr", "selection.fraction"} <= set(paths)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path: Path):
+    with pytest.raises(SpecError, match=r"training\.lrr: unknown key; valid keys here: .*'lr'"):
+        load_spec(_write(tmp_path, _patched({"training.lrr": 1})))
+
+
+def test_single_task_method_error_names_tasks(tmp_path: Path):
+    with pytest.raises(SpecError, match=r"method: 'neurons' trains a single task but tasks has 2"):
+        load_spec(_write(tmp_path, _patched({"method": "neurons"})))
+
+
+# --- files and YAML -----------------------------------------------------------------------
+
+
+def test_missing_spec_file(tmp_path: Path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text", ["tasks: [\n", "method: ncft\n\tbad: 1\n", "- a\n- b\n", ""])
+def test_bad_yaml(tmp_path: Path, text: str):
+    with pytest.raises(SpecError):
+        load_spec(_write(tmp_path, text))
+
+
+# --- overrides ----------------------------------------------------------------------------
+
+
+def test_overrides_apply(tmp_path: Path):
+    path = _write(tmp_path, BASE)
+    spec = load_spec(path, ["training.lr=0.5", "tasks.0.train_size=3",
+                            "engine.nproc_per_node=2", "selection.modules=[gate, down]",
+                            "tasks[1].eval_size=7", "output.tensorboard=true"])  # fmt: skip
+    assert spec.training.lr == 0.5
+    assert spec.tasks[0].train_size == 3 and spec.tasks[1].eval_size == 7
+    assert spec.engine.world_size == 2
+    assert spec.selection.modules == ["gate", "down"]
+    assert spec.output.tensorboard is True
+
+
+def test_override_count_needs_fraction_null(tmp_path: Path):
+    path = _write(tmp_path, _patched({"selection.fraction": 0.1}))
+    with pytest.raises(SpecError, match="selection.fraction"):
+        load_spec(path, ["selection.count=10"])
+    spec = load_spec(path, ["selection.count=10", "selection.fraction=null"])
+    assert spec.selection.count == 10 and spec.selection.fraction is None
+
+
+def test_count_alone_replaces_default_fraction(tmp_path: Path):
+    spec = load_spec(_write(tmp_path, _patched({"selection.count": 50})))
+    assert spec.selection.count == 50 and spec.selection.fraction is None
+
+
+def test_epochs_alone_replace_default_steps(tmp_path: Path):
+    spec = load_spec(_write(tmp_path, _patched({"training": {"epochs": 2}})))
+    assert spec.training.epochs == 2 and spec.training.steps is None
+
+
+def test_override_creates_absent_section(tmp_path: Path):
+    spec = load_spec(_write(tmp_path, BASE), ["lora.r=4", "tasks.0.source.name=rte"])
+    assert spec.lora.r == 4 and spec.tasks[0].name == "rte"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.lr", "expected KEY=VALUE"),
+        ("=3", "empty key segment"),
+        ("training.lrr=1", "unknown key 'lrr' in training"),
+        ("foo=1", "unknown key 'foo' in the top level"),
+        ("foo.bar=1", "unknown key 'foo'"),
+        ("tasks.5.train_size=1", "tasks is a list of 2"),
+        ("tasks.x.train_size=1", "tasks is a list of 2"),
+        ("tasks.0.source.split=dev", "unknown key 'split' in tasks[0].source"),
+        ("method.x=1", "method is a str"),
+        ("training.0=1", "unknown key 0 in training"),
+        ("training.lr=[1", "override 'training.lr=[1'"),
+    ],
+)
+def test_bad_override(tmp_path: Path, override: str, expected: str):
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, BASE), [override])
+    assert expected in str(info.value)
+
+
+def test_override_value_is_validated(tmp_path: Path):
+    with pytest.raises(SpecError, match="engine.nproc_per_node"):
+        load_spec(_write(tmp_path, _patched({"engine.backend": "single"})),
+                  ["engine.nproc_per_node=2"])  # fmt: skip
+
+
+# --- defaults, paths, round trip ----------------------------------------------------------
+
+
+def test_defaults(tmp_path: Path):
+    spec = load_spec(_write(tmp_path, BASE))
+    assert spec.model.name_or_path == "smollm2-135m-instruct" and spec.model.dtype == "float32"
+    assert spec.engine.ds_config == "zero3"
+    assert spec.data_root == DATA_ROOT
+    assert spec.tasks[0].labels == ["Good", "Bad"] and spec.tasks[0].format == "classification"
+    assert spec.tasks[1].eval_size == 200 and spec.tasks[1].max_length == 256
+    assert spec.selection.modules == ["gate", "up", "down"] and spec.selection.unit == "neuron"
+    assert spec.selection.seed == spec.training.seed == 0
+    assert spec.training.grad_clip == 1.0 and spec.training.epochs is None
+    assert spec.lora.target_modules == ["q_proj", "v_proj"]
+    assert spec.output.dir == tmp_path / "run"  # relative to the spec file
+
+
+def test_default_prompts(tmp_path: Path):
+    data = _patched({"tasks.1.source.name": "copa"})
+    spec = load_spec(_write(tmp_path, data))
+    sst2, copa = spec.tasks
+    assert sst2.render("Text: fine") == (
+        "What is the sentiment of the following paragraph? Choose one from the option.\n"
+        "Option: Good, Bad \nText: fine\nAnswer:"
+    )
+    assert copa.render("Which?") == "Which?\nAnswer:"
+
+
+def test_default_data_root_env(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("NCFT_DATA_ROOT", str(tmp_path))
+    assert default_data_root() == tmp_path
+    monkeypatch.delenv("NCFT_DATA_ROOT")
+    assert default_data_root() == REPO / "data"
+
+
+def test_json_source_relative_to_spec(tmp_path: Path, json_files: Path):
+    task = {"name": "mine", "labels": ["no", "yes"],
+            "source": {"type": "json", "train": "mydata/train.jsonl", "test": "mydata/test.jsonl"}}
+    spec = load_spec(_write(tmp_path, _patched({"tasks.0": task})))
+    assert spec.tasks[0].source.train == json_files / "train.jsonl"
+    assert "Option: no, yes" in spec.tasks[0].render("x")
+
+
+def test_json_generation_without_labels(tmp_path: Path, json_files: Path):
+    task = {"name": "gen", "format": "generation",
+            "source": {"type": "json", "train": str(json_files / "train.jsonl"),
+                       "test": str(json_files / "test.jsonl"), "label_field": "label"}}
+    spec = load_spec(_write(tmp_path, _patched({"tasks.0": task})))
+    assert spec.tasks[0].labels is None and spec.tasks[0].prompt == "{text}\nAnswer:"
+
+
+def test_json_classification_without_labels(tmp_path: Path, json_files: Path):
+    task = {"name": "mine", "source": {"type": "json", "train": "mydata/train.jsonl",
+                                       "test": "mydata/test.jsonl"}}
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.labels: classification on a json source"):
+        load_spec(_write(tmp_path, _patched({"tasks.0": task})))
+
+
+def test_ds_config_path_relative_to_spec(tmp_path: Path):
+    shipped = (REPO / "ds_configs" / "zero3.json").read_text()
+    (tmp_path / "my_ds.json").write_text(shipped)
+    spec = load_spec(_write(tmp_path, _patched({"engine.backend": "deepspeed",
+                                                "engine.ds_config": "my_ds.json"})))
+    assert spec.engine.ds_config == str(tmp_path / "my_ds.json")
+
+
+def test_dump_resolved_round_trip_from_elsewhere(tmp_path: Path, json_files: Path):
+    task = {"name": "mine", "labels": ["no", "yes"],
+            "source": {"type": "json", "train": "mydata/train.jsonl", "test": "mydata/test.jsonl"}}
+    spec = load_spec(_write(tmp_path, _patched({"tasks.1": task, "selection.count": 7})),
+                     ["training.lr=0.5"])  # fmt: skip
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    again = load_spec(_write(other, dump_resolved(spec)))
+    assert again == spec
+    assert dump_resolved(again) == dump_resolved(spec)
+
+
+def test_validate_spec_from_dict(tmp_path: Path):
+    spec = validate_spec(BASE, base=tmp_path)
+    assert isinstance(spec, Spec) and spec.output.dir == tmp_path / "run"
+    with pytest.raises(SpecError, match="method"):
+        validate_spec({**BASE, "method": "x"}, base=tmp_path)
+
+
+def test_plan_stages_methods(tmp_path: Path):
+    single = load_spec(_write(tmp_path, _patched({"method": "lora", "tasks": BASE["tasks"][:1]})))
+    assert single.engine.world_size == 1
+    assert plan_stages(single)[0].startswith("task 1/1 sst2: train LoRA r=8 on q_proj/v_proj")
+    assert plan_stages(single)[1] == "eval on sst2"
+    cont = load_spec(_write(tmp_path, _patched({"method": "wncft", "selection.count": 9,
+                                                "engine.nproc_per_node": 2})))  # fmt: skip
+    stages = plan_stages(cont)
+    assert "top 9 per layer" in stages[0] and "on 2 ranks (fsdp2)" in stages[0]
+    assert any("mixing earlier tasks' neurons" in s for s in stages)
+
+
+def test_method_mismatch_reported_beside_section_errors(tmp_path: Path):
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, _patched({"method": "full", "training.lr": 0})))
+    paths = {p.split(":")[0] for p in info.value.problems}
+    assert paths == {"training.lr", "method"}
+
+
+def test_standard_cl_o1_methods_in_its_header_are_valid():
+    path = REPO / "examples" / "standard_cl_o1.yaml"
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   ncft run")]
+    methods = []
+    for line in lines:
+        overrides = line.split("#", 2)[1].split()[3:]  # after `ncft run SPEC`
+        methods.append(load_spec(path, overrides).method)
+    assert sorted(methods) == ["ncft", "per_task", "seqft", "seqlora", "wncft"]
