@@ -23,7 +23,7 @@ from ncft.neuron_set import NeuronSet
 from ncft.scoring.cosine import finetune_and_score
 
 if TYPE_CHECKING:
-    from launcher.run.experiment import LauncherBackend
+    from launcher.run.backend import LauncherBackend
 
 
 def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.run.experiment import KILL_AFTER_STAGE, KILL_AT_STEP, KILL_RANK
+from launcher.run.backend import KILL_AFTER_STAGE, KILL_AT_STEP, KILL_RANK
 from ncft.neuron_set import NeuronSet
 from tests.support.spawn import REPO, worker_env
 
