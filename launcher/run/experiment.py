@@ -1,10 +1,12 @@
 """`ncft run`: a spec -> a run directory, on one machine or under a launcher.
 
-The parent process validates the spec, prepares the run directory and converts the
-model once, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
+The parent process validates the spec, runs the preflight checks (model, output
+directory: `launcher.run.preflight`), converts the model once and prepares the run
+directory, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
 each process is already a rank and rank 0 does the preparation. Every rank then
 builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
-logs) and runs the stages that are not done yet.
+logs) and runs the stages that are not done yet. A run that fails before its first
+checkpoint removes the directory it created, so the corrected rerun starts clean.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from launcher.run import neft, rundir, studies
 from launcher.run.backend import LauncherBackend
 from launcher.run.checkpoint import atomic_dir, commit_dir
 from launcher.run.models import resolve_model
+from launcher.run.preflight import preflight
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
@@ -147,27 +150,38 @@ def run_rank(run_root: str, model_dir: str) -> None:
 
 
 def prepare(spec: Spec) -> tuple[str, str]:
-    """Validate-time work done once: run directory and model conversion."""
+    """Validate-time work done once: model conversion, then the run directory.
+
+    The model comes first: a conversion that fails must not leave a run directory.
+    """
+    model_dir = resolve_model(spec.model.name_or_path)
     run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
                          spec.output.overwrite)  # fmt: skip
-    return str(run.root), resolve_model(spec.model.name_or_path)
+    return str(run.root), model_dir
 
 
 def main_run(spec_path: str, overrides: list[str]) -> None:
-    """`ncft run SPEC [key=value ...]` (raises SpecError before any process starts)."""
+    """`ncft run SPEC [key=value ...]`.
+
+    Raises:
+        SpecError, UserError: Before any file is written or process started.
+        RanksFailed: If a rank fails; a run directory this call created is removed
+            unless a checkpoint made it resumable.
+    """
     spec = load_spec(spec_path, overrides)
+    preflight(spec, under_launcher())
+    out = spec.output
+    created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
-        if spec.engine.nnodes > 1:
-            raise ValueError(
-                f"engine.nnodes={spec.engine.nnodes}: start multi-node runs with a launcher "
-                "(slurm/torchrun.slurm or slurm/deepspeed.slurm); `ncft run` spawns one node"
-            )
         root, model_dir = prepare(spec)
-        run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
+        with rundir.removed_unless_started(rundir.RunDir(out.dir), created):
+            run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     payload = [None]
     if info.is_main_process:
         payload = [prepare(spec)]
     dist.broadcast_object_list(payload, src=0)
-    run_rank(*payload[0])
+    # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
+    with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
+        run_rank(*payload[0])

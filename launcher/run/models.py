@@ -140,6 +140,16 @@ def _valid(entry: Path) -> bool:
     return weights.is_file() and recorded.get("weights_sha256") == sha256_file(weights)
 
 
+def check_builtin(name: str) -> None:
+    """Check that built-in `name` is converted already or can be built here (builds nothing).
+
+    Raises:
+        ValueError: If its source package is missing.
+    """
+    if name == "smollm2-135m-instruct" and not (cache_root() / name / _MANIFEST).is_file():
+        smollm2_gguf()
+
+
 def resolve_model(name_or_path: str) -> str:
     """A local directory for a built-in name (converting once), else the input.
 

@@ -21,12 +21,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from launcher.errors import UserError
 from launcher.run.checkpoint import write_json
 
 _POLICY_KEYS = ("resume", "overwrite")
@@ -85,36 +88,77 @@ def _comparable(resolved_yaml: str) -> dict:
     return data
 
 
+def holds_run(root: Path) -> bool:
+    """True if `root` exists and is not empty (a run, or something else, lives there)."""
+    return root.is_dir() and any(root.iterdir())
+
+
+def check_policy(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> None:
+    """Check that the output policy allows a run in `root`; create nothing.
+
+    Raises:
+        UserError: If `root` is not a directory, or holds a run and neither policy is
+            set, or if a resumed run's spec differs from the one it started with.
+    """
+    run = RunDir(Path(root))
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"output.dir: {run.root} is a file, not a directory; "
+                        "set output.dir to a new or existing directory")  # fmt: skip
+    if not holds_run(run.root) or overwrite:
+        return
+    if not resume:
+        raise UserError(
+            f"output.dir: {run.root} already holds a run; set output.resume=true to "
+            "continue it or output.overwrite=true to start over"
+        )
+    if run.spec.is_file():
+        before, now = _comparable(run.spec.read_text()), _comparable(resolved_yaml)
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise UserError(
+                f"output.resume: the spec differs from the one {run.root} started with "
+                f"(sections {changed}); resume with the same spec or use a new output.dir"
+            )
+
+
 def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> RunDir:
     """Create or reopen a run directory according to the output policy (rank 0 only).
 
     Raises:
-        ValueError: If the directory holds a run and neither policy is set, or if a
-            resumed run's spec differs from the one it started with.
+        UserError: As `check_policy`.
     """
+    check_policy(root, resolved_yaml, resume, overwrite)
     run = RunDir(Path(root))
-    exists = run.root.exists() and any(run.root.iterdir())
-    if exists and overwrite:
+    if overwrite and holds_run(run.root):
         shutil.rmtree(run.root)
-    elif exists and not resume:
-        raise ValueError(
-            f"output.dir: {run.root} already holds a run; set output.resume=true to "
-            "continue it or output.overwrite=true to start over"
-        )
-    elif exists and run.spec.is_file():
-        before, now = _comparable(run.spec.read_text()), _comparable(resolved_yaml)
-        if before != now:
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise ValueError(
-                f"output.resume: the spec differs from the one {run.root} started with "
-                f"(sections {changed}); resume with the same spec or use a new output.dir"
-            )
     for path in (run.root, run.neurons, run.checkpoints, run.plots):
         path.mkdir(parents=True, exist_ok=True)
     tmp = run.spec.with_name(".spec.resolved.yaml.tmp")
     tmp.write_text(resolved_yaml)
     os.replace(tmp, run.spec)
     return run
+
+
+def started(run: RunDir) -> bool:
+    """True once a run has something to resume: a stage or a mid-task checkpoint."""
+    return run.checkpoints.is_dir() and any(run.checkpoints.iterdir())
+
+
+@contextmanager
+def removed_unless_started(run: RunDir, created: bool) -> Iterator[None]:
+    """Remove a run directory this invocation created if the body fails before it started.
+
+    A failure before the first checkpoint (a model that does not load, a bad data row,
+    a rank killed early) leaves nothing to resume; keeping the half-made directory
+    would only make the corrected rerun fail with "already holds a run". A directory
+    that held a run before (`output.resume`) is never removed.
+    """
+    try:
+        yield
+    except BaseException:
+        if created and not started(run):
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
 
 
 def last_complete_stage(run: RunDir) -> tuple[int, Path] | None:
