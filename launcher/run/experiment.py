@@ -20,7 +20,6 @@ import torch.distributed as dist
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.run import neft, rundir, studies
 from launcher.run.backend import LauncherBackend
-from launcher.run.checkpoint import atomic_dir, commit_dir
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
 from launcher.run.spawn import run_local, under_launcher
@@ -30,6 +29,7 @@ from launcher.spec.tasks import records_rank_shift
 from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
 from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
 from ncft.data.examples import encode
+from ncft.io import atomic_dir
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.cosine import finetune_and_score
 
@@ -75,7 +75,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             keep_scores=None if control else scores,
         )
         if record and backend.info.is_main_process:
-            neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
+            neft.save_scores(backend.run.neft_scores(task.name, "before"), scores)
         return nset
 
     cfg = LoopConfig(
@@ -87,7 +87,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
         wncft_temperature=spec.wncft.temperature, select=select,
         log_every=spec.output.log_every,
     )
-    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.root / "wncft")
+    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft)
     holder["loop"] = loop
     return loop
 
@@ -99,10 +99,9 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
         from ncft.lora import merge_lora
 
         model = merge_lora(model)
-    tmp = atomic_dir(backend.run.final)
-    model.save_pretrained(tmp)
-    backend.tokenizer.save_pretrained(tmp)
-    commit_dir(tmp, backend.run.final)
+    with atomic_dir(backend.run.final) as tmp:
+        model.save_pretrained(tmp)
+        backend.tokenizer.save_pretrained(tmp)
 
 
 def run_rank(run_root: str, model_dir: str) -> None:
@@ -132,9 +131,8 @@ def run_rank(run_root: str, model_dir: str) -> None:
         results = loop.summary(state)
         if rank_shift:
             results["neft"] = rank_shift
-        study = run.root / "deactivation.json"
-        if study.is_file():
-            results["deactivation"] = json.loads(study.read_text())
+        if run.deactivation.is_file():
+            results["deactivation"] = json.loads(run.deactivation.read_text())
         similarity = studies.similarity(backend, tasks, state.matrix)
         if similarity is not None:
             results["similarity"] = similarity
