@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from launcher.errors import DEBUG_ENV, RanksFailed, debugging
+from launcher.errors import DEBUG_ENV, RanksFailed, UserError, debugging
 
 
 def _add_masked_train(sub) -> None:
@@ -52,7 +52,6 @@ def _add_validate(sub) -> None:
 
 
 def _validate(ns: argparse.Namespace) -> int:
-    from launcher.errors import UserError
     from launcher.run.preflight import check_model, check_output
     from launcher.spec import SpecError, dump_resolved, load_spec, plan_stages
 
@@ -149,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RanksFailed) as err:
         if debugging():
             raise
-        hint = "" if isinstance(err, ValueError) else f" ({DEBUG_ENV}=1 shows the traceback)"
+        # A UserError's message is the whole story; any other error may be a bug.
+        hint = "" if isinstance(err, UserError) else f" ({DEBUG_ENV}=1 shows the traceback)"
         print(f"ncft: error: {err}{hint}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
 

@@ -162,9 +162,10 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
     """`ncft run SPEC [key=value ...]`.
 
     Raises:
-        SpecError, UserError: Before any file is written or process started.
-        RanksFailed: If a rank fails; a run directory this call created is removed
-            unless a checkpoint made it resumable.
+        SpecError, UserError: From validation and preflight, before any file is written
+            or process started; a `UserError` also carries a rank's `ValueError`.
+        RanksFailed: If a rank fails otherwise. After a failure, a run directory this
+            call created is removed unless a checkpoint made it resumable.
     """
     spec = load_spec(spec_path, overrides)
     preflight(spec, under_launcher())
