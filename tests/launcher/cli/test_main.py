@@ -1,6 +1,8 @@
 """The CLI stays small: knobs go into the spec, not into new flags."""
 
-from launcher.cli import build_parser
+import pytest
+
+from launcher.cli import build_parser, main
 
 
 def _subcommands(parser):
@@ -14,3 +16,13 @@ def test_subcommands_are_frozen():
     assert sorted(_subcommands(subs["neurons"])) == ["inspect", "overlap", "score"]
     run_flags = {o for a in subs["run"]._actions for o in a.option_strings}
     assert run_flags == {"-h", "--help"}, "ncft run takes a spec and key=value overrides only"
+
+
+def test_errors_print_one_line_and_debug_raises(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NCFT_DEBUG", raising=False)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ncft: error: run_dir") and err.count("\n") == 1, err
+    monkeypatch.setenv("NCFT_DEBUG", "1")
+    with pytest.raises(ValueError, match="is not a directory"):
+        main(["report", str(tmp_path / "missing")])
