@@ -1,5 +1,8 @@
 """From per-candidate scores to a NeuronSet: top-k, reversed, union, rank agreement.
 
+Pure functions of the scores (no scorer, no task data): `ncft.selection.pipeline`
+runs a scorer and hands its scores here.
+
 A `Group` is one vector of candidates that a scorer scores together: the FFN units
 of one MLP (`unit="neuron"`), or the output rows of one projection (`unit="row"`,
 NeFT's neuron). `Scores` maps a group's name to one float per candidate, higher =
