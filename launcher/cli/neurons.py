@@ -127,7 +127,8 @@ def run_score(job: ScoreJob) -> None:
     e = spec.engine
     engine = build_engine(e.backend, model, optim_config(spec), info, e.ds_config)
     previous = NeuronSet.load(job.previous) if job.previous else None
-    meta = {"world_size": info.world_size, "backend": e.backend,
+    meta = {"model_id": spec.model.name_or_path, "world_size": info.world_size,
+            "backend": e.backend,
             "command": {"spec": job.spec, "overrides": list(job.overrides), "task": job.task}}
     selector = spec_selector(spec, tokenizer, previous=lambda _stage: previous,
                              reference=job.finetuned, extra_meta=meta)  # fmt: skip

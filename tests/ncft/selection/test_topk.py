@@ -1,4 +1,4 @@
-"""Selection: deterministic ties, per-layer vs global counts, controls, rank agreement."""
+"""Top-k selection: deterministic ties, per-layer vs global counts, controls, rank agreement."""
 
 import pytest
 import torch
