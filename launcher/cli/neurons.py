@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,19 +64,15 @@ def add_neuron_commands(subparsers) -> None:
 def _score(ns: argparse.Namespace) -> int:
     from launcher.run.models import resolve_model
     from launcher.run.spawn import run_local, under_launcher
-    from launcher.spec import SpecError, load_spec
+    from launcher.spec import load_spec
 
-    try:
-        spec = load_spec(ns.spec, ns.overrides)
-    except SpecError as err:
-        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
-        return 2
+    spec = load_spec(ns.spec, ns.overrides)  # a SpecError is a ValueError: one line from main
     problems = _score_problems(spec, ns)
-    if problems:
-        raise SystemExit("neurons score: " + "; ".join(problems))
     if spec.engine.nnodes > 1 and not under_launcher():
-        raise SystemExit(f"neurons score: engine.nnodes={spec.engine.nnodes}: start multi-node "
-                         "jobs under a launcher (torchrun, slurm/torchrun.slurm)")  # fmt: skip
+        problems.append(f"engine.nnodes={spec.engine.nnodes}: start multi-node jobs under a "
+                        "launcher (torchrun, slurm/torchrun.slurm)")  # fmt: skip
+    if problems:
+        raise ValueError("neurons score: " + "; ".join(problems))
     job = ScoreJob(str(ns.spec), tuple(ns.overrides), ns.task, ns.out,
                    resolve_model(spec.model.name_or_path), ns.previous, ns.finetuned)  # fmt: skip
     run_local(run_score, spec.engine.nproc_per_node, job)  # converts the model once, above

@@ -9,21 +9,5 @@
   package for `Group`, so re-exporting the pipeline here would be circular.
 """
 
-from ncft.selection.topk import (
-    MLP_ROLES,
-    Group,
-    Scores,
-    check_identical_across_ranks,
-    resolve_count,
-    row_groups,
-    selected_of,
-    to_neuron_set,
-    top_k,
-    union_with_previous,
-    unit_groups,
-)
-
-__all__ = [
-    "MLP_ROLES", "Group", "Scores", "check_identical_across_ranks", "resolve_count",
-    "row_groups", "selected_of", "to_neuron_set", "top_k", "union_with_previous", "unit_groups",
-]  # fmt: skip
+from ncft.selection.topk import *  # noqa: F403 - the package's names are topk's
+from ncft.selection.topk import __all__ as __all__

@@ -255,3 +255,9 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
             f"{engine.rank} has {checksum}): scores were not identical everywhere"
         )
     return checksum
+
+
+__all__ = [
+    "MLP_ROLES", "Group", "Scores", "check_identical_across_ranks", "resolve_count",
+    "row_groups", "selected_of", "to_neuron_set", "top_k", "union_with_previous", "unit_groups",
+]  # fmt: skip

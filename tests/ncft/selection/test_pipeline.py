@@ -23,14 +23,6 @@ TASK = TaskData("t", "classification", ["a"], train=[], test=[], max_length=16)
 IDS = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(**changes) -> SelectConfig:
     base = dict(scorer="weight_cosine", fraction=None, count=4, per_layer=False,
                 modules=("up", "attention"), unit="row", positions="answer", num_examples=8,
