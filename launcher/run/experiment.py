@@ -5,8 +5,9 @@ directory: `launcher.run.preflight`), converts the model once and prepares the r
 directory, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
 each process is already a rank and rank 0 does the preparation. Every rank then
 builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
-logs) and runs the stages that are not done yet. A run that fails before its first
-checkpoint removes the directory it created, so the corrected rerun starts clean.
+logs) and the run's selection pipeline (`launcher.run.selector`), and runs the
+stages that are not done yet. A run that fails before its first checkpoint removes
+the directory it created, so the corrected rerun starts clean.
 """
 
 from __future__ import annotations
@@ -14,82 +15,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from launcher.dist import init_distributed, print0, shutdown
-from launcher.run import neft, rundir, studies
+from launcher.run import rundir, studies
 from launcher.run.backend import LauncherBackend
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
+from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
-from launcher.spec.tasks import records_rank_shift
-from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
-from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
-from ncft.data.examples import encode
+from ncft.continual.loop import (
+    LORA_METHODS,
+    ContinualLoop,
+    LoopConfig,
+    LoopState,
+    Selector,
+    TaskData,
+)
 from ncft.io import atomic_dir
-from ncft.neuron_set import NeuronSet
-from ncft.scoring.cosine import finetune_and_score
 
 
-def loop_select_config(spec: Spec) -> SelectConfig:
-    """The spec's selection section as the loop's plain values."""
-    s = spec.selection
-    return SelectConfig(
-        scorer=s.scorer, fraction=s.fraction, count=s.count, per_layer=s.per_layer,
-        modules=tuple(s.modules), unit=s.unit, positions=s.positions,
-        num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
-        union_with_previous=s.union_with_previous, seed=s.seed,
-        model_id=spec.model.name_or_path,
-    )
-
-
-def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> ContinualLoop:
-    t, s, ev = spec.training, spec.selection, spec.eval
-    sel_cfg = loop_select_config(spec)
-    holder: dict[str, ContinualLoop] = {}
-
-    def select(engine, model, task: TaskData, stage: int, method: str = spec.method,
-               record: bool = True) -> NeuronSet:  # fmt: skip
-        tok = backend.tokenizer
-        previous = None
-        if s.union_with_previous and stage > 0:
-            previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
-        loop = holder["loop"]
-        scores: dict[str, torch.Tensor] = {}
-        record = record and records_rank_shift(spec, method)
-        control = record and method == "random_neurons"
-        if control:
-            # The control of NeFT's rank shift: random rows, but the same probe before
-            # (the random choice does not look at the weights the probe moves).
-            scores, _ = finetune_and_score(engine, candidate_groups(model, sel_cfg),
-                                           loop.train_steps(engine, task, stage),
-                                           s.cosine_steps)  # fmt: skip
-        nset = select_neurons(
-            engine, model, sel_cfg, method=method,
-            encoded_train=encode(task.train, tok, task.max_length),
-            train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
-            pad_id=tok.pad_token_id, previous=previous,
-            keep_scores=None if control else scores,
-        )
-        if record and backend.info.is_main_process:
-            neft.save_scores(backend.run.neft_scores(task.name, "before"), scores)
-        return nset
-
+def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
+          selector: Selector) -> ContinualLoop:  # fmt: skip
+    t, ev = spec.training, spec.eval
     cfg = LoopConfig(
         method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
         micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
         warmup_steps=t.warmup_steps, lr=t.lr, eval_batch_size=ev.batch_size,
         eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
-        wncft_temperature=spec.wncft.temperature, select=select,
-        log_every=spec.output.log_every,
+        wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
     )
-    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft)
-    holder["loop"] = loop
-    return loop
+    return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
+                         selector=selector)  # fmt: skip
 
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
@@ -116,9 +76,10 @@ def run_rank(run_root: str, model_dir: str) -> None:
         )
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
-    loop = _loop(spec, backend, tasks)
+    selector = run_selector(spec, backend, tasks)
+    loop = _loop(spec, backend, tasks, selector)
     if spec.study.deactivation:
-        studies.deactivation_study(spec, backend, loop, tasks)
+        studies.deactivation_study(spec, backend, selector, tasks)
     done = rundir.last_complete_stage(run)
     start, state = 0, None
     if done is not None:
@@ -126,7 +87,7 @@ def run_rank(run_root: str, model_dir: str) -> None:
         start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
-    rank_shift = studies.neft_rank_shift(spec, backend, loop, tasks, loop_select_config(spec))
+    rank_shift = studies.neft_rank_shift(backend, selector, tasks)
     if info.is_main_process:
         results = loop.summary(state)
         if rank_shift:
