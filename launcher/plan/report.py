@@ -88,7 +88,12 @@ def make_plan(spec: Any, target: Target, spec_path: str = "") -> dict[str, Any]:
     engines = ENGINES if world == 1 else ENGINES[:-1]
     for method in dict.fromkeys((spec.method, *COMPARE_METHODS)):
         for eng in engines:
-            st = stage_for(spec, method, base, meta, eng)
+            try:
+                st = stage_for(spec, method, base, meta, eng)
+            except ValueError as err:  # e.g. lora.target_modules absent from this model
+                compare.append({"engine": eng, "method": method, "total": None,
+                                "note": str(err)})  # fmt: skip
+                continue
             tot = per_rank_bytes(eng, st.model, dtype, world, batch, ckpt, ds=ds)["total"]
             compare.append({"engine": eng, "method": method, "total": int(tot)})
     budget = target.gpu_memory_gib * GIB
@@ -153,7 +158,8 @@ def format_text(plan: dict[str, Any]) -> str:
     lines.append("  " + f"{'engine':<10}" + "".join(f"{x:>14}" for x in methods))
     table = {(c["engine"], c["method"]): c["total"] for c in plan["compare"]}
     for eng in engines:
-        row = "".join(f"{_gib(table[eng, x]):>14}" for x in methods)
+        row = "".join(f"{_gib(table[eng, x]) if table[eng, x] is not None else 'n/a':>14}"
+                      for x in methods)  # fmt: skip
         lines.append(f"  {eng:<10}{row}")
     lines.append(f"planned in {plan['plan_seconds']:.2f} s")
     return "\n".join(lines)

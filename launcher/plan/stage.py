@@ -3,7 +3,7 @@
 | method | trainable | masks |
 |---|---|---|
 | full, seqft, per_task | every parameter | none |
-| neurons, random_neurons, ncft, wncft | the projections `selection.modules` names | the selected rows/columns |
+| neurons, random_neurons, ncft, wncft | projections in `selection.modules` | selected rows/cols |
 | lora, seqlora | the adapters (`lora.r`, `lora.target_modules`) | none |
 
 For neuron methods the selected fraction of each projection is what
