@@ -37,12 +37,16 @@ trailing ranks get the short chunks and the padding):
   Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
   Models" (2022, arXiv:2205.05198, section 4.1); `e` = compute dtype bytes. Per
   token and decoder layer, gated MLP (Llama, Mistral): two RMSNorms `2 (4 + 2e) h`
-  (HF upcasts to fp32), attention inputs/outputs `e (3h + 2 kv)` with fused SDPA
-  (no `s x s` scores kept), MLP `4 e d_ff` (gate, up, SiLU output, product). Plain
-  MLP (Bloom): LayerNorms `4 e h`, fused QKV `3 e h`, context and dense input
-  `2 e h`, eager attention scores `(4 + e) a s` (fp32 softmax output + its cast),
-  MLP `2 e d_ff`. Plus the final norm and the loss: per token `(e + 8) V` (logits,
-  fp32 log-probabilities and their gradient). With
+  (HF upcasts to fp32: input, normalised, output), attention `e (2h + 2 kv)` with
+  SDPA (q, k, v and the output, which o_proj reads as a view; no `s x s` scores
+  kept), MLP `4 e d_ff` (gate, up, SiLU output, product). Plain MLP (Bloom):
+  LayerNorms `4 e h`, q/k/v `3 e h`, merged context `e h`, eager attention
+  `(4 + e) a s` (fp32 softmax output and its cast; `4 a s` in fp32), MLP `2 e d_ff`.
+  Plus the final norm (`(4 + 2e) h`; Bloom `3 e h` with its embedding LayerNorm) and
+  the loss: per token `e V` logits, `4 V` for their fp32 upcast (bf16 only) and
+  `4 V` for the fp32 gradient backward starts with. For a small Llama and Bloom the
+  saved tensors match a count of what autograd really saves (`saved_tensors_hooks`,
+  fp32 on CPU) within 2% (tests/launcher/plan/test_activations.py). With
   `training.activation_checkpointing` each layer keeps only its input (`e h` per
   token) and one layer's activations are live again while it is recomputed.
 - **buffers** (an estimate, not measured): transient engine buffers at their peak:
@@ -265,19 +269,40 @@ def layer_activation_bytes(model: ModelInfo, e: int, tokens: int, seq_len: int) 
     """Bytes one decoder layer keeps for backward (see the module docstring)."""
     h, f, kv = model.hidden, model.ffn, model.kv_width
     if model.gated:
-        per_token = 2 * (4 + 2 * e) * h + e * (3 * h + 2 * kv) + 4 * e * f
+        # SDPA's output is laid out so that o_proj's input is a view of it: q, k, v, out.
+        per_token = 2 * (4 + 2 * e) * h + e * (2 * h + 2 * kv) + 4 * e * f
     else:
-        per_token = 4 * e * h + 3 * e * h + 2 * e * h + 2 * e * f
+        # two LayerNorms (input, output), q/k/v split from the fused projection, the
+        # merged context (dense reads it), fc_in output and GELU output
+        per_token = 4 * e * h + 3 * e * h + e * h + 2 * e * f
     if not model.fused_attention:
-        per_token += (4 + e) * model.heads * seq_len
+        # eager attention: the fp32 softmax output, and its cast to the compute dtype
+        per_token += (FP32 + (e if e < FP32 else 0)) * model.heads * seq_len
     return float(per_token * tokens)
 
 
-def activation_bytes(model: ModelInfo, e: int, batch: Batch, checkpointing: bool) -> float:
-    """Activation bytes of one micro-batch, with or without checkpointing."""
+def activation_bytes(
+    model: ModelInfo, e: int, batch: Batch, checkpointing: bool, transient: bool = True
+) -> float:
+    """Activation bytes of one micro-batch, with or without checkpointing.
+
+    Args:
+        model: The model.
+        e: Bytes per element of the compute dtype.
+        batch: Tokens per micro-batch.
+        checkpointing: Keep only each layer's input (and one layer live again).
+        transient: Also count the fp32 gradient of the logits that backward creates
+            first (not a saved tensor, but live at the same time as all of them).
+    """
     tokens = batch.micro_batch * batch.seq_len
     layer = layer_activation_bytes(model, e, tokens, batch.seq_len)
-    head = float(tokens * ((4 + 2 * e) * model.hidden + (e + 8) * model.vocab))
+    # Logits in the compute dtype, the loss's fp32 upcast of them (a no-op in fp32),
+    # then the fp32 gradient of the logits.
+    logits = e + (FP32 if e < FP32 else 0) + (FP32 if transient else 0)
+    # Final RMSNorm as in the layers; Bloom: its embedding LayerNorm's output and the
+    # final LayerNorm's input and output.
+    norms = (4 + 2 * e) * model.hidden if model.gated else 3 * e * model.hidden
+    head = float(tokens * (norms + logits * model.vocab))
     num_layers = len(model.layers)
     if checkpointing:
         return num_layers * e * model.hidden * tokens + layer + head

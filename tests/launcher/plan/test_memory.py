@@ -103,12 +103,14 @@ def test_sparse_index_rule_matches_ncft_masks(selected, indexed):
 
 
 def test_activation_formula_by_hand():
-    # gated, e=2, h=4, kv=2, d_ff=8: per token and layer 2*(4+4)*4 + 2*(12+4) + 4*2*8
-    # = 64 + 32 + 64 = 160; 15 tokens -> 2400. Head: 15 * ((4+4)*4 + (2+8)*10) = 1980.
+    # gated, e=2, h=4, kv=2, d_ff=8: per token and layer 2*(4+4)*4 + 2*(8+4) + 4*2*8
+    # = 64 + 24 + 64 = 152; 15 tokens -> 2280. Head: 15 * ((4+4)*4 + (2+4+4)*10) = 1980.
     model = hand_model()
-    assert activation_bytes(model, 2, BATCH, checkpointing=False) == 2400 + 1980
+    assert activation_bytes(model, 2, BATCH, checkpointing=False) == 2280 + 1980
     # checkpointing: the layer input (2*4 per token) kept + one layer live again.
-    assert activation_bytes(model, 2, BATCH, checkpointing=True) == 2 * 4 * 15 + 2400 + 1980
+    assert activation_bytes(model, 2, BATCH, checkpointing=True) == 2 * 4 * 15 + 2280 + 1980
+    # without the logits' fp32 gradient (4 per vocabulary entry and token)
+    assert activation_bytes(model, 2, BATCH, False, transient=False) == 2280 + 1980 - 4 * 10 * 15
     # eager attention (Bloom) adds (4+e) * heads * s per token and layer.
     eager = hand_model(fused_attention=False)
     extra = (4 + 2) * 2 * 5 * 15

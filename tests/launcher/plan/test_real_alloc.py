@@ -21,6 +21,8 @@ import pytest
 
 from tests.support.spawn import REPO, torchrun
 
+pytestmark = pytest.mark.dist
+
 WORKER = REPO / "tests" / "dist" / "plan_worker.py"
 EXACT = ("parameters", "gradients", "optimizer", "masks")
 ESTIMATE_TOLERANCE = 0.05
