@@ -117,8 +117,11 @@ def make_plan(spec: Any, target: Target, spec_path: str = "") -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f} GiB"
+def _human(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:8.2f} {unit}"
+    return f"{n:8.0f} B  "
 
 
 def format_text(plan: dict[str, Any]) -> str:
@@ -130,7 +133,8 @@ def format_text(plan: dict[str, Any]) -> str:
     lines = [
         f"model    {m['name_or_path']} [{m['config']}]: {m['model_type']}, "
         f"{m['parameters']:,} parameters, {m['layers']} layers",
-        f"engine   {plan['engine']}, {world} ranks ({nodes} node(s) x {world // nodes}), "
+        f"engine   {plan['engine']}, {world} rank{'s' if world > 1 else ''} "
+        f"({nodes} node{'s' if nodes > 1 else ''} x {world // nodes}), "
         f"{precision}",
         f"stage    {plan['stage']}",
         f"tokens   {tok['micro_batch']} x {tok['seq_len']} per micro-batch and rank, "
@@ -141,16 +145,16 @@ def format_text(plan: dict[str, Any]) -> str:
     ]
     for term in TERMS:
         label = "buffers (estimate)" if term == "buffers" else term
-        lines.append(f"  {label:<20}{_gib(pr[term])}  {pr[term]:>16,} B")
-    lines.append(f"  {'total':<20}{_gib(pr['total'])}  {pr['total']:>16,} B")
+        lines.append(f"  {label:<20}{_human(pr[term])}  {pr[term]:>16,} B")
+    lines.append(f"  {'total':<20}{_human(pr['total'])}  {pr['total']:>16,} B")
     acts = plan["activations"]
     lines += [
-        f"activations: {_gib(acts['no_checkpointing']).strip()} without checkpointing, "
-        f"{_gib(acts['checkpointing']).strip()} with (training.activation_checkpointing)",
+        f"activations: {_human(acts['no_checkpointing']).strip()} without checkpointing, "
+        f"{_human(acts['checkpointing']).strip()} with (training.activation_checkpointing)",
     ]
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(f"{verdict} in {plan['gpu_memory'] / GIB:g} GiB per GPU "
-                 f"(headroom {plan['headroom'] / GIB:.2f} GiB; CUDA context, NCCL and "
+                 f"(headroom {_human(plan['headroom']).strip()}; CUDA context, NCCL and "
                  "fragmentation not counted)")  # fmt: skip
     lines += ["", "total per rank by engine and method (same ranks, tokens and precision)"]
     methods = list(dict.fromkeys(c["method"] for c in plan["compare"]))
@@ -158,7 +162,7 @@ def format_text(plan: dict[str, Any]) -> str:
     lines.append("  " + f"{'engine':<10}" + "".join(f"{x:>14}" for x in methods))
     table = {(c["engine"], c["method"]): c["total"] for c in plan["compare"]}
     for eng in engines:
-        row = "".join(f"{_gib(table[eng, x]) if table[eng, x] is not None else 'n/a':>14}"
+        row = "".join(f"{_human(table[eng, x]) if table[eng, x] is not None else 'n/a':>14}"
                       for x in methods)  # fmt: skip
         lines.append(f"  {eng:<10}{row}")
     lines.append(f"planned in {plan['plan_seconds']:.2f} s")

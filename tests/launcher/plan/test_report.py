@@ -48,7 +48,7 @@ def test_standard_cl_o1_text(capsys):
     assert main(["plan", SPEC]) == 0
     text = capsys.readouterr().out
     assert "meta-llama/Llama-2-7b-hf [llama-2-7b-hf (shipped config)]" in text
-    assert "deepspeed, 8 ranks (1 node(s) x 8), bf16 compute, fp32 master" in text
+    assert "deepspeed, 8 ranks (1 node x 8), bf16 compute, fp32 master" in text
     for term in ("parameters", "gradients", "optimizer", "masks", "activations", "total"):
         assert f"\n  {term}" in text
     assert "fits in 80 GiB per GPU" in text
