@@ -12,6 +12,7 @@ both the measured and the planned bytes.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -105,7 +106,7 @@ def _batch(rank: int, device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.to(device), "labels": ids.to(device)}
 
 
-def planned(backend, model, nset, world, rank, tuning: DsTuning) -> dict[str, dict]:
+def planned(backend, model, nset, world, rank, tuning: DsTuning, dtype: str) -> dict[str, dict]:
     info = describe(model, "small")
     out = {}
     if nset is None:
@@ -117,24 +118,44 @@ def planned(backend, model, nset, world, rank, tuning: DsTuning) -> dict[str, di
             fractions[fqn] = (sel.indices.numel() / shape[sel.axis], sel.axis)
         stage = with_trainable(info, fractions, fsdp1_units=backend == "fsdp1")
     batch = Batch(MICRO, SEQ)
-    out["expected"] = per_rank_bytes(backend, stage, "float32", world, batch, False, rank, tuning)
+    out["expected"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank, tuning)
     if nset is not None:
-        out["exact"] = per_rank_bytes(backend, stage, "float32", world, batch, False, rank,
+        out["exact"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank,
                                       tuning, selections=nset.entries)  # fmt: skip
     return out
 
 
-def run_backend(backend: str, info, out_dir: Path) -> None:
+def engines_own_precision() -> bool:
+    """True once engines take `OptimConfig.compute_dtype` (fp32 masters on every engine).
+
+    Before that (issue #9 part 3), only ZeRO-3 keeps fp32 masters, chosen by the
+    model's dtype.
+    """
+    return "compute_dtype" in {f.name for f in fields(OptimConfig)}
+
+
+def optim_config(dtype: str) -> tuple[OptimConfig, torch.dtype]:
+    """The engine settings for `dtype`, and the dtype to build the model in."""
+    kwargs = dict(lr=1e-3, weight_decay=0.1, grad_clip=1.0, micro_batch_size=MICRO)
+    if engines_own_precision():
+        return OptimConfig(**kwargs, compute_dtype=getattr(torch, dtype)), torch.float32
+    return OptimConfig(**kwargs), getattr(torch, dtype)
+
+
+def run_backend(name: str, info, out_dir: Path) -> None:
+    """`name` is a backend, optionally with a dtype: `deepspeed:bfloat16`."""
     from types import SimpleNamespace
 
+    backend, _, dtype = name.partition(":")
+    dtype = dtype or "float32"
     tuning = ds_tuning(SimpleNamespace(engine=SimpleNamespace(ds_config="zero3")))
     for stage in ("masked", "full"):
-        model = small_llama()
+        cfg, model_dtype = optim_config(dtype)
+        model = small_llama().to(model_dtype)
         nset = neuron_set(model) if stage == "masked" else None
         plan_input = small_llama()  # unwrapped twin: the engines rewrite `model` in place
         if nset is not None:
             freeze_unselected(model, nset.entries)
-        cfg = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0, micro_batch_size=MICRO)
         engine = build_engine(backend, model, cfg, info)
         plan = install(engine, nset.entries) if nset is not None else None
         batch = _batch(info.rank, info.device)
@@ -145,9 +166,11 @@ def run_backend(backend: str, info, out_dir: Path) -> None:
         engine.backward(engine.forward(batch).loss)  # step 2's gradients stay live
         record = {
             "measured": measure(backend, engine, plan, nset),
-            "planned": planned(backend, plan_input, nset, info.world_size, info.rank, tuning),
+            "planned": planned(backend, plan_input, nset, info.world_size, info.rank, tuning,
+                               dtype),
+            "device": str(info.device),
         }
-        path = out_dir / f"{backend}-{stage}-{info.rank}.json"
+        path = out_dir / f"{backend}-{dtype}-{stage}-{info.rank}.json"
         path.write_text(json.dumps(record, indent=2))
         engine.close()
 
