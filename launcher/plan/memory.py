@@ -115,7 +115,6 @@ class Layout:
         stored_trainable: Of those, elements of trainable storage.
         opt_numel: Local elements of each optimizer tensor (what moments and masks cover).
         whole: Elements of parameters held whole besides (ZeRO-3 persistent ones).
-        units: Elements of each unit the engine gathers whole (for `buffers`).
     """
 
     held: list[Held] = field(default_factory=list)
@@ -123,7 +122,6 @@ class Layout:
     stored_trainable: int = 0
     opt_numel: dict[str, int] = field(default_factory=dict)
     whole: int = 0
-    units: dict[str, int] = field(default_factory=dict)
 
 
 def _layer_of(fqn: str, layers: tuple[str, ...]) -> str:
@@ -153,19 +151,17 @@ def layout(
             start, stop, stored = 0, p.numel, p.numel
         opt = None
         if p.trainable:
-            opt = _ds_subgroup(out, ds, stored) if engine == "deepspeed" else p.fqn
+            opt = _ds_subgroup(out, ds) if engine == "deepspeed" else p.fqn
             out.opt_numel[opt] = out.opt_numel.get(opt, 0) + (
                 stored if engine == "deepspeed" else stop - start
             )
             out.stored_trainable += stored
         out.held.append(Held(p, start, stop, opt))
         out.stored += stored
-        unit = _layer_of(p.fqn, model.layers) or ("" if engine == "fsdp2" else p.module)
-        out.units[unit] = out.units.get(unit, 0) + p.numel
     return out
 
 
-def _ds_subgroup(out: Layout, ds: DsTuning, numel: int) -> str:
+def _ds_subgroup(out: Layout, ds: DsTuning) -> str:
     # DeepSpeed closes a sub-group once its partitions reach sub_group_size elements.
     key = f"subgroup{max(len(out.opt_numel) - 1, 0)}"
     if out.opt_numel.get(key, 0) >= ds.sub_group_size:
@@ -199,7 +195,6 @@ def _fsdp1(model: ModelInfo, world: int, rank: int) -> Layout:
             out.held.append(Held(p, start, stop, name if trainable else None))
             offset += p.numel
         out.stored += shard
-        out.units[name] = total
         if trainable:
             out.stored_trainable += shard
             out.opt_numel[name] = shard
@@ -310,21 +305,28 @@ def activation_bytes(
 
 
 def buffer_bytes(
-    engine: str, lay: Layout, model: ModelInfo, e: int, ds: DsTuning, trainable_local: int
+    engine: str, model: ModelInfo, e: int, ds: DsTuning, trainable_local: int
 ) -> float:
     """Transient engine buffers at their peak (an estimate; see module docstring)."""
-    layers = [lay.units.get(name, 0) for name in model.layers] or [0]
-    largest = max(layers)
     if engine == "single":
         # autocast caches a compute-dtype copy of every weight within one forward
         return float(e * model.numel) if e < FP32 else 0.0
+    per_layer: dict[str, int] = {}
+    outside = 0
+    for p in model.params:
+        layer = _layer_of(p.fqn, model.layers)
+        if layer:
+            per_layer[layer] = per_layer.get(layer, 0) + p.numel
+        else:
+            outside += p.numel
+    largest = max(per_layer.values(), default=0)
     gathered = 2 * largest + largest  # current + prefetched layer, one layer's grads
     if engine == "deepspeed":
         bucket = ds.reduce_bucket_size if trainable_local else 0  # allocated at init
         step_copy = FP32 * min(trainable_local, ds.sub_group_size)
         return float(e * (gathered + bucket) + step_copy)
-    root = sum(n for unit, n in lay.units.items() if unit not in model.layers)
-    return float(e * (gathered + root))
+    # FSDP's root unit (embeddings, final norm, head) stays unsharded forward to backward
+    return float(e * (gathered + outside))
 
 
 def per_rank_bytes(
@@ -365,7 +367,7 @@ def per_rank_bytes(
         "optimizer": 2.0 * FP32 * opt_elems + 4.0 * len(lay.opt_numel),
         "masks": mask_bytes(lay, selections) + neuronset_bytes(model),
         "activations": activation_bytes(model, e, batch, checkpointing),
-        "buffers": buffer_bytes(engine, lay, model, e, ds, opt_elems),
+        "buffers": buffer_bytes(engine, model, e, ds, opt_elems),
     }
     out["total"] = sum(out[t] for t in TERMS)
     return out
