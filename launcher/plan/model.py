@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from launcher.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Hub ids whose config ships here (public config.json values, no weights).
@@ -109,7 +111,7 @@ def resolve_config(name_or_path: str) -> tuple[Any, str]:
     """The HF config for a spec's `model.name_or_path`, and where it came from.
 
     Raises:
-        ValueError: If nothing provides a config for the name (names the field).
+        UserError: If nothing provides a config for the name (names the field).
     """
     from transformers import AutoConfig
 
@@ -126,7 +128,7 @@ def resolve_config(name_or_path: str) -> tuple[Any, str]:
     try:
         return AutoConfig.from_pretrained(name_or_path), name_or_path
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"model.name_or_path: no config for {name_or_path!r} ({err.__class__.__name__}); "
             f"give a directory with config.json or one of {shipped_configs()}"
         ) from None

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.errors import UserError
 from launcher.plan.memory import (
     ENGINES,
     TERMS,
@@ -34,18 +35,18 @@ def target_of(spec: Any, world_size: int | None, nodes: int | None, gpu_gib: flo
     """Ranks and nodes from the flags, defaulting to the spec's `engine` section.
 
     Raises:
-        ValueError: For counts that do not fit together.
+        UserError: For counts that do not fit together.
     """
     eng = spec.engine
     nodes = nodes or eng.nnodes
     world = world_size or nodes * eng.nproc_per_node
     if world < 1 or nodes < 1 or world % nodes:
-        raise ValueError(f"--world-size {world} must be a positive multiple of --nodes {nodes}")
+        raise UserError(f"--world-size {world} must be a positive multiple of --nodes {nodes}")
     if eng.backend == "single" and world != 1:
-        raise ValueError(f"engine.backend single runs 1 process, not --world-size {world}; "
-                         "plan with engine.backend=deepspeed|fsdp2|fsdp1")  # fmt: skip
+        raise UserError(f"engine.backend single runs 1 process, not --world-size {world}; "
+                        "plan with engine.backend=deepspeed|fsdp2|fsdp1")  # fmt: skip
     if gpu_gib <= 0:
-        raise ValueError(f"--gpu-memory must be > 0 GiB, got {gpu_gib}")
+        raise UserError(f"--gpu-memory must be > 0 GiB, got {gpu_gib}")
     return Target(world, nodes, gpu_gib)
 
 
@@ -180,11 +181,7 @@ def plan_command(ns: Any) -> int:
     except SpecError as err:
         print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
         return 2
-    try:
-        target = target_of(spec, ns.world_size, ns.nodes, ns.gpu_memory)
-        plan = make_plan(spec, target, ns.spec)
-    except ValueError as err:
-        print(f"ncft plan: {err}", file=sys.stderr)
-        return 2
+    # Other user errors (ValueError) reach `launcher.cli.main`, which prints one line.
+    plan = make_plan(spec, target_of(spec, ns.world_size, ns.nodes, ns.gpu_memory), ns.spec)
     print(json.dumps(plan, indent=2) if ns.json else format_text(plan))
     return 0

@@ -1,10 +1,12 @@
 """`ncft run`: a spec -> a run directory, on one machine or under a launcher.
 
-The parent process validates the spec, prepares the run directory and converts the
-model once, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
+The parent process validates the spec, runs the preflight checks (model, output
+directory: `launcher.run.preflight`), converts the model once and prepares the run
+directory, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
 each process is already a rank and rank 0 does the preparation. Every rank then
 builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
-logs) and runs the stages that are not done yet.
+logs) and runs the stages that are not done yet. A run that fails before its first
+checkpoint removes the directory it created, so the corrected rerun starts clean.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch.distributed as dist
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.run import neft, rundir, studies
 from launcher.run.backend import LauncherBackend
-from launcher.run.checkpoint import atomic_dir, commit_dir
 from launcher.run.models import resolve_model
+from launcher.run.preflight import preflight
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
@@ -27,6 +29,7 @@ from launcher.spec.tasks import records_rank_shift
 from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
 from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
 from ncft.data.examples import encode
+from ncft.io import atomic_dir
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.cosine import finetune_and_score
 
@@ -72,7 +75,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
             keep_scores=None if control else scores,
         )
         if record and backend.info.is_main_process:
-            neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
+            neft.save_scores(backend.run.neft_scores(task.name, "before"), scores)
         return nset
 
     cfg = LoopConfig(
@@ -84,7 +87,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> Contin
         wncft_temperature=spec.wncft.temperature, select=select,
         log_every=spec.output.log_every,
     )
-    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.root / "wncft")
+    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft)
     holder["loop"] = loop
     return loop
 
@@ -96,10 +99,9 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
         from ncft.lora import merge_lora
 
         model = merge_lora(model)
-    tmp = atomic_dir(backend.run.final)
-    model.save_pretrained(tmp)
-    backend.tokenizer.save_pretrained(tmp)
-    commit_dir(tmp, backend.run.final)
+    with atomic_dir(backend.run.final) as tmp:
+        model.save_pretrained(tmp)
+        backend.tokenizer.save_pretrained(tmp)
 
 
 def run_rank(run_root: str, model_dir: str) -> None:
@@ -129,9 +131,8 @@ def run_rank(run_root: str, model_dir: str) -> None:
         results = loop.summary(state)
         if rank_shift:
             results["neft"] = rank_shift
-        study = run.root / "deactivation.json"
-        if study.is_file():
-            results["deactivation"] = json.loads(study.read_text())
+        if run.deactivation.is_file():
+            results["deactivation"] = json.loads(run.deactivation.read_text())
         similarity = studies.similarity(backend, tasks, state.matrix)
         if similarity is not None:
             results["similarity"] = similarity
@@ -147,27 +148,39 @@ def run_rank(run_root: str, model_dir: str) -> None:
 
 
 def prepare(spec: Spec) -> tuple[str, str]:
-    """Validate-time work done once: run directory and model conversion."""
+    """Validate-time work done once: model conversion, then the run directory.
+
+    The model comes first: a conversion that fails must not leave a run directory.
+    """
+    model_dir = resolve_model(spec.model.name_or_path)
     run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
                          spec.output.overwrite)  # fmt: skip
-    return str(run.root), resolve_model(spec.model.name_or_path)
+    return str(run.root), model_dir
 
 
 def main_run(spec_path: str, overrides: list[str]) -> None:
-    """`ncft run SPEC [key=value ...]` (raises SpecError before any process starts)."""
+    """`ncft run SPEC [key=value ...]`.
+
+    Raises:
+        SpecError, UserError: From validation and preflight, before any file is written
+            or process started; a `UserError` also carries a rank's `ValueError`.
+        RanksFailed: If a rank fails otherwise. After a failure, a run directory this
+            call created is removed unless a checkpoint made it resumable.
+    """
     spec = load_spec(spec_path, overrides)
+    preflight(spec, under_launcher())
+    out = spec.output
+    created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
-        if spec.engine.nnodes > 1:
-            raise ValueError(
-                f"engine.nnodes={spec.engine.nnodes}: start multi-node runs with a launcher "
-                "(slurm/torchrun.slurm or slurm/deepspeed.slurm); `ncft run` spawns one node"
-            )
         root, model_dir = prepare(spec)
-        run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
+        with rundir.removed_unless_started(rundir.RunDir(out.dir), created):
+            run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     payload = [None]
     if info.is_main_process:
         payload = [prepare(spec)]
     dist.broadcast_object_list(payload, src=0)
-    run_rank(*payload[0])
+    # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
+    with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
+        run_rank(*payload[0])

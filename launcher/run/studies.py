@@ -14,11 +14,11 @@ import torch.distributed as dist
 
 from launcher.dist import print0
 from launcher.run import neft
-from launcher.run.checkpoint import write_json
 from launcher.spec import Spec
 from ncft.continual.loop import ContinualLoop, TaskData
 from ncft.continual.select import SelectConfig, candidate_groups
 from ncft.data.examples import encode
+from ncft.io import write_json
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.cosine import finetune_and_score
 
@@ -35,7 +35,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop
     from ncft.studies.deactivation import deactivation_grid
     from ncft.train import train
 
-    out = backend.run.root / "deactivation.json"
+    out = backend.run.deactivation
     if out.is_file():  # a resumed run keeps its study
         return
     tok, study = backend.tokenizer, spec.study
@@ -77,8 +77,8 @@ def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
 
     out = {}
     for stage, task in enumerate(tasks):
-        before_file = backend.run.neft / f"{task.name}.before.safetensors"
-        result_file = backend.run.neft / f"{task.name}.rank_shift.json"
+        before_file = backend.run.neft_scores(task.name, "before")
+        result_file = backend.run.neft_shift(task.name)
         if not before_file.is_file():
             continue
         if not result_file.is_file():
@@ -95,7 +95,7 @@ def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
                 nset = NeuronSet.load(backend.run.neuron_file(task.name))
                 shift = utilization_shift(before, after, selected_from_set(nset, groups))
                 shift["utilization"] = "1 - cos(w, w after cosine_steps of full fine-tuning)"
-                neft.save_scores(backend.run.neft / f"{task.name}.after.safetensors", after)
+                neft.save_scores(backend.run.neft_scores(task.name, "after"), after)
                 write_json(result_file, shift)
             dist.barrier()
         if backend.info.is_main_process:
