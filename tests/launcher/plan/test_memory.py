@@ -125,3 +125,19 @@ def test_total_is_the_sum_and_single_refuses_ranks():
         per_rank_bytes("single", stage(), "float32", 2, BATCH, False)
     with pytest.raises(ValueError, match="engine.backend"):
         layout("zero2", stage(), 2, 0)
+
+
+def test_buffer_estimate_by_hand():
+    # Layer l.0 holds 66 elements, 30 are outside any layer; bf16 compute.
+    def buffers(engine, world, dtype="bfloat16"):
+        tuning = DsTuning(persistence_threshold=10, reduce_bucket_size=100)
+        model = stage(fsdp1=engine == "fsdp1")
+        return per_rank_bytes(engine, model, dtype, world, BATCH, False, 0, tuning)["buffers"]
+
+    # two gathered layers + one layer's unsharded grads, plus the unsharded root unit
+    assert buffers("fsdp2", 3) == buffers("fsdp1", 3) == 2 * (3 * 66 + 30)
+    # ZeRO-3: the layers, the reduce bucket, and an fp32 copy of the 20 trainable
+    # partition elements at step
+    assert buffers("deepspeed", 3) == 2 * (3 * 66 + 100) + 4 * 20
+    # single: autocast's bf16 copy of every weight; nothing in fp32
+    assert buffers("single", 1) == 2 * 96 and buffers("single", 1, "float32") == 0
