@@ -148,8 +148,10 @@ def describe(model: Any, source: str) -> ModelInfo:
     from launcher.engines.common import decoder_layers
     from ncft.arch import get_adapter
 
-    owners = {id(p): name for name, mod in model.named_modules()
-              for p in mod.parameters(recurse=False)}  # fmt: skip
+    owners: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), name)  # a tied weight belongs to its first owner
     params = tuple(
         ParamInfo(fqn=n, shape=tuple(p.shape), module=owners[id(p)])
         for n, p in model.named_parameters()

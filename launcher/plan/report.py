@@ -85,18 +85,7 @@ def make_plan(spec: Any, target: Target, spec_path: str = "") -> dict[str, Any]:
     other = per_rank_bytes(engine, stage.model, dtype, world, batch, not ckpt, ds=ds)
     acts = {"checkpointing": per_rank["activations"] if ckpt else other["activations"],
             "no_checkpointing": other["activations"] if ckpt else per_rank["activations"]}
-    compare = []
-    engines = ENGINES if world == 1 else ENGINES[:-1]
-    for method in dict.fromkeys((spec.method, *COMPARE_METHODS)):
-        for eng in engines:
-            try:
-                st = stage_for(spec, method, base, meta, eng)
-            except ValueError as err:  # e.g. lora.target_modules absent from this model
-                compare.append({"engine": eng, "method": method, "total": None,
-                                "note": str(err)})  # fmt: skip
-                continue
-            tot = per_rank_bytes(eng, st.model, dtype, world, batch, ckpt, ds=ds)["total"]
-            compare.append({"engine": eng, "method": method, "total": int(tot)})
+    compare = _compare(spec, base, meta, world, batch, ckpt, ds)
     budget = target.gpu_memory_gib * GIB
     return {
         "spec": spec_path,
@@ -116,6 +105,22 @@ def make_plan(spec: Any, target: Target, spec_path: str = "") -> dict[str, Any]:
         "compare": compare,
         "plan_seconds": round(time.perf_counter() - started, 3),
     }  # fmt: skip
+
+
+def _compare(spec, base, meta, world: int, batch: Batch, ckpt: bool, ds: DsTuning) -> list:
+    """Total per rank of the spec's method, full fine-tuning and LoRA on every engine."""
+    out = []
+    engines = ENGINES if world == 1 else ENGINES[:-1]
+    for method in dict.fromkeys((spec.method, *COMPARE_METHODS)):
+        for eng in engines:
+            try:
+                stage = stage_for(spec, method, base, meta, eng)
+            except ValueError as err:  # e.g. lora.target_modules absent from this model
+                out.append({"engine": eng, "method": method, "total": None, "note": str(err)})
+                continue
+            plan = per_rank_bytes(eng, stage.model, spec.model.dtype, world, batch, ckpt, ds=ds)
+            out.append({"engine": eng, "method": method, "total": int(plan["total"])})
+    return out
 
 
 def _human(n: float) -> str:
