@@ -117,6 +117,28 @@ def _compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="per-rank memory of a spec (parameters, grads, optimizer, masks, "
+        "activations) without loading weights"
+    )
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="total ranks (default: --nodes x engine.nproc_per_node)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: engine.nnodes)")
+    p.add_argument("--gpu-memory", type=float, default=80.0,
+                   help="GiB per GPU to check the plan against (default: 80)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from launcher.plan.report import plan_command
+
+    return plan_command(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `ncft` parser."""
     parser = argparse.ArgumentParser(prog="ncft", description=__doc__)
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_validate(sub)
+    _add_plan(sub)
     _add_report(sub)
     _add_compare(sub)
     from launcher.cli.neurons import add_neuron_commands
