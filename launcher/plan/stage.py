@@ -38,8 +38,8 @@ def neuron_fractions(meta: Any, spec: Any) -> dict[str, tuple[float, int]]:
     """`fqn -> (expected selected fraction, axis)` for a neuron method's stage."""
     from types import SimpleNamespace
 
-    from ncft.continual.select import candidate_groups
     from ncft.selection import resolve_count
+    from ncft.selection.pipeline import candidate_groups
 
     sel = spec.selection
     groups = candidate_groups(meta, SimpleNamespace(unit=sel.unit, modules=tuple(sel.modules)))
