@@ -56,7 +56,7 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
     """The run's pipeline, reading and writing the run directory.
 
     The previous task's set comes from `neurons/`; when NeFT's rank-shift study runs
-    (`launcher.run.studies.neft_rank_shift`), rank 0 keeps each selection's probe
+    (`launcher.run.studies.weight_movement_rank_shift`), rank 0 keeps each selection's probe
     scores in `neft/<task>.before.safetensors`.
     """
 

@@ -239,19 +239,50 @@ class WncftSpec(_Section):
 
 
 class StudySpec(_Section):
-    """Neuron studies: Leng & Xiong's deactivation (before training), NeFT's rank shift."""
+    """Neuron studies (Leng & Xiong's matrices and similarity, NeFT §6.1 utilization)."""
 
     deactivation: bool = Field(
         False, description="Tune on all tasks, find each task's units, switch them off."
     )
+    deactivation_mode: Literal["activation", "weights"] = Field(
+        "activation", description="How the deactivation study switches units off (Leng & "
+        "Xiong 4.1 name both): activation = zero the unit's activation entering the down "
+        "projection (forward hook); weights = zero the unit's gate and up rows (and their "
+        "biases) and its down column. Both give the same logits.",
+    )
+    finetune_matrix: bool = Field(
+        False, description="With deactivation: Leng & Xiong's Fig. 5 right half. From the "
+        "base model, train only task i's units for `finetune_steps` steps on task i, then "
+        "score every task j (results.deactivation.finetune_matrix).",
+    )
     finetune_steps: int = Field(
-        20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
+        20, gt=0, description="Full fine-tuning steps on the union of the tasks first; also "
+        "the steps of each fine-tuning-matrix row and each similarity model.",
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
-    neft_rank_shift: bool = Field(
+    neft_utilization: bool = Field(
+        True, description="NeFT §6.1: after the run, for each task with a neuron set, the "
+        "max Pearson score of every candidate's hidden state on the model before and after "
+        "the task, ΔRank and the neuron categories (results.neft); two forward passes over "
+        "eval_examples per task.",
+    )
+    neft_strong_fraction: float = Field(
+        100_000 / 1_359_872, gt=0, le=1, description="|ΔRank| threshold of NeFT's strongly "
+        "affected neurons, as a fraction of the ranked neurons: the paper's 100,000 of "
+        "Llama-2-7b's 1,359,872 projection rows.",
+    )
+    weight_movement_rank_shift: bool = Field(
         True, description="With selection.scorer weight_cosine or reversed: after the run, "
-        "repeat NeFT's probe on each task's trained model and record the utilization rank "
-        "shift and neuron categories (results.neft); costs one probe per task."
+        "repeat the selection probe (1 - cos weight movement) on each task's trained model and "
+        "record its rank shift (results.weight_movement_rank_shift; our measure, not NeFT "
+        "§6.1's); costs one probe per task.",
+    )
+    similarity: Literal["final_model", "paper", "both"] = Field(
+        "final_model", description="Leng & Xiong Fig. 3 parameter similarity. final_model: "
+        "task neurons' parameters read in the final model of the sequence (ours, cheap); "
+        "paper: per task i a separate full fine-tune M_i from the base (`finetune_steps` "
+        "steps), P_i vs P_j inside M_i per layer, M_i scored on every task j, correlated; "
+        "both: the two.",
     )
 
 

@@ -307,9 +307,22 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 
 
 def records_rank_shift(spec: Spec, method: str) -> bool:
-    """Whether a run of `method` records NeFT's probe scores and rank shift."""
-    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
+    """Whether a run of `method` records the selection probe's weight-movement rank shift."""
+    return (spec.study.weight_movement_rank_shift
+            and spec.selection.scorer in ("weight_cosine", "reversed")
             and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
+
+
+def study_plan(spec: Spec) -> list[str]:
+    """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
+    st, out = spec.study, []
+    if st.neft_utilization and spec.method in ("neurons", "random_neurons", "ncft", "wncft"):
+        out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
+                   "examples per task, before and after each task; ΔRank, categories")
+    if st.similarity in ("paper", "both"):
+        out.append(f"similarity (Leng & Xiong Fig. 3): per task, {st.finetune_steps} steps "
+                   "of full fine-tuning from the base, P_i vs P_j per layer, every task scored")
+    return out
 
 
 def plan_stages(spec: Spec) -> list[str]:
@@ -325,8 +338,12 @@ def plan_stages(spec: Spec) -> list[str]:
     stages = []
     if spec.study.deactivation:
         stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
-                      "tasks, select each task's units, switch them off vs random units "
+                      "tasks, select each task's units, switch them off "
+                      f"({spec.study.deactivation_mode}) vs random units "
                       f"({spec.study.eval_examples} examples per task)")  # fmt: skip
+        if spec.study.finetune_matrix:
+            stages.append(f"study: per task, train only its units {spec.study.finetune_steps} "
+                          "steps from the base model, score every task (fine-tuning matrix)")
     every = spec.output.checkpoint_every
     for i, task in enumerate(spec.tasks, start=1):
         what = _train_what(spec, i)
@@ -346,8 +363,9 @@ def plan_stages(spec: Spec) -> list[str]:
                       + (f" (and every {every} steps within it, per-rank shards)"
                          if every else ""))  # fmt: skip
     if records_rank_shift(spec, spec.method):
-        stages.append(f"NeFT rank shift: repeat the {spec.selection.cosine_steps}-step probe "
-                      "on each task's trained model")  # fmt: skip
+        stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
+                      "step probe on each task's trained model")  # fmt: skip
+    stages += study_plan(spec)
     stages.append(f"write {spec.output.dir}/results.json"
                   + (" (accuracy matrix, CL, BWT, FG)" if n > 1 else ""))  # fmt: skip
     stages.append(f"save consolidated model to {spec.output.dir}/final")

@@ -243,3 +243,28 @@ def plot_rank_shift(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_b.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_neft_utilization(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """NeFT Fig. 3: Avg(|ΔRank|) per Pearson-percentile bucket; and the categories."""
+    b = data["buckets"]
+    edges = b["edges_pct"]
+    labels = [f"{lo:g}-{hi:g}%" for lo, hi in zip(edges[:-1], edges[1:])]
+    vals = [np.nan if v is None else v for v in b["avg_abs_delta_rank"]]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_b, ax_c = fig.subplots(1, 2, width_ratios=[2, 1])
+    x = np.arange(len(labels))
+    ax_b.bar(x, vals, color="steelblue")
+    for xi, n in zip(x, b["count"]):
+        ax_b.annotate(f"n={n}", (xi, 0), ha="center", va="bottom", fontsize=7)
+    ax_b.set_xticks(x, labels=labels, rotation=30, ha="right")
+    ax_b.set(title="Avg(|ΔRank|) by max-Pearson percentile (before training)",
+             xlabel="top percentile of the Pearson scores", ylabel="Avg(|ΔRank|)")
+    names = ["strongly_affected", "suppressed", "indirectly_affected"]
+    counts = [data["counts"][k] for k in names]
+    ax_c.bar(np.arange(3), counts, color=["firebrick", "darkorange", "goldenrod"])
+    ax_c.set_xticks(np.arange(3), labels=[k.replace("_", "\n") for k in names])
+    ax_c.set(title=f"|ΔRank| > {data['strong_threshold']:.1f} of {data['num_neurons']}",
+             ylabel="neurons")
+    ax_c.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return save_figure(fig, path)

@@ -224,21 +224,58 @@ def _similarity(run: _Run) -> Lines | str:
     return out
 
 
+def _per_task(data: dict[str, Any], marker: str) -> dict[str, Any]:
+    """One analysis dict (key `marker` present) or, as `ncft run` writes, one per task."""
+    return {"": data} if marker in data else data
+
+
 def _neft(run: _Run) -> Lines | str:
     res = run.need_results("neft")
     if isinstance(res, str):
         return res
     data = res["neft"]
-    # One `utilization_shift` dict, or (what `ncft run` writes) one per task.
-    per_task = {"": data} if "counts" in data else data
+    per_task = _per_task(data, "buckets")
     for task, shift in per_task.items():
-        for key in ("counts", "hist", "shift_threshold", "scope"):
+        for key in ("counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"):
             if key not in shift:
                 raise ValueError(f"results.neft{'.' + task if task else ''} is missing `{key}`")
     run.save("neft", data)
-    out = []
+    out = ["NeFT §6.1 (`ncft.analysis.neft_utilization`): Rank of each neuron by its max "
+           "Pearson correlation with another neuron of its group, on each task's model "
+           "before and after training it; ΔRank = Rank(after) - Rank(before). Strongly "
+           "affected: |ΔRank| > threshold (the paper's 100,000 at 7B, scaled by the neuron "
+           "count); suppressed and indirectly affected are subsets of it.", ""]
     for task, shift in per_task.items():
-        name = f"neft_rank_shift_{task}" if task else "neft_rank_shift"
+        name = f"neft_utilization_{task}" if task else "neft_utilization"
+        c = shift["counts"]
+        out += [f"Task `{task or '-'}`: {shift['num_neurons']} neurons, {c['trained']} trained, "
+                f"Avg(|ΔRank|) {shift['avg_abs_delta_rank']:.1f} "
+                f"({shift['avg_abs_delta_rank_normalized']:.4f} of N), strongly affected "
+                f"threshold {shift['strong_threshold']:.1f} ranks.", ""]  # fmt: skip
+        out += _table(["category", "neurons"],
+                      [[k, c[k]] for k in ("strongly_affected", "suppressed",
+                                            "indirectly_affected")])  # fmt: skip
+        out.append(run.figure(name, f"NeFT utilization {task}".strip(),
+                              lambda p, d=shift: plots.plot_neft_utilization(d, p)))  # fmt: skip
+    return out
+
+
+def _weight_movement(run: _Run) -> Lines | str:
+    res = run.need_results("weight_movement_rank_shift")
+    if isinstance(res, str):
+        return res
+    data = res["weight_movement_rank_shift"]
+    per_task = _per_task(data, "counts")
+    for task, shift in per_task.items():
+        for key in ("counts", "hist", "shift_threshold", "scope"):
+            if key not in shift:
+                where = "results.weight_movement_rank_shift" + ("." + task if task else "")
+                raise ValueError(f"{where} is missing `{key}`")
+    run.save("weight_movement_rank_shift", data)
+    out = ["Our measure, not NeFT §6.1's: rank shift of the selection probe's `1 - cos` "
+           "weight movement (`ncft.analysis.neft_stats`).", ""]
+    for task, shift in per_task.items():
+        name = f"weight_movement_rank_shift_{task}" if task else "weight_movement_rank_shift"
         if task:
             out += [f"Task `{task}`: {shift['num_selected']} of {shift['num_rows']} candidates "
                     f"trained, threshold {shift['shift_threshold']}.", ""]  # fmt: skip
@@ -246,7 +283,7 @@ def _neft(run: _Run) -> Lines | str:
             ["category", "selected", "not selected"],
             [[c, v["selected"], v["unselected"]] for c, v in shift["counts"].items()],
         )
-        out.append(run.figure(name, f"rank shift {task}".strip(),
+        out.append(run.figure(name, f"weight-movement rank shift {task}".strip(),
                               lambda p, d=shift: plots.plot_rank_shift(d, p)))  # fmt: skip
     return out
 
@@ -256,7 +293,8 @@ SECTIONS: tuple[tuple[str, Callable[[_Run], Lines | str]], ...] = (
     ("Deactivation", _deactivation),
     ("Neuron overlap (IoU)", _overlap),
     ("Parameter similarity", _similarity),
-    ("NeFT utilization rank shift", _neft),
+    ("NeFT utilization (§6.1)", _neft),
+    ("Weight-movement rank shift (ours)", _weight_movement),
 )
 
 

@@ -120,8 +120,8 @@ def pearson_scores(
                     real = (batch["labels"] != IGNORE).any(dim=1, keepdim=True)
                     moments.keep = (batch["attention_mask"] == 1) & real
                     moments.count += moments.keep.sum()
-                    engine.forward({"input_ids": batch["input_ids"].to(device),
-                                    "attention_mask": batch["attention_mask"].to(device)})  # fmt: skip
+                    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                    engine.forward({"input_ids": ids, "attention_mask": mask})
         finally:
             for h in handles:
                 h.remove()
