@@ -61,7 +61,8 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
         backend.save_neurons(f"study-{task.name}", sets[task.name])
     encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length) for t in tasks}
     grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
-                             spec.eval.batch_size, tok.pad_token_id, log=print0)  # fmt: skip
+                             spec.eval.batch_size, tok.pad_token_id, log=print0,
+                             mode=study.deactivation_mode)  # fmt: skip
     if backend.info.is_main_process:
         write_json(out, grid)
     engine.close()
