@@ -63,10 +63,36 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
     grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
                              spec.eval.batch_size, tok.pad_token_id, log=print0,
                              mode=study.deactivation_mode)  # fmt: skip
+    engine.close()
+    if study.finetune_matrix:
+        grid["finetune_matrix"] = _finetune_matrix(spec, backend, selector, tasks, sets, encoded)
     if backend.info.is_main_process:
         write_json(out, grid)
-    engine.close()
     dist.barrier()
+
+
+def _finetune_matrix(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
+                     tasks: list[TaskData], sets: dict[str, NeuronSet], encoded) -> dict:
+    """Leng & Xiong Fig. 5 right half (`ncft.studies.finetune_matrix`), all ranks."""
+    from ncft.arch import get_adapter
+    from ncft.masks.plan import freeze_unselected, install
+    from ncft.studies.finetune_matrix import finetune_matrix
+
+    def make_engine(nset: NeuronSet | None):
+        model = backend.load_model(None)
+        if nset is None:
+            return backend.build_engine(model), None
+        freeze_unselected(model, nset.entries)
+        engine = backend.build_engine(model)
+        return engine, install(engine, nset.entries)
+
+    model = backend.load_model(None)
+    blocks = get_adapter(model).mlp_blocks(model)
+    del model
+    print0(f"study: fine-tuning matrix, {spec.study.finetune_steps} steps per task's units")
+    return finetune_matrix(make_engine, lambda eng, i: selector.train_steps(eng, tasks[i], i),
+                           blocks, sets, encoded, spec.study.finetune_steps, spec.training.seed,
+                           spec.eval.batch_size, backend.tokenizer.pad_token_id, log=print0)
 
 
 def stage_source(method: str, stage: int) -> int | None:

@@ -124,6 +124,24 @@ def plot_deactivation(data: dict[str, Any], path: str | os.PathLike[str]) -> Pat
     return save_figure(fig, path)
 
 
+def plot_finetune_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Change-vs-zero-shot heatmaps: task i's neurons trained, and random neurons."""
+    panels = [("Task i's neurons trained", data["change"]),
+              ("Random neurons trained (same size)", data["random_change"])]
+    vals = [abs(v) for _, m in panels for row in m for v in row if v is not None]
+    lim = max(vals, default=1.0) or 1.0
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    tasks = data["tasks"]
+    for ax, (title, m) in zip(fig.subplots(1, 2), panels):
+        _heatmap(
+            fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
+            ylabel="neurons trained: task i", cbar="score - zero-shot",
+            cmap="RdBu_r", vmin=-lim, vmax=lim,
+        )  # fmt: skip
+    fig.suptitle("Fine-tuning matrix: change from the zero-shot score")
+    return save_figure(fig, path)
+
+
 def plot_accuracy_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Heatmap of a[i][j], the score on task i after training task j."""
     tasks = data["tasks"]

@@ -29,7 +29,7 @@ from typing import Any
 
 from ncft.analysis import plots
 from ncft.analysis.overlap import iou_matrix
-from ncft.analysis.results import continual_metrics, deactivation_matrix
+from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_matrix
 from ncft.analysis.similarity import correlation
 from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
@@ -143,8 +143,11 @@ def _deactivation(run: _Run) -> Lines | str:
     d = deactivation_matrix(res["deactivation"])
     run.save("deactivation", d)
     s, tasks = d["summary"], d["tasks"]
+    mode = res["deactivation"].get("mode", "activation")
+    how = ("activations zeroed" if mode == "activation" else
+           "weights zeroed: gate/up rows and biases, down column")  # fmt: skip
     out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
-           "neurons (row) switched off.", ""]  # fmt: skip
+           f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]  # fmt: skip
     out += _matrix_table("off \\ on", tasks, tasks, d["drop"])
     out += _table(
         ["mean relative drop", "task neurons", "random neurons"],
@@ -156,6 +159,24 @@ def _deactivation(run: _Run) -> Lines | str:
         ],
     )
     out.append(run.figure("deactivation", "deactivation", lambda p: plots.plot_deactivation(d, p)))
+    if res["deactivation"].get("finetune_matrix") is not None:
+        out += _finetune(run, res["deactivation"]["finetune_matrix"])
+    return out
+
+
+def _finetune(run: _Run, raw: dict[str, Any]) -> Lines:
+    f = finetune_matrix(raw)
+    run.save("finetune_matrix", f)
+    s, tasks = f["summary"], f["tasks"]
+    out = ["### Fine-tuning matrix (Leng & Xiong Fig. 5, right)", "",
+           f"Change `score - zero-shot` on task j (column) after training only task i's "
+           f"neurons (row) from the base model, {raw.get('steps')} steps.", ""]  # fmt: skip
+    out += _matrix_table("trained \\ on", tasks, tasks, f["change"])
+    out += _table(["mean change", "task neurons", "random neurons"],
+                  [["own task (diagonal)", s["diag"], s["random_diag"]],
+                   ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]]])
+    out.append(run.figure("finetune_matrix", "fine-tuning matrix",
+                          lambda p: plots.plot_finetune_matrix(f, p)))  # fmt: skip
     return out
 
 

@@ -35,6 +35,12 @@ def _results():
             "baseline": [0.8, 0.5, 1.0],
             "task_neurons_off": [[0.4, 0.45, 0.9], [0.8, 0.25, 1.0], [0.72, 0.5, 0.1]],
             "random_off": [[0.76, 0.475, 0.95]] * 3,
+            "mode": "weights",
+            "finetune_matrix": {
+                "tasks": TASKS, "steps": 5, "baseline": [0.5, 0.25, 0.5],
+                "task_neurons_trained": [[0.75, 0.25, 0.5], [0.5, 0.5, 0.5], [0.5, 0.0, 1.0]],
+                "random_trained": [[0.5, 0.25, 0.5]] * 3,
+            },
         },
         "similarity": {
             "tasks": TASKS,
@@ -70,12 +76,13 @@ def test_full_report(run):
     assert path == run / "report.md"
     md = path.read_text()
     for name in ("accuracy_matrix", "forgetting", "deactivation", "iou", "similarity_layers",
-                 "similarity_correlation", "weight_movement_rank_shift", "neft_utilization"):
+                 "similarity_correlation", "weight_movement_rank_shift", "neft_utilization",
+                 "finetune_matrix"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG, name
         assert f"(plots/{name}.png)" in md
     for name in ("continual", "deactivation", "overlap", "similarity", "neft",
-                 "weight_movement_rank_shift"):
+                 "weight_movement_rank_shift", "finetune_matrix"):
         json.loads((run / "analysis" / f"{name}.json").read_text())
     assert "Skipped" not in md
     # AP, BWT, FG_1, FG_2 of the score matrix
@@ -84,6 +91,10 @@ def test_full_report(run):
     assert "| sst2 | 0.900 | 0.800 | 0.700 |" in md  # first matrix row, training order
     assert "| own task (diagonal) | 0.633 | 0.050 |" in md
     assert "| other tasks (off-diagonal) | 0.050 | 0.050 |" in md
+    assert "weights zeroed: gate/up rows and biases, down column" in md
+    # fine-tuning matrix: change vs zero-shot; diagonal (0.25 + 0.25 + 0.5) / 3
+    assert "| sst2 | 0.250 | 0.000 | 0.000 |" in md
+    assert "| own task (diagonal) | 0.333 | 0.000 |" in md
     # IoU sst2/rte = 4/8; rows follow results.tasks, not file names
     assert "| sst2 | 1.000 | 0.500 | 0.000 |" in md
     assert "| cl | 0.750 |" in md and "| method | ncft |" in md
