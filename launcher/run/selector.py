@@ -33,7 +33,7 @@ def select_config(spec: Spec) -> SelectConfig:
         modules=tuple(s.modules), unit=s.unit, positions=s.positions,
         num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
         union_with_previous=s.union_with_previous, seed=s.seed,
-        model_id=spec.model.name_or_path,
+        model_id=spec.model.name_or_path, reversed_fraction=s.reversed_fraction,
     )
 
 

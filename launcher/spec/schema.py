@@ -120,10 +120,19 @@ class EngineSpec(_Section):
 class SelectionSpec(_Section):
     """How task-specific neurons are scored and selected."""
 
-    scorer: Literal["grad_attribution", "weight_cosine", "random", "reversed"] = Field(
+    scorer: Literal[
+        "grad_attribution", "weight_cosine", "random", "reversed", "neft_plus_reversed"
+    ] = Field(
         "grad_attribution",
-        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random or "
-        "reversed (NeFT's highest-similarity control). Method random_neurons always uses random.",
+        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random, "
+        "reversed (NeFT's highest-similarity control) or neft_plus_reversed (NeFT §6.2's "
+        "NeFT_x%+Reversed_y%: the `fraction` most-changed plus the `reversed_fraction` "
+        "least-changed candidates). Method random_neurons always uses random.",
+    )
+    reversed_fraction: float | None = Field(
+        None, gt=0, le=1, description="scorer neft_plus_reversed only: the y of "
+        "NeFT_x%+Reversed_y%, the fraction of least-changed (highest cosine) candidates added "
+        "to the `fraction` most-changed ones (per layer with per_layer; disjoint).",
     )
     fraction: float | None = Field(
         0.05, gt=0, le=1, description="Fraction selected (0 < f <= 1); unset when count is given."
@@ -169,6 +178,9 @@ class SelectionSpec(_Section):
                              "selection.count (set the other to null)"))
         if len(set(self.modules)) != len(self.modules):
             problems.append(("modules", f"duplicate entries in {self.modules}"))
+        if (self.scorer == "neft_plus_reversed") != (self.reversed_fraction is not None):
+            problems.append(("reversed_fraction", "give selection.reversed_fraction exactly "
+                             "when selection.scorer is neft_plus_reversed"))
         if "attention" in self.modules and self.unit != "row":
             problems.append(("modules", "attention has no FFN neuron units; use unit: row"))
         if problems:

@@ -306,10 +306,14 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 # --- plan --------------------------------------------------------------------------------
 
 
+# Scorers that run NeFT's weight-cosine probe (and save its scores for the rank shift).
+COSINE_SCORERS = ("weight_cosine", "reversed", "neft_plus_reversed")
+
+
 def records_rank_shift(spec: Spec, method: str) -> bool:
     """Whether a run of `method` records the selection probe's weight-movement rank shift."""
     return (spec.study.weight_movement_rank_shift
-            and spec.selection.scorer in ("weight_cosine", "reversed")
+            and spec.selection.scorer in COSINE_SCORERS
             and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
 
 
@@ -400,7 +404,7 @@ def _train_what(spec: Spec, i: int) -> str:
     amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"
     unit = "neurons" if sel.unit == "neuron" else "weight rows"
     scope = "per layer" if sel.per_layer else "global"
-    steps = f" after {sel.cosine_steps} full-FT steps" if scorer == "weight_cosine" else ""
+    steps = f" after {sel.cosine_steps} full-FT steps" if scorer in COSINE_SCORERS else ""
     union = " + earlier tasks' neurons" if sel.union_with_previous and i > 1 else ""
     return (f"score {unit} ({scorer}{steps}, {amount} {scope} of {'/'.join(sel.modules)})"
             f", train only them{union}")

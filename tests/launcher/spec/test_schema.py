@@ -444,3 +444,12 @@ def test_standard_cl_o1_methods_in_its_header_are_valid():
         overrides = line.split("#", 2)[1].split()[3:]  # after `ncft run SPEC`
         methods.append(load_spec(path, overrides).method)
     assert sorted(methods) == ["ncft", "per_task", "seqft", "seqlora", "wncft"]
+
+
+def test_reversed_fraction_goes_with_neft_plus_reversed():
+    spec = load_spec(REPO / "examples" / "neft_translation.yaml",
+                     ["selection.scorer=neft_plus_reversed", "selection.reversed_fraction=0.03"])
+    assert spec.selection.reversed_fraction == 0.03
+    for bad in (["selection.scorer=neft_plus_reversed"], ["selection.reversed_fraction=0.1"]):
+        with pytest.raises(SpecError, match="reversed_fraction"):
+            load_spec(REPO / "examples" / "neft_translation.yaml", bad)
