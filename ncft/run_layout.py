@@ -6,6 +6,7 @@ RUN/neurons/<task>.safetensors  selected NeuronSets (+ .json sidecars)
 RUN/metrics.jsonl               one JSON object per logged step (rank 0)
 RUN/results.json                accuracy matrix, CL summary, per-task scores
 RUN/deactivation.json           the deactivation study, when enabled
+RUN/similarity_paper.json       Leng & Xiong's parameter-similarity study, when enabled
 RUN/checkpoints/NN-<task>/      model.safetensors + state.json after each task
 RUN/checkpoints/in-progress/    per-rank mid-task checkpoints
 RUN/neft/<task>.*               NeFT §6.1 utilization (Pearson scores, ΔRank); the
@@ -64,6 +65,11 @@ class RunLayout:
     def deactivation(self) -> Path:
         """The deactivation study's grid."""
         return self.root / "deactivation.json"
+
+    @property
+    def similarity_paper(self) -> Path:
+        """Leng & Xiong's parameter-similarity study (one fine-tuned model per task)."""
+        return self.root / "similarity_paper.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -72,6 +72,8 @@ def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
         out["neft"] = studies.neft_utilization(spec, backend, selector, tasks)
     out["weight_movement_rank_shift"] = studies.weight_movement_rank_shift(backend, selector,
                                                                            tasks)  # fmt: skip
+    if spec.study.similarity in ("paper", "both"):
+        out["similarity"] = studies.paper_similarity(spec, backend, selector, tasks)
     return {k: v for k, v in out.items() if v}
 
 
@@ -103,9 +105,10 @@ def run_rank(run_root: str, model_dir: str) -> None:
         results = {**loop.summary(state), **extra}
         if run.deactivation.is_file():
             results["deactivation"] = json.loads(run.deactivation.read_text())
-        similarity = studies.similarity(backend, tasks, state.matrix)
-        if similarity is not None:
-            results["similarity"] = similarity
+        if spec.study.similarity in ("final_model", "both"):
+            similarity = studies.similarity(backend, tasks, state.matrix)
+            if similarity is not None:
+                results["similarity_final_model"] = similarity
         rundir.write_results(run, results)
         _export_final(spec, backend, len(tasks) - 1)
         if spec.output.report:

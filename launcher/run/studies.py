@@ -5,7 +5,7 @@
 * `weight_movement_rank_shift`, after it: our rank shift of the selection probe's
   `1 - cos` weight movement per task (not NeFT §6.1's measure).
 * `similarity`, after it (rank 0): per-layer parameter similarity in the final model
-  (ours; Leng & Xiong's own protocol is `launcher.run.leng_xiong.paper_similarity`).
+  (ours, cheap); `paper_similarity` (all ranks): Leng & Xiong's own protocol.
 """
 
 from __future__ import annotations
@@ -189,10 +189,11 @@ def weight_movement_rank_shift(backend: LauncherBackend, selector: SelectionPipe
 
 
 def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict | None:
-    """Leng & Xiong Fig. 3 on the final model: per-layer cosine of task-neuron params.
+    """Our cheap variant of Leng & Xiong Fig. 3: task-neuron params in the FINAL model.
 
-    `generalization[i][j]` is the score on task j after training task i (`a[j][i]`),
-    so its correlation with the similarity of tasks i and j is the paper's question.
+    Not the paper's protocol (one fine-tuned model per task: `paper_similarity`); it
+    goes to `results.similarity_final_model`. `generalization[i][j]` is the score on
+    task j after training task i (`a[j][i]`), correlated with the similarity of i, j.
     """
     from ncft.analysis.similarity import layer_similarity
     from ncft.arch import get_adapter
@@ -210,4 +211,41 @@ def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict 
                            lambda fqn: params[fqn].detach())  # fmt: skip
     n = len(tasks)
     sim["generalization"] = [[matrix[j][i] for j in range(n)] for i in range(n)]
+    sim["protocol"] = "final_model"
     return sim
+
+
+def paper_similarity(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
+                     tasks: list[TaskData]) -> dict | None:
+    """Leng & Xiong Fig. 3 as the paper does it (`ncft.studies.similarity`), all ranks.
+
+    Stored in `RUN/similarity_paper.json`, so a resumed run does not redo it; rank 0
+    gets the dict.
+    """
+    from ncft.selection.topk import MLP_ROLES
+    from ncft.studies.similarity import paper_similarity as study
+
+    out = backend.run.similarity_paper
+    if not out.is_file():
+        tok, st = backend.tokenizer, spec.study
+        roles = tuple(m for m in selector.cfg.modules if m in MLP_ROLES) or ("gate", "up", "down")
+        # The paper's scorer on FFN units, so no selection fine-tunes M_i (module docstring).
+        own = replace(selector, method="ncft", save_probe=None, reference=None,
+                      cfg=replace(selector.cfg, scorer="grad_attribution", unit="neuron",
+                                  modules=roles, union_with_previous=False))  # fmt: skip
+
+        def make_engine():
+            model = backend.load_model(None)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return backend.build_engine(model), model
+
+        encoded = {t.name: encode(t.test[: st.eval_examples], tok, t.max_length) for t in tasks}
+        result = study(make_engine, lambda eng, i: selector.train_steps(eng, tasks[i], i),
+                       lambda eng, model, j: own.select(eng, model, tasks[j], j),
+                       [t.name for t in tasks], encoded, st.finetune_steps,
+                       spec.eval.batch_size, tok.pad_token_id, log=print0)  # fmt: skip
+        if backend.info.is_main_process:
+            write_json(out, result)
+        dist.barrier()
+    return json.loads(out.read_text()) if backend.info.is_main_process else None
