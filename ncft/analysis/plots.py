@@ -207,6 +207,29 @@ def plot_layer_similarity(data: dict[str, Any], path: str | os.PathLike[str]) ->
     return save_figure(fig, path)
 
 
+def plot_paper_similarity(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Leng & Xiong Fig. 3: per test task T_j, similarity per layer averaged over M_i, i != j."""
+    tasks, layers, per = data["tasks"], data["layers"], data["per_layer"]
+    n = len(tasks)
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for j in range(n):
+        curves = np.array([[np.nan if v is None else v for v in per[i][j]]
+                           for i in range(n) if i != j] or [[np.nan] * len(layers)])  # fmt: skip
+        have = ~np.isnan(curves)
+        total = np.where(have, curves, 0.0).sum(axis=0)
+        mean = np.divide(total, have.sum(axis=0), out=np.full(total.shape, np.nan),
+                         where=have.any(axis=0))  # fmt: skip
+        ax.plot(layers, mean, marker=".", label=f"T_j = {tasks[j]}")
+    ax.set(title="Similarity of P_i and P_j inside M_i, mean over i != j (paper protocol)",
+           xlabel="layer", ylabel="cosine similarity")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if n <= 12:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_correlation(
     data: dict[str, Any],
     path: str | os.PathLike[str],

@@ -5,8 +5,10 @@ Reads (DESIGN section 6; each input optional):
 * `RUN/results.json`: `tasks`, `matrix`, `summary`, `deactivation` as described in
   `ncft.analysis.results`, plus two optional keys the runner may fill by calling
   our functions:
-  - `similarity`: the dict of `ncft.analysis.similarity.layer_similarity`, with an
-    optional `generalization` matrix indexed like its `mean` (`[i][j]`);
+  - `similarity`: Leng & Xiong's protocol, `ncft.studies.similarity.paper_similarity`;
+  - `similarity_final_model`: the dict of `ncft.analysis.similarity.layer_similarity`
+    on the final model, with an optional `generalization` matrix indexed like its
+    `mean` (`[i][j]`);
   - `neft`: the dict of `ncft.analysis.neft_stats.utilization_shift`, or one such
     dict per task name (what `ncft run` writes).
 * `RUN/neurons/*.safetensors` (+ `.json`): NeuronSets, named by file stem.
@@ -215,16 +217,56 @@ def _overlap(run: _Run) -> Lines | str:
 
 
 def _similarity(run: _Run) -> Lines | str:
-    res = run.need_results("similarity")
+    res = run.need_results()
     if isinstance(res, str):
         return res
-    sim = res["similarity"]
-    for key in ("tasks", "layers", "method", "per_layer", "mean"):
+    if res.get("similarity") is None and res.get("similarity_final_model") is None:
+        return "results.json has no `similarity` or `similarity_final_model`"
+    out: Lines = []
+    if res.get("similarity") is not None:
+        out += _similarity_paper(run, res["similarity"])
+    if res.get("similarity_final_model") is not None:
+        out += _similarity_final(run, res["similarity_final_model"])
+    return out
+
+
+def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
+    for key in ("tasks", "layers", "per_layer", "mean", "performance"):
         if key not in sim:
             raise ValueError(f"results.similarity is missing `{key}`")
     tasks = sim["tasks"]
-    out = [f"Cosine similarity of task-neuron parameters (method `{sim['method']}`), "
-           "mean over layers:", ""]  # fmt: skip
+    out = ["### Leng & Xiong's protocol (§5.2, Fig. 3, Table 4)", "",
+           f"M_i: the base model fully fine-tuned on task i ({sim.get('steps')} steps). Cosine "
+           "(method `mean`) between task i's and task j's neuron parameters, both selected "
+           "and read inside M_i, mean over layers (row: M_i, column: T_j):", ""]  # fmt: skip
+    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["mean"])
+    out += [f"M_i's score on T_j ({sim.get('metric', 'score')}):", ""]
+    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["performance"])
+    corr = correlation(sim["mean"], sim["performance"])
+    per_layer = []
+    for k, layer in enumerate(sim["layers"]):
+        layer_sim = [[None if c is None else c[k] for c in row] for row in sim["per_layer"]]
+        per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
+    out += _table(["correlation with M_i's score on T_j (i != j)", "r", "p", "pairs"],
+                  [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
+                   for name in ("pearson", "spearman")])  # fmt: skip
+    out += _table(["layer", "Pearson r of that layer's similarity"], per_layer)
+    out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
+                          lambda p: plots.plot_paper_similarity(sim, p)))  # fmt: skip
+    out.append(run.figure("similarity_paper_correlation", "similarity vs performance",
+                          lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
+    run.save("similarity", {**sim, "correlation": corr, "per_layer_pearson": per_layer})
+    return out + [""]
+
+
+def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
+    for key in ("tasks", "layers", "method", "per_layer", "mean"):
+        if key not in sim:
+            raise ValueError(f"results.similarity_final_model is missing `{key}`")
+    tasks = sim["tasks"]
+    out = ["### Final-model variant (ours, not the paper's protocol)", "",
+           f"Cosine similarity of task-neuron parameters (method `{sim['method']}`) read in "
+           "the final model of the sequence, mean over layers:", ""]  # fmt: skip
     out += _matrix_table("task", tasks, tasks, sim["mean"])
     out.append(run.figure("similarity_layers", "similarity per layer",
                           lambda p: plots.plot_layer_similarity(sim, p)))  # fmt: skip
@@ -240,8 +282,8 @@ def _similarity(run: _Run) -> Lines | str:
         out.append(run.figure("similarity_correlation", "similarity vs generalization",
                               lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
     else:
-        out += ["", "No `similarity.generalization` matrix: correlation skipped."]
-    run.save("similarity", data)
+        out += ["", "No `similarity_final_model.generalization` matrix: correlation skipped."]
+    run.save("similarity_final_model", data)
     return out
 
 

@@ -43,6 +43,16 @@ def _results():
             },
         },
         "similarity": {
+            "protocol": "paper", "tasks": TASKS, "layers": [0, 1], "steps": 5, "method": "mean",
+            "per_layer": [
+                [[1.0, 1.0], [0.2, 0.4], [0.1, 0.5]],
+                [[0.6, 0.2], [1.0, 1.0], [0.5, 0.7]],
+                [[0.0, 0.2], [0.9, 0.7], [1.0, 1.0]],
+            ],  # fmt: skip
+            "mean": [[1.0, 0.3, 0.3], [0.4, 1.0, 0.6], [0.1, 0.8, 1.0]],
+            "performance": [[0.9, 0.4, 0.5], [0.5, 0.9, 0.6], [0.2, 0.7, 0.9]],
+        },
+        "similarity_final_model": {
             "tasks": TASKS,
             "layers": [0, 1],
             "method": "mean",
@@ -77,12 +87,12 @@ def test_full_report(run):
     md = path.read_text()
     for name in ("accuracy_matrix", "forgetting", "deactivation", "iou", "similarity_layers",
                  "similarity_correlation", "weight_movement_rank_shift", "neft_utilization",
-                 "finetune_matrix"):
+                 "finetune_matrix", "similarity_paper_layers", "similarity_paper_correlation"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG, name
         assert f"(plots/{name}.png)" in md
     for name in ("continual", "deactivation", "overlap", "similarity", "neft",
-                 "weight_movement_rank_shift", "finetune_matrix"):
+                 "weight_movement_rank_shift", "finetune_matrix", "similarity_final_model"):
         json.loads((run / "analysis" / f"{name}.json").read_text())
     assert "Skipped" not in md
     # AP, BWT, FG_1, FG_2 of the score matrix
@@ -95,6 +105,12 @@ def test_full_report(run):
     # fine-tuning matrix: change vs zero-shot; diagonal (0.25 + 0.25 + 0.5) / 3
     assert "| sst2 | 0.250 | 0.000 | 0.000 |" in md
     assert "| own task (diagonal) | 0.333 | 0.000 |" in md
+    # paper similarity vs M_i's score over i != j: x = [.3,.3,.4,.6,.1,.8],
+    # y = [.4,.5,.5,.6,.2,.7]; by hand Sxy = 0.201667, Sxx = 0.308333, Syy = 0.148333,
+    # r = Sxy / sqrt(Sxx Syy) = 0.94298
+    paper = json.loads((run / "analysis" / "similarity.json").read_text())
+    assert paper["correlation"]["pearson"]["r"] == pytest.approx(0.94298, abs=1e-4)
+    assert paper["correlation"]["n"] == 6 and len(paper["per_layer_pearson"]) == 2
     # IoU sst2/rte = 4/8; rows follow results.tasks, not file names
     assert "| sst2 | 1.000 | 0.500 | 0.000 |" in md
     assert "| cl | 0.750 |" in md and "| method | ncft |" in md
@@ -116,12 +132,12 @@ def test_missing_inputs_are_skipped_with_notes(tmp_path):
 def test_malformed_section_does_not_cost_the_rest(run):
     res = _results()
     res["deactivation"]["baseline"] = [1.0]
-    del res["similarity"]
+    del res["similarity"], res["similarity_final_model"]
     (run / "results.json").write_text(json.dumps(res))
     with pytest.warns(UserWarning, match="deactivation.baseline"):
         md = write_report(run).read_text()
     assert "_Skipped: error: deactivation.baseline must be a list of 3 entries._" in md
-    assert "_Skipped: results.json has no `similarity`._" in md
+    assert "_Skipped: results.json has no `similarity` or `similarity_final_model`._" in md
     assert (run / "plots" / "accuracy_matrix.png").exists()
     assert (run / "plots" / "iou.png").exists()
 
