@@ -307,5 +307,6 @@ def plot_neft_utilization(data: dict[str, Any], path: str | os.PathLike[str]) ->
     ax_c.set_xticks(np.arange(3), labels=[k.replace("_", "\n") for k in names])
     ax_c.set(title=f"|ΔRank| > {data['strong_threshold']:.1f} of {data['num_neurons']}",
              ylabel="neurons")
+    ax_c.set_ylim(0, max(1, *counts) * 1.1)
     ax_c.yaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(fig, path)

@@ -49,9 +49,19 @@ def test_method_run_directory(runs, name):
         weights = results["details"]["sst2"][1]["mixing_weights"]
         assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
         assert (run / "wncft").is_dir() and list((run / "tensorboard").iterdir())
-        sim = results["similarity"]  # Fig. 3 inputs, from the final model's task neurons
+        sim = results["similarity_final_model"]  # our variant: the final model's neurons
         assert sim["tasks"] == ["sst2", "rte"] and len(sim["generalization"]) == 2
         assert sim["mean"][0][0] == pytest.approx(1.0)
+        paper = results["similarity"]  # Leng & Xiong's protocol: one M_i per task
+        assert paper["protocol"] == "paper" and paper["steps"] == 2
+        assert len(paper["performance"]) == 2 and all(len(r) == 2 for r in paper["mean"])
+        assert paper["mean"][0][0] == pytest.approx(1.0)
+        deact = results["deactivation"]
+        assert deact["mode"] == "weights"
+        ft = deact["finetune_matrix"]
+        assert len(ft["task_neurons_trained"]) == 2 and len(ft["random_trained"][1]) == 2
+        for fig in ("finetune_matrix", "similarity_paper_layers", "neft_utilization_rte"):
+            assert (run / "plots" / f"{fig}.png").is_file(), fig
 
 
 def test_neft_rows_select_attention_and_mlp_rows(runs):
