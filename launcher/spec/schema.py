@@ -397,6 +397,11 @@ class Spec(_Section):
             problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
+        if self.study.similarity in ("paper", "both") and "lora" in self.method:
+            # Its M_i are full fine-tunes of the base model; a LoRA run's loaded model
+            # carries adapters, whose module names the FFN-unit readers do not know.
+            problems.append(("study.similarity", f"paper needs a method without LoRA "
+                             f"adapters, not {self.method}; use final_model"))
         if problems:
             raise Problems(problems)
         return self

@@ -453,3 +453,9 @@ def test_reversed_fraction_goes_with_neft_plus_reversed():
     for bad in (["selection.scorer=neft_plus_reversed"], ["selection.reversed_fraction=0.1"]):
         with pytest.raises(SpecError, match="reversed_fraction"):
             load_spec(REPO / "examples" / "neft_translation.yaml", bad)
+
+
+def test_paper_similarity_needs_a_method_without_lora():
+    with pytest.raises(SpecError, match="study.similarity"):
+        load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                  ["method=seqlora", "study.similarity=paper"])

@@ -59,3 +59,18 @@ def test_scores_match_numpy_corrcoef_and_two_ranks():
     for g in groups:
         assert torch.allclose(two[0][g.name], one[g.name], atol=1e-9)
         assert torch.equal(two[0][g.name], two[1][g.name])
+
+
+@pytest.mark.gpu
+def test_scores_on_the_engines_cuda_device_match_cpu():
+    # moments accumulate on the engine's device (no host copies of activations); the
+    # scores come back on the CPU and agree with a CPU run
+    model = tiny_llama(seed=0, mlp_bias=False).eval()
+    tok, enc = _data()
+    blocks = get_adapter(model).mlp_blocks(model)
+    groups = row_groups(model, ["gate", "up", "down"]) + unit_groups(blocks)
+    cpu = pearson_scores(FakeEngine(model), groups, enc, batch_size=4, pad_id=0)
+    gpu = pearson_scores(FakeEngine(model.cuda()), groups, enc, batch_size=4, pad_id=0)
+    for g in groups:
+        assert gpu[g.name].device.type == "cpu"
+        assert torch.allclose(gpu[g.name], cpu[g.name], atol=1e-4), g.name
