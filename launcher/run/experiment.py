@@ -27,6 +27,7 @@ from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
+from launcher.spec.tasks import records_neft_utilization
 from ncft.continual.loop import (
     LORA_METHODS,
     ContinualLoop,
@@ -68,7 +69,7 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
 def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
     """The studies run after the sequence (all ranks); rank 0 gets their results keys."""
     out: dict[str, Any] = {}
-    if spec.study.neft_utilization:
+    if records_neft_utilization(spec):
         out["neft"] = studies.neft_utilization(spec, backend, selector, tasks)
     out["weight_movement_rank_shift"] = studies.weight_movement_rank_shift(backend, selector,
                                                                            tasks)  # fmt: skip

@@ -272,11 +272,12 @@ class StudySpec(_Section):
         "the steps of each fine-tuning-matrix row and each similarity model.",
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
-    neft_utilization: bool = Field(
-        True, description="NeFT §6.1: after the run, for each task with a neuron set, the "
+    neft_utilization: bool | None = Field(
+        None, description="NeFT §6.1: after the run, for each task with a neuron set, the "
         "max Pearson score of every candidate's hidden state on the model before and after "
         "the task, ΔRank and the neuron categories (results.neft); two forward passes over "
-        "eval_examples per task.",
+        "eval_examples per task. Default (null): on with NeFT's selection (selection.scorer "
+        "weight_cosine, reversed or neft_plus_reversed), off otherwise.",
     )
     neft_strong_fraction: float = Field(
         100_000 / 1_359_872, gt=0, le=1, description="|ΔRank| threshold of NeFT's strongly "

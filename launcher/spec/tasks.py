@@ -317,10 +317,18 @@ def records_rank_shift(spec: Spec, method: str) -> bool:
             and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
 
 
+def records_neft_utilization(spec: Spec) -> bool:
+    """Whether the run measures NeFT §6.1 utilization (`study.neft_utilization`)."""
+    on = spec.study.neft_utilization
+    if on is None:
+        on = spec.selection.scorer in COSINE_SCORERS
+    return on and spec.method in ("neurons", "random_neurons", "ncft", "wncft")
+
+
 def study_plan(spec: Spec) -> list[str]:
     """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
     st, out = spec.study, []
-    if st.neft_utilization and spec.method in ("neurons", "random_neurons", "ncft", "wncft"):
+    if records_neft_utilization(spec):
         out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
                    "examples per task, before and after each task; ΔRank, categories")
     if st.similarity in ("paper", "both"):

@@ -36,7 +36,7 @@ RUNS = {
               # Leng & Xiong's similarity protocol beside the final-model variant
               "study.deactivation=true", "study.deactivation_mode=weights",
               "study.finetune_matrix=true", "study.similarity=both", "study.finetune_steps=2",
-              "study.eval_examples=4", "output.report=true"],
+              "study.eval_examples=4", "study.neft_utilization=true", "output.report=true"],
     "per_task": ["method=per_task"],
 }
 SINGLE_TASK = {"full", "neurons", "random_neurons", "lora", "neft_rows", "random_rows"}

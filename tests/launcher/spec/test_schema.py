@@ -99,8 +99,11 @@ def test_tiny_ncft_shape():
     assert "4 steps on 2 ranks (fsdp2)" in stages[0]
     assert "eval after task 1 on all 3 tasks" in stages
     assert "checkpoint after task 1" in stages
-    assert not any(s.startswith(("study:", "weight-movement")) for s in stages)
-    assert any(s.startswith("NeFT utilization (§6.1)") for s in stages)
+    assert not any(s.startswith(("study:", "weight-movement", "NeFT utilization"))
+                   for s in stages)  # attribution selection: NeFT's study is off by default
+    forced = plan_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml",
+                                   ["study.neft_utilization=true"]))
+    assert any(s.startswith("NeFT utilization (§6.1)") for s in forced)
 
 
 def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
