@@ -130,7 +130,7 @@ def utilization_shift(
         JSON-ready: `num_neurons`, `avg_abs_delta_rank` (and `_normalized`, / N),
         `strong_threshold` (in ranks), `counts` (strongly_affected, suppressed,
         indirectly_affected, trained), `buckets` ({edges_pct, avg_abs_delta_rank,
-        count}) and `per_group` (`names`, Avg(|ΔRank|), strongly affected count).
+        count}) and `per_group` (`names`, Avg(|ΔRank|) and the three category counts).
     """
     names = list(before)
     if not names or set(names) != set(after):
@@ -174,7 +174,10 @@ def utilization_shift(
             "names": names,
             "avg_abs_delta_rank": [float(np.abs(delta[a:b]).mean()) if b > a else None
                                    for a, b in zip(bounds[:-1], bounds[1:])],
-            "strongly_affected": [int(strong[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])],
+            **{name: [int(m[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+               for name, m in (("strongly_affected", strong),
+                               ("suppressed", strong & (delta > 0)),
+                               ("indirectly_affected", strong & ~trained))},
         },  # fmt: skip
     }
 

@@ -58,6 +58,9 @@ def test_utilization_shift_hand_case():
     assert out["buckets"]["count"] == [1, 4, 5]
     assert out["buckets"]["avg_abs_delta_rank"] == pytest.approx([9.0, 0.5, 1.8])
     assert out["per_group"]["strongly_affected"] == [1, 1]
+    # the one that went DOWN (rank 1 -> 10) is neuron 0, in g0; the untrained one is in g1
+    assert out["per_group"]["suppressed"] == [1, 0]
+    assert out["per_group"]["indirectly_affected"] == [0, 1]
 
 
 def test_utilization_shift_checks_inputs():
