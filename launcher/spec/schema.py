@@ -298,6 +298,13 @@ class StudySpec(_Section):
         "both: the two.",
     )
 
+    @model_validator(mode="after")
+    def _finetune_needs_deactivation(self) -> StudySpec:
+        if self.finetune_matrix and not self.deactivation:
+            raise Problems([("finetune_matrix", "the fine-tuning matrix uses the deactivation "
+                             "study's neuron sets; set study.deactivation: true too")])
+        return self
+
 
 class EvalSpec(_Section):
     """Evaluation after each task, on every task of the sequence."""

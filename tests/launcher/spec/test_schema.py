@@ -462,3 +462,9 @@ def test_paper_similarity_needs_a_method_without_lora():
     with pytest.raises(SpecError, match="study.similarity"):
         load_spec(REPO / "examples" / "demo_smollm2.yaml",
                   ["method=seqlora", "study.similarity=paper"])
+
+
+def test_finetune_matrix_needs_the_deactivation_study():
+    with pytest.raises(SpecError, match="study.finetune_matrix"):
+        load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                  ["study.deactivation=false", "study.finetune_matrix=true"])
