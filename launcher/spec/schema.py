@@ -120,10 +120,19 @@ class EngineSpec(_Section):
 class SelectionSpec(_Section):
     """How task-specific neurons are scored and selected."""
 
-    scorer: Literal["grad_attribution", "weight_cosine", "random", "reversed"] = Field(
+    scorer: Literal[
+        "grad_attribution", "weight_cosine", "random", "reversed", "neft_plus_reversed"
+    ] = Field(
         "grad_attribution",
-        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random or "
-        "reversed (NeFT's highest-similarity control). Method random_neurons always uses random.",
+        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random, "
+        "reversed (NeFT's highest-similarity control) or neft_plus_reversed (NeFT §6.2's "
+        "NeFT_x%+Reversed_y%: the `fraction` most-changed plus the `reversed_fraction` "
+        "least-changed candidates). Method random_neurons always uses random.",
+    )
+    reversed_fraction: float | None = Field(
+        None, gt=0, le=1, description="scorer neft_plus_reversed only: the y of "
+        "NeFT_x%+Reversed_y%, the fraction of least-changed (highest cosine) candidates added "
+        "to the `fraction` most-changed ones (per layer with per_layer; disjoint).",
     )
     fraction: float | None = Field(
         0.05, gt=0, le=1, description="Fraction selected (0 < f <= 1); unset when count is given."
@@ -169,6 +178,9 @@ class SelectionSpec(_Section):
                              "selection.count (set the other to null)"))
         if len(set(self.modules)) != len(self.modules):
             problems.append(("modules", f"duplicate entries in {self.modules}"))
+        if (self.scorer == "neft_plus_reversed") != (self.reversed_fraction is not None):
+            problems.append(("reversed_fraction", "give selection.reversed_fraction exactly "
+                             "when selection.scorer is neft_plus_reversed"))
         if "attention" in self.modules and self.unit != "row":
             problems.append(("modules", "attention has no FFN neuron units; use unit: row"))
         if problems:
@@ -239,20 +251,59 @@ class WncftSpec(_Section):
 
 
 class StudySpec(_Section):
-    """Neuron studies: Leng & Xiong's deactivation (before training), NeFT's rank shift."""
+    """Neuron studies (Leng & Xiong's matrices and similarity, NeFT §6.1 utilization)."""
 
     deactivation: bool = Field(
         False, description="Tune on all tasks, find each task's units, switch them off."
     )
+    deactivation_mode: Literal["activation", "weights"] = Field(
+        "activation", description="How the deactivation study switches units off (Leng & "
+        "Xiong 4.1 name both): activation = zero the unit's activation entering the down "
+        "projection (forward hook); weights = zero the unit's gate and up rows (and their "
+        "biases) and its down column. Both give the same logits.",
+    )
+    finetune_matrix: bool = Field(
+        False, description="With deactivation: Leng & Xiong's Fig. 5 right half. From the "
+        "base model, train only task i's units for `finetune_steps` steps on task i, then "
+        "score every task j (results.deactivation.finetune_matrix).",
+    )
     finetune_steps: int = Field(
-        20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
+        20, gt=0, description="Full fine-tuning steps on the union of the tasks first; also "
+        "the steps of each fine-tuning-matrix row and each similarity model.",
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
-    neft_rank_shift: bool = Field(
-        True, description="With selection.scorer weight_cosine or reversed: after the run, "
-        "repeat NeFT's probe on each task's trained model and record the utilization rank "
-        "shift and neuron categories (results.neft); costs one probe per task."
+    neft_utilization: bool | None = Field(
+        None, description="NeFT §6.1: after the run, for each task with a neuron set, the "
+        "max Pearson score of every candidate's hidden state on the model before and after "
+        "the task, ΔRank and the neuron categories (results.neft); two forward passes over "
+        "eval_examples per task. Default (null): on with NeFT's selection (selection.scorer "
+        "weight_cosine, reversed or neft_plus_reversed), off otherwise.",
     )
+    neft_strong_fraction: float = Field(
+        100_000 / 1_359_872, gt=0, le=1, description="|ΔRank| threshold of NeFT's strongly "
+        "affected neurons, as a fraction of the ranked neurons: the paper's 100,000 of "
+        "Llama-2-7b's 1,359,872 projection rows.",
+    )
+    weight_movement_rank_shift: bool = Field(
+        True, description="With selection.scorer weight_cosine or reversed: after the run, "
+        "repeat the selection probe (1 - cos weight movement) on each task's trained model and "
+        "record its rank shift (results.weight_movement_rank_shift; our measure, not NeFT "
+        "§6.1's); costs one probe per task.",
+    )
+    similarity: Literal["final_model", "paper", "both"] = Field(
+        "final_model", description="Leng & Xiong Fig. 3 parameter similarity. final_model: "
+        "task neurons' parameters read in the final model of the sequence (ours, cheap); "
+        "paper: per task i a separate full fine-tune M_i from the base (`finetune_steps` "
+        "steps), P_i vs P_j inside M_i per layer, M_i scored on every task j, correlated; "
+        "both: the two.",
+    )
+
+    @model_validator(mode="after")
+    def _finetune_needs_deactivation(self) -> StudySpec:
+        if self.finetune_matrix and not self.deactivation:
+            raise Problems([("finetune_matrix", "the fine-tuning matrix uses the deactivation "
+                             "study's neuron sets; set study.deactivation: true too")])
+        return self
 
 
 class EvalSpec(_Section):
@@ -354,6 +405,11 @@ class Spec(_Section):
             problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
+        if self.study.similarity in ("paper", "both") and "lora" in self.method:
+            # Its M_i are full fine-tunes of the base model; a LoRA run's loaded model
+            # carries adapters, whose module names the FFN-unit readers do not know.
+            problems.append(("study.similarity", f"paper needs a method without LoRA "
+                             f"adapters, not {self.method}; use final_model"))
         if problems:
             raise Problems(problems)
         return self

@@ -306,10 +306,35 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 # --- plan --------------------------------------------------------------------------------
 
 
+# Scorers that run NeFT's weight-cosine probe (and save its scores for the rank shift).
+COSINE_SCORERS = ("weight_cosine", "reversed", "neft_plus_reversed")
+
+
 def records_rank_shift(spec: Spec, method: str) -> bool:
-    """Whether a run of `method` records NeFT's probe scores and rank shift."""
-    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
+    """Whether a run of `method` records the selection probe's weight-movement rank shift."""
+    return (spec.study.weight_movement_rank_shift
+            and spec.selection.scorer in COSINE_SCORERS
             and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
+
+
+def records_neft_utilization(spec: Spec) -> bool:
+    """Whether the run measures NeFT §6.1 utilization (`study.neft_utilization`)."""
+    on = spec.study.neft_utilization
+    if on is None:
+        on = spec.selection.scorer in COSINE_SCORERS
+    return on and spec.method in ("neurons", "random_neurons", "ncft", "wncft")
+
+
+def study_plan(spec: Spec) -> list[str]:
+    """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
+    st, out = spec.study, []
+    if records_neft_utilization(spec):
+        out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
+                   "examples per task, before and after each task; ΔRank, categories")
+    if st.similarity in ("paper", "both"):
+        out.append(f"similarity (Leng & Xiong Fig. 3): per task, {st.finetune_steps} steps "
+                   "of full fine-tuning from the base, P_i vs P_j per layer, every task scored")
+    return out
 
 
 def plan_stages(spec: Spec) -> list[str]:
@@ -325,8 +350,12 @@ def plan_stages(spec: Spec) -> list[str]:
     stages = []
     if spec.study.deactivation:
         stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
-                      "tasks, select each task's units, switch them off vs random units "
+                      "tasks, select each task's units, switch them off "
+                      f"({spec.study.deactivation_mode}) vs random units "
                       f"({spec.study.eval_examples} examples per task)")  # fmt: skip
+        if spec.study.finetune_matrix:
+            stages.append(f"study: per task, train only its units {spec.study.finetune_steps} "
+                          "steps from the base model, score every task (fine-tuning matrix)")
     every = spec.output.checkpoint_every
     for i, task in enumerate(spec.tasks, start=1):
         what = _train_what(spec, i)
@@ -346,8 +375,9 @@ def plan_stages(spec: Spec) -> list[str]:
                       + (f" (and every {every} steps within it, per-rank shards)"
                          if every else ""))  # fmt: skip
     if records_rank_shift(spec, spec.method):
-        stages.append(f"NeFT rank shift: repeat the {spec.selection.cosine_steps}-step probe "
-                      "on each task's trained model")  # fmt: skip
+        stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
+                      "step probe on each task's trained model")  # fmt: skip
+    stages += study_plan(spec)
     stages.append(f"write {spec.output.dir}/results.json"
                   + (" (accuracy matrix, CL, BWT, FG)" if n > 1 else ""))  # fmt: skip
     stages.append(f"save consolidated model to {spec.output.dir}/final")
@@ -382,7 +412,7 @@ def _train_what(spec: Spec, i: int) -> str:
     amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"
     unit = "neurons" if sel.unit == "neuron" else "weight rows"
     scope = "per layer" if sel.per_layer else "global"
-    steps = f" after {sel.cosine_steps} full-FT steps" if scorer == "weight_cosine" else ""
+    steps = f" after {sel.cosine_steps} full-FT steps" if scorer in COSINE_SCORERS else ""
     union = " + earlier tasks' neurons" if sel.union_with_previous and i > 1 else ""
     return (f"score {unit} ({scorer}{steps}, {amount} {scope} of {'/'.join(sel.modules)})"
             f", train only them{union}")
