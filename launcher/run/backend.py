@@ -19,7 +19,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
-from ncft.continual.loop import LORA_METHODS
+from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import STAGE_STATE
@@ -40,6 +40,14 @@ def optim_config(spec: Spec) -> OptimConfig:
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
     )
+
+
+def lora_options(spec: Spec):
+    """The spec's `lora` section as `ncft.olora.LoraOptions`."""
+    from ncft.olora import LoraOptions
+
+    lora = spec.lora
+    return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
 
 
 class LauncherBackend:
@@ -71,7 +79,13 @@ class LauncherBackend:
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
         )
-        if self.spec.method in LORA_METHODS:
+        row = method(self.spec.method)
+        if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
+            from ncft import olora
+
+            model = olora.freeze_all(olora.with_adapters(
+                model, stage + 1, lora_options(self.spec), self.spec.training.seed))  # fmt: skip
+        elif row.lora and not row.adapter_per_task:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
