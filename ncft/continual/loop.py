@@ -200,6 +200,9 @@ class ContinualLoop:
         return {
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
             "summary": cl_summary(matrix, names), "details": state.details,
+            # How scores were obtained: `ncft compare` and the report show it.
+            "protocol": {"classification": self.cfg.classification,
+                         "wncft_query": self.cfg.wncft_query if self.row.mixes else None},
         }
 
     def _stage(self, stage: int, state: LoopState) -> None:
