@@ -26,9 +26,11 @@ from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
-# checkpoint of stage N (1-based), or after optimizer step K of stage N ("N:K").
+# checkpoint of stage N (1-based), after optimizer step K of stage N ("N:K"), or
+# during stage N's evaluation, after its first task is evaluated ("N").
 KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
 KILL_AT_STEP = "NCFT_FAULT_KILL_AT_STEP"
+KILL_DURING_EVAL = "NCFT_FAULT_KILL_DURING_EVAL"
 KILL_RANK = "NCFT_FAULT_KILL_RANK"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +91,8 @@ class LauncherBackend:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                               seed=self.spec.training.seed)  # fmt: skip
         if stage is not None:
             state = load_file(self._stage_dir(stage) / "model.safetensors")
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -161,6 +164,10 @@ class LauncherBackend:
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
                           self.spec.engine.backend)  # fmt: skip
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+
+    def after_eval(self, stage: int, task_index: int) -> None:  # noqa: D102
+        if task_index == 0:
+            self._fault(KILL_DURING_EVAL, str(stage + 1))
 
     def _fault(self, variable: str, point: str) -> None:
         if os.environ.get(variable) == point and \

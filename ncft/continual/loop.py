@@ -122,6 +122,9 @@ class Backend(Protocol):
     def after_step(self, engine: Engine, stage: int, step: int, total: int) -> None:
         """Called after every optimizer step (mid-task checkpoints are its business)."""
 
+    def after_eval(self, stage: int, task_index: int) -> None:
+        """Called after each task's evaluation in stage `stage` (fault injection)."""
+
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:
         """Record one training step."""
 
@@ -329,6 +332,7 @@ class ContinualLoop:
             state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
             self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
                                   f"{result['score']:.4f}")  # fmt: skip
+            self.backend.after_eval(stage, i)
 
     def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
         return evaluate_task(

@@ -31,6 +31,9 @@ RUNS = {
                     "selection.modules=[gate,up,down,attention]"],
     "seqft": ["method=seqft"],
     "seqlora": ["method=seqlora"],
+    "olora": ["method=olora", "olora.lambda_l2=0.1"],
+    "wncft_example": ["method=wncft", "wncft.num_samples=4", "wncft.query=example",
+                      "eval.classification=generate", "eval.max_new_tokens=3"],
     "wncft": ["method=wncft", "wncft.num_samples=4", "output.tensorboard=true"],
     "per_task": ["method=per_task"],
 }
