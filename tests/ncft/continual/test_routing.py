@@ -95,3 +95,43 @@ def test_truncated_store_drops_later_tasks_and_recaptures_equal():
             again._extend_base(fqn, b.axis, b.indices, b.values)
     for fqn in store.base:
         assert torch.equal(again.mixture(fqn, w), store.mixture(fqn, w)), fqn
+
+
+def test_example_weights_same_on_every_rank_with_equal_forwards():
+    from tests.support.fake_engine import ThreadWorld
+
+    tok = word_tokenizer(WORDS)
+    model = tiny_llama(seed=2)
+    store = TaskStore()
+    store.vectors = [torch.randn(24, generator=torch.Generator().manual_seed(k))
+                     for k in range(2)]  # fmt: skip
+    store.names = ["t1", "t2"]
+    want = routing.example_weights(FakeEngine(model), tok, store, PROMPTS, 2, 64, 0.5)
+    # Row n is the n-th prompt's own vector (no cross-talk through padding or batching).
+    one = routing.example_weights(FakeEngine(model), tok, store, PROMPTS[2:3], 1, 64, 0.5)
+    torch.testing.assert_close(want[2], one[0], rtol=0, atol=1e-6)
+    world = ThreadWorld(3)
+    got = world.run(model, lambda e: routing.example_weights(e, tok, store, PROMPTS, 2, 64, 0.5))
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+    assert len({e.forwards for e in world.engines}) == 1
+
+
+def test_generation_scores_all_hypotheses_together():
+    from ncft.evaluate import generate_greedy, text_scores
+
+    tok = word_tokenizer(WORDS)
+    engine = FakeEngine(tiny_llama(seed=2))
+    store, _, _ = two_task_run(engine)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    examples = [Ex(p, "the cat sat") for p in PROMPTS[:3]]
+    texts = []
+    for n, ex in enumerate(examples):  # by hand: each prompt under its own mixture
+        with mixed(engine, store, weights[n]):
+            texts += generate_greedy(engine, tok, [ex.prompt], 3, 1, 63)
+    want = text_scores(texts, [ex.answer for ex in examples], ["rougeL", "bleu"])
+    gen = {"tokenizer": tok, "metrics": ("rougeL", "bleu"), "max_new_tokens": 3,
+           "batch_size": 2, "max_prompt_length": 63}  # fmt: skip
+    got = routing.evaluate_routed(engine, store, examples, weights, None, gen)
+    assert got["rougeL"] == pytest.approx(want["rougeL"]) and got["score"] == got["rougeL"]
+    assert got["bleu"] == pytest.approx(want["bleu"])
