@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.run import rundir, studies
-from launcher.run.backend import LauncherBackend
+from launcher.run.backend import LauncherBackend, lora_options
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
 from launcher.run.selector import run_selector
@@ -49,6 +49,9 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
         wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
+        wncft_query=spec.wncft.query, classification=ev.classification,
+        lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
+        olora_lambda_l2=spec.olora.lambda_l2,
     )
     return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
                          selector=selector)  # fmt: skip

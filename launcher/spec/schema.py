@@ -39,6 +39,7 @@ from launcher.spec.tasks import (
     TaskSpec,
     absolute,
     base_dir,
+    method,
     plan_stages,
     resolve_task_data,
 )
@@ -73,10 +74,23 @@ class ModelSpec(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter and compute dtype."
     )
-    architecture: str | None = Field(
-        None, description="Architecture adapter name; inferred from the model config if unset."
-    )
-    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        # Both were accepted once and never used; say so rather than "extra field".
+        if isinstance(data, dict):
+            removed = {
+                "architecture": "the adapter is always inferred from the model config "
+                "(ncft/arch.py); remove model.architecture",
+                "gguf_file": "GGUF files are not loaded from the spec; convert the model to "
+                "a HF directory once (transformers' from_pretrained(..., gguf_file=...) then "
+                "save_pretrained) and give that directory as model.name_or_path",
+            }
+            problems = [(key, msg) for key, msg in removed.items() if key in data]
+            if problems:
+                raise Problems(problems)
+        return data
 
 
 class EngineSpec(_Section):
@@ -233,7 +247,7 @@ class TrainingSpec(_Section):
 
 
 class LoraSpec(_Section):
-    """LoRA adapters (methods lora and seqlora)."""
+    """LoRA adapters (methods lora, seqlora and olora)."""
 
     r: int = Field(8, gt=0, description="Adapter rank.")
     alpha: float = Field(16, gt=0, description="Scaling numerator (scale = alpha / r).")
@@ -243,11 +257,28 @@ class LoraSpec(_Section):
     )
 
 
+class OloraSpec(_Section):
+    """O-LoRA's loss weights (Wang et al. 2023; defaults of cmnfriend/O-LoRA's scripts)."""
+
+    lambda_orth: float = Field(
+        0.5, ge=0, description="lamda_1: weight of sum |A_prev A_new^T| over earlier adapters."
+    )
+    lambda_l2: float = Field(
+        0.0, ge=0, description="lamda_2: weight of the L2 norms of the new adapter's A and B."
+    )
+
+
 class WncftSpec(_Section):
     """W-NCFT inference-time mixing of earlier tasks' neurons."""
 
     num_samples: int = Field(32, gt=0, description="Samples averaged into a task vector.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature over similarities.")
+    query: Literal["task", "example"] = Field(
+        "task",
+        description="task: the evaluated task's prompt vector is the query (Leng & Xiong "
+        "App. A.2, needs task identity); example: each example is routed by its own prompt "
+        "vector, no task identity (see ncft/continual/wncft.py).",
+    )
 
 
 class StudySpec(_Section):
@@ -314,6 +345,12 @@ class EvalSpec(_Section):
         None, gt=0, description="Examples per task; default each task's eval_size."
     )
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    classification: Literal["rank", "generate"] = Field(
+        "rank",
+        description="rank: the label with the highest log-probability wins; generate: greedy "
+        "decoding, exact match after O-LoRA's normalisation (lower case, no punctuation, "
+        "single spaces).",
+    )
     metrics: list[Literal["bleu", "rougeL"]] = Field(
         ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
     )
@@ -380,10 +417,11 @@ class Spec(_Section):
     selection: SelectionSpec = Field(default_factory=SelectionSpec, description="Neurons.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimizer.")
     method: Literal[SINGLE_TASK_METHODS + CONTINUAL_METHODS] = Field(  # type: ignore[valid-type]
-        description="full, neurons, random_neurons, lora (one task) or seqft, seqlora, ncft, "
-        "wncft, per_task (continual, >= 2 tasks)."
+        description="full, neurons, random_neurons, lora (one task) or seqft, seqlora, olora, "
+        "ncft, wncft, per_task (continual, >= 2 tasks); see ncft/continual/methods.py."
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora, olora).")
+    olora: OloraSpec = Field(default_factory=OloraSpec, description="O-LoRA loss weights.")
     wncft: WncftSpec = Field(default_factory=WncftSpec, description="W-NCFT mixing.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
     study: StudySpec = Field(default_factory=StudySpec, description="Neuron studies.")
@@ -397,6 +435,10 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         problems = method_problems(self.method, len(self.tasks))
+        if method(self.method).adapter_per_task and self.engine.backend != "single":
+            # O-LoRA's penalty reads whole A matrices, which sharded engines split.
+            problems.append(("engine.backend", f"method {self.method} runs on backend single "
+                             f"only, got {self.engine.backend}; set engine.backend: single"))
         names = [t.name for t in self.tasks]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -490,7 +532,8 @@ def dump_resolved(spec: Spec) -> str:
 
 
 __all__ = [
-    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OutputSpec", "SelectionSpec", "Spec",
+    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OloraSpec", "OutputSpec",
+    "SelectionSpec", "Spec",
     "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
     "load_spec", "plan_stages", "validate_spec",
 ]  # fmt: skip

@@ -25,6 +25,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's allowed values)
+    CONTINUAL_METHODS,
+    LORA_METHODS,
+    SINGLE_TASK_METHODS,
+    method,
+)
+
 if TYPE_CHECKING:
     from launcher.spec import EngineSpec, Spec
 
@@ -62,9 +69,6 @@ GENERIC_INSTRUCTION = "Choose one from the option.\n"
 TRANSLATION_PROMPT = "Translate the following English text to Spanish.\n{text}\nSpanish:"
 GENERATION_PROMPT = "{text}\nAnswer:"
 
-SINGLE_TASK_METHODS = ("full", "neurons", "random_neurons", "lora")
-CONTINUAL_METHODS = ("seqft", "seqlora", "ncft", "wncft", "per_task")
-LORA_METHODS = ("lora", "seqlora")
 
 SOURCE_TYPES = ("cl_benchmark", "translation", "json", "hf")
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -310,11 +314,11 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 COSINE_SCORERS = ("weight_cosine", "reversed", "neft_plus_reversed")
 
 
-def records_rank_shift(spec: Spec, method: str) -> bool:
-    """Whether a run of `method` records the selection probe's weight-movement rank shift."""
+def records_rank_shift(spec: Spec, name: str) -> bool:
+    """Whether a run of method `name` records the selection probe's weight-movement rank shift."""
     return (spec.study.weight_movement_rank_shift
             and spec.selection.scorer in COSINE_SCORERS
-            and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
+            and method(name).selects)  # fmt: skip
 
 
 def records_neft_utilization(spec: Spec) -> bool:
@@ -322,7 +326,7 @@ def records_neft_utilization(spec: Spec) -> bool:
     on = spec.study.neft_utilization
     if on is None:
         on = spec.selection.scorer in COSINE_SCORERS
-    return on and spec.method in ("neurons", "random_neurons", "ncft", "wncft")
+    return on and method(spec.method).selects
 
 
 def study_plan(spec: Spec) -> list[str]:
@@ -347,6 +351,7 @@ def plan_stages(spec: Spec) -> list[str]:
     """
     n = len(spec.tasks)
     where = _where(spec.engine)
+    row = method(spec.method)
     stages = []
     if spec.study.deactivation:
         stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
@@ -360,14 +365,16 @@ def plan_stages(spec: Spec) -> list[str]:
     for i, task in enumerate(spec.tasks, start=1):
         what = _train_what(spec, i)
         stages.append(f"task {i}/{n} {task.name}: {what} for {_amount(spec, task)} {where}")
-        if spec.method == "wncft":
+        if row.mixes:
             stages.append(f"task {i}/{n} {task.name}: store NeuronSet and task vector "
                           f"({spec.wncft.num_samples} samples)")  # fmt: skip
-        if spec.method == "per_task":
+        if row.continual and row.from_base:
             stages.append(f"eval after task {i} on {task.name}")
-        elif spec.method in CONTINUAL_METHODS:
-            mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature})"
-                   if spec.method == "wncft" and i > 1 else "")  # fmt: skip
+        elif row.continual:
+            query = ("each example's own prompt vector" if spec.wncft.query == "example"
+                     else "the evaluated task's vector")  # fmt: skip
+            mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature}, "
+                   f"query: {query})" if row.mixes and i > 1 else "")  # fmt: skip
             stages.append(f"eval after task {i} on all {n} tasks{mix}")
         else:
             stages.append(f"eval on {task.name}")
@@ -379,7 +386,8 @@ def plan_stages(spec: Spec) -> list[str]:
                       "step probe on each task's trained model")  # fmt: skip
     stages += study_plan(spec)
     stages.append(f"write {spec.output.dir}/results.json"
-                  + (" (accuracy matrix, CL, BWT, FG)" if n > 1 else ""))  # fmt: skip
+                  + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
+                     if n > 1 else ""))  # fmt: skip
     stages.append(f"save consolidated model to {spec.output.dir}/final")
     if spec.output.report:
         stages.append(f"write analyses and plots to {spec.output.dir}/plots")
@@ -401,14 +409,18 @@ def _amount(spec: Spec, task: TaskSpec) -> str:
 
 
 def _train_what(spec: Spec, i: int) -> str:
-    if spec.method in ("full", "seqft"):
-        return "train all parameters"
-    if spec.method == "per_task":
-        return "from the base model, train all parameters"
-    if spec.method in LORA_METHODS:
-        return f"train LoRA r={spec.lora.r} on {'/'.join(spec.lora.target_modules)}"
+    row = method(spec.method)
+    if row.trains == "all":
+        return ("from the base model, " if row.continual and row.from_base else "") + \
+            "train all parameters"
+    if row.lora:
+        on = f"LoRA r={spec.lora.r} on {'/'.join(spec.lora.target_modules)}"
+        if not row.adapter_per_task:
+            return f"train {on}"
+        return (f"train a new {on} (O-LoRA: earlier adapters frozen, orthogonality weight "
+                f"{spec.olora.lambda_orth}, L2 weight {spec.olora.lambda_l2})")  # fmt: skip
     sel = spec.selection
-    scorer = "random" if spec.method == "random_neurons" else sel.scorer
+    scorer = "random" if row.random else sel.scorer
     amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"
     unit = "neurons" if sel.unit == "neuron" else "weight rows"
     scope = "per layer" if sel.per_layer else "global"

@@ -33,6 +33,7 @@ from ncft.analysis import plots
 from ncft.analysis.overlap import iou_matrix
 from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_matrix
 from ncft.analysis.similarity import correlation
+from ncft.continual.metrics import average_forgetting
 from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import RunLayout
@@ -116,8 +117,16 @@ def _continual(run: _Run) -> Lines | str:
             ["AP (mean final score)", cm["average_performance"]],
             ["BWT", cm["backward_transfer"]],
         ]
-        + [[f"FG after {t} (stage {j})", fg] for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))],
+        + [[f"FG after {t} (stage {j}; eq. 5 retention, higher = more kept)", fg]
+           for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))]
+        + [[f"forgetting after {t} (stage {j}; max earlier - now, lower = better)", f]
+           for j, (t, f) in enumerate(zip(tasks, average_forgetting(cm["matrix"])))],
     )
+    proto = res.get("protocol") or {}
+    out.append(f"Classification scored by `{proto.get('classification', 'rank')}`"
+               + (f"; W-NCFT query `{proto['wncft_query']}`" if proto.get("wncft_query")
+                  else "") + ".")
+    out.append("")
     summary = res.get("summary")
     if isinstance(summary, dict) and summary:
         out += ["Runner summary (`results.json` `summary`):", ""]

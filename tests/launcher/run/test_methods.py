@@ -165,3 +165,37 @@ def test_full_changes_attention_neurons_leave_it(runs, cache):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(full[name], base[name])
     assert torch.equal(neurons[name], base[name])
+
+
+def test_olora_keeps_earlier_adapters_and_exports_their_sum(runs, cache):
+    from transformers import AutoModelForCausalLM
+
+    from ncft import olora
+
+    run = runs / "olora"
+    first = load_file(run / "checkpoints" / "01-sst2" / "model.safetensors")
+    second = load_file(run / "checkpoints" / "02-rte" / "model.safetensors")
+    assert any(".task0." in k for k in first) and not any(".task1." in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first), "task 0 must stay frozen"
+    assert any(".lora_B.task1." in k and v.abs().sum() > 0 for k, v in second.items())
+    # The exported model is a plain HF model computing what both adapters compute.
+    base = AutoModelForCausalLM.from_pretrained(cache / "tiny-random-llama")
+    opts = olora.LoraOptions(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    adapted = olora.with_adapters(base, 2, opts, seed=0)
+    missing, unexpected = adapted.load_state_dict(second, strict=False)
+    assert not unexpected and not [m for m in missing if "lora_" in m]
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    ids = torch.tensor([[1, 50, 90, 140, 30, 70]])
+    with torch.no_grad():
+        want = adapted.eval()(input_ids=ids).logits
+        got = final.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wncft_example_query_and_generate_protocol_recorded(runs):
+    results = json.loads((runs / "wncft_example" / "results.json").read_text())
+    assert results["protocol"] == {"classification": "generate", "wncft_query": "example"}
+    detail = results["details"]["sst2"][1]
+    assert detail["query"] == "example" and sum(detail["top_task_share"]) == pytest.approx(1)
+    assert sum(detail["mixing_weights"]) == pytest.approx(1.0)
+    assert "retention" in results["summary"]["forgetting"]["note"]

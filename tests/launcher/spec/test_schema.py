@@ -204,6 +204,12 @@ MALFORMED = [
     ("lora_dropout", {"lora.dropout": 1.0}, "lora.dropout"),
     ("lora_extra", {"lora.rank": 4}, "lora.rank"),
     ("wncft_temperature", {"wncft.temperature": 0}, "wncft.temperature"),
+    ("wncft_query", {"wncft.query": "batch"}, "wncft.query"),
+    ("eval_classification", {"eval.classification": "argmax"}, "eval.classification"),
+    ("olora_lambda", {"method": "olora", "olora.lambda_orth": -1}, "olora.lambda_orth"),
+    ("olora_sharded", {"method": "olora"}, "engine.backend"),
+    ("model_architecture", {"model.architecture": "llama"}, "model.architecture"),
+    ("model_gguf_file", {"model.gguf_file": "m.gguf"}, "model.gguf_file"),
     ("eval_metric", {"eval.metrics": ["accuracy"]}, "eval.metrics[0]"),
     ("eval_max_examples", {"eval.max_examples": 0}, "eval.max_examples"),
     ("output_missing", {"output": DELETE}, "output"),
@@ -468,3 +474,17 @@ def test_finetune_matrix_needs_the_deactivation_study():
     with pytest.raises(SpecError, match="study.finetune_matrix"):
         load_spec(REPO / "examples" / "demo_smollm2.yaml",
                   ["study.deactivation=false", "study.finetune_matrix=true"])
+
+
+def test_methods_table_drives_allowed_values_and_plan(tmp_path: Path):
+    from ncft.continual.methods import CONTINUAL_METHODS, METHODS
+
+    assert "olora" in CONTINUAL_METHODS and set(METHODS) == set(
+        Spec.model_fields["method"].annotation.__args__)
+    spec = load_spec(_write(tmp_path, _patched({"method": "olora", "engine.backend": "single"})))
+    plan = "\n".join(plan_stages(spec))
+    assert "train a new LoRA r=8" in plan and "orthogonality weight 0.5" in plan
+    spec = load_spec(_write(tmp_path, _patched({"method": "wncft", "wncft.query": "example"})))
+    assert "query: each example's own prompt vector" in "\n".join(plan_stages(spec))
+    with pytest.raises(SpecError, match="inferred from the model config"):
+        load_spec(_write(tmp_path, _patched({"model.architecture": "llama"})))
