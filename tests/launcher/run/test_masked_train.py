@@ -15,8 +15,11 @@ from tests.support.tiny import SAMPLE_TEXT, save_tiny_model_dir
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("backend,nproc", [("deepspeed", 2), ("fsdp1", 3)])
-def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc):
+@pytest.mark.parametrize("backend,nproc,update", [
+    ("deepspeed", 2, "masked"), ("fsdp1", 3, "masked"),
+    ("deepspeed", 2, "sparse_delta"), ("fsdp2", 3, "sparse_delta"),
+])
+def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, update):
     model_dir = save_tiny_model_dir(tmp_path / "model")
     data = tmp_path / "train.txt"
     data.write_text(SAMPLE_TEXT)
@@ -25,7 +28,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc):
         sys.executable, "-m", "launcher", "masked-train", "--model", str(model_dir),
         "--data", str(data), "--out", str(out), "--backend", backend, "--nproc", str(nproc),
         "--steps", "3", "--fraction", "0.2", "--seq-len", "12", "--micro-batch-size", "1",
-        "--grad-accum", "2",
+        "--grad-accum", "2", "--update", update,
     ]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, cwd=REPO,
                           timeout=300)
@@ -33,6 +36,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc):
     report = json.loads((out / "report.json").read_text())
     params = report["parameters"]
     assert report["world_size"] == nproc and len(report["losses"]) == 3
+    assert report["update"] == update
     assert all(v["outside_selection_changed"] == 0 for v in params.values())
     trained = {k for k, v in params.items() if v["changed"]}
     assert any("gate_proj.weight" in k for k in trained)
