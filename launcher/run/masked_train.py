@@ -128,7 +128,8 @@ def run(args: MaskedTrainArgs) -> None:
         final = _load_dir(out / "model")
         nset.save(out / "neurons.safetensors")
         write_json(out / "report.json", {
-            "backend": args.backend, "update": args.update, "world_size": info.world_size, "steps": args.steps,
+            "backend": args.backend, "update": args.update, "world_size": info.world_size,
+            "steps": args.steps,
             "losses": [e.loss for e in logs], "grad_norms": [e.grad_norm for e in logs],
             "parameters": change_report(final, model_dir, nset),
         })

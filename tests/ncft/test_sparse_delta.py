@@ -81,7 +81,8 @@ def test_write_back_puts_trained_values_into_full_matrices(arch):
         torch.testing.assert_close(engine.forward({"input_ids": ids}).logits, trained_logits,
                                    atol=1e-5, rtol=0)  # fmt: skip
     state = gather_state_dict(engine)
-    assert set(state) == {n for n, _ in model.named_parameters() if not sparse_delta.is_delta_fqn(n)}
+    names = {n for n, _ in model.named_parameters() if not sparse_delta.is_delta_fqn(n)}
+    assert set(state) == names
     params = dict(model.named_parameters())
     for entry in entries:
         for delta, base, axis, idx in entry.pairs:
