@@ -22,6 +22,12 @@ optimizer holds (their real sizes). Ratios are taken within one run of this scri
 Run:
 
     OMP_NUM_THREADS=1 python benchmarks/sparse_delta.py --out sparse_delta.json
+
+On one GPU (`--gpu`, config `1b`: TinyLlama-1.1B's shape, fp32, single engine) the
+arms run one after another in one process and peak memory is
+`torch.cuda.max_memory_allocated()` after a reset, per arm:
+
+    python benchmarks/sparse_delta.py --gpu --configs 1b --out sparse_delta_gpu.json
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ CONFIGS: dict[str, dict] = {
                            num_hidden_layers=12, num_attention_heads=12,
                            num_key_value_heads=12),
              "seq": 128, "micro_batch": 2, "warmup": 2, "steps": 5},
+    # TinyLlama-1.1B's shape (GQA 32/4 heads), for --gpu.
+    "1b": {"model": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+           "seq": 512, "micro_batch": 4, "warmup": 3, "steps": 10},
 }
 
 
@@ -70,15 +80,17 @@ def reset_peak() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def build(config: str):
+def build(config: str, device: str = "cpu"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**CONFIGS[config]["model"], max_position_embeddings=128,
+    cfg = LlamaConfig(**CONFIGS[config]["model"],
+                      max_position_embeddings=max(128, CONFIGS[config]["seq"]),
                       tie_word_embeddings=True, mlp_bias=False, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")  # fmt: skip
-    return LlamaForCausalLM(cfg)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg)
 
 
 def lora_rank(config: str) -> int:
@@ -89,13 +101,13 @@ def lora_rank(config: str) -> int:
     return max(1, round(units * h / (h + f)))
 
 
-def prepare(arm: str, config: str):
+def prepare(arm: str, config: str, device: str = "cpu"):
     """The model with this arm's trainables marked; (model, neuron set or None)."""
     from ncft import sparse_delta
     from ncft.lora import apply_lora
     from ncft.masks.plan import freeze_unselected
 
-    model = build(config)
+    model = build(config, device)
     nset = random_neuron_set(model, FRACTION)
     if arm == "masked":
         freeze_unselected(model, nset.entries)
@@ -220,16 +232,68 @@ def table(results: list[dict], rel: list[dict]) -> str:
 
 
 def machine() -> dict:
-    import deepspeed
     import peft
     import torch
     import transformers
 
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:  # the GPU arms need no DeepSpeed
+        ds_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "torch": torch.__version__, "deepspeed": ds_version, "gpu": gpu,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_avg": os.getloadavg()}  # fmt: skip
+
+
+def gpu_arm(arm: str, config: str) -> dict:
+    """One arm on one GPU, single engine, in this process (peak = max allocated)."""
+    import gc
+
+    import torch
+
+    from launcher.dist import DistInfo
+    from launcher.engines import OptimConfig, build_engine
+    from ncft.masks.plan import install
+    from ncft.train import train_step
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    spec = CONFIGS[config]
+    info = DistInfo(rank=0, world_size=1, local_rank=0, backend="nccl",
+                    device=torch.device("cuda"))  # fmt: skip
+    model, nset = prepare(arm, config, "cuda")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = OptimConfig(lr=1e-4, weight_decay=0.1, grad_clip=1.0,
+                      micro_batch_size=spec["micro_batch"])  # fmt: skip
+    engine = build_engine("single", model, cfg, info)
+    plan = install(engine, nset.entries) if nset is not None else None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab = spec["model"]["vocab_size"]
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq"]), generator=gen,
+                            device="cuda")  # fmt: skip
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(engine, [{"input_ids": ids, "labels": ids}], plan)
+        torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    grad, opt = state_bytes(engine)
+    peak = torch.cuda.max_memory_allocated() - base
+    engine.close()
+    del engine, model, plan
+    return {"arm": arm, "config": config, "engine": "single-gpu", "params": total,
+            "trainable": trainable, "step_s": statistics.median(times), "step_samples": times,
+            "peak_bytes_max_rank": peak, "grad_opt_bytes_max_rank": grad + opt}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override measured steps")
+    parser.add_argument("--gpu", action="store_true", help="one GPU, single engine")
     args = parser.parse_args(argv)
     for c in args.configs.split(","):
         if c not in CONFIGS:
@@ -252,10 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join([os.path.basename(sys.executable), *sys.argv])
     results = []
     for config in args.configs.split(","):
-        for engine in args.engines.split(","):
+        for engine in ["single-gpu"] if args.gpu else args.engines.split(","):
             for arm in args.arms.split(","):
                 t0 = time.perf_counter()
-                results.append(run_arm(args, arm, config, engine))
+                results.append(gpu_arm(arm, config) if args.gpu
+                               else run_arm(args, arm, config, engine))  # fmt: skip
                 print(f"[sparse_delta] {engine}/{config}/{arm}: step "
                       f"{results[-1]['step_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
                       flush=True)  # fmt: skip
