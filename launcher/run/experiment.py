@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from launcher.dist import init_distributed, print0, shutdown
+from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
 from launcher.run import neft, rundir, studies
 from launcher.run.backend import LauncherBackend
 from launcher.run.checkpoint import atomic_dir, commit_dir
@@ -142,7 +141,7 @@ def run_rank(run_root: str, model_dir: str) -> None:
 
             write_report(run.root)
         print0(f"done: {run.results}")
-    dist.barrier()
+    barrier()
     shutdown()
 
 
@@ -166,8 +165,4 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
         run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
-    payload = [None]
-    if info.is_main_process:
-        payload = [prepare(spec)]
-    dist.broadcast_object_list(payload, src=0)
-    run_rank(*payload[0])
+    run_rank(*broadcast_object(prepare(spec) if info.is_main_process else None))

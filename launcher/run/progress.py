@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from launcher.dist import barrier
 from launcher.run.checkpoint import write_json
 from launcher.run.rundir import RunDir
 
@@ -66,8 +67,6 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
     Returns:
         The step directory.
     """
-    import torch.distributed as dist
-
     root = stage_root(run, stage, task)
     step_dir = root / f"step-{step:08d}"
     step_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +76,7 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
     tmp = target.with_name(f".{target.name}.tmp")
     save_file(state, str(tmp))
     os.replace(tmp, target)
-    dist.barrier()  # every shard is on disk before the directory counts
+    barrier()  # every shard is on disk before the directory counts
     if engine.is_main_process:
         write_json(step_dir / "progress.json", {
             "stage": stage, "task": task, "step": step, "backend": backend,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
-from launcher.dist import print0
+from launcher.dist import barrier, print0
 from launcher.run import neft
 from launcher.run.checkpoint import write_json
 from launcher.spec import Spec
@@ -57,7 +55,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop
     if backend.info.is_main_process:
         write_json(out, grid)
     engine.close()
-    dist.barrier()
+    barrier()
 
 
 def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
@@ -97,7 +95,7 @@ def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
                 shift["utilization"] = "1 - cos(w, w after cosine_steps of full fine-tuning)"
                 neft.save_scores(backend.run.neft / f"{task.name}.after.safetensors", after)
                 write_json(result_file, shift)
-            dist.barrier()
+            barrier()
         if backend.info.is_main_process:
             out[task.name] = json.loads(result_file.read_text())
     return out

@@ -71,7 +71,9 @@ class ModelSpec(_Section):
         "converted local cache (e.g. smollm2-135m-instruct).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter and compute dtype."
+        "float32", description="Compute dtype. bfloat16: bf16 forward/backward with fp32 "
+        "master weights and fp32 AdamW moments on every engine (masks act on the fp32 "
+        "masters); float16: deepspeed only (loss scaling)."
     )
     architecture: str | None = Field(
         None, description="Architecture adapter name; inferred from the model config if unset."
@@ -192,6 +194,11 @@ class TrainingSpec(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of "
+        "storing them (less memory, about one more forward of compute); every engine, masks "
+        "unaffected. Scoring and evaluation run without it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -347,6 +354,10 @@ class Spec(_Section):
                 problems.append((f"tasks[{i}].name", f"duplicate task name {name!r}"))
         for i, task in enumerate(self.tasks):
             problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
+        if self.model.dtype == "float16" and self.engine.backend != "deepspeed":
+            problems.append(("model.dtype", f"float16 needs loss scaling, which only "
+                             f"engine.backend=deepspeed does (got {self.engine.backend}); "
+                             "use bfloat16"))  # fmt: skip
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
         if problems:
