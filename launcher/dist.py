@@ -107,11 +107,17 @@ def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     tagged with the simulated device's label (see `device_label`).
     """
     out = tensor.to(device)
+    if os.environ.get(SIMULATED_DEVICE_ENV):
+        out = _tagged(out.clone() if out is tensor else out)
+    return out
+
+
+def _tagged(tensor: torch.Tensor) -> torch.Tensor:
+    """Under the simulation test hook, mark `tensor` as living on the accelerator."""
     label = os.environ.get(SIMULATED_DEVICE_ENV)
     if label:
-        out = out.clone() if out is tensor else out
-        out.ncft_device = label  # a plain attribute: tensors accept them
-    return out
+        tensor.ncft_device = label  # a plain attribute: tensors accept them
+    return tensor
 
 
 def device_label(tensor: torch.Tensor) -> str:
@@ -151,7 +157,8 @@ def broadcast_(tensor: torch.Tensor, device: torch.device, src: int = 0) -> torc
 def all_gather_flat(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Every rank's equally sized 1-D `tensor`, concatenated in rank order, on `device`."""
     work = on_device(tensor.contiguous(), device)
-    out = torch.empty(work.numel() * dist.get_world_size(), dtype=work.dtype, device=device)
+    out = _tagged(torch.empty(work.numel() * dist.get_world_size(), dtype=work.dtype,
+                              device=device))  # fmt: skip
     dist.all_gather_into_tensor(out, work)
     return out
 
