@@ -11,8 +11,8 @@ the simulation every tensor the project creates on the host is one NCCL would re
 Three real `ncft run`s on 2 gloo ranks cover engine build, attribution and cosine
 scoring, selection (checksum), training, mid-task and stage checkpoints, evaluation
 (classification and KV-cache generation), W-NCFT task vectors, the deactivation study
-and export (ZeRO-3 bf16: gathering fp32 masters), on fsdp2, deepspeed and fsdp1. A planted host-tensor all-reduce must be
-flagged, so the audit cannot pass vacuously.
+and export (ZeRO-3 bf16: gathering fp32 masters), on fsdp2, deepspeed and fsdp1. A
+planted host-tensor all-reduce must be flagged, so the audit cannot pass vacuously.
 """
 
 from __future__ import annotations
@@ -62,20 +62,23 @@ EXPECTED_ORIGINS = {
 
 
 def audit(out: Path, name: str, overrides: list[str], plant: bool = False,
-          check: bool = True) -> list[dict]:  # fmt: skip
-    """Run one audited `ncft run` on 2 ranks; return both ranks' records."""
+          check: bool = True, simulated: bool = True, nproc: int = 2) -> list[dict]:  # fmt: skip
+    """Run one audited `ncft run` on `nproc` ranks; return every rank's records.
+
+    `simulated=False` (GPU runs) audits against the ranks' real CUDA devices.
+    """
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            "--local-addr=127.0.0.1", str(WORKER), str(run), str(SPEC),
            "plant" if plant else "clean", *COMMON, *overrides, f"output.dir={run / 'run'}"]
-    env = worker_env({SIMULATED_DEVICE_ENV: LABEL, "NCFT_CACHE": str(cache)})
+    env = worker_env({SIMULATED_DEVICE_ENV: LABEL if simulated else "", "NCFT_CACHE": str(cache)})
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [r for rank in (0, 1) if (run / f"audit-rank{rank}.json").is_file()
+    return [r for rank in range(nproc) if (run / f"audit-rank{rank}.json").is_file()
             for r in json.loads((run / f"audit-rank{rank}.json").read_text())]  # fmt: skip
 
 

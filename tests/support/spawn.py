@@ -13,11 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for spawned ranks: repo on the path, CPU DeepSpeed, loopback gloo."""
+    """Environment for spawned ranks: repo on the path, DeepSpeed's accelerator, loopback gloo."""
+    import torch
+
     env = dict(os.environ)
     env.update(
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        DS_ACCELERATOR="cpu",
+        # DeepSpeed's CPU accelerator only where there is no GPU: on a GPU machine it
+        # would keep ZeRO-3 off CUDA.
+        DS_ACCELERATOR="cuda" if torch.cuda.is_available() else "cpu",
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
