@@ -24,8 +24,8 @@ class Segment:
     layout) live on this rank at `local_flat(opt_param)[opt_offset : opt_offset +
     stop - start]`, where `opt_param` is the tensor the optimizer steps (a ZeRO-3
     fp32 sub-group partition, an FSDP1 flat-parameter shard, an FSDP2 DTensor, or
-    the plain parameter). `grad()` returns the matching 1-D gradient view, which
-    masking writes to in place.
+    the plain parameter), always the fp32 master even when compute runs in bf16.
+    `grad()` returns the matching 1-D gradient view, which masking writes to in place.
 
     Attributes:
         fqn: Fully qualified parameter name in the unwrapped model.
