@@ -86,18 +86,26 @@ def prepare_model(model: nn.Module, cfg: OptimConfig) -> nn.Module:
     """
     model.float()
     if cfg.activation_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise ValueError(
-                f"training.activation_checkpointing: {type(model).__name__} has no "
-                "gradient_checkpointing_enable (not a transformers model); set it to false"
-            )
-        # Non-reentrant checkpointing: it composes with FSDP/ZeRO-3 parameter hooks and
-        # needs no input that requires grad. transformers checkpoints a layer only in
-        # train mode, so scoring and evaluation (eval mode) store activations as usual
-        # and the attribution hooks see every forward exactly once.
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing composes with FSDP/ZeRO-3 parameter hooks. transformers
+    # checkpoints a layer's `forward` (its module hooks stay outside) and only in train
+    # mode, so scoring and evaluation (eval mode) store activations as usual and the
+    # attribution hooks see every forward exactly once. transformers 5 renamed
+    # `gradient_checkpointing_enable` (kept as a deprecated alias, and by peft wrappers).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            f"training.activation_checkpointing: {type(model).__name__} is not a transformers "
+            "model (no activation_checkpointing_enable); set it to false"
+        )
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

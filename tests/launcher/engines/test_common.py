@@ -42,4 +42,16 @@ def test_checkpointing_needs_a_transformers_model():
 
 def test_checkpointing_is_switched_on():
     engine = build_engine("single", tiny_llama(), OptimConfig(activation_checkpointing=True), CPU)
-    assert engine.module.is_gradient_checkpointing
+    assert engine.module.is_activation_checkpointing
+
+
+def test_checkpointing_composes_with_lora():
+    from ncft.lora import apply_lora
+
+    model = apply_lora(tiny_llama(), 4, 8, 0.0, ["q_proj", "v_proj"])
+    engine = build_engine("single", model, OptimConfig(activation_checkpointing=True), CPU)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine.forward({"input_ids": ids, "labels": ids}).loss)
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    engine.step()
