@@ -23,7 +23,6 @@ backend and world size, which `load` checks.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from launcher.dist import barrier
-from launcher.run.checkpoint import write_json
 from launcher.run.rundir import RunDir
+from ncft.io import atomic_file, write_json
 
 _RNG = "rng.torch"
 _CUDA_RNG = "rng.cuda"
@@ -60,7 +59,7 @@ def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def stage_root(run: RunDir, stage: int, task: str) -> Path:
     """Directory holding the mid-task checkpoints of stage `stage` (0-based)."""
-    return run.checkpoints / "in-progress" / run.stage_dir(stage, task).name
+    return run.in_progress_dir(stage, task)
 
 
 def _rank_file(step_dir: Path, rank: int, world_size: int) -> Path:
@@ -96,9 +95,8 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
     state = engine.local_state()
     state.update(rng_state(_device(engine)))
     target = _rank_file(step_dir, engine.rank, engine.world_size)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        save_file(state, str(tmp))
     barrier()  # every shard is on disk before the directory counts
     if engine.is_main_process:
         write_json(step_dir / "progress.json", {

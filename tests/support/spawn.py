@@ -13,15 +13,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for spawned ranks: repo on the path, DeepSpeed's accelerator, loopback gloo."""
+    """Environment for spawned ranks: repo on the path, loopback gloo, and DeepSpeed's
+    CPU accelerator only where there is no GPU (on a GPU it must pick CUDA, or the
+    gpu-marked tests would run DeepSpeed on the CPU accelerator beside NCCL)."""
     import torch
 
     env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     env.update(
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        # DeepSpeed's CPU accelerator only where there is no GPU: on a GPU machine it
-        # would keep ZeRO-3 off CUDA.
-        DS_ACCELERATOR="cuda" if torch.cuda.is_available() else "cpu",
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
