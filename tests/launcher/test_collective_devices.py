@@ -50,11 +50,11 @@ RUNS = {
 }
 # Where project code must have issued collectives (origin file: function).
 EXPECTED_ORIGINS = {
-    "fsdp2_wncft": ["ncft/scoring/attribution.py", "ncft/selection.py", "ncft/evaluate.py",
+    "fsdp2_wncft": ["ncft/scoring/attribution.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                     "ncft/continual/wncft.py", "ncft/deactivate.py", "launcher/run/progress.py",
                     "launcher/run/backend.py:save_stage", "launcher/run/backend.py:build_engine",
                     "launcher/run/studies.py"],
-    "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection.py", "ncft/evaluate.py",
+    "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                        "launcher/run/progress.py", "launcher/run/checkpoint.py"],
     "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/evaluate.py:_greedy_batch",
                          "ncft/evaluate.py:generate_greedy"],
