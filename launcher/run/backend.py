@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from launcher.dist import DistInfo, print0
+from launcher.dist import DistInfo, barrier, print0
 from launcher.engines import OptimConfig, build_engine
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
@@ -41,6 +40,8 @@ def optim_config(spec: Spec) -> OptimConfig:
     return OptimConfig(
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
+        compute_dtype=_DTYPES[spec.model.dtype],
+        activation_checkpointing=t.activation_checkpointing,
     )
 
 
@@ -78,9 +79,9 @@ class LauncherBackend:
 
         if self._weights_on_rank0_only and not self.info.is_main_process:
             return self._meta_model()
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
-        )
+        # fp32: the engine owns precision (fp32 masters, `model.dtype` is the compute
+        # dtype, see launcher/engines/common.py).
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         row = method(self.spec.method)
         if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
             from ncft import olora
@@ -114,7 +115,7 @@ class LauncherBackend:
 
         config = AutoConfig.from_pretrained(self.model_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[self.spec.model.dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         try:  # generation on this rank must follow the same settings as on rank 0
             model.generation_config = GenerationConfig.from_pretrained(self.model_dir)
         except OSError:
@@ -146,7 +147,7 @@ class LauncherBackend:
                           tmp / "model.safetensors")  # fmt: skip
                 write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
-        dist.barrier()
+        barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
 
     def resume_step(self, stage: int) -> int:  # noqa: D102
