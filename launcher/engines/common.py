@@ -115,6 +115,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on the engine's device.
+
+    Data loaders collate on the host; on a GPU a host `input_ids` meeting CUDA
+    embeddings fails, so every engine's `forward` places its batch here (a no-op on
+    CPU and for tensors already there).
+    """
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}  # fmt: skip
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> MaskedAdamW:
     """The project's optimizer over `params` (every engine uses the same one)."""
     return MaskedAdamW(

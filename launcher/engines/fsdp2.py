@@ -33,6 +33,7 @@ from launcher.engines.common import (
     decoder_layers,
     make_optimizer,
     named_shapes,
+    on_device,
     prepare_model,
     trainable,
 )
@@ -94,7 +95,7 @@ class Fsdp2Engine(LocalState):
         return self.rank == 0
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**batch)
+        return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1

@@ -40,6 +40,7 @@ from launcher.engines.common import (  # noqa: E402
     check_compute_dtype,
     make_optimizer,
     named_shapes,
+    on_device,
     prepare_model,
     trainable,
 )
@@ -92,7 +93,7 @@ class Zero3Engine(LocalState):
         return self.rank == 0
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self._ds(**batch)
+        return self._ds(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         # DeepSpeed divides by gradient_accumulation_steps itself.
