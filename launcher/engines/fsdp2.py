@@ -9,6 +9,10 @@ device (no host memory), and after sharding rank 0 broadcasts one parameter at a
 time, each rank keeping its rows. Buffers, including non-persistent ones that no
 checkpoint holds (rotary `inv_freq`), are broadcast too, so no rank relies on
 re-running initialisation code for them.
+
+Given `weights` (`launcher.engines.loading`), every rank builds on meta instead and
+reads its own rows from the safetensors files: no rank holds the full model and
+nothing is broadcast; non-persistent buffers are recomputed on each rank.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from launcher.dist import DistInfo
+from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
@@ -38,9 +43,33 @@ from ncft.masks.layout import chunk_rows
 class Fsdp2Engine(LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
+                 weights: loading.Weights | None = None) -> None:  # fmt: skip
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
+        self.load_report = None
+        if weights is not None:
+            self._load_sharded(model, weights, info.device)
+        else:
+            self._shard_in_memory(model, info)
+        self.module = model
+        self._params = dict(model.named_parameters())
+        self.optimizer = make_optimizer(trainable(model), cfg)
+        self._micro = 0
+
+    def _load_sharded(self, model: nn.Module, weights: loading.Weights, device: torch.device) -> None:
+        if not all(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("FSDP2 sharded loading: build the model on the meta device")
+        keys = loading.param_keys(model, weights.keys())  # before sharding: tied aliases
+        with loading.PeakMemory() as peak:
+            for layer in decoder_layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+            model.to_empty(device=device)
+            loading.fill_fsdp2(model, weights, keys, self.world_size, self.rank)
+        self.load_report = loading.report("fsdp2", self.rank, peak, weights)
+
+    def _shard_in_memory(self, model: nn.Module, info: DistInfo) -> None:
         meta = _on_meta(model)
         from_rank0 = info.world_size > 1 and _any_rank(meta)
         if meta and (self.rank == 0 or not from_rank0):
@@ -58,10 +87,6 @@ class Fsdp2Engine(LocalState):
         if from_rank0:
             self._broadcast_from_rank0(model, full, info.device)
         del full
-        self.module = model
-        self._params = dict(model.named_parameters())
-        self.optimizer = make_optimizer(trainable(model), cfg)
-        self._micro = 0
 
     @torch.no_grad()
     def _broadcast_from_rank0(

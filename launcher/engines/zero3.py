@@ -7,6 +7,11 @@ concatenates each rank's partitions into flat fp32 sub-group tensors
 calls the client optimizer's `step()` on those. So a `Segment`'s `opt_param` is the
 sub-group tensor, and its gradient is the matching entry of `averaged_gradients`,
 which is also what DeepSpeed takes the clipping norm of.
+
+Given `weights` (`launcher.engines.loading`), the model passed in is a meta-device
+structure: the engine builds its twin under `deepspeed.zero.Init` and each rank fills
+its own partitions from the safetensors files before `deepspeed.initialize` copies
+them into the fp32 masters.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
 from launcher.dist import DistInfo  # noqa: E402
-from launcher.engines import ds_config  # noqa: E402
+from launcher.engines import ds_config, loading  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
     LocalState,
     OptimConfig,
@@ -51,7 +56,8 @@ class Zero3Engine(LocalState):
     """`deepspeed.initialize` with ZeRO stage 3 and the project's MaskedAdamW."""
 
     def __init__(
-        self, model: nn.Module, cfg: OptimConfig, info: DistInfo, config: str = "zero3"
+        self, model: nn.Module, cfg: OptimConfig, info: DistInfo, config: str = "zero3",
+        weights: loading.Weights | None = None,
     ) -> None:
         if info.backend == "gloo":
             _skip_cpu_shm_op()
@@ -68,6 +74,11 @@ class Zero3Engine(LocalState):
                 "training.grad_clip > 0 is not supported with offload_optimizer; "
                 "set grad_clip: 0 or use ds_configs/zero3.json"
             )
+        self.load_report = None
+        if weights is not None:
+            with loading.PeakMemory() as peak:
+                model = loading.zero3_model(model, ds_cfg, weights, self.world_size, self.rank)
+            self.load_report = loading.report("deepspeed", self.rank, peak, weights)
         self.optimizer = make_optimizer(trainable(model), cfg)
         self._ds, self._zero, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=ds_cfg, dist_init_required=False

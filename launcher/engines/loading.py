@@ -1,0 +1,435 @@
+"""Sharded loading: every rank reads from the safetensors files only what it will own.
+
+A run's weights are a HF directory (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`) or a stage checkpoint (`RUN/checkpoints/<stage>/
+model.safetensors`). `SafetensorsWeights` reads a row range or a flat element range
+of one tensor straight from its file (the byte range the safetensors header gives),
+so a rank touches only its part; no rank holds the full model, nothing is broadcast.
+
+- FSDP2 (`fill_fsdp2`): the model is built on the meta device on every rank,
+  `fully_shard`ed, `to_empty`'d, then each rank copies rows `chunk_rows(R, W, r)`
+  (what `torch.chunk` and `Shard(0)` give it) into its DTensor shard.
+- ZeRO-3 (`zero3_model`): a twin of the meta model is built under
+  `deepspeed.zero.Init`, so each rank allocates only its partitions, and each rank
+  writes its own `ds_tensor` from the file (`flat_partition` arithmetic).
+
+Non-persistent buffers (rotary `inv_freq`) are in no file; they are recomputed on
+each rank (`recompute_buffers`). `Replay` serves again what a build read, from this
+rank's memory, so a stage that builds a scoring engine and then a training engine
+reads the files once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ncft.engine import local_tensor
+from ncft.masks.layout import chunk_rows, flat_partition
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_Key = tuple[str, str, int, int]  # (kind, tensor key, lo, hi)
+
+
+class Weights(Protocol):
+    """Where a build reads tensors from (`SafetensorsWeights` or `Replay`)."""
+
+    def keys(self) -> set[str]:
+        """Names of the tensors this source holds."""
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Full shape of tensor `key`."""
+
+    def rows(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows `[lo, hi)` of tensor `key` (a 0-d tensor: the whole of it, lo = hi = 0)."""
+
+    def flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements `[start, stop)` of tensor `key` flattened."""
+
+
+# safetensors dtype names (the format's header) -> torch dtypes.
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class _File:
+    """One safetensors file: its header, and byte ranges read with plain `readinto`.
+
+    The format (https://huggingface.co/docs/safetensors): 8 bytes little-endian header
+    length N, N bytes of JSON `{key: {dtype, shape, data_offsets: [begin, end]}}`, then
+    the data, offsets relative to its start, tensors row-major. We read bytes into a
+    fresh tensor rather than take `safe_open(...).get_slice(key)[lo:hi]`: those slices
+    are views of a memory map, and the mapped pages a copy touches count in the rank's
+    resident set on top of the copy (measured: 2x the shard at peak, not 1x).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            self.header = json.loads(handle.read(size))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self._handle = None
+
+    def read(self, key: str, first: int, count: int) -> torch.Tensor:
+        """Flattened elements `[first, first + count)` of `key`, as a new tensor."""
+        entry = self.header[key]
+        dtype = _DTYPES[entry["dtype"]]
+        item = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(count * item, dtype=torch.uint8)
+        if self._handle is None:
+            self._handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed in close)
+        self._handle.seek(self.data_start + entry["data_offsets"][0] + first * item)
+        view, done = memoryview(out.numpy()), 0
+        while done < len(view):  # a read may return less than asked (2 GiB cap on Linux)
+            got = self._handle.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{self.path}: truncated data for {key}")
+            done += got
+        return out.view(dtype)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class SafetensorsWeights:
+    """Tensors in safetensors files, read by row or flat range without loading a file.
+
+    Args:
+        files: Tensor key -> the file holding it.
+
+    Attributes:
+        bytes_read: Bytes of tensor data returned so far.
+        recorded: While recording (`record()`), every tensor returned, by request.
+    """
+
+    def __init__(self, files: Mapping[str, Path]) -> None:
+        opened = {path: _File(path) for path in {Path(f) for f in files.values()}}
+        self._file_of = {key: opened[Path(f)] for key, f in files.items()}
+        self.bytes_read = 0
+        self.recorded: dict[_Key, torch.Tensor] | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> SafetensorsWeights:
+        """A HF directory (single file or index of shards) or one safetensors file.
+
+        Raises:
+            ValueError: If `path` holds no safetensors weights.
+        """
+        path = Path(path)
+        if path.is_dir() and (path / INDEX).is_file():
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            return cls({key: path / name for key, name in weight_map.items()})
+        file = path / SINGLE if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(
+                f"model.name_or_path: {path} has no {SINGLE} or {INDEX}; sharded loading "
+                "reads safetensors only (re-save the model with save_pretrained)"
+            )
+        return cls({key: file for key in _File(file).header})
+
+    def keys(self) -> set[str]:  # noqa: D102
+        return set(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:  # noqa: D102
+        return tuple(self._file_of[key].header[key]["shape"])
+
+    def record(self) -> None:
+        """From now on keep every tensor returned (for a `Replay`)."""
+        self.recorded = {}
+
+    def _out(self, request: _Key, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        if self.recorded is not None:
+            self.recorded[request] = tensor
+        return tensor
+
+    def rows(self, key: str, lo: int, hi: int) -> torch.Tensor:  # noqa: D102
+        shape = self.shape(key)
+        if not shape:
+            assert lo == hi == 0, (key, lo, hi)
+            return self._out(("rows", key, lo, hi), self._file_of[key].read(key, 0, 1)[0])
+        width = math.prod(shape[1:])
+        flat = self._file_of[key].read(key, lo * width, (hi - lo) * width)
+        return self._out(("rows", key, lo, hi), flat.view(hi - lo, *shape[1:]))
+
+    def flat(self, key: str, start: int, stop: int) -> torch.Tensor:  # noqa: D102
+        flat = self._file_of[key].read(key, start, stop - start)
+        return self._out(("flat", key, start, stop), flat)
+
+    def close(self) -> None:
+        """Close the open files."""
+        for file in set(self._file_of.values()):
+            file.close()
+
+
+class Replay:
+    """What a `SafetensorsWeights` returned while recording, served once more.
+
+    Each request must repeat one the recorded build made (same tensor, same range),
+    which holds when the second engine has the same backend and world size as the
+    first. Served tensors are dropped, so memory falls as the second build fills.
+    """
+
+    def __init__(self, source: SafetensorsWeights) -> None:
+        assert source.recorded is not None, "Replay needs a source that recorded"
+        self._kept = source.recorded
+        self._shapes = {key: source.shape(key) for _, key, _, _ in self._kept}
+        source.recorded = None
+        self.bytes_read = 0
+
+    def keys(self) -> set[str]:  # noqa: D102
+        return set(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:  # noqa: D102
+        return self._shapes[key]
+
+    def _take(self, request: _Key) -> torch.Tensor:
+        if request not in self._kept:
+            raise ValueError(f"kept weights hold no {request}: the second engine of a stage "
+                             "must shard like the first")  # fmt: skip
+        return self._kept.pop(request)
+
+    def rows(self, key: str, lo: int, hi: int) -> torch.Tensor:  # noqa: D102
+        return self._take(("rows", key, lo, hi))
+
+    def flat(self, key: str, start: int, stop: int) -> torch.Tensor:  # noqa: D102
+        return self._take(("flat", key, start, stop))
+
+
+def param_keys(model: nn.Module, available: Iterable[str]) -> dict[str, str]:
+    """Each parameter's key in the files, tied parameters under any of their names.
+
+    A tied `lm_head.weight` is the same Parameter as `embed_tokens.weight`;
+    `named_parameters()` lists it once, and the file may hold it under either name.
+
+    Raises:
+        ValueError: If a parameter is under none of its names.
+    """
+    available = set(available)
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    out, missing = {}, []
+    for name, p in model.named_parameters():
+        key = next((n for n in aliases[id(p)] if n in available), None)
+        if key is None:
+            missing.append(name)
+        else:
+            out[name] = key
+    if missing:
+        raise ValueError(f"the weights have no tensor for {len(missing)} parameters, e.g. "
+                         f"{missing[:3]}; they do not belong to this model")  # fmt: skip
+    return out
+
+
+def _checked(weights: Weights, key: str, shape: tuple[int, ...]) -> None:
+    found = weights.shape(key)
+    if tuple(found) != tuple(shape):
+        raise ValueError(f"weights hold {key} with shape {tuple(found)}, the model needs "
+                         f"{tuple(shape)}")  # fmt: skip
+
+
+def persistent_buffers(model: nn.Module) -> list[str]:
+    """Names of buffers a checkpoint holds (the rest are recomputed)."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name, buf in module.named_buffers(recurse=False)
+        if buf is not None and name not in module._non_persistent_buffers_set
+    ]
+
+
+@torch.no_grad()
+def recompute_buffers(model: nn.Module) -> None:
+    """Recompute every non-persistent buffer on its current device, as HF does on load.
+
+    transformers rebuilds the buffers of a model materialised from meta (rotary
+    `inv_freq` and `original_inv_freq`) with the model's `_init_weights(module)`; the
+    same call serves here. Buffers are first set to NaN so one that no recipe
+    rewrites is caught rather than left as `to_empty` garbage.
+
+    Raises:
+        ValueError: If a non-persistent buffer is not floating point or stays unset.
+    """
+    init = getattr(model, "_init_weights", None)
+    for prefix, module in model.named_modules():
+        names = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
+        if not names:
+            continue
+        bad = [n for n in names if not module._buffers[n].is_floating_point()]
+        if init is None or bad:
+            raise ValueError(f"cannot recompute the non-persistent buffers {names} of "
+                             f"{prefix or type(model).__name__}; load this model without "
+                             "sharded loading (engine.backend: single)")  # fmt: skip
+        for n in names:
+            module._buffers[n].fill_(float("nan"))
+        init(module)
+        unset = [n for n in names if module._buffers[n].isnan().any()]
+        if unset:
+            raise ValueError(f"{type(model).__name__}._init_weights does not recompute "
+                             f"{prefix}.{unset[0]}")  # fmt: skip
+
+
+@torch.no_grad()
+def _fill_buffers(model: nn.Module, weights: Weights) -> None:
+    buffers = dict(model.named_buffers())
+    for name in persistent_buffers(model):
+        buf = buffers[name]
+        _checked(weights, name, tuple(buf.shape))
+        buf.copy_(weights.rows(name, 0, buf.shape[0] if buf.dim() else 0))
+
+
+@torch.no_grad()
+def fill_fsdp2(model: nn.Module, weights: Weights, keys: Mapping[str, str], world_size: int,
+               rank: int) -> None:  # fmt: skip
+    """Fill this rank's DTensor rows of a `fully_shard`ed, `to_empty`'d model.
+
+    Args:
+        model: The sharded model (parameters are DTensors sharded on dim 0).
+        weights: Where to read.
+        keys: `param_keys` of the model, computed before sharding.
+        world_size: Ranks the parameters are sharded over.
+        rank: This rank.
+    """
+    recompute_buffers(model)  # first: `_init_weights` may also touch parameters
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)  # a DTensor reports the global shape
+        _checked(weights, keys[name], shape)
+        lo, hi = chunk_rows(shape[0], world_size, rank) if shape else (0, 0)
+        local = local_tensor(param)
+        src = weights.rows(keys[name], lo, hi)
+        assert tuple(src.shape) == tuple(local.shape), (name, src.shape, local.shape)
+        local.copy_(src)
+    _fill_buffers(model, weights)
+
+
+def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int,
+                rank: int) -> nn.Module:  # fmt: skip
+    """A twin of the meta HF model built under `deepspeed.zero.Init`, each rank's
+    partitions filled from `weights`; `requires_grad` and generation settings copied.
+
+    DeepSpeed's layout (deepspeed/runtime/zero/partition_parameters.py,
+    `Init._partition_param`, v0.19): a parameter of `ds_numel` elements is padded to
+    `ds_numel_aligned = world * P`, `P = ceil(ds_numel / world)`, and rank r's
+    `ds_tensor` (P elements, on `remote_device`) holds flat elements `[r P, (r+1) P)`;
+    the tail past `ds_numel` is padding. That is `ncft.masks.layout.flat_partition`,
+    so each rank writes its `ds_tensor` from its own file range, with no collective.
+    `zero.Init` reads `remote_device` (`offload_param`) from the config.
+    """
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    keys = param_keys(meta, weights.keys())
+    dtype = next(meta.parameters()).dtype
+    # zero.Init reads the world size from deepspeed.comm, which `deepspeed.initialize`
+    # would only set up later: attach it to the existing process group now.
+    deepspeed.init_distributed(torch.distributed.get_backend(), dist_init_required=False)
+    # no_init_weights: the random init would be overwritten; prevent_arange_dtype_change
+    # keeps rotary buffers fp32 when zero.Init casts new tensors to a bf16 dtype. No
+    # `dtype=` argument: zero.Init then takes it from the config's bf16/fp16 flags
+    # (which `ds_config.fill` set from the model's dtype); given one, DeepSpeed 0.19's
+    # `_set_dtype` ignores it on an accelerator without fp16 (operator precedence)
+    # and picks bf16.
+    with no_init_weights(), prevent_arange_dtype_change(), \
+            _partition_only(deepspeed.zero.Init)(config_dict_or_path=ds_cfg):
+        model = type(meta)._from_config(meta.config, dtype=dtype)
+    wanted = dict(meta.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            shape = tuple(param.ds_shape)
+            assert shape == tuple(wanted[name].shape), (name, shape)
+            assert param.ds_tensor.dtype == dtype, (name, param.ds_tensor.dtype, dtype)
+            _checked(weights, keys[name], shape)
+            param.requires_grad_(wanted[name].requires_grad)
+            start, stop, per_rank = flat_partition(param.ds_numel, world_size, rank)
+            part = param.ds_tensor
+            assert part.numel() == per_rank and param.ds_numel_aligned == per_rank * world_size
+            part[: stop - start].copy_(weights.flat(keys[name], start, stop))
+            part[stop - start :].zero_()  # DeepSpeed leaves the padding uninitialised
+        _fill_buffers(model, weights)
+    model.generation_config = meta.generation_config
+    return model.train(meta.training)
+
+
+def _partition_only(init_cls: type) -> type:
+    """`zero.Init` without its broadcast of rank 0's freshly built parameters.
+
+    `Init._zero_init_param` (partition_parameters.py, v0.19) broadcasts each new full
+    parameter from rank 0 so random inits agree, then partitions it. Every partition
+    is overwritten from the files right after, so the broadcast is wasted traffic, and
+    it writes every full tensor on every other rank: measured at 3 ranks on a 240 MiB
+    model, +196 MiB peak on ranks 1-2 against +86 MiB on rank 0 (shard: 80 MiB).
+    """
+
+    class PartitionOnly(init_cls):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return PartitionOnly
+
+
+class PeakMemory:
+    """Peak host memory (resident set) of this process inside a `with` block.
+
+    Linux resets the high-water mark `VmHWM` to the current RSS on writing 5 to
+    `/proc/self/clear_refs`, so the peak is the block's own. Where that is refused,
+    `ru_maxrss` (the process-lifetime peak) is used and the value is an upper bound.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.before = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_kib("VmHWM") if self.exact else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.peak = max(hwm, _status_kib("VmRSS"))
+
+    @property
+    def added_mib(self) -> float:
+        """Peak RSS in the block minus RSS when it began, MiB."""
+        return (self.peak - self.before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def report(engine: str, rank: int, peak: PeakMemory, weights: Weights) -> dict[str, Any]:
+    """Print and return one rank's load numbers (every rank prints its own line)."""
+    out = {
+        "engine": engine, "rank": rank, "rss_before_mib": round(peak.before / 1024, 1),
+        "peak_added_mib": round(peak.added_mib, 1),
+        "read_mib": round(weights.bytes_read / 2**20, 1),
+        "source": "files" if isinstance(weights, SafetensorsWeights) else "memory",
+    }
+    print(f"[rank {rank}] {engine} sharded load from {out['source']}: read "
+          f"{out['read_mib']} MiB, peak host memory +{out['peak_added_mib']} MiB over "
+          f"{out['rss_before_mib']} MiB", flush=True)  # fmt: skip
+    return out
