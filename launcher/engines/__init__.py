@@ -29,6 +29,11 @@ def build_engine(
     Call after `ncft.masks.plan.freeze_unselected`, then `ncft.masks.plan.install`.
 
     Args:
+        backend: A key of `BACKENDS`.
+        model: The unwrapped model (on the meta device when `weights` is given).
+        cfg: Optimizer settings.
+        info: This rank's place in the job.
+        ds_config: DeepSpeed config name or path (deepspeed only).
         weights: For `fsdp2` and `deepspeed`, a `launcher.engines.loading.Weights` to
             fill a meta-device `model` from, each rank reading only its own shard.
     """

@@ -57,7 +57,8 @@ class Fsdp2Engine(LocalState):
         self.optimizer = make_optimizer(trainable(model), cfg)
         self._micro = 0
 
-    def _load_sharded(self, model: nn.Module, weights: loading.Weights, device: torch.device) -> None:
+    def _load_sharded(self, model: nn.Module, weights: loading.Weights,
+                      device: torch.device) -> None:  # fmt: skip
         if not all(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise ValueError("FSDP2 sharded loading: build the model on the meta device")
         keys = loading.param_keys(model, weights.keys())  # before sharding: tied aliases

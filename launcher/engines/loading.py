@@ -269,7 +269,8 @@ def recompute_buffers(model: nn.Module) -> None:
     """
     init = getattr(model, "_init_weights", None)
     for prefix, module in model.named_modules():
-        names = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
+        own = module._buffers
+        names = [n for n in module._non_persistent_buffers_set if own.get(n) is not None]
         if not names:
             continue
         bad = [n for n in names if not module._buffers[n].is_floating_point()]
@@ -321,8 +322,10 @@ def fill_fsdp2(model: nn.Module, weights: Weights, keys: Mapping[str, str], worl
 
 def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int,
                 rank: int) -> nn.Module:  # fmt: skip
-    """A twin of the meta HF model built under `deepspeed.zero.Init`, each rank's
-    partitions filled from `weights`; `requires_grad` and generation settings copied.
+    """A twin of the meta HF model, built under `deepspeed.zero.Init` and filled.
+
+    Each rank's partitions come from `weights`; `requires_grad` and the generation
+    settings are copied from `meta`.
 
     DeepSpeed's layout (deepspeed/runtime/zero/partition_parameters.py,
     `Init._partition_param`, v0.19): a parameter of `ds_numel` elements is padded to
