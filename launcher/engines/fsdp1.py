@@ -9,6 +9,11 @@ intra_param_end_idx]` of that flattened parameter at `offset_in_shard`
 FSDP1 refuses a FlatParameter that mixes trainable and frozen parameters, so every
 module that owns a trainable parameter becomes its own unit and all its parameters
 train; masks then freeze the unselected ones (a down projection's bias, say).
+
+With NCCL on several ranks the engine wraps with `sync_module_states`: ranks other
+than 0 may pass a meta-device model, materialised empty (`param_init_fn`) and then
+given rank 0's parameters and buffers. Gloo refuses that broadcast of CPU module
+states, so on CPU every rank passes real weights.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class Fsdp1Engine(LocalState):
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
         self.module = FSDP(
             model, auto_wrap_policy=policy, use_orig_params=False,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            sharding_strategy=ShardingStrategy.FULL_SHARD, **_from_rank0(model, info),
             # An explicit device: FSDP1 only infers accelerators and refuses to guess CPU.
             device_id=info.device,
         )
@@ -152,6 +157,20 @@ class Fsdp1Engine(LocalState):
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None
+
+
+def _from_rank0(model: nn.Module, info: DistInfo) -> dict:
+    """FSDP1 arguments that fill meta-device ranks from rank 0 (module docstring)."""
+    meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    sync = info.backend == "nccl" and info.world_size > 1
+    if meta and (not sync or info.rank == 0):
+        raise ValueError("FSDP1: only ranks other than 0 may build the model on the meta "
+                         "device, and only with NCCL on several ranks")  # fmt: skip
+    if not sync:
+        return {}
+    device = info.device
+    return {"sync_module_states": True,
+            "param_init_fn": (lambda m: m.to_empty(device=device, recurse=False)) if meta else None}
 
 
 def _owner(fqn: str, prefix: str, unit: FSDP) -> bool:
