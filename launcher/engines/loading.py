@@ -353,7 +353,14 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     with no_init_weights(), prevent_arange_dtype_change(), \
             _partition_only(deepspeed.zero.Init)(config_dict_or_path=ds_cfg):
         model = type(meta)._from_config(meta.config, dtype=dtype)
+    # no_init_weights also skips `init_weights`, where transformers ties embeddings.
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     wanted = dict(meta.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    if names != list(wanted):
+        raise ValueError(f"the ZeRO-3 twin of {type(meta).__name__} has other parameters "
+                         f"than the model ({sorted(set(names) ^ set(wanted))[:3]})")  # fmt: skip
     with torch.no_grad():
         for name, param in model.named_parameters():
             shape = tuple(param.ds_shape)

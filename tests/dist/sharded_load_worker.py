@@ -40,9 +40,9 @@ def local_shards(engine, backend: str) -> dict[str, torch.Tensor]:
     for name, param in engine.module.named_parameters():
         name = name.removeprefix("module.")
         if backend == "fsdp2":
-            out[name] = local_tensor(param).detach().clone()
+            out[name] = local_tensor(param).detach().to("cpu", copy=True)
         else:  # ZeRO-3: the flat partition, padding included
-            out[name] = param.ds_tensor.detach().clone()
+            out[name] = param.ds_tensor.detach().to("cpu", copy=True)
     return out
 
 
@@ -60,8 +60,8 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
     tensors = {"shard." + k: v for k, v in local_shards(engine, backend).items()}
     batch = torch.randint(0, args.vocab, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        tensors.update(logits=engine.forward({"input_ids": batch}).logits.contiguous(),
-                       batch=batch)  # fmt: skip
+        logits = engine.forward({"input_ids": batch.to(info.device)}).logits
+        tensors.update(logits=logits.float().cpu().contiguous(), batch=batch)
     full = gather_all(engine)
     if info.rank == 0:
         tensors.update({"full." + k: v for k, v in full.items()})

@@ -32,22 +32,28 @@ ALLOWANCE_MIB = 32
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A base HF dir split over several files, and a stage checkpoint of other weights."""
+    """A base HF dir split over several files, a stage checkpoint of other weights, and
+    a model with tied embeddings (its file holds `embed_tokens.weight` only)."""
     root = tmp_path_factory.mktemp("weights")
     tiny_llama(seed=0).save_pretrained(root / "base", max_shard_size="20KB")
     assert (root / "base" / "model.safetensors.index.json").is_file()
     stage = tiny_llama(seed=5).state_dict()
     save_file({k: v.contiguous() for k, v in stage.items()}, root / "stage.safetensors")
+    tied = tiny_llama(seed=7)
+    tied.config.tie_word_embeddings = True
+    type(tied)(tied.config).save_pretrained(root / "tied")
     return root
 
 
 def _references(root) -> dict[str, torch.nn.Module]:
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
-    stage = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    def load(name):
+        return AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32).eval()
+
+    stage = load("base")
     stage.load_state_dict(load_file(root / "stage.safetensors"))  # the old per-rank path
-    return {"base": base.eval(), "stage": stage.eval()}
+    return {"base": load("base"), "stage": stage, "tied": load("tied")}
 
 
 def _own_part(backend: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
@@ -60,6 +66,26 @@ def _own_part(backend: str, full: torch.Tensor, world: int, rank: int) -> torch.
     return part
 
 
+def _check_rank(out, backend: str, name: str, ref, world: int, rank: int,
+                tol: float = 1e-5) -> None:  # fmt: skip
+    params = dict(ref.named_parameters())
+    got = load_file(out / f"{backend}.{name}.rank{rank}.safetensors")
+    assert {k[6:] for k in got if k.startswith("shard.")} == set(params)
+    for fqn, full in params.items():
+        want = _own_part(backend, full.detach(), world, rank)
+        assert torch.equal(got["shard." + fqn], want), (backend, name, rank, fqn)
+        if "replay." + fqn in got:
+            assert torch.equal(got["replay." + fqn], want), (backend, name, rank, fqn)
+    with torch.no_grad():
+        logits = ref(input_ids=got["batch"]).logits
+    torch.testing.assert_close(got["logits"], logits, rtol=tol, atol=tol)
+    if rank == 0:
+        for fqn, full in params.items():
+            assert torch.equal(got["full." + fqn], full.detach()), (backend, fqn)
+    report = json.loads((out / f"{backend}.{name}.rank{rank}.json").read_text())
+    assert report["source"] == "files"
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_holds_its_part_of_from_pretrained(tmp_path, sources, world):
     torchrun(WORKER, world, [
@@ -68,26 +94,36 @@ def test_every_rank_holds_its_part_of_from_pretrained(tmp_path, sources, world):
     ])  # fmt: skip
     refs = _references(sources)
     for backend in ("fsdp2", "deepspeed"):
-        for name, ref in refs.items():
-            params = dict(ref.named_parameters())
+        for name in ("base", "stage"):
             for rank in range(world):
-                got = load_file(tmp_path / f"{backend}.{name}.rank{rank}.safetensors")
-                for fqn, full in params.items():
-                    want = _own_part(backend, full.detach(), world, rank)
-                    assert torch.equal(got["shard." + fqn], want), (backend, name, rank, fqn)
-                    assert torch.equal(got["replay." + fqn], want), (backend, name, rank, fqn)
-                with torch.no_grad():
-                    logits = ref(input_ids=got["batch"]).logits
-                torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
-                if rank == 0:
-                    for fqn, full in params.items():
-                        assert torch.equal(got["full." + fqn], full.detach()), (backend, fqn)
-                report = json.loads((tmp_path / f"{backend}.{name}.rank{rank}.json").read_text())
-                assert report["source"] == "files"
+                _check_rank(tmp_path, backend, name, refs[name], world, rank)
                 replay = json.loads(
                     (tmp_path / f"{backend}.{name}.rank{rank}.replay.json").read_text()
                 )
                 assert replay["source"] == "memory" and replay["read_mib"] == 0
+
+
+def test_tied_embeddings(tmp_path, sources):
+    torchrun(WORKER, 2, ["--out", str(tmp_path), "--model-dir", str(sources / "tied"),
+                         "--sources", f"tied={sources / 'tied'}"])  # fmt: skip
+    ref = _references(sources)["tied"]
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight
+    for backend in ("fsdp2", "deepspeed"):
+        for rank in range(2):
+            _check_rank(tmp_path, backend, "tied", ref, 2, rank)
+
+
+@pytest.mark.gpu
+def test_sharded_load_onto_the_gpu(tmp_path, sources):
+    # One rank on NCCL: the shards are filled on the GPU, rotary buffers recomputed there.
+    torchrun(WORKER, 1, [
+        "--out", str(tmp_path), "--model-dir", str(sources / "base"), "--replay",
+        "--sources", f"base={sources / 'base'}", f"stage={sources / 'stage.safetensors'}",
+    ], env={"DS_ACCELERATOR": "cuda"})  # fmt: skip
+    refs = _references(sources)
+    for backend in ("fsdp2", "deepspeed"):
+        for name in ("base", "stage"):
+            _check_rank(tmp_path, backend, name, refs[name], 1, 0, tol=1e-4)
 
 
 @pytest.fixture(scope="module")
