@@ -25,6 +25,7 @@ import json
 import math
 import resource
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -411,12 +412,14 @@ class PeakMemory:
         except OSError:
             self.exact = False
         self.before = _status_kib("VmRSS")
+        self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         hwm = _status_kib("VmHWM") if self.exact else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.peak = max(hwm, _status_kib("VmRSS"))
+        self.seconds = time.perf_counter() - self._start
 
     @property
     def added_mib(self) -> float:
@@ -438,8 +441,9 @@ def report(engine: str, rank: int, peak: PeakMemory, weights: Weights) -> dict[s
         "peak_added_mib": round(peak.added_mib, 1),
         "read_mib": round(weights.bytes_read / 2**20, 1),
         "source": "files" if isinstance(weights, SafetensorsWeights) else "memory",
+        "seconds": round(peak.seconds, 2),
     }
     print(f"[rank {rank}] {engine} sharded load from {out['source']}: read "
           f"{out['read_mib']} MiB, peak host memory +{out['peak_added_mib']} MiB over "
-          f"{out['rss_before_mib']} MiB", flush=True)  # fmt: skip
+          f"{out['rss_before_mib']} MiB, {out['seconds']} s", flush=True)  # fmt: skip
     return out
