@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from launcher.dist import DistInfo, print0
 from launcher.engines import OptimConfig, build_engine
-from launcher.engines.loading import Replay, SafetensorsWeights
+from launcher.engines.weights import Replay, SafetensorsWeights
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
 from launcher.spec import Spec

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from launcher.dist import init_distributed, shutdown
 from launcher.engines import OptimConfig, build_engine
-from launcher.engines.loading import Replay, SafetensorsWeights
+from launcher.engines.weights import Replay, SafetensorsWeights
 from ncft.engine import local_tensor
 from tests.dist.mask_worker import gather_all
 
