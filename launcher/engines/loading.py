@@ -200,6 +200,9 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
             param.requires_grad_(wanted[name].requires_grad)
             start, stop, per_rank = flat_partition(param.ds_numel, world_size, rank)
             part = param.ds_tensor
+            if getattr(part, "final_location", None) is not None:  # swapped out to NVMe
+                raise ValueError("ZeRO-3 sharded loading does not fill NVMe-offloaded "
+                                 "parameters; use offload_param.device cpu or none")  # fmt: skip
             assert part.numel() == per_rank and param.ds_numel_aligned == per_rank * world_size
             part[: stop - start].copy_(weights.flat(keys[name], start, stop))
             part[stop - start :].zero_()  # DeepSpeed leaves the padding uninitialised
