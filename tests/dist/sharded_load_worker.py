@@ -25,12 +25,12 @@ from ncft.engine import local_tensor
 from tests.dist.mask_worker import gather_all
 
 
-def meta_model(model_dir: str) -> torch.nn.Module:
+def meta_model(model_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -50,7 +50,9 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
     weights = SafetensorsWeights.from_path(path)
     if args.replay:
         weights.record()
-    engine = build_engine(backend, meta_model(model_dir), OptimConfig(), info, weights=weights)
+    dtype = getattr(torch, args.dtype)
+    engine = build_engine(backend, meta_model(model_dir, dtype), OptimConfig(), info,
+                          weights=weights)  # fmt: skip
     tag = f"{backend}.{name}.rank{info.rank}"
     (out / f"{tag}.json").write_text(json.dumps(engine.load_report))
     if args.memory_only:
@@ -71,7 +73,7 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
             with engine.edited([name]) as edit:
                 edit[name].add_(1.0)
         engine.close()
-        again = build_engine(backend, meta_model(model_dir), OptimConfig(), info,
+        again = build_engine(backend, meta_model(model_dir, dtype), OptimConfig(), info,
                              weights=Replay(weights))  # fmt: skip
         tensors.update({"replay." + k: v for k, v in local_shards(again, backend).items()})
         (out / f"{tag}.replay.json").write_text(json.dumps(again.load_report))
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--backends", default="fsdp2,deepspeed")
     parser.add_argument("--vocab", type=int, default=96)
     parser.add_argument("--replay", action="store_true")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
     info = init_distributed()

@@ -6,7 +6,8 @@ process, for a base directory sharded over several files (index json) and for a
 stage checkpoint; logits equal the single-process model's (so the recomputed rotary
 buffers are right); a second engine built from what the first read (a stage's
 training engine after its scoring engine) gets the same weights even after the first
-engine's weights moved. A ~240 MiB Llama checks each rank's peak host memory.
+engine's weights moved; tied embeddings and a bf16 model from fp32 files load alike.
+A ~240 MiB Llama checks each rank's peak host memory.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _check_rank(out, backend: str, name: str, ref, world: int, rank: int,
         if "replay." + fqn in got:
             assert torch.equal(got["replay." + fqn], want), (backend, name, rank, fqn)
     with torch.no_grad():
-        logits = ref(input_ids=got["batch"]).logits
+        logits = ref(input_ids=got["batch"]).logits.float()
     torch.testing.assert_close(got["logits"], logits, rtol=tol, atol=tol)
     if rank == 0:
         for fqn, full in params.items():
@@ -111,6 +112,22 @@ def test_tied_embeddings(tmp_path, sources):
     for backend in ("fsdp2", "deepspeed"):
         for rank in range(2):
             _check_rank(tmp_path, backend, "tied", ref, 2, rank)
+
+
+def test_bfloat16_model_from_float32_files(tmp_path, sources):
+    # The 7B path: bf16 parameters cast from the files as from_pretrained casts them
+    # (round to nearest even); rotary buffers stay fp32 on both sides.
+    from transformers import AutoModelForCausalLM
+
+    torchrun(WORKER, 2, [
+        "--out", str(tmp_path), "--model-dir", str(sources / "base"),
+        "--sources", f"base={sources / 'base'}", "--dtype", "bfloat16",
+    ])  # fmt: skip
+    ref = AutoModelForCausalLM.from_pretrained(sources / "base", dtype=torch.bfloat16).eval()
+    assert {b.dtype for b in ref.buffers()} == {torch.float32}
+    for backend in ("fsdp2", "deepspeed"):
+        for rank in range(2):
+            _check_rank(tmp_path, backend, "base", ref, 2, rank, tol=0.0)
 
 
 @pytest.mark.gpu
