@@ -34,15 +34,15 @@ def build_engine(
         cfg: Optimizer settings.
         info: This rank's place in the job.
         ds_config: DeepSpeed config name or path (deepspeed only).
-        weights: For `fsdp2` and `deepspeed`, a `launcher.engines.loading.Weights` to
-            fill a meta-device `model` from, each rank reading only its own shard.
+        weights: For `single`, `fsdp2` and `deepspeed`, a `launcher.engines.loading.Weights`
+            to fill a meta-device `model` from, each rank reading only its own shard.
     """
     if backend not in BACKENDS:
         raise ValueError(f"engine.backend: unknown {backend!r}; choose one of {sorted(BACKENDS)}")
     module, name = BACKENDS[backend]
     cls = getattr(importlib.import_module(module), name)
-    if weights is not None and backend not in ("deepspeed", "fsdp2"):
-        raise ValueError(f"engine.backend={backend} has no sharded loading")
+    if weights is not None and backend == "fsdp1":
+        raise ValueError("engine.backend=fsdp1 has no sharded loading")
     if backend == "deepspeed":
         return cls(model, cfg, info, config=ds_config, weights=weights)
     if weights is not None:

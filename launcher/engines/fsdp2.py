@@ -67,7 +67,7 @@ class Fsdp2Engine(LocalState):
                 fully_shard(layer)
             fully_shard(model)
             model.to_empty(device=device)
-            loading.fill_fsdp2(model, weights, keys, self.world_size, self.rank)
+            loading.fill_rows(model, weights, keys, self.world_size, self.rank)
         self.load_report = loading.report("fsdp2", self.rank, peak, weights)
 
     def _shard_in_memory(self, model: nn.Module, info: DistInfo) -> None:

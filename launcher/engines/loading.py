@@ -7,7 +7,7 @@ or a flat element range of one tensor straight from its file (the byte range the
 safetensors header gives), so a rank touches only its part; no rank holds the full
 model, nothing is broadcast.
 
-- FSDP2 (`fill_fsdp2`): the model is built on the meta device on every rank,
+- FSDP2 (`fill_rows`): the model is built on the meta device on every rank,
   `fully_shard`ed, `to_empty`'d, then each rank copies rows `chunk_rows(R, W, r)`
   (what `torch.chunk` and `Shard(0)` give it) into its DTensor shard.
 - ZeRO-3 (`zero3_model`): a twin of the meta model is built under
@@ -33,7 +33,7 @@ from torch import nn
 
 from launcher.engines.weights import Replay, SafetensorsWeights, Weights
 
-__all__ = ["Replay", "SafetensorsWeights", "Weights", "fill_fsdp2", "zero3_model"]
+__all__ = ["Replay", "SafetensorsWeights", "Weights", "fill_rows", "zero3_model"]
 from ncft.engine import local_tensor
 from ncft.masks.layout import chunk_rows, flat_partition
 
@@ -127,12 +127,15 @@ def _fill_buffers(model: nn.Module, weights: Weights) -> None:
 
 
 @torch.no_grad()
-def fill_fsdp2(model: nn.Module, weights: Weights, keys: Mapping[str, str], world_size: int,
-               rank: int) -> None:  # fmt: skip
-    """Fill this rank's DTensor rows of a `fully_shard`ed, `to_empty`'d model.
+def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world_size: int,
+              rank: int) -> None:  # fmt: skip
+    """Fill this rank's rows of every parameter of a `to_empty`'d model, and its buffers.
+
+    Serves FSDP2 (a `fully_shard`ed model: DTensors sharded on dim 0) and, with one
+    rank, a plain model (the single engine).
 
     Args:
-        model: The sharded model (parameters are DTensors sharded on dim 0).
+        model: The model (FSDP2: parameters are DTensors sharded on dim 0).
         weights: Where to read.
         keys: `param_keys` of the model, computed before sharding.
         world_size: Ranks the parameters are sharded over.

@@ -68,12 +68,12 @@ class LauncherBackend:
     def load_model(self, stage: int | None) -> torch.nn.Module:
         """The model after stage `stage` (None: the base model), ready for `build_engine`.
 
-        FSDP2 and ZeRO-3 get a meta-device model: `build_engine` fills each rank's
+        Single, FSDP2 and ZeRO-3 get a meta-device model: `build_engine` fills each rank's
         shard from the files (`launcher.engines.loading`), or from what a scoring build
         of the same stage kept (`build_engine(keep_weights=True)`). FSDP1 with NCCL on
         several ranks: rank 0 loads, the others build on meta and receive rank 0's
-        weights while wrapping (`sync_module_states`). Otherwise (single, FSDP1 on
-        gloo, LoRA methods) every rank loads the whole model.
+        weights while wrapping (`sync_module_states`). Otherwise (FSDP1 on gloo, LoRA
+        methods) every rank loads the whole model.
         """
         if self._sharded:
             model = self._meta_model()
@@ -112,7 +112,7 @@ class LauncherBackend:
     @property
     def _sharded(self) -> bool:
         # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
-        return (self.spec.engine.backend in ("fsdp2", "deepspeed")
+        return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
                 and self.spec.method not in LORA_METHODS)  # fmt: skip
 
     @property

@@ -39,7 +39,7 @@ def local_shards(engine, backend: str) -> dict[str, torch.Tensor]:
     out = {}
     for name, param in engine.module.named_parameters():
         name = name.removeprefix("module.")
-        if backend == "fsdp2":
+        if backend in ("fsdp2", "single"):
             out[name] = local_tensor(param).detach().to("cpu", copy=True)
         else:  # ZeRO-3: the flat partition, padding included
             out[name] = param.ds_tensor.detach().to("cpu", copy=True)

@@ -58,7 +58,7 @@ def _references(root) -> dict[str, torch.nn.Module]:
 
 
 def _own_part(backend: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    if backend == "fsdp2":
+    if backend in ("fsdp2", "single"):
         lo, hi = chunk_rows(full.shape[0], world, rank)
         return full[lo:hi]
     start, stop, per_rank = flat_partition(full.numel(), world, rank)
@@ -112,6 +112,20 @@ def test_tied_embeddings(tmp_path, sources):
     for backend in ("fsdp2", "deepspeed"):
         for rank in range(2):
             _check_rank(tmp_path, backend, "tied", ref, 2, rank)
+
+
+def test_single_engine_loads_from_files_once(tmp_path, sources):
+    # One process: the whole model, straight from the files onto the device; tied
+    # embeddings stay tied although `to_empty` unties them.
+    common = ["--out", str(tmp_path), "--backends", "single"]
+    torchrun(WORKER, 1, [*common, "--model-dir", str(sources / "base"), "--replay",
+                         "--sources", f"base={sources / 'base'}",
+                         f"stage={sources / 'stage.safetensors'}"])  # fmt: skip
+    torchrun(WORKER, 1, [*common, "--model-dir", str(sources / "tied"),
+                         "--sources", f"tied={sources / 'tied'}"])  # fmt: skip
+    refs = _references(sources)
+    for name in ("base", "stage", "tied"):
+        _check_rank(tmp_path, "single", name, refs[name], 1, 0)
 
 
 def test_bfloat16_model_from_float32_files(tmp_path, sources):
