@@ -278,7 +278,7 @@ def report(engine: str, rank: int, peak: PeakMemory, weights: Weights) -> dict[s
         "source": "files" if isinstance(weights, SafetensorsWeights) else "memory",
         "seconds": round(peak.seconds, 2),
     }
-    print(f"[rank {rank}] {engine} sharded load from {out['source']}: read "
+    print(f"[rank {rank}] {engine} load from {out['source']}: read "
           f"{out['read_mib']} MiB, peak host memory +{out['peak_added_mib']} MiB over "
           f"{out['rss_before_mib']} MiB, {out['seconds']} s", flush=True)  # fmt: skip
     return out
