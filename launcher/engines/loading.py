@@ -180,9 +180,10 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     # no_init_weights: the random init would be overwritten; prevent_arange_dtype_change
     # keeps rotary buffers fp32 when zero.Init casts new tensors to a bf16 dtype. No
     # `dtype=` argument: zero.Init then takes it from the config's bf16/fp16 flags
-    # (which `ds_config.fill` set from the model's dtype); given one, DeepSpeed 0.19's
-    # `_set_dtype` ignores it on an accelerator without fp16 (operator precedence)
-    # and picks bf16.
+    # (which `ds_config.fill` set from the model's dtype), as `deepspeed.initialize`
+    # would cast the module; given one, DeepSpeed 0.19's `_set_dtype` ignores it on an
+    # accelerator without fp16 (operator precedence) and picks bf16. `copy_` below
+    # casts the file's values to the partitions' dtype.
     with no_init_weights(), prevent_arange_dtype_change(), \
             _partition_only(deepspeed.zero.Init)(config_dict_or_path=ds_cfg):
         model = type(meta)._from_config(meta.config, dtype=dtype)
@@ -198,7 +199,6 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
         for name, param in model.named_parameters():
             shape = tuple(param.ds_shape)
             assert shape == tuple(wanted[name].shape), (name, shape)
-            assert param.ds_tensor.dtype == dtype, (name, param.ds_tensor.dtype, dtype)
             _checked(weights, keys[name], shape)
             param.requires_grad_(wanted[name].requires_grad)
             start, stop, per_rank = flat_partition(param.ds_numel, world_size, rank)
