@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from launcher.dist import DistInfo, print0
 from launcher.engines import OptimConfig, build_engine
-from launcher.engines.weights import Replay, SafetensorsWeights
+from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
@@ -54,6 +54,7 @@ class LauncherBackend:
         # Models `load_model` built on meta -> (stage, where build_engine reads them).
         self._weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._kept: tuple[int | None, Replay] | None = None
+        self._base: tuple[Path | None] | None = None  # resolved once (`_base_weights`)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -77,13 +78,13 @@ class LauncherBackend:
         weights while wrapping (`sync_module_states`). Otherwise (FSDP1 on gloo, LoRA
         methods) every rank loads the whole model.
         """
-        if self._sharded:
+        if self._sharded and (stage is not None or self._base_weights() is not None):
             model = self._meta_model()
             kept, self._kept = self._kept, None  # one use; a stale copy is dropped
             if kept is not None and kept[0] == stage:
                 self._weights[model] = (stage, kept[1])
             else:
-                path = self.model_dir if stage is None else \
+                path = self._base_weights() if stage is None else \
                     self._stage_dir(stage) / "model.safetensors"
                 self._weights[model] = (stage, SafetensorsWeights.from_path(path))
             return model
@@ -110,6 +111,26 @@ class LauncherBackend:
             assert not unexpected, unexpected[:5]
             assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
         return model
+
+    def _base_weights(self) -> Path | None:
+        """The local directory of the base model's safetensors; None if it has none.
+
+        A hub id resolves to its cached snapshot (safetensors and JSON files only). A
+        model with `.bin` weights only is loaded whole by `from_pretrained` instead.
+        """
+        if self._base is None:
+            path = Path(self.model_dir)
+            if not path.is_dir():
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(self.model_dir,
+                                              allow_patterns=["*.safetensors", "*.json"]))
+            found = (path / INDEX).is_file() or (path / SINGLE).is_file()
+            if not found:
+                print0(f"{self.model_dir} has no safetensors weights: every rank loads the "
+                       "whole model (from_pretrained)")  # fmt: skip
+            self._base = (path if found else None,)
+        return self._base[0]
 
     @property
     def _sharded(self) -> bool:
