@@ -21,16 +21,18 @@ from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
-from ncft.continual.loop import LORA_METHODS
+from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
-# checkpoint of stage N (1-based), or after optimizer step K of stage N ("N:K").
+# checkpoint of stage N (1-based), after optimizer step K of stage N ("N:K"), or
+# during stage N's evaluation, after its first task is evaluated ("N").
 KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
 KILL_AT_STEP = "NCFT_FAULT_KILL_AT_STEP"
+KILL_DURING_EVAL = "NCFT_FAULT_KILL_DURING_EVAL"
 KILL_RANK = "NCFT_FAULT_KILL_RANK"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +44,14 @@ def optim_config(spec: Spec) -> OptimConfig:
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
     )
+
+
+def lora_options(spec: Spec):
+    """The spec's `lora` section as `ncft.olora.LoraOptions`."""
+    from ncft.olora import LoraOptions
+
+    lora = spec.lora
+    return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
 
 
 class LauncherBackend:
@@ -100,11 +110,18 @@ class LauncherBackend:
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
         )
-        if self.spec.method in LORA_METHODS:
+        row = method(self.spec.method)
+        if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
+            from ncft import olora
+
+            model = olora.freeze_all(olora.with_adapters(
+                model, stage + 1, lora_options(self.spec), self.spec.training.seed))  # fmt: skip
+        elif row.lora and not row.adapter_per_task:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                               seed=self.spec.training.seed)  # fmt: skip
         if stage is not None:
             state = load_file(self._stage_dir(stage) / "model.safetensors")
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -220,6 +237,10 @@ class LauncherBackend:
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
                           self.spec.engine.backend)  # fmt: skip
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+
+    def after_eval(self, stage: int, task_index: int) -> None:  # noqa: D102
+        if task_index == 0:
+            self._fault(KILL_DURING_EVAL, str(stage + 1))
 
     def _fault(self, variable: str, point: str) -> None:
         if os.environ.get(variable) == point and \
