@@ -85,6 +85,11 @@ def prepare_model(model: nn.Module, cfg: OptimConfig) -> nn.Module:
     Call before wrapping: FSDP shards, and ZeRO-3 partitions, what they are given.
     """
     model.float()
+    return enable_checkpointing(model, cfg)
+
+
+def enable_checkpointing(model: nn.Module, cfg: OptimConfig) -> nn.Module:
+    """Switch activation checkpointing on when `cfg.activation_checkpointing` asks."""
     if cfg.activation_checkpointing:
         _enable_checkpointing(model)
     return model

@@ -14,6 +14,11 @@ Precision: the flat parameters stay fp32 (masters, and what masks act on); with
 `compute_dtype=bfloat16` FSDP's `MixedPrecision` gathers bf16 copies for compute and
 reduces gradients in fp32. `summon_full_params` (gathered, edited, export) returns
 the fp32 values.
+
+With NCCL on several ranks the engine wraps with `sync_module_states`: ranks other
+than 0 may pass a meta-device model, materialised empty (`param_init_fn`) and then
+given rank 0's parameters and buffers. Gloo refuses that broadcast of CPU module
+states, so on CPU every rank passes real weights.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class Fsdp1Engine(LocalState):
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
         self.module = FSDP(
             model, auto_wrap_policy=policy, use_orig_params=False,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            sharding_strategy=ShardingStrategy.FULL_SHARD, **_from_rank0(model, info),
             mixed_precision=_policy(cfg.compute_dtype),
             # An explicit device: FSDP1 only infers accelerators and refuses to guess CPU.
             device_id=info.device,
@@ -171,6 +176,20 @@ def _policy(dtype: torch.dtype) -> MixedPrecision | None:
     # Buffers (rotary `inv_freq`) stay fp32: positions lose precision in bf16.
     return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32,
                           buffer_dtype=torch.float32)  # fmt: skip
+
+
+def _from_rank0(model: nn.Module, info: DistInfo) -> dict:
+    """FSDP1 arguments that fill meta-device ranks from rank 0 (module docstring)."""
+    meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    sync = info.backend == "nccl" and info.world_size > 1
+    if meta and (not sync or info.rank == 0):
+        raise ValueError("FSDP1: only ranks other than 0 may build the model on the meta "
+                         "device, and only with NCCL on several ranks")  # fmt: skip
+    if not sync:
+        return {}
+    device = info.device
+    return {"sync_module_states": True,
+            "param_init_fn": (lambda m: m.to_empty(device=device, recurse=False)) if meta else None}
 
 
 def _owner(fqn: str, prefix: str, unit: FSDP) -> bool:

@@ -13,6 +13,10 @@ re-running initialisation code for them.
 Precision: the sharded DTensors stay fp32 (masters, and what masks act on); with
 `compute_dtype=bfloat16` a `MixedPrecisionPolicy` all-gathers them as bf16 for
 forward and backward and reduce-scatters gradients in fp32.
+
+Given `weights` (`launcher.engines.loading`), every rank builds on meta instead and
+reads its own rows from the safetensors files: no rank holds the full model and
+nothing is broadcast; non-persistent buffers are recomputed on each rank.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from launcher.dist import DistInfo, all_reduce_, any_rank, broadcast_
+from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
@@ -44,12 +49,39 @@ from ncft.masks.layout import chunk_rows
 class Fsdp2Engine(LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
+                 weights: loading.Weights | None = None) -> None:  # fmt: skip
         check_compute_dtype(cfg, "fsdp2")
         self.name, self.device = "fsdp2", info.device
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
         prepare_model(model, cfg)
+        self.load_report = None
+        policy = _policy(cfg.compute_dtype)
+        if weights is not None:
+            self._load_sharded(model, weights, info.device, policy)
+        else:
+            self._shard_in_memory(model, info, policy)
+        self.module = model
+        self._params = dict(model.named_parameters())
+        self.optimizer = make_optimizer(trainable(model), cfg)
+        self._micro = 0
+
+    def _load_sharded(self, model: nn.Module, weights: loading.Weights,
+                      device: torch.device, policy: MixedPrecisionPolicy) -> None:  # fmt: skip
+        if not all(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("FSDP2 sharded loading: build the model on the meta device")
+        keys = loading.param_keys(model, weights.keys())  # before sharding: tied aliases
+        with loading.PeakMemory() as peak:
+            for layer in decoder_layers(model):
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            model.to_empty(device=device)
+            loading.fill_rows(model, weights, keys, self.world_size, self.rank)
+        self.load_report = loading.report("fsdp2", self.rank, peak, weights)
+
+    def _shard_in_memory(self, model: nn.Module, info: DistInfo,
+                         policy: MixedPrecisionPolicy) -> None:  # fmt: skip
         meta = _on_meta(model)
         from_rank0 = info.world_size > 1 and any_rank(meta, info.device)
         if meta and (self.rank == 0 or not from_rank0):
@@ -59,7 +91,6 @@ class Fsdp2Engine(LocalState):
         full = dict(model.named_parameters()) if from_rank0 and self.rank == 0 else {}
         if not meta:
             model.to(info.device)
-        policy = _policy(cfg.compute_dtype)
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -68,10 +99,6 @@ class Fsdp2Engine(LocalState):
         if from_rank0:
             self._broadcast_from_rank0(model, full, info.device)
         del full
-        self.module = model
-        self._params = dict(model.named_parameters())
-        self.optimizer = make_optimizer(trainable(model), cfg)
-        self._micro = 0
 
     @torch.no_grad()
     def _broadcast_from_rank0(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from launcher.dist import DistInfo
+from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
@@ -32,7 +33,8 @@ from ncft.engine import Segment, StepStats
 class SingleEngine(LocalState):
     """One process, unsharded parameters; a `Segment` is a whole parameter."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
+                 weights: loading.Weights | None = None) -> None:  # fmt: skip
         if info.world_size != 1:
             raise ValueError(
                 f"engine.backend=single runs one process, but WORLD_SIZE={info.world_size}; "
@@ -41,7 +43,17 @@ class SingleEngine(LocalState):
         check_compute_dtype(cfg, "single")
         self.name, self.device = "single", info.device
         self.rank, self.world_size, self.cfg = 0, 1, cfg
-        self.module = prepare_model(model, cfg).to(info.device)
+        prepare_model(model, cfg)
+        self.load_report = None
+        if weights is not None:  # a meta-device model: straight from the files to the device
+            keys = loading.param_keys(model, weights.keys())
+            with loading.PeakMemory() as peak:
+                model.to_empty(device=info.device)
+                if hasattr(model, "tie_weights"):  # `to_empty` unties shared parameters
+                    model.tie_weights()
+                loading.fill_rows(model, weights, keys, 1, 0)
+            self.load_report = loading.report("single", 0, peak, weights)
+        self.module = model.to(info.device)
         self._params = dict(self.module.named_parameters())
         self.optimizer = make_optimizer(trainable(self.module), cfg)
 

@@ -15,6 +15,11 @@ fp32 AdamW moments; the masters start as the bf16-rounded weights. `gathered`
 returns the fp32 masters of trainable parameters (DeepSpeed's own gather would give
 the bf16 compute copies, which drop updates below bf16's resolution), so stage
 checkpoints and exports carry every update.
+
+Given `weights` (`launcher.engines.loading`), the model passed in is a meta-device
+structure: the engine builds its twin under `deepspeed.zero.Init` and each rank fills
+its own partitions from the safetensors files before `deepspeed.initialize` copies
+them into the fp32 masters.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
 from launcher.dist import DistInfo, all_gather_flat, all_reduce_  # noqa: E402
-from launcher.engines import ds_config  # noqa: E402
+from launcher.engines import ds_config, loading  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
     LocalState,
     OptimConfig,
     check_compute_dtype,
+    enable_checkpointing,
     make_optimizer,
     named_shapes,
     on_device,
@@ -61,7 +67,8 @@ class Zero3Engine(LocalState):
     """`deepspeed.initialize` with ZeRO stage 3 and the project's MaskedAdamW."""
 
     def __init__(
-        self, model: nn.Module, cfg: OptimConfig, info: DistInfo, config: str = "zero3"
+        self, model: nn.Module, cfg: OptimConfig, info: DistInfo, config: str = "zero3",
+        weights: loading.Weights | None = None,
     ) -> None:
         if info.backend == "gloo":
             _skip_cpu_shm_op()
@@ -80,6 +87,14 @@ class Zero3Engine(LocalState):
                 "training.grad_clip > 0 is not supported with offload_optimizer; "
                 "set grad_clip: 0 or use ds_configs/zero3.json"
             )
+        self.load_report = None
+        if weights is not None:
+            with loading.PeakMemory() as peak:
+                model = loading.zero3_model(model, ds_cfg, weights, self.world_size, self.rank)
+            # The twin is a new module: switch checkpointing on it too (no cast: its
+            # partitions already have the config's dtype).
+            enable_checkpointing(model, cfg)
+            self.load_report = loading.report("deepspeed", self.rank, peak, weights)
         self.optimizer = make_optimizer(trainable(model), cfg)
         self._ds, self._zero, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=ds_cfg, dist_init_required=False

@@ -57,7 +57,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
     """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
-    model = backend.load_model(last_stage)
+    model = backend.load_full_model(last_stage)
     if spec.method in LORA_METHODS:
         from ncft.lora import merge_lora
 

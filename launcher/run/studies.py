@@ -199,7 +199,7 @@ def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict 
     files = [backend.run.neuron_file(t.name) for t in tasks]
     if not all(f.is_file() for f in files):
         return None
-    model = backend.load_model(len(tasks) - 1)
+    model = backend.load_full_model(len(tasks) - 1)
     blocks = get_adapter(model).mlp_blocks(model)
     sets = {t.name: NeuronSet.load(f) for t, f in zip(tasks, files)}
     if any(s.meta.get("unit", "neuron") != "neuron" for s in sets.values()):
