@@ -203,6 +203,56 @@ def _greedy_batch(
     return new_BN
 
 
+def _greedy_batch_cached(
+    engine: Engine,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    active: bool,
+) -> torch.Tensor:
+    """`_greedy_batch` with the model's KV cache: one new token per row per forward.
+
+    The prompt is prefilled right-padded, as `_greedy_batch` runs it. Every later step
+    appends one cache slot to every row: a live row's new token, with its own position
+    id (its length so far); a stopped row's padding, masked out. The padding between a
+    short prompt and its first generated token stays in the cache, masked, so each row
+    attends to exactly the tokens `_greedy_batch` would show it, at the same
+    positions. Same forward count and early exit as `_greedy_batch`.
+    """
+    device = device_of(engine)
+    num, width = len(rows), max(len(r) for r in rows)
+    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
+        mask_BT[b, : len(row)] = 1
+    lengths_B = torch.tensor([len(r) for r in rows], device=device)
+    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
+    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
+    arange_B = torch.arange(num, device=device)
+    batch: dict[str, Any] = {"input_ids": ids_BT, "attention_mask": mask_BT, "use_cache": True}
+    for step in range(max_new_tokens):
+        running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
+        if float(engine.all_reduce_(running)[0]) == 0.0:
+            break
+        output = engine.forward(batch)
+        logits_BTV = _logits(output)
+        # Prefill: each row's last prompt token; later: the one token fed.
+        last_B = lengths_B - 1 if step == 0 else torch.zeros_like(lengths_B)
+        next_B = logits_BTV[arange_B, last_B].argmax(-1)
+        if eos_id is not None:
+            done_B |= ~done_B & (next_B == eos_id)
+        live_B = ~done_B
+        new_BN[live_B, step] = next_B[live_B] + 1
+        mask_BT = torch.cat([mask_BT, live_B.long().unsqueeze(1)], dim=1)
+        batch = {"input_ids": torch.where(live_B, next_B, pad_id).unsqueeze(1),
+                 "attention_mask": mask_BT, "position_ids": lengths_B.unsqueeze(1),
+                 "past_key_values": output.past_key_values, "use_cache": True}  # fmt: skip
+        lengths_B = lengths_B + live_B.long()
+    return new_BN
+
+
 def generate_greedy(
     engine: Engine,
     tokenizer,
@@ -210,12 +260,15 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     max_prompt_length: int | None = None,
+    use_cache: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts`, decoded, identical on every rank.
 
-    Decoding re-runs the full sequence each step (no KV cache: engines expose only
-    `forward`). A row stops at EOS (not included in the text); the batch stops when all
-    rows on all ranks have stopped, or after `max_new_tokens`.
+    With `use_cache` each step feeds one token per row and reuses the model's KV cache
+    (`_greedy_batch_cached`); without it, each step re-runs the whole sequence (the
+    reference path, quadratic in the output length). A row stops at EOS (not included
+    in the text); the batch stops when all rows on all ranks have stopped, or after
+    `max_new_tokens`.
 
     Args:
         engine: The model (runs under `no_grad`, in eval mode).
@@ -225,6 +278,7 @@ def generate_greedy(
         batch_size: Prompts per forward on each rank.
         max_prompt_length: Token limit of a prompt; longer prompts are cut from the
             left (BOS kept), as `encode` cuts them. None: no limit.
+        use_cache: Decode with the model's KV cache (same tokens, linear cost).
 
     Returns:
         One stripped string per prompt, in order (every rank gets all of them).
@@ -246,11 +300,12 @@ def generate_greedy(
     # Each rank writes its own rows into a zero tensor; summing over ranks gathers them
     # (the Engine protocol offers all-reduce only).
     new_NT = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
+    decode = _greedy_batch_cached if use_cache else _greedy_batch
     with torch.no_grad(), eval_mode(engine.module):
         for b in range(num_batches):
             rows = mine[b * batch_size : (b + 1) * batch_size]
-            out = _greedy_batch(engine, rows or dummy, max_new_tokens, pad_id,
-                                tokenizer.eos_token_id, active=bool(rows))  # fmt: skip
+            out = decode(engine, rows or dummy, max_new_tokens, pad_id,
+                         tokenizer.eos_token_id, active=bool(rows))  # fmt: skip
             if rows:
                 lo = span.start + b * batch_size
                 new_NT[lo : lo + len(rows)] = out

@@ -241,6 +241,17 @@ def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEnt
     return entries
 
 
+def installed(model: nn.Module) -> list[DeltaEntry]:
+    """The deltas `install` put on `model` (unwrapped), in model order."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseDelta):
+            module_fqn = name.rsplit(".", 1)[0]
+            axis = module.axis if module.weight_idx is not None else None
+            out.append(DeltaEntry(module_fqn, axis, module.weight_idx, module.bias_idx, module))
+    return out
+
+
 def write_back(engine: Engine, entries: Iterable[DeltaEntry]) -> None:
     """Copy the deltas into the full matrices and return the projections to normal.
 

@@ -119,8 +119,8 @@ def run_score(job: ScoreJob) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     if tokenizer.pad_token_id is None:  # as the run's backend does
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir,
-                                                 dtype=getattr(torch, spec.model.dtype))
+    # fp32, as a run loads it: the engine owns precision (model.dtype = compute dtype).
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
     e = spec.engine
     engine = build_engine(e.backend, model, optim_config(spec), info, e.ds_config)
     previous = NeuronSet.load(job.previous) if job.previous else None

@@ -1,4 +1,10 @@
-"""Plain PyTorch in one process: the reference every sharded engine must match."""
+"""Plain PyTorch in one process: the reference every sharded engine must match.
+
+Precision: the parameters stay fp32 (they are the masters the optimizer and the masks
+act on) and `forward` runs under autocast to `compute_dtype`. Autocast runs matmuls
+in bf16 and keeps reductions such as softmax and norms in fp32, so a bf16 single run
+is close to, not bit-equal with, the FSDP engines' bf16 parameter casts.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,16 @@ import torch
 from torch import nn
 
 from launcher.dist import DistInfo
+from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    autocast,
+    check_compute_dtype,
     make_optimizer,
     named_shapes,
+    on_device,
+    prepare_model,
     trainable,
 )
 from ncft.engine import Segment, StepStats
@@ -22,13 +33,26 @@ from ncft.engine import Segment, StepStats
 class SingleEngine(LocalState):
     """One process, unsharded parameters; a `Segment` is a whole parameter."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
+                 weights: loading.Weights | None = None) -> None:  # fmt: skip
         if info.world_size != 1:
             raise ValueError(
                 f"engine.backend=single runs one process, but WORLD_SIZE={info.world_size}; "
                 "use deepspeed, fsdp2 or fsdp1 for several ranks"
             )
+        check_compute_dtype(cfg, "single")
+        self.name, self.device = "single", info.device
         self.rank, self.world_size, self.cfg = 0, 1, cfg
+        prepare_model(model, cfg)
+        self.load_report = None
+        if weights is not None:  # a meta-device model: straight from the files to the device
+            keys = loading.param_keys(model, weights.keys())
+            with loading.PeakMemory() as peak:
+                model.to_empty(device=info.device)
+                if hasattr(model, "tie_weights"):  # `to_empty` unties shared parameters
+                    model.tie_weights()
+                loading.fill_rows(model, weights, keys, 1, 0)
+            self.load_report = loading.report("single", 0, peak, weights)
         self.module = model.to(info.device)
         self._params = dict(self.module.named_parameters())
         self.optimizer = make_optimizer(trainable(self.module), cfg)
@@ -38,7 +62,8 @@ class SingleEngine(LocalState):
         return True
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**batch)
+        with autocast(self.device, self.cfg.compute_dtype):
+            return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         (loss / self.cfg.grad_accum).backward()

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 import signal
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from launcher.dist import DistInfo, print0
+from launcher.dist import DistInfo, barrier, print0
 from launcher.engines import OptimConfig, build_engine
+from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
+from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
+from ncft import sparse_delta
 from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
@@ -41,6 +44,8 @@ def optim_config(spec: Spec) -> OptimConfig:
     return OptimConfig(
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
+        compute_dtype=_DTYPES[spec.model.dtype],
+        activation_checkpointing=t.activation_checkpointing,
     )
 
 
@@ -59,6 +64,10 @@ class LauncherBackend:
         from transformers import AutoTokenizer
 
         self.spec, self.info, self.run, self.model_dir = spec, info, run, model_dir
+        # Models `load_model` built on meta -> (stage, where build_engine reads them).
+        self._weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._kept: tuple[int | None, Replay] | None = None
+        self._base: tuple[Path | None] | None = None  # resolved once (`_base_weights`)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -72,15 +81,37 @@ class LauncherBackend:
 
             self.board = SummaryWriter(str(run.tensorboard))
 
-    def load_model(self, stage: int | None) -> torch.nn.Module:  # noqa: D102
+    def load_model(self, stage: int | None) -> torch.nn.Module:
+        """The model after stage `stage` (None: the base model), ready for `build_engine`.
+
+        Single, FSDP2 and ZeRO-3 get a meta-device model: `build_engine` fills each rank's
+        shard from the files (`launcher.engines.loading`), or from what a scoring build
+        of the same stage kept (`build_engine(keep_weights=True)`). FSDP1 with NCCL on
+        several ranks: rank 0 loads, the others build on meta and receive rank 0's
+        weights while wrapping (`sync_module_states`). Otherwise (FSDP1 on gloo, LoRA
+        methods) every rank loads the whole model.
+        """
+        if self._sharded and (stage is not None or self._base_weights() is not None):
+            model = self._meta_model()
+            kept, self._kept = self._kept, None  # one use; a stale copy is dropped
+            if kept is not None and kept[0] == stage:
+                self._weights[model] = (stage, kept[1])
+            else:
+                path = self._weights_path(stage)
+                self._weights[model] = (stage, SafetensorsWeights.from_path(path))
+            return model
+        if self._fsdp1_from_rank0 and not self.info.is_main_process:
+            return self._meta_model()
+        return self.load_full_model(stage)
+
+    def load_full_model(self, stage: int | None) -> torch.nn.Module:
+        """The whole model with real weights on this rank (export, studies on rank 0)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        if self._weights_on_rank0_only and not self.info.is_main_process:
-            return self._meta_model()
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
-        )
+        # fp32: the engine owns precision (fp32 masters, `model.dtype` is the compute
+        # dtype, see launcher/engines/common.py).
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         row = method(self.spec.method)
         if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
             from ncft import olora
@@ -100,13 +131,42 @@ class LauncherBackend:
             assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
         return model
 
+    def _weights_path(self, stage: int | None) -> Path:
+        return self._base_weights() if stage is None else \
+            self._stage_dir(stage) / "model.safetensors"
+
+    def _base_weights(self) -> Path | None:
+        """The local directory of the base model's safetensors; None if it has none.
+
+        A hub id resolves to its cached snapshot (safetensors and JSON files only). A
+        model with `.bin` weights only is loaded whole by `from_pretrained` instead.
+        """
+        if self._base is None:
+            path = Path(self.model_dir)
+            if not path.is_dir():
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(self.model_dir,
+                                              allow_patterns=["*.safetensors", "*.json"]))
+            found = (path / INDEX).is_file() or (path / SINGLE).is_file()
+            if not found:
+                print0(f"{self.model_dir} has no safetensors weights: every rank loads the "
+                       "whole model (from_pretrained)")  # fmt: skip
+            self._base = (path if found else None,)
+        return self._base[0]
+
     @property
-    def _weights_on_rank0_only(self) -> bool:
-        # FSDP2 broadcasts rank 0's weights while sharding (launcher/engines/fsdp2.py),
-        # so the other ranks need no host copy of the model: at 7B that saves ~14 GB
-        # of host memory per extra rank. LoRA runs keep the plain path.
-        return (self.spec.engine.backend == "fsdp2" and self.info.world_size > 1
+    def _sharded(self) -> bool:
+        # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
+        return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
                 and self.spec.method not in LORA_METHODS)  # fmt: skip
+
+    @property
+    def _fsdp1_from_rank0(self) -> bool:
+        # FSDP1's sync_module_states broadcasts rank 0's states; on gloo it refuses the
+        # CPU tensors, so CPU runs load on every rank (launcher/engines/fsdp1.py).
+        return (self.spec.engine.backend == "fsdp1" and self.info.backend == "nccl"
+                and self.info.world_size > 1 and self.spec.method not in LORA_METHODS)  # fmt: skip
 
     def _meta_model(self) -> torch.nn.Module:
         """The model's structure on the meta device, set up as `from_pretrained` would."""
@@ -114,16 +174,41 @@ class LauncherBackend:
 
         config = AutoConfig.from_pretrained(self.model_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[self.spec.model.dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         try:  # generation on this rank must follow the same settings as on rank 0
             model.generation_config = GenerationConfig.from_pretrained(self.model_dir)
         except OSError:
             pass
         return model.eval()
 
-    def build_engine(self, model: torch.nn.Module):  # noqa: D102
+    def build_engine(self, model: torch.nn.Module, keep_weights: bool = False):
+        """Wrap `model` (filling it from its weights when `load_model` deferred them).
+
+        Args:
+            model: What `load_model` returned, trainables marked.
+            keep_weights: Keep on this rank what the build reads from the files, so the
+                next `load_model` of the same stage reads nothing (a stage's scoring
+                engine, then its training engine). Costs one shard of host memory until
+                then; the kept tensors are copies, untouched by what scoring does.
+        """
+        stage, weights = self._weights.pop(model, (None, None))
+        deltas = sparse_delta.installed(model) if weights is not None else []
+        if deltas:  # their start values are rows/columns of the base tensors in the files
+            if isinstance(weights, Replay):
+                # A scoring build's kept shards hold no other rank's rows: read again.
+                weights = SafetensorsWeights.from_path(self._weights_path(stage))
+            weights = DeltaWeights(weights, deltas)
+        record = keep_weights and isinstance(weights, SafetensorsWeights)
+        if record:
+            weights.record()
         e = self.spec.engine
-        return build_engine(e.backend, model, optim_config(self.spec), self.info, e.ds_config)
+        engine = build_engine(e.backend, model, optim_config(self.spec), self.info,
+                              e.ds_config, weights=weights)  # fmt: skip
+        if record:
+            self._kept = (stage, Replay(weights))
+        if isinstance(weights, (SafetensorsWeights, DeltaWeights)):
+            weights.close()
+        return engine
 
     def save_neurons(self, task: str, nset: NeuronSet) -> None:  # noqa: D102
         if self.info.is_main_process:
@@ -146,7 +231,7 @@ class LauncherBackend:
                           tmp / "model.safetensors")  # fmt: skip
                 write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
-        dist.barrier()
+        barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
 
     def resume_step(self, stage: int) -> int:  # noqa: D102

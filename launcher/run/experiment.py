@@ -16,9 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
-from launcher.dist import init_distributed, print0, shutdown
+from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
 from launcher.run import rundir, studies
 from launcher.run.backend import LauncherBackend, lora_options
 from launcher.run.models import resolve_model
@@ -59,7 +57,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
     """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
-    model = backend.load_model(last_stage)
+    model = backend.load_full_model(last_stage)
     if spec.method in LORA_METHODS:
         from ncft.lora import merge_lora
 
@@ -120,7 +118,7 @@ def run_rank(run_root: str, model_dir: str) -> None:
 
             write_report(run.root)
         print0(f"done: {run.results}")
-    dist.barrier()
+    barrier()
     shutdown()
 
 
@@ -154,10 +152,7 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
             run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
-    payload = [None]
-    if info.is_main_process:
-        payload = [prepare(spec)]
-    dist.broadcast_object_list(payload, src=0)
+    prepared = broadcast_object(prepare(spec) if info.is_main_process else None)
     # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
     with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
-        run_rank(*payload[0])
+        run_rank(*prepared)

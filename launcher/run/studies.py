@@ -14,9 +14,7 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-
-from launcher.dist import print0
+from launcher.dist import barrier, print0
 from launcher.run import neft
 from launcher.spec import Spec
 from ncft.continual.loop import TaskData
@@ -68,7 +66,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
         grid["finetune_matrix"] = _finetune_matrix(spec, backend, selector, tasks, sets, encoded)
     if backend.info.is_main_process:
         write_json(out, grid)
-    dist.barrier()
+    barrier()
 
 
 def _finetune_matrix(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
@@ -139,7 +137,7 @@ def neft_utilization(spec: Spec, backend: LauncherBackend, selector: SelectionPi
                 shift = utilization_shift(scores["before"], scores["after"],
                                           selected_of(nset, groups), study.neft_strong_fraction)
                 write_json(result_file, shift)
-            dist.barrier()
+            barrier()
         if backend.info.is_main_process:
             out[task.name] = json.loads(result_file.read_text())
     return out
@@ -182,7 +180,7 @@ def weight_movement_rank_shift(backend: LauncherBackend, selector: SelectionPipe
                 shift["score"] = "1 - cos(w, w after cosine_steps of full fine-tuning)"
                 neft.save_scores(backend.run.neft_scores(task.name, "after"), after)
                 write_json(result_file, shift)
-            dist.barrier()
+            barrier()
         if backend.info.is_main_process:
             out[task.name] = json.loads(result_file.read_text())
     return out
@@ -201,7 +199,7 @@ def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict 
     files = [backend.run.neuron_file(t.name) for t in tasks]
     if not all(f.is_file() for f in files):
         return None
-    model = backend.load_model(len(tasks) - 1)
+    model = backend.load_full_model(len(tasks) - 1)
     blocks = get_adapter(model).mlp_blocks(model)
     sets = {t.name: NeuronSet.load(f) for t, f in zip(tasks, files)}
     if any(s.meta.get("unit", "neuron") != "neuron" for s in sets.values()):
@@ -247,5 +245,5 @@ def paper_similarity(spec: Spec, backend: LauncherBackend, selector: SelectionPi
                        spec.eval.batch_size, tok.pad_token_id, log=print0)  # fmt: skip
         if backend.info.is_main_process:
             write_json(out, result)
-        dist.barrier()
+        barrier()
     return json.loads(out.read_text()) if backend.info.is_main_process else None

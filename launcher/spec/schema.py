@@ -72,7 +72,9 @@ class ModelSpec(_Section):
         "converted local cache (e.g. smollm2-135m-instruct).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter and compute dtype."
+        "float32", description="Compute dtype. bfloat16: bf16 forward/backward with fp32 "
+        "master weights and fp32 AdamW moments on every engine (masks act on the fp32 "
+        "masters); float16: deepspeed only (loss scaling)."
     )
 
     @model_validator(mode="before")
@@ -457,6 +459,10 @@ class Spec(_Section):
                 problems.append((f"tasks[{i}].name", f"duplicate task name {name!r}"))
         for i, task in enumerate(self.tasks):
             problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
+        if self.model.dtype == "float16" and self.engine.backend != "deepspeed":
+            problems.append(("model.dtype", f"float16 needs loss scaling, which only "
+                             f"engine.backend=deepspeed does (got {self.engine.backend}); "
+                             "use bfloat16"))  # fmt: skip
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
         if self.study.similarity in ("paper", "both") and "lora" in self.method:

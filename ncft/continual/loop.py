@@ -100,10 +100,18 @@ class Backend(Protocol):
     tokenizer: Any
 
     def load_model(self, stage: int | None) -> nn.Module:
-        """The model after stage `stage` (None: the base model), unwrapped, on CPU."""
+        """The model after stage `stage` (None: the base model), unwrapped.
 
-    def build_engine(self, model: nn.Module) -> Engine:
-        """Wrap a model whose frozen parameters are already marked."""
+        Its weights may be deferred (a meta-device model that `build_engine` fills,
+        each rank reading only its shard): use it for structure, the engine for values.
+        """
+
+    def build_engine(self, model: nn.Module, keep_weights: bool = False) -> Engine:
+        """Wrap a model whose frozen parameters are already marked.
+
+        `keep_weights`: the next `load_model` of the same stage follows; the backend
+        may keep this build's weights for it instead of reading them again.
+        """
 
     def save_neurons(self, task: str, nset: NeuronSet) -> None:
         """Persist a task's NeuronSet (rank 0)."""
@@ -220,7 +228,8 @@ class ContinualLoop:
         elif row.selects:
             assert self.selector is not None, "neuron methods need a selector"
             # The scoring engine shards (and NeFT's probe fine-tunes) its model in
-            # place, so training starts again from a fresh load of the same weights.
+            # place, so training starts again from the same weights; the backend keeps
+            # what the scoring build read, so the stage reads its files once.
             nset = self._select(self.backend.load_model(source), task, stage)
         model = self.backend.load_model(source)
         penalty, deltas = None, None
@@ -265,7 +274,7 @@ class ContinualLoop:
     def _select(self, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
         # Scoring runs on its own engine over the candidate matrices (NeFT's probe
         # fine-tune changes weights), then the training engine starts clean.
-        engine = self.backend.build_engine(model)
+        engine = self.backend.build_engine(model, keep_weights=True)
         nset = self.selector.select(engine, model, task, stage)
         engine.close()
         self.backend.save_neurons(task.name, nset)

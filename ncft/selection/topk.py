@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ncft.arch import MlpBlock, get_adapter, make_projection, row_entries
-from ncft.engine import Engine
+from ncft.engine import Engine, device_of
 from ncft.neuron_set import NeuronSet, Selection
 
 Scores = dict[str, torch.Tensor]  # group name -> [group.size] float scores
@@ -269,14 +269,6 @@ def _digest_words(text_hex: str) -> torch.Tensor:
                         dtype=torch.int64)  # fmt: skip
 
 
-def _device(engine: Engine) -> torch.device:
-    module = getattr(engine, "module", None)
-    for p in module.parameters() if module is not None else ():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
     """Raise on every rank unless all ranks hold a set with the same checksum.
 
@@ -290,7 +282,7 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
     checksum = nset.checksum()
     if engine.world_size == 1:
         return checksum
-    device = _device(engine)  # NCCL reduces only device tensors
+    device = device_of(engine)
     mine = _digest_words(checksum).to(device)
     total = engine.all_reduce_(mine.clone())
     bad = torch.tensor([int(not torch.equal(total, mine * engine.world_size))],

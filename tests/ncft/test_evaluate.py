@@ -138,22 +138,79 @@ def test_generate_matches_hf_generate(model, tok):
         assert got == expected
 
 
-def test_generate_stops_everywhere_at_eos():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_stops_everywhere_at_eos(use_cache):
     class EosLM(nn.Module):
-        """Predicts token 5 after one step, EOS afterwards."""
+        """Predicts token 5 after the prompt, EOS afterwards."""
 
-        def forward(self, input_ids, attention_mask=None, use_cache=None):
+        def forward(self, input_ids, attention_mask=None, use_cache=None, past_key_values=None,
+                    position_ids=None):  # fmt: skip
             logits = torch.zeros(*input_ids.shape, 8)
             logits[..., 2] = 1.0
-            logits[:, :1, 5] = 2.0  # after the 1-token prompt: "b"; then EOS
-            return type("Out", (), {"logits": logits})()
+            if past_key_values is None:  # after the 1-token prompt: "b"; then EOS
+                logits[:, :1, 5] = 2.0
+            return type("Out", (), {"logits": logits, "past_key_values": "cache"})()
 
     tok = word_tokenizer(["a", "b"])
     engine = FakeEngine(EosLM())
     engine.module.register_parameter("p", nn.Parameter(torch.zeros(1)))
-    texts = generate_greedy(engine, tok, ["a"], max_new_tokens=10, batch_size=1)
+    texts = generate_greedy(engine, tok, ["a"], max_new_tokens=10, batch_size=1,
+                            use_cache=use_cache)  # fmt: skip
     assert texts == ["b"]
     assert engine.forwards == 2  # one token, then EOS stops the batch long before 10
+
+
+MIXED = ["review : great . Answer :", *PROMPTS,
+         "review : the film was great but the plot was dull and the acting poor . Answer :"]
+
+
+def sharp_model():
+    """The tiny Llama with q/k scaled x30: sharp, position-dependent attention.
+
+    At init scale attention is nearly uniform, so a wrong position id in the cached
+    path (checked: dropping `position_ids`) changes no token; here it changes several.
+    """
+    model = tiny_llama(seed=3).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_kv_cache_generation_gives_the_same_tokens(tok, batch_size, monkeypatch):
+    """Cached decoding = re-running the prefix, token for token, at mixed lengths."""
+    import ncft.evaluate as ev
+
+    model = sharp_model()
+
+    ids = {}
+    for use_cache in (True, False):
+        seen = []
+        decode = ev._greedy_batch_cached if use_cache else ev._greedy_batch
+
+        def spy(*args, decode=decode, seen=seen, **kwargs):
+            seen.append(decode(*args, **kwargs))
+            return seen[-1]
+
+        monkeypatch.setattr(ev, "_greedy_batch_cached" if use_cache else "_greedy_batch", spy)
+        texts = generate_greedy(FakeEngine(model), tok, MIXED, 12, batch_size,
+                                use_cache=use_cache)  # fmt: skip
+        ids[use_cache] = (texts, torch.cat(seen))
+    assert ids[True][0] == ids[False][0]
+    assert torch.equal(ids[True][1], ids[False][1])
+    assert int((ids[True][1] > 0).sum()) > len(MIXED) * 6, "too few tokens to compare"
+
+
+def test_kv_cache_feeds_one_token_per_step(model, tok):
+    """The cached path runs the prefix once, then single-token forwards."""
+    widths = []
+    engine = FakeEngine(model)
+    forward = engine.forward
+    engine.forward = lambda batch: (widths.append(batch["input_ids"].shape[1]), forward(batch))[1]
+    generate_greedy(engine, tok, MIXED[:3], 6, 3)
+    assert widths[0] > 1 and widths[1:] == [1] * (len(widths) - 1) and len(widths) > 2
 
 
 @pytest.mark.parametrize("world_size", [3, 7])

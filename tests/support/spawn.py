@@ -33,12 +33,14 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun(
-    script: Path | str, nproc: int, args: list[str], timeout: int = 600, check: bool = True
+    script: Path | str, nproc: int, args: list[str], timeout: int = 600, check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `script` on `nproc` ranks with torchrun; fail the test on a non-zero exit.
 
     Every rank's exit code counts: torchrun exits non-zero if any rank failed,
-    aborted or was killed, and that fails the test (nothing is ignored).
+    aborted or was killed, and that fails the test (nothing is ignored). `env` adds
+    to (or overrides) `worker_env`'s variables.
     """
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -46,7 +48,7 @@ def torchrun(
         str(script), *args,
     ]
     proc = subprocess.run(
-        cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        cmd, env=worker_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -15,11 +15,12 @@ from tests.support.tiny import SAMPLE_TEXT, save_tiny_model_dir
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("backend,nproc,update", [
-    ("deepspeed", 2, "masked"), ("fsdp1", 3, "masked"),
-    ("deepspeed", 2, "sparse_delta"), ("fsdp2", 3, "sparse_delta"),
+@pytest.mark.parametrize("backend,nproc,dtype,update", [
+    ("deepspeed", 2, "float32", "masked"), ("fsdp1", 3, "float32", "masked"),
+    ("fsdp2", 2, "bfloat16", "masked"), ("deepspeed", 2, "float32", "sparse_delta"),
+    ("fsdp2", 3, "float32", "sparse_delta"),
 ])
-def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, update):
+def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, dtype, update):
     model_dir = save_tiny_model_dir(tmp_path / "model")
     data = tmp_path / "train.txt"
     data.write_text(SAMPLE_TEXT)
@@ -28,7 +29,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, u
         sys.executable, "-m", "launcher", "masked-train", "--model", str(model_dir),
         "--data", str(data), "--out", str(out), "--backend", backend, "--nproc", str(nproc),
         "--steps", "3", "--fraction", "0.2", "--seq-len", "12", "--micro-batch-size", "1",
-        "--grad-accum", "2", "--update", update,
+        "--grad-accum", "2", "--dtype", dtype, "--update", update,
     ]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, cwd=REPO,
                           timeout=300)

@@ -132,6 +132,9 @@ TRANSLATION = {"source": {"type": "translation"}, "name": "tr"}
 MALFORMED = [
     # (case id, patch of BASE, expected YAML path in the message)
     ("dtype", {"model.dtype": "float64"}, "model.dtype"),
+    ("fp16_not_deepspeed", {"model.dtype": "float16"}, "model.dtype"),
+    ("ckpt_type", {"training.activation_checkpointing": "sometimes"},
+     "training.activation_checkpointing"),
     ("name_type", {"model.name_or_path": 5}, "model.name_or_path"),
     ("model_extra", {"model.revision": "main"}, "model.revision"),
     ("backend", {"engine.backend": "horovod"}, "engine.backend"),
@@ -371,6 +374,7 @@ def test_defaults(tmp_path: Path):
     assert spec.selection.modules == ["gate", "up", "down"] and spec.selection.unit == "neuron"
     assert spec.selection.seed == spec.training.seed == 0
     assert spec.training.grad_clip == 1.0 and spec.training.epochs is None
+    assert spec.training.activation_checkpointing is False
     assert spec.lora.target_modules == ["q_proj", "v_proj"]
     assert spec.output.dir == tmp_path / "run"  # relative to the spec file
 

@@ -118,7 +118,7 @@ class _FakeEngine:
 
     def __init__(self, others):
         self.world_size, self.rank, self.others = len(others) + 1, 0, others
-        self.calls = 0
+        self.device, self.calls = torch.device("cpu"), 0
 
     def all_reduce_(self, t):
         self.calls += 1
