@@ -14,7 +14,8 @@ from ncft.sparse_delta import DeltaEntry
 @pytest.fixture
 def weights(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    tensors = {"a.weight": torch.randn(9, 7, generator=gen), "a.bias": torch.randn(9, generator=gen),
+    tensors = {"a.weight": torch.randn(9, 7, generator=gen),
+               "a.bias": torch.randn(9, generator=gen),
                "b.weight": torch.randn(7, 9, generator=gen)}  # fmt: skip
     save_file(tensors, tmp_path / "model.safetensors")
     rows, cols = torch.tensor([0, 1, 2, 5, 8]), torch.tensor([1, 4, 5])
