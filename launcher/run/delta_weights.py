@@ -33,6 +33,11 @@ class DeltaWeights:
                                      f"{base_key!r} to start {delta!r} from")  # fmt: skip
                 self._deltas[delta] = (base_key, axis, idx)
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the base returned (deltas are read through it, so counted there)."""
+        return getattr(self.base, "bytes_read", 0)
+
     def keys(self) -> set[str]:  # noqa: D102
         return set(self.base.keys()) | set(self._deltas)
 
