@@ -158,7 +158,12 @@ class LauncherBackend:
     @property
     def _sharded(self) -> bool:
         # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
-        return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
+        # So do ZeRO-3 sparse-delta runs: the ZeRO-3 twin is rebuilt from the config
+        # under zero.Init (launcher/engines/loading.py) and would lack the deltas.
+        backend = self.spec.engine.backend
+        if backend == "deepspeed" and self.spec.training.update == "sparse_delta":
+            return False
+        return (backend in ("single", "fsdp2", "deepspeed")
                 and self.spec.method not in LORA_METHODS)  # fmt: skip
 
     @property
