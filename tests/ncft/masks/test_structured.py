@@ -93,14 +93,14 @@ def test_bad_selection_is_an_error():
 
 ROWS, COLS = 97, 131  # 12,707 elements per weight: over DENSE_MAX_NUMEL
 PAD = 5
+A_START = ROWS * COLS // 2 + 7  # mid-row
 
 
 def _packed(seed):
     """Two weights and a bias cut ZeRO-3/FSDP1-style out of one flat tensor with padding:
     rank 1 of 2 for `a` (starting mid-row), all of `b`, and the bias's first half."""
     n = ROWS * COLS
-    a_start = n // 2 + 7
-    pieces = [("a", (ROWS, COLS), a_start, n), ("b", (COLS, ROWS), 0, n), ("c", (9000,), 0, 4500)]
+    pieces = [("a", (ROWS, COLS), A_START, n), ("b", (COLS, ROWS), 0, n), ("c", (9000,), 0, 4500)]
     total = sum(stop - start for _, _, start, stop in pieces) + PAD
     gen = torch.Generator().manual_seed(seed)
     flat = torch.nn.Parameter(torch.randn(total, generator=gen))
@@ -117,7 +117,9 @@ def _selection(gen, phase):
     if phase == 0:
         return {"a": Selection(1, pick(COLS, 0.1)), "b": Selection(0, pick(COLS, 0.1)),
                 "c": Selection(0, pick(9000, 0.05))}  # fmt: skip
-    return {"a": Selection(0, pick(ROWS, 0.2)), "b": Selection(1, pick(ROWS, 0.05))}
+    # Row selection on `a` including the row the segment's start cuts (an "all" block).
+    rows = torch.unique(torch.cat([pick(ROWS, 0.2), torch.tensor([A_START // COLS])]))
+    return {"a": Selection(0, rows), "b": Selection(1, pick(ROWS, 0.05))}
 
 
 def _grad(flat, frozen, gen):
