@@ -96,14 +96,14 @@ PAD = 5
 A_START = ROWS * COLS // 2 + 7  # mid-row
 
 
-def _packed(seed):
+def _packed(seed, device="cpu"):
     """Two weights and a bias cut ZeRO-3/FSDP1-style out of one flat tensor with padding:
     rank 1 of 2 for `a` (starting mid-row), all of `b`, and the bias's first half."""
     n = ROWS * COLS
     pieces = [("a", (ROWS, COLS), A_START, n), ("b", (COLS, ROWS), 0, n), ("c", (9000,), 0, 4500)]
     total = sum(stop - start for _, _, start, stop in pieces) + PAD
     gen = torch.Generator().manual_seed(seed)
-    flat = torch.nn.Parameter(torch.randn(total, generator=gen))
+    flat = torch.nn.Parameter(torch.randn(total, generator=gen).to(device))
     segs, offset = [], 0
     for fqn, shape, start, stop in pieces:
         lo, hi = offset, offset + stop - start
@@ -124,20 +124,22 @@ def _selection(gen, phase):
 
 
 def _grad(flat, frozen, gen):
+    frozen = frozen.cpu()
     g = torch.randn(flat.numel(), generator=gen)
     g[:3] = -0.0
     bad = frozen & (torch.rand(flat.numel(), generator=gen) < 0.02)
     g[bad] = torch.tensor([float("nan"), float("inf"), -float("inf")])[
         torch.arange(int(bad.sum())) % 3
     ]
-    return g
+    return g.to(flat.device)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_structured_step_bit_identical_to_dense_bool(wd):
+def test_structured_step_bit_identical_to_dense_bool(wd, device):
     gen = torch.Generator().manual_seed(11)
-    ours, ours_segs = _packed(0)
-    ref, _ = _packed(0)
+    ours, ours_segs = _packed(0, device)
+    ref, _ = _packed(0, device)
     hyper = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     opt, ref_opt = MaskedAdamW([ours], **hyper), MaskedAdamW([ref], **hyper)
     # Task A trains everything (moments become non-zero), then two selections follow:
@@ -147,6 +149,7 @@ def test_structured_step_bit_identical_to_dense_bool(wd):
             sel = _selection(gen, phase)
             plan = MaskPlan.build(sel, ours_segs)
             assert any(m.blocks for m in plan.masks), "structured path not exercised"
+            assert all(t.device == ours.device for t in plan.owned)
             frozen = plan.frozen[id(ours)][1]
             opt.set_frozen(plan.tensor_masks)
             ref_opt.set_frozen({id(ref): (ref, frozen)})  # the dense-bool path
