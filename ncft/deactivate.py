@@ -33,7 +33,7 @@ from torch import nn
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate
-from ncft.engine import Engine, Segment, eval_mode
+from ncft.engine import Engine, Segment, device_of, eval_mode
 from ncft.masks.layout import segment_mask
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.attribution import answer_loss, engine_module, find_module, logits_of
@@ -168,7 +168,7 @@ def deactivate_weights(
 
 def answer_metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dict[str, float]:
     """Mean answer loss and exact-match token accuracy over `encoded`, all ranks."""
-    device = next(engine_module(engine).parameters()).device
+    device = device_of(engine)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     with torch.no_grad(), eval_mode(engine_module(engine)):
         for share in batches(encoded, batch_size, engine.rank, engine.world_size, "pad"):

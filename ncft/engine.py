@@ -24,8 +24,8 @@ class Segment:
     layout) live on this rank at `local_flat(opt_param)[opt_offset : opt_offset +
     stop - start]`, where `opt_param` is the tensor the optimizer steps (a ZeRO-3
     fp32 sub-group partition, an FSDP1 flat-parameter shard, an FSDP2 DTensor, or
-    the plain parameter). `grad()` returns the matching 1-D gradient view, which
-    masking writes to in place.
+    the plain parameter), always the fp32 master even when compute runs in bf16.
+    `grad()` returns the matching 1-D gradient view, which masking writes to in place.
 
     Attributes:
         fqn: Fully qualified parameter name in the unwrapped model.
@@ -70,7 +70,14 @@ def local_flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def device_of(engine: Engine) -> torch.device:
-    """The device the engine computes on (that of its first materialised parameter)."""
+    """The device the engine computes on: `engine.device`.
+
+    Engines without the attribute (test doubles) fall back to the device of their
+    first materialised parameter.
+    """
+    device = getattr(engine, "device", None)
+    if device is not None:
+        return torch.device(device)
     for p in engine.module.parameters():
         if p.device.type != "meta":
             return p.device
@@ -100,8 +107,20 @@ class StepStats:
 
 
 class Engine(Protocol):
-    """What the neuron science needs from a distributed training engine."""
+    """What the neuron science needs from a distributed training engine.
 
+    Attributes:
+        name: The backend name it was built for (`single`, `deepspeed`, `fsdp2`, ...).
+        device: The device it computes on. Inputs go there, and `all_reduce_` moves
+            any tensor there for the collective (NCCL takes device tensors only).
+        rank: Global rank.
+        world_size: Number of data-parallel ranks.
+        module: The (wrapped) model.
+        optimizer: The optimizer stepping the fp32 masters.
+    """
+
+    name: str
+    device: torch.device
     rank: int
     world_size: int
     module: nn.Module
@@ -142,7 +161,11 @@ class Engine(Protocol):
         """FQN and full shape of every parameter, in model order."""
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` in place over data-parallel ranks and return it."""
+        """Sum `tensor` in place over data-parallel ranks and return it.
+
+        `tensor` may live on any device: the engine communicates on its own `device`
+        and copies the result back.
+        """
 
     def close(self) -> None:
         """Release engine resources; the process group stays up."""

@@ -10,6 +10,11 @@ share therefore run dummy forwards (on a copy of the first example) whose output
 thrown away; the number of forwards is computed from the data sizes alone, never from
 what a rank happens to hold.
 
+Classification is scored one of two ways (`eval.classification`): `rank` (the label
+whose tokens get the highest summed log-probability wins, `classification_accuracy`)
+or `generate` (greedy decoding, then exact match after O-LoRA's normalisation,
+`generated_accuracy`: the protocol of O-LoRA and of the papers' tables).
+
 Scores are all in [0, 1]: accuracy, ROUGE-L F-measure, and BLEU divided by 100 (so
 one task score can sit next to another in the accuracy matrix and retention ratios
 mean the same for every task). The task score (`task_score`) is the accuracy for
@@ -20,6 +25,8 @@ Shapes: B batch rows, T tokens, V vocabulary, K labels.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +36,8 @@ from ncft.data.examples import IGNORE, Example, collate, encode
 from ncft.engine import Engine, device_of, eval_mode
 
 METRICS = ("bleu", "rougeL")
+CLASSIFICATION = ("rank", "generate")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def share(num: int, rank: int, world_size: int) -> range:
@@ -194,6 +203,56 @@ def _greedy_batch(
     return new_BN
 
 
+def _greedy_batch_cached(
+    engine: Engine,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    active: bool,
+) -> torch.Tensor:
+    """`_greedy_batch` with the model's KV cache: one new token per row per forward.
+
+    The prompt is prefilled right-padded, as `_greedy_batch` runs it. Every later step
+    appends one cache slot to every row: a live row's new token, with its own position
+    id (its length so far); a stopped row's padding, masked out. The padding between a
+    short prompt and its first generated token stays in the cache, masked, so each row
+    attends to exactly the tokens `_greedy_batch` would show it, at the same
+    positions. Same forward count and early exit as `_greedy_batch`.
+    """
+    device = device_of(engine)
+    num, width = len(rows), max(len(r) for r in rows)
+    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
+        mask_BT[b, : len(row)] = 1
+    lengths_B = torch.tensor([len(r) for r in rows], device=device)
+    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
+    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
+    arange_B = torch.arange(num, device=device)
+    batch: dict[str, Any] = {"input_ids": ids_BT, "attention_mask": mask_BT, "use_cache": True}
+    for step in range(max_new_tokens):
+        running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
+        if float(engine.all_reduce_(running)[0]) == 0.0:
+            break
+        output = engine.forward(batch)
+        logits_BTV = _logits(output)
+        # Prefill: each row's last prompt token; later: the one token fed.
+        last_B = lengths_B - 1 if step == 0 else torch.zeros_like(lengths_B)
+        next_B = logits_BTV[arange_B, last_B].argmax(-1)
+        if eos_id is not None:
+            done_B |= ~done_B & (next_B == eos_id)
+        live_B = ~done_B
+        new_BN[live_B, step] = next_B[live_B] + 1
+        mask_BT = torch.cat([mask_BT, live_B.long().unsqueeze(1)], dim=1)
+        batch = {"input_ids": torch.where(live_B, next_B, pad_id).unsqueeze(1),
+                 "attention_mask": mask_BT, "position_ids": lengths_B.unsqueeze(1),
+                 "past_key_values": output.past_key_values, "use_cache": True}  # fmt: skip
+        lengths_B = lengths_B + live_B.long()
+    return new_BN
+
+
 def generate_greedy(
     engine: Engine,
     tokenizer,
@@ -201,12 +260,15 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     max_prompt_length: int | None = None,
+    use_cache: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts`, decoded, identical on every rank.
 
-    Decoding re-runs the full sequence each step (no KV cache: engines expose only
-    `forward`). A row stops at EOS (not included in the text); the batch stops when all
-    rows on all ranks have stopped, or after `max_new_tokens`.
+    With `use_cache` each step feeds one token per row and reuses the model's KV cache
+    (`_greedy_batch_cached`); without it, each step re-runs the whole sequence (the
+    reference path, quadratic in the output length). A row stops at EOS (not included
+    in the text); the batch stops when all rows on all ranks have stopped, or after
+    `max_new_tokens`.
 
     Args:
         engine: The model (runs under `no_grad`, in eval mode).
@@ -216,6 +278,7 @@ def generate_greedy(
         batch_size: Prompts per forward on each rank.
         max_prompt_length: Token limit of a prompt; longer prompts are cut from the
             left (BOS kept), as `encode` cuts them. None: no limit.
+        use_cache: Decode with the model's KV cache (same tokens, linear cost).
 
     Returns:
         One stripped string per prompt, in order (every rank gets all of them).
@@ -237,11 +300,12 @@ def generate_greedy(
     # Each rank writes its own rows into a zero tensor; summing over ranks gathers them
     # (the Engine protocol offers all-reduce only).
     new_NT = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
+    decode = _greedy_batch_cached if use_cache else _greedy_batch
     with torch.no_grad(), eval_mode(engine.module):
         for b in range(num_batches):
             rows = mine[b * batch_size : (b + 1) * batch_size]
-            out = _greedy_batch(engine, rows or dummy, max_new_tokens, pad_id,
-                                tokenizer.eos_token_id, active=bool(rows))  # fmt: skip
+            out = decode(engine, rows or dummy, max_new_tokens, pad_id,
+                         tokenizer.eos_token_id, active=bool(rows))  # fmt: skip
             if rows:
                 lo = span.start + b * batch_size
                 new_NT[lo : lo + len(rows)] = out
@@ -251,6 +315,30 @@ def generate_greedy(
         ids = (row[row > 0] - 1).tolist()
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, ASCII punctuation removed, whitespace runs collapsed to one space.
+
+    O-LoRA's exact match (`src/compute_metrics.py`, taken from Super-NaturalInstructions:
+    SQuAD v1.1's normalisation without removing articles).
+    """
+    return " ".join(_PUNCTUATION.sub("", text.lower()).split())
+
+
+def generated_accuracy(
+    engine: Engine, tokenizer, examples: Sequence[Example], max_new_tokens: int,
+    batch_size: int, max_prompt_length: int | None = None,
+) -> tuple[float, list[str]]:  # fmt: skip
+    """Greedy-decode each prompt and compare it with its label (`normalize_answer`).
+
+    Returns:
+        The fraction of exact matches (the same on every rank) and the decoded texts.
+    """
+    texts = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples], max_new_tokens,
+                            batch_size, max_prompt_length)  # fmt: skip
+    hits = [normalize_answer(t) == normalize_answer(ex.answer) for t, ex in zip(texts, examples)]
+    return sum(hits) / len(hits), texts
 
 
 def text_scores(
@@ -325,6 +413,7 @@ def evaluate_task(
     batch_size: int = 8,
     max_length: int = 256,
     max_new_tokens: int = 64,
+    classification: str = "rank",
 ) -> dict[str, float]:
     """Evaluate one task; the result carries its metrics and `"score"` (`task_score`).
 
@@ -339,6 +428,8 @@ def evaluate_task(
         max_length: The task's token limit (prompt + answer); generation prompts are
             cut to `max_length - 1` tokens, as `encode` cuts them for a 1-token answer.
         max_new_tokens: Generation length limit.
+        classification: "rank" (`classification_accuracy`) or "generate"
+            (`generated_accuracy`; the generation length is `max_new_tokens`).
 
     Returns:
         `{"accuracy", "score"}` or `{<metric>..., "score"}`, all in [0, 1].
@@ -346,8 +437,15 @@ def evaluate_task(
     if format == "classification":
         if not labels:
             raise ValueError("format=classification needs labels")
-        acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
-                                      max_length)  # fmt: skip
+        if classification == "generate":
+            acc, _ = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
+                                        batch_size, max(1, max_length - 1))  # fmt: skip
+        elif classification == "rank":
+            acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
+                                          max_length)  # fmt: skip
+        else:
+            raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
+                             f"got {classification!r}")  # fmt: skip
         scores = {"accuracy": acc}
     elif format == "generation":
         scores = generation_scores(engine, tokenizer, examples, metrics, max_new_tokens,

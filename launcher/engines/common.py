@@ -1,7 +1,17 @@
-"""Pieces every engine shares: the optimizer settings and small helpers."""
+"""Pieces every engine shares: optimizer and precision settings, small helpers.
+
+Precision: the engine owns it. It is handed the model in fp32 and keeps the
+parameters the optimizer steps (the masters, which masks act on) and the AdamW
+moments in fp32 whatever `compute_dtype` says; `compute_dtype=bfloat16` only makes
+forward and backward run in bf16 (FSDP2 `MixedPrecisionPolicy`, FSDP1
+`MixedPrecision`, ZeRO-3's bf16 mode, autocast on the single engine). A learning
+rate far below bf16's resolution (2^-8 relative) therefore still moves the selected
+weights, and frozen elements stay bit-identical.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,7 +27,7 @@ _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """What an engine needs to build its optimizer and step.
+    """What an engine needs to build its optimizer, step, and compute.
 
     Attributes:
         lr: AdamW learning rate.
@@ -27,6 +37,10 @@ class OptimConfig:
         grad_clip: Max global gradient norm; 0 disables clipping.
         grad_accum: Micro-batches per optimizer step.
         micro_batch_size: Examples per rank per micro-batch.
+        compute_dtype: Forward/backward dtype (`model.dtype`); masters and moments
+            stay fp32 (module docstring).
+        activation_checkpointing: Recompute each decoder layer's activations in
+            backward instead of storing them (`training.activation_checkpointing`).
     """
 
     lr: float = 1e-4
@@ -36,11 +50,80 @@ class OptimConfig:
     grad_clip: float = 0.0
     grad_accum: int = 1
     micro_batch_size: int = 1
+    compute_dtype: torch.dtype = torch.float32
+    activation_checkpointing: bool = False
 
     @property
     def clip_norm(self) -> float:
         """The max-norm to pass to a clip function (inf = measure only)."""
         return self.grad_clip if self.grad_clip > 0 else math.inf
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_compute_dtype(cfg: OptimConfig, backend: str) -> None:
+    """Refuse a compute dtype the engine cannot train safely.
+
+    Raises:
+        ValueError: For float16 outside DeepSpeed (no loss scaler on the others).
+    """
+    if cfg.compute_dtype in _COMPUTE_DTYPES:
+        return
+    if backend == "deepspeed" and cfg.compute_dtype == torch.float16:
+        return
+    raise ValueError(
+        f"model.dtype={str(cfg.compute_dtype).removeprefix('torch.')} is not supported on "
+        f"engine.backend={backend} (fp16 needs loss scaling, which only deepspeed does); "
+        "use bfloat16 or float32"
+    )
+
+
+def prepare_model(model: nn.Module, cfg: OptimConfig) -> nn.Module:
+    """Cast the model to fp32 masters and switch activation checkpointing on if asked.
+
+    Call before wrapping: FSDP shards, and ZeRO-3 partitions, what they are given.
+    """
+    model.float()
+    if cfg.activation_checkpointing:
+        _enable_checkpointing(model)
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing composes with FSDP/ZeRO-3 parameter hooks. transformers
+    # checkpoints a layer's `forward` (its module hooks stay outside) and only in train
+    # mode, so scoring and evaluation (eval mode) store activations as usual and the
+    # attribution hooks see every forward exactly once. transformers 5 renamed
+    # `gradient_checkpointing_enable` (kept as a deprecated alias, and by peft wrappers).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            f"training.activation_checkpointing: {type(model).__name__} is not a transformers "
+            "model (no activation_checkpointing_enable); set it to false"
+        )
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`'s type, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on the engine's device.
+
+    Data loaders collate on the host; on a GPU a host `input_ids` meeting CUDA
+    embeddings fails, so every engine's `forward` places its batch here (a no-op on
+    CPU and for tensors already there).
+    """
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}  # fmt: skip
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> MaskedAdamW:

@@ -9,6 +9,11 @@ intra_param_end_idx]` of that flattened parameter at `offset_in_shard`
 FSDP1 refuses a FlatParameter that mixes trainable and frozen parameters, so every
 module that owns a trainable parameter becomes its own unit and all its parameters
 train; masks then freeze the unselected ones (a down projection's bias, say).
+
+Precision: the flat parameters stay fp32 (masters, and what masks act on); with
+`compute_dtype=bfloat16` FSDP's `MixedPrecision` gathers bf16 copies for compute and
+reduces gradients in fp32. `summon_full_params` (gathered, edited, export) returns
+the fp32 values.
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-from launcher.dist import DistInfo
+from launcher.dist import DistInfo, all_reduce_
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    check_compute_dtype,
     decoder_layers,
     make_optimizer,
     named_shapes,
+    on_device,
+    prepare_model,
     trainable,
 )
 from ncft.engine import Segment, StepStats
@@ -54,13 +61,17 @@ class Fsdp1Engine(LocalState):
     """FULL_SHARD FSDP1 over decoder layers and trainable modules, flat params."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+        check_compute_dtype(cfg, "fsdp1")
+        self.name, self.device = "fsdp1", info.device
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
+        prepare_model(model, cfg)
         units = _units(model)
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
         self.module = FSDP(
             model, auto_wrap_policy=policy, use_orig_params=False,
             sharding_strategy=ShardingStrategy.FULL_SHARD,
+            mixed_precision=_policy(cfg.compute_dtype),
             # An explicit device: FSDP1 only infers accelerators and refuses to guess CPU.
             device_id=info.device,
         )
@@ -72,7 +83,7 @@ class Fsdp1Engine(LocalState):
         return self.rank == 0
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**batch)
+        return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1
@@ -147,11 +158,19 @@ class Fsdp1Engine(LocalState):
         return iter(self._shapes.items())
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        dist.all_reduce(tensor)
-        return tensor
+        return all_reduce_(tensor, self.device)
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None
+
+
+def _policy(dtype: torch.dtype) -> MixedPrecision | None:
+    """bf16 compute over fp32 flat shards, fp32 gradient reduction; fp32: none."""
+    if dtype == torch.float32:
+        return None
+    # Buffers (rotary `inv_freq`) stay fp32: positions lose precision in bf16.
+    return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32,
+                          buffer_dtype=torch.float32)  # fmt: skip
 
 
 def _owner(fqn: str, prefix: str, unit: FSDP) -> bool:

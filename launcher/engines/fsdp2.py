@@ -9,6 +9,10 @@ device (no host memory), and after sharding rank 0 broadcasts one parameter at a
 time, each rank keeping its rows. Buffers, including non-persistent ones that no
 checkpoint holds (rotary `inv_freq`), are broadcast too, so no rank relies on
 re-running initialisation code for them.
+
+Precision: the sharded DTensors stay fp32 (masters, and what masks act on); with
+`compute_dtype=bfloat16` a `MixedPrecisionPolicy` all-gathers them as bf16 for
+forward and backward and reduce-scatters gradients in fp32.
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from launcher.dist import DistInfo
+from launcher.dist import DistInfo, all_reduce_, any_rank, broadcast_
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    check_compute_dtype,
     decoder_layers,
     make_optimizer,
     named_shapes,
+    on_device,
+    prepare_model,
     trainable,
 )
 from ncft.engine import Segment, StepStats, local_tensor
@@ -39,10 +45,13 @@ class Fsdp2Engine(LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
+        check_compute_dtype(cfg, "fsdp2")
+        self.name, self.device = "fsdp2", info.device
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
+        prepare_model(model, cfg)
         meta = _on_meta(model)
-        from_rank0 = info.world_size > 1 and _any_rank(meta)
+        from_rank0 = info.world_size > 1 and any_rank(meta, info.device)
         if meta and (self.rank == 0 or not from_rank0):
             raise ValueError("FSDP2: rank 0 must build the model with real weights; only "
                              "other ranks may build it on the meta device")  # fmt: skip
@@ -50,9 +59,10 @@ class Fsdp2Engine(LocalState):
         full = dict(model.named_parameters()) if from_rank0 and self.rank == 0 else {}
         if not meta:
             model.to(info.device)
+        policy = _policy(cfg.compute_dtype)
         for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         if meta:
             model.to_empty(device=info.device)
         if from_rank0:
@@ -73,19 +83,19 @@ class Fsdp2Engine(LocalState):
             shape = self._shapes[name]
             buf = full[name].detach().to(device) if self.rank == 0 else \
                 torch.empty(shape, dtype=param.dtype, device=device)
-            dist.broadcast(buf, src=0)
+            broadcast_(buf, device, src=0)
             lo, hi = chunk_rows(shape[0], self.world_size, self.rank) if shape else (0, 0)
             local = local_tensor(param)
             local.copy_(buf[lo:hi] if shape else buf)
         for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+            broadcast_(buffer, device, src=0)
 
     @property
     def is_main_process(self) -> bool:  # noqa: D102
         return self.rank == 0
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**batch)
+        return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1
@@ -140,8 +150,7 @@ class Fsdp2Engine(LocalState):
         return iter(self._shapes.items())
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        dist.all_reduce(tensor)
-        return tensor
+        return all_reduce_(tensor, self.device)
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None
@@ -151,11 +160,11 @@ def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank (one tiny all-reduce)."""
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _policy(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """bf16 compute over fp32 shards with fp32 gradient reduction; fp32: no casts."""
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _local_grad(p: torch.Tensor) -> torch.Tensor | None:

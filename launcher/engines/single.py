@@ -1,4 +1,10 @@
-"""Plain PyTorch in one process: the reference every sharded engine must match."""
+"""Plain PyTorch in one process: the reference every sharded engine must match.
+
+Precision: the parameters stay fp32 (they are the masters the optimizer and the masks
+act on) and `forward` runs under autocast to `compute_dtype`. Autocast runs matmuls
+in bf16 and keeps reductions such as softmax and norms in fp32, so a bf16 single run
+is close to, not bit-equal with, the FSDP engines' bf16 parameter casts.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,12 @@ from launcher.dist import DistInfo
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    autocast,
+    check_compute_dtype,
     make_optimizer,
     named_shapes,
+    on_device,
+    prepare_model,
     trainable,
 )
 from ncft.engine import Segment, StepStats
@@ -28,8 +38,10 @@ class SingleEngine(LocalState):
                 f"engine.backend=single runs one process, but WORLD_SIZE={info.world_size}; "
                 "use deepspeed, fsdp2 or fsdp1 for several ranks"
             )
+        check_compute_dtype(cfg, "single")
+        self.name, self.device = "single", info.device
         self.rank, self.world_size, self.cfg = 0, 1, cfg
-        self.module = model.to(info.device)
+        self.module = prepare_model(model, cfg).to(info.device)
         self._params = dict(self.module.named_parameters())
         self.optimizer = make_optimizer(trainable(self.module), cfg)
 
@@ -38,7 +50,8 @@ class SingleEngine(LocalState):
         return True
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**batch)
+        with autocast(self.device, self.cfg.compute_dtype):
+            return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         (loss / self.cfg.grad_accum).backward()

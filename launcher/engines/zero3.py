@@ -7,6 +7,14 @@ concatenates each rank's partitions into flat fp32 sub-group tensors
 calls the client optimizer's `step()` on those. So a `Segment`'s `opt_param` is the
 sub-group tensor, and its gradient is the matching entry of `averaged_gradients`,
 which is also what DeepSpeed takes the clipping norm of.
+
+Precision: the model arrives in fp32. With `compute_dtype=bfloat16` the filled config
+enables DeepSpeed's bf16 mode: it casts the module to bf16 for compute and keeps the
+fp32 sub-group partitions as masters (what the optimizer and masks act on), with
+fp32 AdamW moments; the masters start as the bf16-rounded weights. `gathered`
+returns the fp32 masters of trainable parameters (DeepSpeed's own gather would give
+the bf16 compute copies, which drop updates below bf16's resolution), so stage
+checkpoints and exports carry every update.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 if not torch.cuda.is_available():  # must precede the first `import deepspeed`
@@ -25,13 +32,16 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed`
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
-from launcher.dist import DistInfo  # noqa: E402
+from launcher.dist import DistInfo, all_gather_flat, all_reduce_  # noqa: E402
 from launcher.engines import ds_config  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
     LocalState,
     OptimConfig,
+    check_compute_dtype,
     make_optimizer,
     named_shapes,
+    on_device,
+    prepare_model,
     trainable,
 )
 from ncft.engine import Segment, StepStats  # noqa: E402
@@ -55,10 +65,12 @@ class Zero3Engine(LocalState):
     ) -> None:
         if info.backend == "gloo":
             _skip_cpu_shm_op()
+        check_compute_dtype(cfg, "deepspeed")
+        self.name, self.device = "deepspeed", info.device
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
-        dtype = next(model.parameters()).dtype
-        ds_cfg = ds_config.fill(ds_config.load(config), cfg, info.world_size, dtype)
+        prepare_model(model, cfg)
+        ds_cfg = ds_config.fill(ds_config.load(config), cfg, info.world_size, cfg.compute_dtype)
         self._offload = "offload_optimizer" in ds_cfg["zero_optimization"]
         if self._offload and cfg.grad_clip > 0:
             # With optimizer offload DeepSpeed takes each partition's norm inside
@@ -81,7 +93,7 @@ class Zero3Engine(LocalState):
         return self.rank == 0
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self._ds(**batch)
+        return self._ds(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         # DeepSpeed divides by gradient_accumulation_steps itself.
@@ -129,9 +141,23 @@ class Zero3Engine(LocalState):
 
     @contextmanager
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
-        params = [self._params[n] for n in fqns]
+        low = self.cfg.compute_dtype != torch.float32
+        masters = {n: self._full_master(n) for n in fqns if low and self._params[n].requires_grad}
+        params = [self._params[n] for n in fqns if n not in masters]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield {n: p.data for n, p in zip(fqns, params)}
+            # Frozen parameters exist only as compute copies: widened, so every gathered
+            # tensor has the masters' dtype.
+            yield {n: masters[n] if n in masters else
+                   (self._params[n].data.float() if low else self._params[n].data)
+                   for n in fqns}  # fmt: skip
+
+    def _full_master(self, name: str) -> torch.Tensor:
+        """The full fp32 master of a trainable parameter, gathered from every rank."""
+        zero, p = self._zero, self._params[name]
+        group, offset, part_numel = zero.grad_position[zero.get_param_id(p)]
+        local = zero.fp32_partitioned_groups_flat[group].narrow(0, offset, part_numel)
+        full = all_gather_flat(local.detach(), self.device)
+        return full[: p.ds_numel].view(self._shapes[name])
 
     @contextmanager
     def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
@@ -145,8 +171,7 @@ class Zero3Engine(LocalState):
         return iter(self._shapes.items())
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        dist.all_reduce(tensor)
-        return tensor
+        return all_reduce_(tensor, self.device)
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         # The client optimizer's param groups are empty between steps: DeepSpeed hands

@@ -12,23 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from launcher.dist import DistInfo, print0
+from launcher.dist import DistInfo, barrier, print0
 from launcher.engines import OptimConfig, build_engine
 from launcher.run import progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
-from ncft.continual.loop import LORA_METHODS
+from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
-# checkpoint of stage N (1-based), or after optimizer step K of stage N ("N:K").
+# checkpoint of stage N (1-based), after optimizer step K of stage N ("N:K"), or
+# during stage N's evaluation, after its first task is evaluated ("N").
 KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
 KILL_AT_STEP = "NCFT_FAULT_KILL_AT_STEP"
+KILL_DURING_EVAL = "NCFT_FAULT_KILL_DURING_EVAL"
 KILL_RANK = "NCFT_FAULT_KILL_RANK"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +40,17 @@ def optim_config(spec: Spec) -> OptimConfig:
     return OptimConfig(
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
+        compute_dtype=_DTYPES[spec.model.dtype],
+        activation_checkpointing=t.activation_checkpointing,
     )
+
+
+def lora_options(spec: Spec):
+    """The spec's `lora` section as `ncft.olora.LoraOptions`."""
+    from ncft.olora import LoraOptions
+
+    lora = spec.lora
+    return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
 
 
 class LauncherBackend:
@@ -68,14 +79,21 @@ class LauncherBackend:
 
         if self._weights_on_rank0_only and not self.info.is_main_process:
             return self._meta_model()
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
-        )
-        if self.spec.method in LORA_METHODS:
+        # fp32: the engine owns precision (fp32 masters, `model.dtype` is the compute
+        # dtype, see launcher/engines/common.py).
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        row = method(self.spec.method)
+        if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
+            from ncft import olora
+
+            model = olora.freeze_all(olora.with_adapters(
+                model, stage + 1, lora_options(self.spec), self.spec.training.seed))  # fmt: skip
+        elif row.lora and not row.adapter_per_task:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                               seed=self.spec.training.seed)  # fmt: skip
         if stage is not None:
             state = load_file(self._stage_dir(stage) / "model.safetensors")
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -97,7 +115,7 @@ class LauncherBackend:
 
         config = AutoConfig.from_pretrained(self.model_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[self.spec.model.dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         try:  # generation on this rank must follow the same settings as on rank 0
             model.generation_config = GenerationConfig.from_pretrained(self.model_dir)
         except OSError:
@@ -129,7 +147,7 @@ class LauncherBackend:
                           tmp / "model.safetensors")  # fmt: skip
                 write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
-        dist.barrier()
+        barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
 
     def resume_step(self, stage: int) -> int:  # noqa: D102
@@ -147,6 +165,10 @@ class LauncherBackend:
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
                           self.spec.engine.backend)  # fmt: skip
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+
+    def after_eval(self, stage: int, task_index: int) -> None:  # noqa: D102
+        if task_index == 0:
+            self._fault(KILL_DURING_EVAL, str(stage + 1))
 
     def _fault(self, variable: str, point: str) -> None:
         if os.environ.get(variable) == point and \

@@ -44,6 +44,7 @@ class MaskedTrainArgs:
     lr: float = 1e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    dtype: str = "float32"  # compute dtype; the engine keeps fp32 masters (bfloat16 too)
 
 
 def random_unit_set(model, fraction: float, seed: int) -> NeuronSet:
@@ -92,6 +93,7 @@ def run(args: MaskedTrainArgs) -> None:
     cfg = OptimConfig(
         lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         grad_accum=args.grad_accum, micro_batch_size=args.micro_batch_size,
+        compute_dtype=_compute_dtype(args.dtype),
     )
     engine = build_engine(args.backend, model, cfg, info, ds_config=args.ds_config)
     plan = install(engine, nset.entries)
@@ -121,6 +123,12 @@ def run(args: MaskedTrainArgs) -> None:
         print0(f"wrote {out}/model, {out}/report.json")
     engine.close()
     shutdown()
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype: {name!r} is not one of float32, bfloat16, float16")
+    return getattr(torch, name)
 
 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -6,11 +6,13 @@ RUN/checkpoints/in-progress/<NN-task>/step-<00000040>/rank-00000-of-00002.safete
                                                       progress.json   (written last)
 ```
 Every rank writes what its optimizer steps (local shards or ZeRO-3 fp32 masters),
-the AdamW moments and its RNG state: no gather, no broadcast, so a checkpoint of a 7B
-model costs each rank one write of its own partition. A step directory counts only
-once rank 0 has written `progress.json` after a barrier, so a crash mid-write leaves
-the previous step directory as the newest complete one. The task's completed stage
-checkpoint (`checkpoints/<NN-task>/`) supersedes all of this and removes it.
+the AdamW moments and its RNG states (the CPU generator, and its own GPU's generator
+when the engine computes on CUDA: dropout draws there): no gather, no broadcast, so a
+checkpoint of a 7B model costs each rank one write of its own partition. A step
+directory counts only once rank 0 has written `progress.json` after a barrier, so a
+crash mid-write leaves the previous step directory as the newest complete one. The
+task's completed stage checkpoint (`checkpoints/<NN-task>/`) supersedes all of this
+and removes it.
 
 A resume rebuilds the stage's engine from the stage's starting weights (the previous
 stage checkpoint), restores these shards and skips the optimizer steps already
@@ -27,10 +29,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from launcher.dist import barrier
 from launcher.run.rundir import RunDir
 from ncft.io import atomic_file, write_json
 
 _RNG = "rng.torch"
+_CUDA_RNG = "rng.cuda"
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a rank saves: the CPU generator's, and `device`'s if CUDA."""
+    state = {_RNG: torch.get_rng_state()}
+    if device.type == "cuda":
+        state[_CUDA_RNG] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore and remove the RNG entries of `state` (see `rng_state`).
+
+    A CUDA state is restored only onto a CUDA device; a run resumed without CUDA
+    ignores it (its dropout draws come from the CPU generator).
+    """
+    torch.set_rng_state(state.pop(_RNG))
+    cuda = state.pop(_CUDA_RNG, None)
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def stage_root(run: RunDir, stage: int, task: str) -> Path:
@@ -65,17 +89,15 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
     Returns:
         The step directory.
     """
-    import torch.distributed as dist
-
     root = stage_root(run, stage, task)
     step_dir = root / f"step-{step:08d}"
     step_dir.mkdir(parents=True, exist_ok=True)
     state = engine.local_state()
-    state[_RNG] = torch.get_rng_state()
+    state.update(rng_state(_device(engine)))
     target = _rank_file(step_dir, engine.rank, engine.world_size)
     with atomic_file(target) as tmp:
         save_file(state, str(tmp))
-    dist.barrier()  # every shard is on disk before the directory counts
+    barrier()  # every shard is on disk before the directory counts
     if engine.is_main_process:
         write_json(step_dir / "progress.json", {
             "stage": stage, "task": task, "step": step, "backend": backend,
@@ -104,9 +126,13 @@ def load(engine, step_dir: Path, backend: str) -> int:
             "resume with the same engine, or delete that directory to restart the task"
         )
     state = load_file(str(_rank_file(step_dir, engine.rank, engine.world_size)))
-    torch.set_rng_state(state.pop(_RNG))
+    restore_rng(state, _device(engine))
     engine.load_local_state(state)
     return int(meta["step"])
+
+
+def _device(engine) -> torch.device:
+    return torch.device(getattr(engine, "device", "cpu"))
 
 
 def clear(run: RunDir, stage: int, task: str) -> None:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate, data_hash
-from ncft.engine import Engine, eval_mode
+from ncft.engine import Engine, device_of, eval_mode
 from ncft.selection import Group, Scores
 
 AGGREGATION = "sum_abs_act_x_grad over tokens"
@@ -186,7 +186,7 @@ class GradAttribution:
         used = self._used()
         if not used:
             raise ValueError("grad_attribution needs at least one example")
-        device = _device_of(engine)
+        device = device_of(engine)
         sums = [torch.zeros(b.d_ff, dtype=torch.float64, device=device) for b in blocks]
         shares = list(batches(used, self.batch_size, engine.rank, engine.world_size, "pad"))
         root = engine_module(engine)
@@ -228,10 +228,3 @@ class GradAttribution:
             "num_examples": len(used), "data_hash": data_hash(used), "model_id": self.model_id,
             "loss": "sum over examples of mean answer-token cross-entropy",
         }  # fmt: skip
-
-
-def _device_of(engine: Engine) -> torch.device:
-    for p in engine_module(engine).parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")

@@ -170,7 +170,8 @@ class WeightCosine:
         if missing:
             raise ValueError(f"weight_cosine needs trainable parameters; not trained: "
                              f"{missing[:3]}")  # fmt: skip
-        # Sums live where the weights do (and where the collective runs: NCCL or gloo).
+        # Sums live where the weights do (the host under ZeRO-3 optimizer offload);
+        # `all_reduce_` moves them to the engine's device for the collective.
         device = segments[0].opt_param.device if segments else torch.device("cpu")
         stats = [torch.zeros(3, g.size, dtype=torch.float64, device=device) for g in groups]
         for seg in segments:

@@ -124,12 +124,12 @@ def run_backend(
     backend: str, info, out_dir: Path, count: bool, dtype: str = "float32",
     ds_config: str = "zero3", grad_clip: float = 0.005,
 ) -> None:
-    model = tiny_llama(seed=0).to(getattr(torch, dtype))
+    model = tiny_llama(seed=0)  # fp32: the engine keeps fp32 masters, computes in `dtype`
     set_a, set_b = neuron_sets(model)
     freeze_unselected(model, set(set_a.entries) | set(set_b.entries))
     cfg = OptimConfig(
         lr=1e-2, weight_decay=0.1, grad_clip=grad_clip, grad_accum=ACCUM,
-        micro_batch_size=GLOBAL_MICRO // info.world_size,
+        micro_batch_size=GLOBAL_MICRO // info.world_size, compute_dtype=getattr(torch, dtype),
     )
     engine = build_engine(backend, model, cfg, info, ds_config=ds_config)
     tag = f"{backend}_ws{info.world_size}"

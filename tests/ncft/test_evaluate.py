@@ -11,6 +11,8 @@ from ncft.evaluate import (
     classification_accuracy,
     evaluate_task,
     generate_greedy,
+    generated_accuracy,
+    normalize_answer,
     share,
     task_score,
     text_scores,
@@ -136,22 +138,79 @@ def test_generate_matches_hf_generate(model, tok):
         assert got == expected
 
 
-def test_generate_stops_everywhere_at_eos():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_stops_everywhere_at_eos(use_cache):
     class EosLM(nn.Module):
-        """Predicts token 5 after one step, EOS afterwards."""
+        """Predicts token 5 after the prompt, EOS afterwards."""
 
-        def forward(self, input_ids, attention_mask=None, use_cache=None):
+        def forward(self, input_ids, attention_mask=None, use_cache=None, past_key_values=None,
+                    position_ids=None):  # fmt: skip
             logits = torch.zeros(*input_ids.shape, 8)
             logits[..., 2] = 1.0
-            logits[:, :1, 5] = 2.0  # after the 1-token prompt: "b"; then EOS
-            return type("Out", (), {"logits": logits})()
+            if past_key_values is None:  # after the 1-token prompt: "b"; then EOS
+                logits[:, :1, 5] = 2.0
+            return type("Out", (), {"logits": logits, "past_key_values": "cache"})()
 
     tok = word_tokenizer(["a", "b"])
     engine = FakeEngine(EosLM())
     engine.module.register_parameter("p", nn.Parameter(torch.zeros(1)))
-    texts = generate_greedy(engine, tok, ["a"], max_new_tokens=10, batch_size=1)
+    texts = generate_greedy(engine, tok, ["a"], max_new_tokens=10, batch_size=1,
+                            use_cache=use_cache)  # fmt: skip
     assert texts == ["b"]
     assert engine.forwards == 2  # one token, then EOS stops the batch long before 10
+
+
+MIXED = ["review : great . Answer :", *PROMPTS,
+         "review : the film was great but the plot was dull and the acting poor . Answer :"]
+
+
+def sharp_model():
+    """The tiny Llama with q/k scaled x30: sharp, position-dependent attention.
+
+    At init scale attention is nearly uniform, so a wrong position id in the cached
+    path (checked: dropping `position_ids`) changes no token; here it changes several.
+    """
+    model = tiny_llama(seed=3).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_kv_cache_generation_gives_the_same_tokens(tok, batch_size, monkeypatch):
+    """Cached decoding = re-running the prefix, token for token, at mixed lengths."""
+    import ncft.evaluate as ev
+
+    model = sharp_model()
+
+    ids = {}
+    for use_cache in (True, False):
+        seen = []
+        decode = ev._greedy_batch_cached if use_cache else ev._greedy_batch
+
+        def spy(*args, decode=decode, seen=seen, **kwargs):
+            seen.append(decode(*args, **kwargs))
+            return seen[-1]
+
+        monkeypatch.setattr(ev, "_greedy_batch_cached" if use_cache else "_greedy_batch", spy)
+        texts = generate_greedy(FakeEngine(model), tok, MIXED, 12, batch_size,
+                                use_cache=use_cache)  # fmt: skip
+        ids[use_cache] = (texts, torch.cat(seen))
+    assert ids[True][0] == ids[False][0]
+    assert torch.equal(ids[True][1], ids[False][1])
+    assert int((ids[True][1] > 0).sum()) > len(MIXED) * 6, "too few tokens to compare"
+
+
+def test_kv_cache_feeds_one_token_per_step(model, tok):
+    """The cached path runs the prefix once, then single-token forwards."""
+    widths = []
+    engine = FakeEngine(model)
+    forward = engine.forward
+    engine.forward = lambda batch: (widths.append(batch["input_ids"].shape[1]), forward(batch))[1]
+    generate_greedy(engine, tok, MIXED[:3], 6, 3)
+    assert widths[0] > 1 and widths[1:] == [1] * (len(widths) - 1) and len(widths) > 2
 
 
 @pytest.mark.parametrize("world_size", [3, 7])
@@ -212,3 +271,29 @@ def test_evaluate_task_score_is_accuracy_or_first_metric(model, tok):
     assert task_score({"bleu": 0.2, "rougeL": 0.5}, ["bleu", "rougeL"]) == 0.2
     with pytest.raises(ValueError, match="format"):
         evaluate_task(engine, tok, examples, format="ranking")
+
+
+def test_normalize_answer_as_o_lora():
+    assert normalize_answer("  Positive. ") == "positive"
+    assert normalize_answer("Not_Entailment!") == "notentailment"  # punctuation dropped
+    assert normalize_answer("the\tGreat   Film") == "the great film"  # articles kept
+    assert normalize_answer("negative") != normalize_answer("positive")
+
+
+def test_generate_mode_is_exact_match_after_normalisation(model, tok):
+    engine = FakeEngine(model)
+    texts = generate_greedy(engine, tok, PROMPTS[:3], 3, 2)
+    assert all(texts)
+    # Gold 0: the generated text in upper case with punctuation; gold 1: something else;
+    # gold 2: the generated text itself. By hand: 2 of 3 match.
+    golds = [texts[0].upper() + " .", "xyz", texts[2]]
+    examples = [Example(p, g) for p, g in zip(PROMPTS[:3], golds)]
+    acc, got = generated_accuracy(engine, tok, examples, 3, 2)
+    assert got == texts and acc == pytest.approx(2 / 3)
+    labels = sorted(set(golds))
+    result = evaluate_task(engine, tok, examples, format="classification", labels=labels,
+                           max_new_tokens=3, classification="generate")  # fmt: skip
+    assert result["accuracy"] == pytest.approx(2 / 3) == result["score"]
+    with pytest.raises(ValueError, match="eval.classification"):
+        evaluate_task(engine, tok, examples, format="classification", labels=labels,
+                      classification="argmax")  # fmt: skip

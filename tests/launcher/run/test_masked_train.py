@@ -15,8 +15,10 @@ from tests.support.tiny import SAMPLE_TEXT, save_tiny_model_dir
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.parametrize("backend,nproc", [("deepspeed", 2), ("fsdp1", 3)])
-def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc):
+@pytest.mark.parametrize("backend,nproc,dtype", [("deepspeed", 2, "float32"),
+                                                 ("fsdp1", 3, "float32"),
+                                                 ("fsdp2", 2, "bfloat16")])  # fmt: skip
+def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, dtype):
     model_dir = save_tiny_model_dir(tmp_path / "model")
     data = tmp_path / "train.txt"
     data.write_text(SAMPLE_TEXT)
@@ -25,7 +27,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc):
         sys.executable, "-m", "launcher", "masked-train", "--model", str(model_dir),
         "--data", str(data), "--out", str(out), "--backend", backend, "--nproc", str(nproc),
         "--steps", "3", "--fraction", "0.2", "--seq-len", "12", "--micro-batch-size", "1",
-        "--grad-accum", "2",
+        "--grad-accum", "2", "--dtype", dtype,
     ]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, cwd=REPO,
                           timeout=300)

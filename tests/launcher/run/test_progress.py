@@ -84,3 +84,19 @@ def test_local_state_refuses_a_different_engine():
         engine.load_local_state({**saved, "0.param": saved["0.param"][:1]})
     with pytest.raises(ValueError, match="tensors"):
         engine.load_local_state({k: v for k, v in saved.items() if not k.startswith("0.")})
+
+
+def test_rng_state_has_no_cuda_key_without_cuda(tmp_path):
+    from launcher.run import progress
+    from launcher.run.rundir import RunDir
+
+    engine = _single()
+    assert set(progress.rng_state(torch.device("cpu"))) == {"rng.torch"}
+    step_dir = progress.save(engine, RunDir(tmp_path), 0, "task", 1, "single")
+    saved = load_file(step_dir / "rank-00000-of-00001.safetensors")
+    assert "rng.torch" in saved and "rng.cuda" not in saved
+    expected = torch.rand(4)  # what the CPU generator draws right after the save
+    # A checkpoint written on GPUs, resumed on CPU: the CUDA entry is ignored.
+    state = {"rng.torch": saved["rng.torch"], "rng.cuda": torch.zeros(16, dtype=torch.uint8)}
+    progress.restore_rng(state, torch.device("cpu"))
+    assert state == {} and torch.equal(torch.rand(4), expected)
