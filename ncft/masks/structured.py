@@ -79,8 +79,8 @@ class Block:
         """The int64 positions along `dim` (a per-use temporary), or None for `ALL`."""
         if self.index is None:
             return None
-        pos = self.index.long()
-        return pos.sub_(self.shift) if self.shift else pos
+        pos = self.index.long()  # no copy if already int64: never modify it in place
+        return pos - self.shift if self.shift else pos
 
     def num_trainable(self) -> int:
         """Trainable elements in the block."""

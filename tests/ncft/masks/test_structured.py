@@ -52,6 +52,14 @@ def test_zero3_cut_rows_hand_case(always_structured):
     assert builder.nbytes() == 3 * 2
 
 
+def test_positions_leave_a_stored_int64_index_alone(always_structured, monkeypatch):
+    # Dimensions past 2^31 store int64, which `.long()` does not copy.
+    monkeypatch.setattr(structured, "index_dtype", lambda size: torch.int64)
+    mask = MaskBuilder("cpu").segment("v", (5, 40), 66, 170, 1, torch.tensor([0, 30]))
+    head = mask.blocks[0]  # row 1 from column 26: column 30 at position 4
+    assert head.positions().tolist() == [4] and head.positions().tolist() == [4]
+
+
 @pytest.mark.parametrize("shape,axis", [((7, 5), 0), ((7, 5), 1), ((13,), 0), ((3, 11), 1)])
 def test_every_cut_matches_segment_mask(always_structured, shape, axis):
     gen = torch.Generator().manual_seed(3)
