@@ -4,7 +4,7 @@ Both arms train the SAME matrices (`freeze_unselected` with the same NeuronSet, 
 the engine allocates gradients and optimizer state for exactly gate/up/down of every
 layer); they differ only in the masking itself:
 
-* masked:   `train_step(engine, batches, plan)` with `optimizer.set_frozen(plan.frozen)`
+* masked:   `train_step(engine, batches, plan)` with `optimizer.set_frozen(plan.tensor_masks)`
             (= `plan.apply_to_grads()` + the masked update in `MaskedAdamW`);
 * unmasked: `train_step(engine, batches, None)` with `optimizer.set_frozen({})`.
 
@@ -198,7 +198,7 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int,
         return [{"input_ids": ids, "labels": ids}]
 
     def step(masked: bool) -> tuple[float, float, tuple, tuple]:
-        engine.optimizer.set_frozen(plan.frozen if masked else {})
+        engine.optimizer.set_frozen(plan.tensor_masks if masked else {})
         mbs = batch()
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
