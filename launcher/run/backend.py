@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from launcher.dist import DistInfo, print0
 from launcher.engines import OptimConfig, build_engine
-from launcher.run import progress, rundir
+from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
 from launcher.spec import Spec
 from ncft.continual.loop import LORA_METHODS
+from ncft.engine import device_of
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog
 
@@ -129,6 +130,8 @@ class LauncherBackend:
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
         dist.barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
+        if preempt.agreed(device_of(engine)):  # the stage is on disk: nothing more to save
+            preempt.stop(f"after stage {stage + 1}")
 
     def resume_step(self, stage: int) -> int:  # noqa: D102
         found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
@@ -140,11 +143,16 @@ class LauncherBackend:
         progress.load(engine, found[1], self.spec.engine.backend)
 
     def after_step(self, engine, stage: int, step: int, total: int) -> None:  # noqa: D102
+        preempt.fault_pause(f"{stage + 1}:{step}", self.info.rank)
         every = self.spec.output.checkpoint_every
-        if every and step % every == 0 and step < total:  # the last step gets save_stage
+        stop = preempt.agreed(device_of(engine))  # collective: every rank, every step
+        # The last step normally gets save_stage; a stop request saves it here instead.
+        if stop or (every and step % every == 0 and step < total):
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
                           self.spec.engine.backend)  # fmt: skip
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+        if stop:
+            preempt.stop(f"after step {step}/{total} of stage {stage + 1}")
 
     def _fault(self, variable: str, point: str) -> None:
         if os.environ.get(variable) == point and \

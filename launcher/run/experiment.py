@@ -10,13 +10,14 @@ logs) and runs the stages that are not done yet.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from launcher.dist import init_distributed, print0, shutdown
-from launcher.run import neft, rundir, studies
+from launcher.run import neft, preempt, rundir, studies
 from launcher.run.backend import LauncherBackend
 from launcher.run.checkpoint import atomic_dir, commit_dir
 from launcher.run.models import resolve_model
@@ -104,6 +105,7 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
 
 def run_rank(run_root: str, model_dir: str) -> None:
     """One rank of an experiment whose run directory is prepared."""
+    preempt.install()  # before the slow setup: a SIGTERM then stops at the first step
     run = rundir.RunDir(Path(run_root))
     spec = load_spec(run.spec)
     info = init_distributed()
@@ -112,6 +114,18 @@ def run_rank(run_root: str, model_dir: str) -> None:
             f"engine: the spec asks for {spec.engine.world_size} ranks "
             f"(nnodes x nproc_per_node) but the launcher started {info.world_size}"
         )
+    try:
+        _run_stages(spec, info, run, model_dir)
+    except preempt.Preempted as stopped:
+        print0(f"{stopped}; resume with the same command and output.resume=true "
+               "(a requeued SLURM job resumes by itself)")
+    else:
+        return
+    shutdown()
+    raise SystemExit(preempt.EXIT_PREEMPTED)
+
+
+def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
     loop = _loop(spec, backend, tasks)
@@ -148,8 +162,9 @@ def run_rank(run_root: str, model_dir: str) -> None:
 
 def prepare(spec: Spec) -> tuple[str, str]:
     """Validate-time work done once: run directory and model conversion."""
-    run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
-                         spec.output.overwrite)  # fmt: skip
+    policy = preempt.prepare_policy(spec.output.dir, spec.output.resume, spec.output.overwrite)
+    run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), *policy)
+    preempt.record_job(run.root)
     return str(run.root), resolve_model(spec.model.name_or_path)
 
 
@@ -163,7 +178,7 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
                 "(slurm/torchrun.slurm or slurm/deepspeed.slurm); `ncft run` spawns one node"
             )
         root, model_dir = prepare(spec)
-        run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
+        _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     payload = [None]
@@ -171,3 +186,19 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
         payload = [prepare(spec)]
     dist.broadcast_object_list(payload, src=0)
     run_rank(*payload[0])
+
+
+def _run_local_stoppable(nproc: int, root: str, model_dir: str) -> None:
+    """`run_local`, where SIGTERM to this parent stops the ranks at a checkpoint.
+
+    The elastic agent forwards SIGTERM to the ranks and waits `preempt.GRACE_S`
+    before SIGKILL; then this process exits with `preempt.EXIT_PREEMPTED`.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    os.environ.setdefault(preempt.GRACE_ENV, preempt.GRACE_S)
+    try:
+        run_local(run_rank, nproc, root, model_dir)
+    except SignalException as err:
+        print(f"ncft: {err}; the ranks stopped at a checkpoint", flush=True)
+        raise SystemExit(preempt.EXIT_PREEMPTED) from None

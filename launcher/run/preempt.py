@@ -1,0 +1,139 @@
+"""Preemption: stop on SIGTERM at an optimizer-step boundary, checkpoint, exit for requeue.
+
+SLURM preemption and time limits send SIGTERM, then SIGKILL after a grace period
+(`GraceTime`, `KillWait`, or the lead the job asked for with `--signal=TERM@secs`).
+Each rank's handler only raises a flag; the run acts on it at the next point where
+every rank is in step:
+
+- after every optimizer step (`LauncherBackend.after_step`): the ranks all-reduce the
+  flag (MAX, one int on the engine's device, so NCCL gets a CUDA tensor), so a signal
+  that reaches the ranks a step apart still stops them all after the *same* step;
+  then each rank writes its mid-task shard (`launcher.run.progress`) and the run
+  exits with `EXIT_PREEMPTED`;
+- after every stage checkpoint (`LauncherBackend.save_stage`): the stage is already
+  on disk, so the run just exits.
+
+A stopped rank touches the file named by `NCFT_STOPPED_FILE` (when set): the SLURM
+templates requeue the job when it exists, because launchers (torchrun, DeepSpeed's)
+do not pass a worker's exit code through. A requeued job resumes by itself:
+`prepare_policy` turns the spec's output policy into "resume" when SLURM says this
+is a restart (`SLURM_RESTART_COUNT` > 0) of the job that created the run directory
+(`RUN/.slurm-job`), so the command line never needs editing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+STOPPED_FILE = "NCFT_STOPPED_FILE"
+# torch elastic's agent forwards SIGTERM to its workers and SIGKILLs them after this
+# many seconds (its default is 30): long enough for one step plus a checkpoint.
+GRACE_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+GRACE_S = "110"
+_JOB_FILE = ".slurm-job"
+
+_requested = False
+
+
+class Preempted(Exception):
+    """Raised on every rank once the run has stopped at a checkpoint."""
+
+
+def _on_signal(signum: int, frame) -> None:
+    global _requested
+    _requested = True
+    # print() is not safe inside a signal handler; one write(2) is.
+    os.write(2, f"ncft: got signal {signum}; stopping after this optimizer step\n".encode())
+
+
+def install() -> None:
+    """Make SIGTERM a stop request on this rank (call from the main thread).
+
+    An inherited "ignore" disposition is replaced too: the templates start
+    DeepSpeed's launcher with SIGTERM ignored so that only the ranks act on it.
+    """
+    global _requested
+    _requested = False
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def requested() -> bool:
+    """True once this rank got SIGTERM (no communication)."""
+    return _requested
+
+
+def agreed(device: torch.device) -> bool:
+    """Whether any rank got SIGTERM (collective: every rank calls it at the same point).
+
+    Args:
+        device: Where the flag lives; the engine's device (CUDA under NCCL).
+    """
+    flag = torch.tensor([1 if _requested else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stop(where: str) -> None:
+    """Leave the run after its checkpoint: touch `NCFT_STOPPED_FILE`, raise `Preempted`.
+
+    Raises:
+        Preempted: Always; `run_rank` turns it into exit code `EXIT_PREEMPTED`.
+    """
+    marker = os.environ.get(STOPPED_FILE)
+    if marker:
+        Path(marker).touch()
+    raise Preempted(f"stopped on SIGTERM {where}; the checkpoint is written")
+
+
+def prepare_policy(root: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """The output policy for this process: a requeued SLURM job resumes its own run.
+
+    Args:
+        root: `output.dir`.
+        resume: `output.resume` from the spec.
+        overwrite: `output.overwrite` from the spec.
+
+    Returns:
+        (resume, overwrite): (True, False) when this is a restart of the SLURM job
+        recorded in `root` (so `output.overwrite` does not wipe the job's own
+        progress), else the spec's values unchanged.
+    """
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    recorded = Path(root) / _JOB_FILE
+    if job and restarts.isdigit() and int(restarts) > 0 and recorded.is_file() \
+            and recorded.read_text().strip() == job:
+        print(f"ncft: SLURM job {job} restart {restarts}: resuming {root}", flush=True)
+        return True, False
+    return resume, overwrite
+
+
+def record_job(root: Path) -> None:
+    """Note which SLURM job owns the run directory (nothing outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        (Path(root) / _JOB_FILE).write_text(job + "\n")
+
+
+# Fault injection for the preemption tests: at "N:K" (after optimizer step K of stage
+# N, 1-based) rank 0 touches PAUSE_FILE and waits for SIGTERM, so a test can signal
+# the run at a known step instead of racing it.
+PAUSE_AT_STEP = "NCFT_FAULT_PAUSE_AT_STEP"
+PAUSE_FILE = "NCFT_FAULT_PAUSE_FILE"
+
+
+def fault_pause(point: str, rank: int, timeout_s: float = 600.0) -> None:
+    """Hold rank 0 at `point` until SIGTERM when `NCFT_FAULT_PAUSE_AT_STEP` names it."""
+    if rank != 0 or os.environ.get(PAUSE_AT_STEP) != point:
+        return
+    Path(os.environ[PAUSE_FILE]).touch()
+    deadline = time.monotonic() + timeout_s
+    while not _requested and time.monotonic() < deadline:
+        time.sleep(0.05)
