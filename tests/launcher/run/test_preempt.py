@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.run import preempt
-from tests.support.spawn import REPO, worker_env
+from tests.support.spawn import REPO, torchrun, worker_env
 
 pytestmark = pytest.mark.dist
 
@@ -109,3 +109,28 @@ def test_only_a_restart_of_the_owning_job_resumes(tmp_path, monkeypatch, env, po
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert preempt.prepare_policy(tmp_path, False, True) == policy
+
+
+AGREE = """
+import os, signal
+import torch.distributed as dist
+from launcher.dist import init_distributed
+from launcher.run import preempt
+info = init_distributed()
+preempt.install()
+before = preempt.agreed(info.device)
+if info.rank == 1:
+    os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is told to stop
+after = preempt.agreed(info.device)
+print(f"rank {info.rank}: requested={preempt.requested()} before={before} after={after}",
+      flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    out = torchrun(script, 2, []).stdout
+    assert "rank 0: requested=False before=False after=True" in out
+    assert "rank 1: requested=True before=False after=True" in out
