@@ -25,7 +25,11 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "sru
 NODES = ("n1", "n2")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE")
-CPUS = 2  # per node: 1 node x 2 ranks, or 2 nodes x 1 rank
+# Per node, more than this host's cores (config_overrides lets slurmd believe it): all
+# four test jobs (two of 2 CPUs on one node, two of 1 CPU on each node) fit at once, so
+# a 2-node job held for the preemption test never blocks another test's job.
+CPUS = 4
+MARKER = "NCFT_TEST_SLURM"  # in the environment of every process of this cluster
 
 CONF = """\
 ClusterName=ncfttest
@@ -52,6 +56,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
 ReturnToService=2
+SlurmdParameters=config_overrides
 MpiDefault=none
 KillWait=30
 {nodes}
@@ -89,6 +94,7 @@ class Cluster:
         """This process's environment for SLURM clients, without an outer job's SLURM_*."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env["SLURM_CONF"] = str(self.root / "slurm.conf")
+        env[MARKER] = str(self.root)
         return env
 
     def cmd(self, *args: str, check: bool = True) -> str:
@@ -122,7 +128,17 @@ class Cluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """SIGTERM the daemons this cluster started (by pid), SIGKILL what outlives 20 s."""
+        """Cancel the jobs, SIGTERM the daemons this cluster started (by pid), SIGKILL
+        what outlives 20 s, then any process left that carries this cluster's marker
+        (job steps' slurmstepd and job processes outlive their slurmd)."""
+        if "slurmctld" in self.pids:
+            jobs = self.cmd("squeue", "-h", "-o", "%i", check=False).split()
+            if jobs:
+                self.cmd("scancel", *jobs, check=False)
+            deadline = time.monotonic() + 60
+            while jobs and time.monotonic() < deadline:
+                time.sleep(1)
+                jobs = self.cmd("squeue", "-h", "-o", "%i", check=False).split()
         for pid in reversed(list(self.pids.values())):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -134,6 +150,21 @@ class Cluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.pids.clear()
+        for pid in _marked(f"{MARKER}={self.root}"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _marked(marker: str) -> list[int]:
+    """Live processes whose environment holds `marker` (never this one)."""
+    found, needle = [], marker.encode() + b"\0"
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ and int(proc.name) != os.getpid() and _alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -172,15 +203,18 @@ def start(root: Path) -> Cluster:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     cluster = Cluster(root)
+    env = {**cluster.env}  # the daemons (and so their slurmstepd) carry the marker
     try:
-        subprocess.run(["munged", "--force", f"--socket={root}/munge.sock", f"--key-file={key}",
-                        f"--pid-file={root}/munged.pid", f"--log-file={root}/log/munged.log",
-                        f"--seed-file={root}/munged.seed"], check=True, timeout=60)  # fmt: skip
+        munged = ["munged", "--force", f"--socket={root}/munge.sock", f"--key-file={key}",
+                  f"--pid-file={root}/munged.pid", f"--log-file={root}/log/munged.log",
+                  f"--seed-file={root}/munged.seed"]  # fmt: skip
+        subprocess.run(munged, env=env, check=True, timeout=60)
         cluster.pids["munged"] = _pid(root / "munged.pid")
-        subprocess.run(["slurmctld", "-f", str(conf), "-i"], check=True, timeout=60)
+        subprocess.run(["slurmctld", "-f", str(conf), "-i"], env=env, check=True, timeout=60)
         cluster.pids["slurmctld"] = _pid(root / "slurmctld.pid")
         for node in NODES:
-            subprocess.run(["slurmd", "-f", str(conf), "-N", node], check=True, timeout=60)
+            subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True,
+                           timeout=60)  # fmt: skip
             cluster.pids[f"slurmd-{node}"] = _pid(root / f"slurmd-{node}.pid")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

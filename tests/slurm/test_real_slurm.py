@@ -3,13 +3,14 @@
 `sbatch slurm/{torchrun,deepspeed}.slurm run examples/tiny_ncft.yaml` on 1 node x 2
 ranks and on 2 nodes x 1 rank (a CPU cluster: NCFT_RANKS_PER_NODE, no GPU request),
 each from an empty submit directory that must hold only the job's log afterwards.
-Then preemption: a running 2-node job gets SIGTERM from SLURM (`scancel
+The 2-node jobs are also the preemption test: each gets SIGTERM from SLURM (`scancel
 --signal=TERM`, what `--signal=TERM@120` sends before the time limit), stops at a
 checkpoint, requeues itself, and the requeued job resumes by itself and ends
-bit-identical to the uninterrupted 2-node job.
+bit-identical to the uninterrupted 1-node job of the same template (same two
+ranks, engine and data order).
 
-All jobs are submitted at once (the scheduler packs them on the 2 x 2 CPUs) so the
-module costs a few minutes, not one job after another.
+All four jobs are submitted at once and fit the cluster together (2 nodes x 4
+CPUs), so the module costs a few minutes, not one job after another.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from launcher.run import preempt
 from tests.slurm import cluster as slurm
 from tests.support.spawn import REPO, worker_env
 
-pytestmark = [pytest.mark.slurm, pytest.mark.dist]
+# The first test to wait on the jobs bears most of the module's few minutes.
+pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.timeout(900)]
 
 SPEC = REPO / "examples" / "tiny_ncft.yaml"
 SMALL = [
@@ -37,8 +39,7 @@ SMALL = [
       for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))],
 ]
 BACKEND = {"torchrun": "fsdp2", "deepspeed": "deepspeed"}
-# (template, nodes, ranks per node)
-SHAPES = [("torchrun", 1, 2), ("torchrun", 2, 1), ("deepspeed", 1, 2), ("deepspeed", 2, 1)]
+PAUSE = "2:1"  # the 2-node jobs are held after step 1 of task 2 until SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +91,18 @@ class Job:
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("jobs")
-    out = {shape: Job(cluster, root / "-".join(map(str, shape)), *shape) for shape in SHAPES}
-    pause = root / "preempted" / "paused"
-    out["preempted"] = Job(cluster, root / "preempted", "torchrun", 2, 1, {
-        preempt.PAUSE_AT_STEP: "2:1", preempt.PAUSE_FILE: str(pause)})  # fmt: skip
-    out["preempted"].pause = pause
+    out = {}
+    for template in BACKEND:
+        out[template, 1] = Job(cluster, root / f"{template}-1x2", template, 1, 2)
+        tmp = root / f"{template}-2x1"
+        job = Job(cluster, tmp, template, 2, 1, {
+            preempt.PAUSE_AT_STEP: PAUSE, preempt.PAUSE_FILE: str(tmp / "paused")})  # fmt: skip
+        job.pause = tmp / "paused"
+        out[template, 2] = job
     return out
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
-def test_template_completes_on_real_slurm(jobs, shape):
-    job = jobs[shape]
-    job.wait()
-    _, nodes, ranks = shape
+def _check_run(job: Job, nodes: int, ranks: int) -> None:
     resolved = (job.run / "spec.resolved.yaml").read_text()
     assert f"nnodes: {nodes}" in resolved and f"nproc_per_node: {ranks}" in resolved
     results = json.loads((job.run / "results.json").read_text())
@@ -110,11 +110,20 @@ def test_template_completes_on_real_slurm(jobs, shape):
     for name in ("config.json", "model.safetensors"):
         assert (job.run / "final" / name).is_file(), name
     # Only the job's log: no hostfile or marker left where the user submitted from.
-    assert [p.name for p in job.submit_dir.iterdir()] == [f"ncft{'-ds' * (job.template == 'deepspeed')}-{job.id}.out"]  # noqa: E501
+    log = f"{'ncft-ds' if job.template == 'deepspeed' else 'ncft'}-{job.id}.out"
+    assert [p.name for p in job.submit_dir.iterdir()] == [log]
 
 
-def test_sigterm_requeues_and_the_job_resumes_by_itself(jobs, cluster):
-    job = jobs["preempted"]
+@pytest.mark.parametrize("template", list(BACKEND))
+def test_one_node_two_ranks_completes(jobs, template):
+    job = jobs[template, 1]
+    job.wait()
+    _check_run(job, 1, 2)
+
+
+@pytest.mark.parametrize("template", list(BACKEND))
+def test_two_nodes_stop_on_sigterm_requeue_and_resume_by_themselves(jobs, cluster, template):
+    job = jobs[template, 2]
     deadline = time.monotonic() + 600
     while not job.pause.exists() and time.monotonic() < deadline:
         assert cluster.job(job.id)["JobState"] in ("PENDING", "RUNNING"), job.log()[-6000:]
@@ -133,13 +142,15 @@ def test_sigterm_requeues_and_the_job_resumes_by_itself(jobs, cluster):
     # SLURM holds a requeued job for 120 s (its fixed requeue delay); start it now.
     cluster.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now")
     job.wait()
+    _check_run(job, 2, 1)
     log = job.log()
     assert "stopped on SIGTERM after step 1/3 of stage 2" in log
     assert f"requeueing job {job.id}" in log and "resuming agnews at step 1/3" in log
-    ref = jobs[("torchrun", 2, 1)]
+    # The same two ranks, data order and engine as the 1-node job: bit-identical.
+    ref = jobs[template, 1]
     ref.wait()
     got, want = (json.loads((r / "results.json").read_text()) for r in (job.run, ref.run))
     assert got["matrix"] == want["matrix"]
     a, b = (load_file(r / "final" / "model.safetensors") for r in (job.run, ref.run))
-    for name in b:  # same engine, world size and data order: expected bit-identical
+    for name in b:
         assert torch.equal(a[name], b[name]), name
