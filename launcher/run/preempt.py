@@ -76,7 +76,7 @@ def agreed(device: torch.device) -> bool:
         device: Where the flag lives; the engine's device (CUDA under NCCL).
     """
     flag = torch.tensor([1 if _requested else 0], dtype=torch.int32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
