@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 # pytest-timeout per test; the whole suite is budgeted at ~15 min on 2 cores.
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: install test lint demo mask-demo clean
+.PHONY: install test lint demo mask-demo gpu-check clean
 
 install: $(STAMP)
 
@@ -53,6 +53,15 @@ demo: install
 		output.dir=$(CURDIR)/runs/demo_smollm2_wncft output.overwrite=true output.report=false
 	$(BIN)/ncft compare runs/demo_smollm2 runs/demo_smollm2_seqft runs/demo_smollm2_wncft
 	@echo "report: runs/demo_smollm2/report.md"
+
+# Everything only a GPU can verify (benchmarks/gpu_check.py): the gpu-marked tests, one
+# masked bf16 run per engine over NCCL, and a 1.1B masked-vs-unmasked benchmark. Runs
+# with the GPU machine's own Python and torch (no venv: its CUDA build must stay), the
+# project on PYTHONPATH; benchmarks/RESULTS.md records what it printed.
+GPU_PY ?= python3
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PY) benchmarks/gpu_check.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -62,11 +62,24 @@ CONFIGS: dict[str, dict] = {
         ),
         "seq": 128, "micro_batch": 2, "warmup": 2, "pairs": 6,
     },
+    # TinyLlama-1.1B's shape (GQA 32/4 heads): the GPU check's model (make gpu-check).
+    "1b": {
+        "model": dict(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4,
+        ),
+        "seq": 512, "micro_batch": 4, "warmup": 3, "pairs": 8,
+    },
 }
 FRACTION = 0.05
 
 
-def build_model(name: str, seed: int = 0):
+def build_model(name: str, seed: int = 0, device: str = "cpu"):
+    """A random-init Llama of config `name` (fp32), built directly on `device`.
+
+    On a GPU the 1B model is initialised on the device: seconds instead of a minute of
+    CPU initialisation.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +89,8 @@ def build_model(name: str, seed: int = 0):
         tie_word_embeddings=True, mlp_bias=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(cfg)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg)
 
 
 def random_neuron_set(model, fraction: float, seed: int = 0):
@@ -151,7 +165,10 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
     from ncft.train import train_step
 
     spec = CONFIGS[config]
-    model = build_model(config)
+    cuda = info.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(info.device)
+    model = build_model(config, device=str(info.device) if cuda else "cpu")
     params = sum(p.numel() for p in model.parameters())
     neuron_set = random_neuron_set(model, FRACTION)
     trainable = freeze_unselected(model, neuron_set.entries)
@@ -175,6 +192,7 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
 
     def batch():
         ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq"]), generator=gen)
+        ids = ids.to(info.device)
         return [{"input_ids": ids, "labels": ids}]
 
     def step(masked: bool) -> tuple[float, float, tuple, tuple]:
@@ -183,6 +201,8 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         train_step(engine, mbs, plan if masked else None)
+        if cuda:  # kernels are asynchronous: the step ends when the device is done
+            torch.cuda.synchronize(info.device)
         cpu = time.process_time() - c0  # this rank's CPU seconds, barrier wait excluded
         dist.barrier()
         return time.perf_counter() - t0, cpu, apply_t.take(), opt_t.take()
@@ -209,10 +229,11 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
         pair_ratios.append(got[True] / got[False])
     # CPU seconds of a step summed over ranks: the work done, much less sensitive than
     # wall time to other processes competing for the cores.
-    cpu_local = torch.tensor([cpu[True], cpu[False]], dtype=torch.float64)
+    # Collectives on the rank's device: NCCL rejects CPU tensors.
+    cpu_local = torch.tensor([cpu[True], cpu[False]], dtype=torch.float64, device=info.device)
     cpu_all = [torch.zeros_like(cpu_local) for _ in range(info.world_size)]
     dist.all_gather(cpu_all, cpu_local)
-    cpu_sum = torch.stack(cpu_all).sum(0)
+    cpu_sum = torch.stack(cpu_all).sum(0).cpu()
     cpu_masked, cpu_unmasked = cpu_sum[0].tolist(), cpu_sum[1].tolist()
 
     # Per-rank wall piece medians -> the slowest rank.
@@ -221,15 +242,16 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
             statistics.median(apply_s[0]), statistics.median(opt[0][True]),
             statistics.median(opt[0][False]), float(selected_local),
         ],
-        dtype=torch.float64,
+        dtype=torch.float64, device=info.device,
     )
     gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
     dist.all_gather(gathered, local)
+    peak = torch.cuda.max_memory_allocated(info.device) if cuda else None
     engine.close()
     gc.collect()
     if info.rank != 0:
         return {}
-    per_rank = torch.stack(gathered)
+    per_rank = torch.stack(gathered).cpu()
     ratio = statistics.median(full[True]) / statistics.median(full[False])
     step_u, cpu_u = statistics.median(full[False]), statistics.median(cpu_unmasked)
     return {
@@ -253,6 +275,9 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
                 apply_s[1], opt[1][True], opt[1][False], cpu_u / info.world_size
             ),
         },
+        "device": torch.cuda.get_device_name(info.device) if cuda else "cpu",
+        # Rank 0's peak device memory over model build, engine build and all steps.
+        "peak_device_memory_bytes": peak,
         "pieces_wall_max_over_ranks": {
             "apply_to_grads_s": float(per_rank[:, 0].max()),
             "opt_step_masked_s": float(per_rank[:, 1].max()),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ncft.arch import MlpBlock, unit_entries
+from ncft.io import atomic_file, write_text
 
 FORMAT = "ncft.neuron_set/1"
 
@@ -266,12 +266,9 @@ class NeuronSet:
         }
         # Tensors first: the sidecar's checksum is what commits the pair, so a crash
         # between the two writes leaves a pair that fails to load rather than a wrong one.
-        _atomic_write(
-            tensors_path,
-            lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "checksum": checksum}),
-        )
-        text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        with atomic_file(tensors_path) as tmp:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "checksum": checksum})
+        write_text(json_path, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NeuronSet:
@@ -322,16 +319,3 @@ def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     if p.suffix != ".safetensors":
         raise ValueError(f"path must end in '.safetensors', got {str(p)!r}")
     return p, p.with_suffix(".json")
-
-
-def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
-    """Write via a temp file in the target's directory, then `os.replace`s it in."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ncft.run_layout import RunLayout
+
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
@@ -14,7 +16,7 @@ def compare_table(run_dirs: list[str]) -> str:
     """Markdown table: method, final score per task, CL/AP, BWT, and study summary."""
     rows, header_tasks = [], None
     for run in map(Path, run_dirs):
-        path = run / "results.json"
+        path = RunLayout(run).results
         if not path.is_file():
             raise ValueError(f"{run}: no results.json (is the run finished?)")
         res = json.loads(path.read_text())
@@ -30,7 +32,7 @@ def compare_table(run_dirs: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     for run in map(Path, run_dirs):
-        study = json.loads((run / "results.json").read_text()).get("deactivation")
+        study = json.loads(RunLayout(run).results.read_text()).get("deactivation")
         if study:
             lines += ["", f"Deactivation study ({run.name}, {study['metric']}):", "",
                       "| units off | " + " | ".join(study["tasks"]) + " |",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+
+from launcher.errors import DEBUG_ENV, RanksFailed, UserError, debugging
 
 
 def _add_masked_train(sub) -> None:
@@ -49,6 +52,7 @@ def _add_validate(sub) -> None:
 
 
 def _validate(ns: argparse.Namespace) -> int:
+    from launcher.run.preflight import check_model, check_output
     from launcher.spec import SpecError, dump_resolved, load_spec, plan_stages
 
     try:
@@ -56,10 +60,15 @@ def _validate(ns: argparse.Namespace) -> int:
     except SpecError as err:
         print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
         return 2
+    check_model(spec.model.name_or_path)
     print(dump_resolved(spec))
     print("# planned stages")
     for line in plan_stages(spec):
         print(f"# - {line}")
+    try:  # the directory's state is not the spec's fault: `ncft run` will refuse it
+        check_output(spec)
+    except UserError as err:
+        print(f"# note: {err}")
     return 0
 
 
@@ -108,12 +117,37 @@ def _compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="per-rank memory of a spec (parameters, grads, optimizer, masks, "
+        "activations) without loading weights"
+    )
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="total ranks (default: --nodes x engine.nproc_per_node)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: engine.nnodes)")
+    p.add_argument("--gpu-memory", type=float, default=80.0,
+                   help="GiB per GPU to check the plan against (default: 80)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from launcher.plan.report import plan_command
+
+    return plan_command(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `ncft` parser."""
     parser = argparse.ArgumentParser(prog="ncft", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show tracebacks instead of one-line errors (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_validate(sub)
+    _add_plan(sub)
     _add_report(sub)
     _add_compare(sub)
     from launcher.cli.neurons import add_neuron_commands
@@ -124,9 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ncft` console script."""
+    """Entry point of the `ncft` console script.
+
+    User errors (`ValueError`, `UserError`) and failed ranks print one line,
+    `ncft: error: ...`, and exit 2 and 1; `--debug` raises them with their traceback.
+    """
     ns = build_parser().parse_args(argv)
-    return ns.func(ns)
+    if ns.debug:
+        os.environ[DEBUG_ENV] = "1"  # spawned ranks inherit it
+    try:
+        return ns.func(ns)
+    except (ValueError, RanksFailed) as err:
+        if debugging():
+            raise
+        # A UserError's message is the whole story; any other error may be a bug.
+        hint = "" if isinstance(err, UserError) else f" ({DEBUG_ENV}=1 shows the traceback)"
+        print(f"ncft: error: {err}{hint}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""`ncft neurons ...`: score a model's neurons on task data, inspect and compare sets.
+"""`ncft neurons ...`: select a spec task's neurons, inspect and compare sets.
 
-- `neurons score`: model directory + task data (a cl_benchmark task name, or a JSONL
-  file) -> a NeuronSet file. Runs on every rank under torchrun (or spawns `--nproc`
-  local ranks); all ranks compute the same all-reduced scores, verify the set's
-  checksum, and rank 0 writes it.
+- `neurons score SPEC [key=value ...] --task NAME --out FILE`: the spec's model, its
+  task NAME and its `selection` section (any spec key can be overridden, e.g.
+  `selection.fraction=0.1 selection.scorer=weight_cosine`) -> a NeuronSet file. It
+  runs the same pipeline as `ncft run` (`launcher.run.selector`), with the task's
+  index in `tasks` as its stage, so on the base model it selects exactly what the
+  run's first stage on that task selects. Runs on the spec's `engine`: every rank
+  under torchrun, or `engine.nproc_per_node` spawned local ranks; all ranks compute
+  the same all-reduced scores, verify the set's checksum, and rank 0 writes it.
 - `neurons inspect FILE`: per-layer counts per parameter, and the metadata.
 - `neurons overlap A B ...`: the IoU matrix of several sets.
 
@@ -16,82 +20,38 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-SCORERS = ("grad_attribution", "weight_cosine", "random", "reversed")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class ScoreArgs:
+class ScoreJob:
     """One `neurons score` job (picklable, for spawned ranks)."""
 
-    model: str
+    spec: str
+    overrides: tuple[str, ...]
+    task: str
     out: str
-    task: str | None = None
-    data: str | None = None
-    data_root: str | None = None
-    labels: str | None = None
-    prompt: str | None = None
-    text_field: str = "text"
-    label_field: str = "label"
-    scorer: str = "grad_attribution"
-    fraction: float | None = 0.05
-    count: int | None = None
-    global_topk: bool = False
-    unit: str = "neuron"
-    modules: str = "gate,up,down"
-    positions: str = "answer"
-    num_examples: int = 128
-    batch_size: int = 8
-    max_length: int = 256
-    cosine_steps: int = 20
-    lr: float = 1e-4
+    model_dir: str
+    previous: str | None = None
     finetuned: str | None = None
-    union_with: str | None = None
-    seed: int = 0
-    backend: str = "single"
-    ds_config: str = "zero3"
-
-
-_HELP = {
-    "task": "cl_benchmark task name (reads <data-root>/cl_benchmark/<task>/train.jsonl)",
-    "data": "JSONL file of examples instead of --task (with --labels, or generation)",
-    "data_root": "folder holding cl_benchmark/ (default: NCFT_DATA_ROOT or the repository's data/)",
-    "labels": "comma-separated label set for --data (classification); omit for generation",
-    "prompt": "str.format template over {text} (and {labels}); default: O-LoRA style",
-    "scorer": "grad_attribution | weight_cosine | random | reversed (= lowest 1 - cos)",
-    "fraction": "fraction selected per layer (or of all with --global-topk)",
-    "count": "number selected instead of --fraction",
-    "global_topk": "one ranking over all layers instead of top-k per layer",
-    "unit": "neuron (FFN unit) or row (NeFT weight row)",
-    "modules": "comma-separated roles: gate,up,down (fc_in,fc_out; attention for rows)",
-    "positions": "answer | all: token positions whose attribution is summed",
-    "finetuned": "weight_cosine against this HF checkpoint instead of fine-tuning",
-    "union_with": "also include the neurons of this earlier NeuronSet file",
-    "cosine_steps": "full fine-tuning steps before weight_cosine compares rows",
-}
 
 
 def add_neuron_commands(subparsers) -> None:
     """Register `neurons score|inspect|overlap` on the top-level subparsers."""
     neurons = subparsers.add_parser("neurons", help="score, inspect and compare NeuronSets")
     sub = neurons.add_subparsers(dest="neurons_command", required=True)
-    score = sub.add_parser("score", help="score neurons on task data and write a NeuronSet")
-    score.add_argument("--model", required=True, help="HF model directory or built-in name")
+    score = sub.add_parser("score", help="select a spec task's neurons; write a NeuronSet")
+    score.add_argument("spec", help="experiment spec (YAML): model, engine, tasks, selection")
+    score.add_argument("overrides", nargs="*", help="key.sub=value, e.g. selection.fraction=0.1")
+    score.add_argument("--task", required=True, help="name of the spec task to score on")
     score.add_argument("--out", required=True, help="output file, ending in .safetensors")
-    score.add_argument("--nproc", type=int, default=1, help="local ranks to spawn")
-    for f in fields(ScoreArgs):
-        if f.name in ("model", "out"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            score.add_argument(flag, action="store_true", help=_HELP.get(f.name))
-            continue
-        kind = {"float | None": float, "int | None": int, "int": int, "float": float}
-        score.add_argument(flag, type=kind.get(f.type, str), default=f.default,
-                           help=_HELP.get(f.name, f"default: {f.default}"))  # fmt: skip
+    score.add_argument("--previous", help="NeuronSet file of the earlier task; required by, "
+                       "and only by, selection.union_with_previous: true")  # fmt: skip
+    score.add_argument("--finetuned", help="weight_cosine/reversed: compare against this "
+                       "fine-tuned HF checkpoint instead of running NeFT's probe")  # fmt: skip
     score.set_defaults(func=_score)
     inspect = sub.add_parser("inspect", help="per-layer counts and metadata of a NeuronSet")
     inspect.add_argument("file")
@@ -103,128 +63,75 @@ def add_neuron_commands(subparsers) -> None:
 
 def _score(ns: argparse.Namespace) -> int:
     from launcher.run.models import resolve_model
-    from launcher.run.spawn import run_local
+    from launcher.run.spawn import run_local, under_launcher
+    from launcher.spec import load_spec
 
-    values = {f.name: getattr(ns, f.name) for f in fields(ScoreArgs)}
-    if values["count"] is not None:
-        values["fraction"] = None
-    if (ns.task is None) == (ns.data is None):
-        raise SystemExit("neurons score: give exactly one of --task or --data")
-    if ns.scorer not in SCORERS:
-        raise SystemExit(f"neurons score: --scorer must be one of {SCORERS}")
-    if not ns.out.endswith(".safetensors"):
-        raise SystemExit("neurons score: --out must end in .safetensors")
-    if ns.backend == "single" and ns.nproc != 1:
-        raise SystemExit("neurons score: --backend single runs one process; use --nproc 1")
-    values["model"] = resolve_model(ns.model)  # convert once, before ranks start
-    run_local(run_score, ns.nproc, ScoreArgs(**values))
+    spec = load_spec(ns.spec, ns.overrides)  # a SpecError is a ValueError: one line from main
+    problems = _score_problems(spec, ns)
+    if spec.engine.nnodes > 1 and not under_launcher():
+        problems.append(f"engine.nnodes={spec.engine.nnodes}: start multi-node jobs under a "
+                        "launcher (torchrun, slurm/torchrun.slurm)")  # fmt: skip
+    if problems:
+        raise ValueError("neurons score: " + "; ".join(problems))
+    job = ScoreJob(str(ns.spec), tuple(ns.overrides), ns.task, ns.out,
+                   resolve_model(spec.model.name_or_path), ns.previous, ns.finetuned)  # fmt: skip
+    run_local(run_score, spec.engine.nproc_per_node, job)  # converts the model once, above
     return 0
 
 
-def load_examples(args: ScoreArgs):
-    """The task's training examples (`ncft.data.examples.Example`), at most num_examples."""
-    from launcher.spec import default_data_root
-    from launcher.spec.tasks import ClBenchmarkSource, default_prompt
-    from ncft.data.examples import classification_examples, generation_examples, read_jsonl
-
-    if args.task is not None:
-        root = Path(args.data_root) if args.data_root else default_data_root()
-        if root is None:
-            raise ValueError("--task needs --data-root (or NCFT_DATA_ROOT)")
-        folder = root / "cl_benchmark" / args.task
-        labels = json.loads((folder / "labels.json").read_text())
-        source = ClBenchmarkSource(type="cl_benchmark", name=args.task)
-        prompt = args.prompt or default_prompt(source, "classification")
-        rows = read_jsonl(folder / "train.jsonl", limit=args.num_examples)
-        return classification_examples(rows, labels, prompt)
-    rows = read_jsonl(args.data, limit=args.num_examples)
-    if args.labels:
-        labels = args.labels.split(",")
-        prompt = args.prompt or "Choose one from the option.\nOption: {labels} \n{text}\nAnswer:"
-        return classification_examples(rows, labels, prompt, args.text_field, args.label_field)
-    prompt = args.prompt or "{text}\nAnswer:"
-    return generation_examples(rows, prompt, args.text_field, args.label_field)
+def _score_problems(spec, ns: argparse.Namespace) -> list[str]:
+    """What makes this `neurons score` call wrong, checked before any rank starts."""
+    names = [t.name for t in spec.tasks]
+    problems = []
+    if ns.task not in names:
+        problems.append(f"--task {ns.task!r} is not a task of the spec; choose one of {names}")
+    if not ns.out.endswith(".safetensors"):
+        problems.append("--out must end in .safetensors")
+    if spec.selection.union_with_previous != (ns.previous is not None):
+        problems.append("give --previous FILE exactly when selection.union_with_previous "
+                        "is true (the earlier task's set to unite with)")  # fmt: skip
+    cosine = spec.selection.scorer in ("weight_cosine", "reversed")
+    if ns.finetuned is not None and (not cosine or spec.method == "random_neurons"):
+        problems.append("--finetuned needs selection.scorer weight_cosine or reversed "
+                        "(and a method other than random_neurons)")  # fmt: skip
+    return problems
 
 
-def _groups(model, args: ScoreArgs):
-    from ncft.arch import get_adapter
-    from ncft.selection import row_groups, unit_groups
-
-    modules = args.modules.split(",")
-    if args.unit == "row":
-        return row_groups(model, modules)
-    if "attention" in modules:
-        raise ValueError("--modules attention has no FFN units; use --unit row")
-    return unit_groups(get_adapter(model).mlp_blocks(model), modules)
-
-
-def _train_steps(encoded, args: ScoreArgs, info, pad_id: int):
-    """Endless full fine-tuning micro-batches for NeFT's probe (cycling the data)."""
-    from ncft.data.examples import batches, collate
-
-    while True:
-        for share in batches(encoded, args.batch_size, info.rank, info.world_size, "repeat"):
-            yield [collate(share, pad_id)]
-
-
-def _scores(engine, model, groups, encoded, args: ScoreArgs, info, pad_id: int):
-    from ncft.arch import get_adapter
-    from ncft.scoring import GradAttribution, RandomScorer, WeightCosine
-    from ncft.scoring.cosine import CheckpointReference, finetune_and_score
-
-    if args.scorer == "grad_attribution":
-        scorer = GradAttribution(
-            encoded=encoded, blocks=get_adapter(model).mlp_blocks(model),
-            positions=args.positions, num_examples=args.num_examples,
-            batch_size=args.batch_size, pad_id=pad_id, model_id=args.model,
-        )  # fmt: skip
-    elif args.scorer == "random":
-        scorer = RandomScorer(seed=args.seed)
-    elif args.finetuned:
-        scorer = WeightCosine(CheckpointReference(args.finetuned),
-                              {"reference": str(args.finetuned)})  # fmt: skip
-    else:
-        steps = _train_steps(encoded, args, info, pad_id)
-        return finetune_and_score(engine, groups, steps, args.cosine_steps)
-    return scorer.score(engine, groups), scorer.meta()
-
-
-def run_score(args: ScoreArgs) -> None:
+def run_score(job: ScoreJob) -> None:
     """One rank's `neurons score` job (every rank, or via `launcher.run.spawn.run_local`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.dist import init_distributed, print0, shutdown
-    from launcher.engines import OptimConfig, build_engine
-    from ncft.data.examples import encode
+    from launcher.engines import build_engine
+    from launcher.run.backend import optim_config
+    from launcher.run.selector import spec_selector
+    from launcher.run.task_data import load_task
+    from launcher.spec import load_spec
     from ncft.neuron_set import NeuronSet
-    from ncft.selection import check_identical_across_ranks, to_neuron_set, top_k
-    from ncft.selection import union_with_previous as union
 
+    spec = load_spec(job.spec, job.overrides)
     info = init_distributed()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    encoded = encode(load_examples(args), tokenizer, args.max_length)
-    groups = _groups(model, args)  # names and shapes come from the unwrapped model
-    cfg = OptimConfig(lr=args.lr, micro_batch_size=args.batch_size)
-    engine = build_engine(args.backend, model, cfg, info, ds_config=args.ds_config)
-    scores, meta = _scores(engine, model, groups, encoded, args, info, pad_id)
-    reverse = args.scorer == "reversed"
-    chosen = top_k(scores, groups, args.fraction, args.count, not args.global_topk, reverse)
-    meta = {**meta, "task": args.task or Path(args.data).stem, "model_id": args.model,
-            "fraction": args.fraction, "count": args.count, "per_layer": not args.global_topk,
-            "unit": args.unit, "modules": args.modules.split(","), "reversed": reverse,
-            "world_size": info.world_size, "backend": args.backend,
-            "command": {k: v for k, v in asdict(args).items() if v is not None}}  # fmt: skip
-    nset = to_neuron_set(chosen, groups, meta)
-    if args.union_with:
-        nset = union(nset, NeuronSet.load(args.union_with))
-    checksum = check_identical_across_ranks(engine, nset)
+    stage = [t.name for t in spec.tasks].index(job.task)
+    task = load_task(spec.tasks[stage], spec.data_root)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    if tokenizer.pad_token_id is None:  # as the run's backend does
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir,
+                                                 dtype=getattr(torch, spec.model.dtype))
+    e = spec.engine
+    engine = build_engine(e.backend, model, optim_config(spec), info, e.ds_config)
+    previous = NeuronSet.load(job.previous) if job.previous else None
+    meta = {"model_id": spec.model.name_or_path, "world_size": info.world_size,
+            "backend": e.backend,
+            "command": {"spec": job.spec, "overrides": list(job.overrides), "task": job.task}}
+    selector = spec_selector(spec, tokenizer, previous=lambda _stage: previous,
+                             reference=job.finetuned, extra_meta=meta)  # fmt: skip
+    nset = selector.select(engine, model, task, stage)
     if info.is_main_process:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        nset.save(args.out)
-    print0(f"wrote {args.out}: {nset.num_selected()} selected, checksum {checksum[:12]}")
+        Path(job.out).parent.mkdir(parents=True, exist_ok=True)
+        nset.save(job.out)
+    print0(f"wrote {job.out}: {nset.num_selected()} selected, checksum {nset.checksum()[:12]}")
     engine.close()
     shutdown()
 

@@ -17,11 +17,13 @@ import torch.distributed as dist
 from launcher.dist import DistInfo, print0
 from launcher.engines import OptimConfig, build_engine
 from launcher.run import preempt, progress, rundir
-from launcher.run.checkpoint import atomic_dir, commit_dir, gather_state_dict, write_json
+from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
 from ncft.continual.loop import LORA_METHODS
 from ncft.engine import device_of
+from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
+from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
@@ -59,7 +61,7 @@ class LauncherBackend:
         if spec.output.tensorboard and info.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(run.root / "tensorboard"))
+            self.board = SummaryWriter(str(run.tensorboard))
 
     def load_model(self, stage: int | None) -> torch.nn.Module:  # noqa: D102
         from safetensors.torch import load_file
@@ -123,10 +125,10 @@ class LauncherBackend:
         weights = gather_state_dict(engine)
         if self.info.is_main_process:
             target = self._stage_dir(stage)
-            tmp = atomic_dir(target)
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
-            write_json(tmp / "state.json", {"stage": stage, **state})  # last: marks complete
-            commit_dir(tmp, target)
+            with atomic_dir(target) as tmp:
+                save_file({k: v.contiguous() for k, v in weights.items()},
+                          tmp / "model.safetensors")  # fmt: skip
+                write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
         dist.barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))

@@ -1,15 +1,12 @@
 """Consolidated exports: gather one parameter at a time, write a HF directory.
 
 Peak extra memory is one full parameter per rank plus the growing CPU state dict
-on rank 0 (which is what a consolidated checkpoint is). Writes are atomic: a
-temporary directory is renamed into place only when complete.
+on rank 0 (which is what a consolidated checkpoint is). Writes are atomic
+(`ncft.io.atomic_dir`): a temporary directory is renamed into place only when complete.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ncft.engine import Engine
+from ncft.io import atomic_dir
 
 
 def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
@@ -27,25 +25,6 @@ def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
             if engine.is_main_process:
                 out[name] = full[name].detach().to("cpu", copy=True)
     return out if engine.is_main_process else None
-
-
-def atomic_dir(path: Path) -> Path:
-    """A fresh sibling temp dir to fill, later moved into place by `commit_dir`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_dir(tmp: Path, path: Path) -> None:
-    """Replace `path` with the completed `tmp` directory."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
 
 
 def export_hf(engine: Engine, config, out_dir: Path, tokenizer=None) -> None:
@@ -62,12 +41,11 @@ def export_hf(engine: Engine, config, out_dir: Path, tokenizer=None) -> None:
     state = gather_state_dict(engine)
     if state is None:
         return
-    tmp = atomic_dir(out_dir)
-    config.save_pretrained(tmp)
-    save_torch_state_dict(state, tmp, max_shard_size="5GB")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    commit_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        config.save_pretrained(tmp)
+        save_torch_state_dict(state, tmp, max_shard_size="5GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def iter_saved_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -79,10 +57,3 @@ def iter_saved_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
-
-
-def write_json(path: Path, payload) -> None:
-    """Write JSON atomically (tmp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)

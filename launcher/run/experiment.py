@@ -1,10 +1,13 @@
 """`ncft run`: a spec -> a run directory, on one machine or under a launcher.
 
-The parent process validates the spec, prepares the run directory and converts the
-model once, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
+The parent process validates the spec, runs the preflight checks (model, output
+directory: `launcher.run.preflight`), converts the model once and prepares the run
+directory, then starts the ranks (torch elastic API); under torchrun/deepspeed/srun
 each process is already a rank and rank 0 does the preparation. Every rank then
 builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
-logs) and runs the stages that are not done yet.
+logs) and the run's selection pipeline (`launcher.run.selector`), and runs the
+stages that are not done yet. A run that fails before its first checkpoint removes
+the directory it created, so the corrected rerun starts clean.
 """
 
 from __future__ import annotations
@@ -13,81 +16,41 @@ import json
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from launcher.dist import init_distributed, print0, shutdown
-from launcher.run import neft, preempt, rundir, studies
+from launcher.run import preempt, rundir, studies
 from launcher.run.backend import LauncherBackend
-from launcher.run.checkpoint import atomic_dir, commit_dir
 from launcher.run.models import resolve_model
+from launcher.run.preflight import preflight
+from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
-from launcher.spec.tasks import records_rank_shift
-from ncft.continual.loop import LORA_METHODS, ContinualLoop, LoopConfig, LoopState, TaskData
-from ncft.continual.select import SelectConfig, candidate_groups, select_neurons
-from ncft.data.examples import encode
-from ncft.neuron_set import NeuronSet
-from ncft.scoring.cosine import finetune_and_score
+from ncft.continual.loop import (
+    LORA_METHODS,
+    ContinualLoop,
+    LoopConfig,
+    LoopState,
+    Selector,
+    TaskData,
+)
+from ncft.io import atomic_dir
 
 
-def loop_select_config(spec: Spec) -> SelectConfig:
-    """The spec's selection section as the loop's plain values."""
-    s = spec.selection
-    return SelectConfig(
-        scorer=s.scorer, fraction=s.fraction, count=s.count, per_layer=s.per_layer,
-        modules=tuple(s.modules), unit=s.unit, positions=s.positions,
-        num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
-        union_with_previous=s.union_with_previous, seed=s.seed,
-        model_id=spec.model.name_or_path,
-    )
-
-
-def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> ContinualLoop:
-    t, s, ev = spec.training, spec.selection, spec.eval
-    sel_cfg = loop_select_config(spec)
-    holder: dict[str, ContinualLoop] = {}
-
-    def select(engine, model, task: TaskData, stage: int, method: str = spec.method,
-               record: bool = True) -> NeuronSet:  # fmt: skip
-        tok = backend.tokenizer
-        previous = None
-        if s.union_with_previous and stage > 0:
-            previous = NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
-        loop = holder["loop"]
-        scores: dict[str, torch.Tensor] = {}
-        record = record and records_rank_shift(spec, method)
-        control = record and method == "random_neurons"
-        if control:
-            # The control of NeFT's rank shift: random rows, but the same probe before
-            # (the random choice does not look at the weights the probe moves).
-            scores, _ = finetune_and_score(engine, candidate_groups(model, sel_cfg),
-                                           loop.train_steps(engine, task, stage),
-                                           s.cosine_steps)  # fmt: skip
-        nset = select_neurons(
-            engine, model, sel_cfg, method=method,
-            encoded_train=encode(task.train, tok, task.max_length),
-            train_steps=loop.train_steps(engine, task, stage), task=task.name, stage=stage,
-            pad_id=tok.pad_token_id, previous=previous,
-            keep_scores=None if control else scores,
-        )
-        if record and backend.info.is_main_process:
-            neft.save_scores(backend.run.neft / f"{task.name}.before.safetensors", scores)
-        return nset
-
+def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
+          selector: Selector) -> ContinualLoop:  # fmt: skip
+    t, ev = spec.training, spec.eval
     cfg = LoopConfig(
         method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
         micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
         warmup_steps=t.warmup_steps, lr=t.lr, eval_batch_size=ev.batch_size,
         eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
-        wncft_temperature=spec.wncft.temperature, select=select,
-        log_every=spec.output.log_every,
+        wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
     )
-    loop = ContinualLoop(cfg, tasks, backend, store_dir=backend.run.root / "wncft")
-    holder["loop"] = loop
-    return loop
+    return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
+                         selector=selector)  # fmt: skip
 
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
@@ -97,10 +60,9 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
         from ncft.lora import merge_lora
 
         model = merge_lora(model)
-    tmp = atomic_dir(backend.run.final)
-    model.save_pretrained(tmp)
-    backend.tokenizer.save_pretrained(tmp)
-    commit_dir(tmp, backend.run.final)
+    with atomic_dir(backend.run.final) as tmp:
+        model.save_pretrained(tmp)
+        backend.tokenizer.save_pretrained(tmp)
 
 
 def run_rank(run_root: str, model_dir: str) -> None:
@@ -128,9 +90,10 @@ def run_rank(run_root: str, model_dir: str) -> None:
 def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
-    loop = _loop(spec, backend, tasks)
+    selector = run_selector(spec, backend, tasks)
+    loop = _loop(spec, backend, tasks, selector)
     if spec.study.deactivation:
-        studies.deactivation_study(spec, backend, loop, tasks)
+        studies.deactivation_study(spec, backend, selector, tasks)
     done = rundir.last_complete_stage(run)
     start, state = 0, None
     if done is not None:
@@ -138,14 +101,13 @@ def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
         start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
-    rank_shift = studies.neft_rank_shift(spec, backend, loop, tasks, loop_select_config(spec))
+    rank_shift = studies.neft_rank_shift(backend, selector, tasks)
     if info.is_main_process:
         results = loop.summary(state)
         if rank_shift:
             results["neft"] = rank_shift
-        study = run.root / "deactivation.json"
-        if study.is_file():
-            results["deactivation"] = json.loads(study.read_text())
+        if run.deactivation.is_file():
+            results["deactivation"] = json.loads(run.deactivation.read_text())
         similarity = studies.similarity(backend, tasks, state.matrix)
         if similarity is not None:
             results["similarity"] = similarity
@@ -161,31 +123,43 @@ def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
 
 
 def prepare(spec: Spec) -> tuple[str, str]:
-    """Validate-time work done once: run directory and model conversion."""
-    policy = preempt.prepare_policy(spec.output.dir, spec.output.resume, spec.output.overwrite)
-    run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), *policy)
+    """Validate-time work done once: model conversion, then the run directory.
+
+    The model comes first: a conversion that fails must not leave a run directory.
+    """
+    model_dir = resolve_model(spec.model.name_or_path)
+    run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
+                         spec.output.overwrite)  # fmt: skip
     preempt.record_job(run.root)
-    return str(run.root), resolve_model(spec.model.name_or_path)
+    return str(run.root), model_dir
 
 
 def main_run(spec_path: str, overrides: list[str]) -> None:
-    """`ncft run SPEC [key=value ...]` (raises SpecError before any process starts)."""
-    spec = load_spec(spec_path, overrides)
+    """`ncft run SPEC [key=value ...]`.
+
+    Raises:
+        SpecError, UserError: From validation and preflight, before any file is written
+            or process started; a `UserError` also carries a rank's `ValueError`.
+        RanksFailed: If a rank fails otherwise. After a failure, a run directory this
+            call created is removed unless a checkpoint made it resumable.
+    """
+    spec = preempt.resume_if_requeued(load_spec(spec_path, overrides))
+    preflight(spec, under_launcher())
+    out = spec.output
+    created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
-        if spec.engine.nnodes > 1:
-            raise ValueError(
-                f"engine.nnodes={spec.engine.nnodes}: start multi-node runs with a launcher "
-                "(slurm/torchrun.slurm or slurm/deepspeed.slurm); `ncft run` spawns one node"
-            )
         root, model_dir = prepare(spec)
-        _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
+        with rundir.removed_unless_started(rundir.RunDir(out.dir), created):
+            _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     payload = [None]
     if info.is_main_process:
         payload = [prepare(spec)]
     dist.broadcast_object_list(payload, src=0)
-    run_rank(*payload[0])
+    # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
+    with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
+        run_rank(*payload[0])
 
 
 def _run_local_stoppable(nproc: int, root: str, model_dir: str) -> None:

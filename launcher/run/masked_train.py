@@ -15,10 +15,11 @@ import torch
 
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.engines import OptimConfig, build_engine
-from launcher.run.checkpoint import export_hf, iter_saved_tensors, write_json
+from launcher.run.checkpoint import export_hf, iter_saved_tensors
 from launcher.run.models import resolve_model
 from ncft.arch import get_adapter
 from ncft.data.text import lm_steps, token_blocks
+from ncft.io import write_json
 from ncft.masks.plan import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train

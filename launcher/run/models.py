@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from launcher.run.checkpoint import atomic_dir, commit_dir
+from ncft.io import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MANIFEST = "ncft_cache.json"
@@ -140,6 +140,16 @@ def _valid(entry: Path) -> bool:
     return weights.is_file() and recorded.get("weights_sha256") == sha256_file(weights)
 
 
+def check_builtin(name: str) -> None:
+    """Check that built-in `name` is converted already or can be built here (builds nothing).
+
+    Raises:
+        ValueError: If its source package is missing.
+    """
+    if name == "smollm2-135m-instruct" and not (cache_root() / name / _MANIFEST).is_file():
+        smollm2_gguf()
+
+
 def resolve_model(name_or_path: str) -> str:
     """A local directory for a built-in name (converting once), else the input.
 
@@ -151,11 +161,10 @@ def resolve_model(name_or_path: str) -> str:
     entry = cache_root() / name_or_path
     with _locked(cache_root() / f".{name_or_path}.lock"):
         if not _valid(entry):
-            tmp = atomic_dir(entry)
-            source = BUILTIN[name_or_path](tmp)
-            (tmp / _MANIFEST).write_text(json.dumps({
-                "name": name_or_path, "source_sha256": source,
-                "weights_sha256": sha256_file(tmp / "model.safetensors"),
-            }, indent=2))
-            commit_dir(tmp, entry)
+            with atomic_dir(entry) as tmp:
+                source = BUILTIN[name_or_path](tmp)
+                (tmp / _MANIFEST).write_text(json.dumps({
+                    "name": name_or_path, "source_sha256": source,
+                    "weights_sha256": sha256_file(tmp / "model.safetensors"),
+                }, indent=2))
     return str(entry)

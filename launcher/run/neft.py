@@ -2,24 +2,25 @@
 
 `RUN/neft/<task>.before.safetensors` holds the scores the task's rows were selected
 from, `<task>.after.safetensors` the same probe on the trained model, and
-`<task>.rank_shift.json` their `ncft.analysis.neft_stats.utilization_shift`.
+`<task>.rank_shift.json` their `ncft.analysis.neft_stats.utilization_shift` (paths:
+`ncft.run_layout.RunLayout.neft_scores` and `neft_shift`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ncft.io import atomic_file
+
 
 def save_scores(path: Path, scores: dict[str, torch.Tensor]) -> None:
     """Write `group name -> 1-D scores` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in scores.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in scores.items()}, str(tmp))
 
 
 def load_scores(path: Path) -> dict[str, torch.Tensor]:

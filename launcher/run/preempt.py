@@ -16,8 +16,8 @@ every rank is in step:
 A stopped rank touches the file named by `NCFT_STOPPED_FILE` (when set): the SLURM
 templates requeue the job when it exists, because launchers (torchrun, DeepSpeed's)
 do not pass a worker's exit code through. A requeued job resumes by itself:
-`prepare_policy` turns the spec's output policy into "resume" when SLURM says this
-is a restart (`SLURM_RESTART_COUNT` > 0) of the job that created the run directory
+`resume_if_requeued` turns the spec's output policy into "resume" when SLURM says
+this is a restart (`SLURM_RESTART_COUNT` > 0) of the job that created the run directory
 (`RUN/.slurm-job`), so the command line never needs editing.
 """
 
@@ -96,26 +96,33 @@ def stop(where: str) -> None:
     raise Preempted(f"stopped on SIGTERM {where}; the checkpoint is written")
 
 
-def prepare_policy(root: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
-    """The output policy for this process: a requeued SLURM job resumes its own run.
-
-    Args:
-        root: `output.dir`.
-        resume: `output.resume` from the spec.
-        overwrite: `output.overwrite` from the spec.
-
-    Returns:
-        (resume, overwrite): (True, False) when this is a restart of the SLURM job
-        recorded in `root` (so `output.overwrite` does not wipe the job's own
-        progress), else the spec's values unchanged.
-    """
+def requeued(root: Path) -> bool:
+    """True in a restart (`SLURM_RESTART_COUNT` > 0) of the SLURM job that owns `root`."""
     job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
     recorded = Path(root) / _JOB_FILE
-    if job and restarts.isdigit() and int(restarts) > 0 and recorded.is_file() \
-            and recorded.read_text().strip() == job:
-        print(f"ncft: SLURM job {job} restart {restarts}: resuming {root}", flush=True)
-        return True, False
-    return resume, overwrite
+    return bool(job) and restarts.isdigit() and int(restarts) > 0 and recorded.is_file() \
+        and recorded.read_text().strip() == job
+
+
+def resume_if_requeued(spec):
+    """The spec with `output.resume` on (and `overwrite` off) in a requeued job's restart.
+
+    Args:
+        spec: The validated `launcher.spec.Spec`.
+
+    Returns:
+        `spec` itself, or a copy whose output policy resumes the job's own run: its
+        command line still says what the first start said (`output.overwrite=true`
+        included), which must not wipe the progress the job made.
+    """
+    out = spec.output
+    if out.resume or not requeued(out.dir):
+        return spec
+    if os.environ.get("RANK", "0") == "0":  # under a launcher every rank gets here
+        print(f"ncft: SLURM job {os.environ['SLURM_JOB_ID']} restart "
+              f"{os.environ['SLURM_RESTART_COUNT']}: resuming {out.dir}", flush=True)  # fmt: skip
+    output = out.model_copy(update={"resume": True, "overwrite": False})
+    return spec.model_copy(update={"output": output})
 
 
 def record_job(root: Path) -> None:

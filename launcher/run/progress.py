@@ -21,22 +21,21 @@ backend and world size, which `load` checks.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from launcher.run.checkpoint import write_json
 from launcher.run.rundir import RunDir
+from ncft.io import atomic_file, write_json
 
 _RNG = "rng.torch"
 
 
 def stage_root(run: RunDir, stage: int, task: str) -> Path:
     """Directory holding the mid-task checkpoints of stage `stage` (0-based)."""
-    return run.checkpoints / "in-progress" / run.stage_dir(stage, task).name
+    return run.in_progress_dir(stage, task)
 
 
 def _rank_file(step_dir: Path, rank: int, world_size: int) -> Path:
@@ -74,9 +73,8 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
     state = engine.local_state()
     state[_RNG] = torch.get_rng_state()
     target = _rank_file(step_dir, engine.rank, engine.world_size)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:
+        save_file(state, str(tmp))
     dist.barrier()  # every shard is on disk before the directory counts
     if engine.is_main_process:
         write_json(step_dir / "progress.json", {

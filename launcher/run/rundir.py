@@ -1,81 +1,31 @@
-"""The run directory contract (DESIGN section 6), owned in one place.
+"""The run directory's life cycle (DESIGN section 6): create, refuse, resume, clean up.
 
-```
-RUN/spec.resolved.yaml          the spec after defaults and overrides
-RUN/neurons/<task>.safetensors  selected NeuronSets (+ .json sidecars)
-RUN/metrics.jsonl               one JSON object per logged step (rank 0)
-RUN/results.json                accuracy matrix, CL summary, per-task scores
-RUN/checkpoints/<stage>/        model/ + state.json after each task (atomic)
-RUN/checkpoints/in-progress/    per-rank mid-task checkpoints (launcher.run.progress)
-RUN/neft/<task>.*               NeFT probe scores before/after training, rank shift
-RUN/final/                      consolidated HF model
-RUN/plots/*.png                 figures
-```
-An existing run is never overwritten unless the spec says `output.overwrite` (start
-over) or `output.resume` (continue from the last complete checkpoint).
+Its paths are named once, in `ncft.run_layout.RunLayout` (`RunDir` here), because
+`ncft.analysis.report` reads the same directory and ncft must not import the
+launcher; this module owns what happens to the directory. An existing run is never
+overwritten unless the spec says `output.overwrite` (start over) or `output.resume`
+(continue from the last complete checkpoint), and a run that fails before its first
+checkpoint removes the directory it created.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.run.checkpoint import write_json
+from launcher.errors import UserError
+from ncft.io import write_json, write_text
+from ncft.run_layout import STAGE_STATE, RunLayout
 
+RunDir = RunLayout  # the launcher's name for one run directory's paths
 _POLICY_KEYS = ("resume", "overwrite")
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """Paths of one run directory."""
-
-    root: Path
-
-    @property
-    def spec(self) -> Path:  # noqa: D102
-        return self.root / "spec.resolved.yaml"
-
-    @property
-    def neurons(self) -> Path:  # noqa: D102
-        return self.root / "neurons"
-
-    @property
-    def metrics(self) -> Path:  # noqa: D102
-        return self.root / "metrics.jsonl"
-
-    @property
-    def results(self) -> Path:  # noqa: D102
-        return self.root / "results.json"
-
-    @property
-    def checkpoints(self) -> Path:  # noqa: D102
-        return self.root / "checkpoints"
-
-    @property
-    def final(self) -> Path:  # noqa: D102
-        return self.root / "final"
-
-    @property
-    def plots(self) -> Path:  # noqa: D102
-        return self.root / "plots"
-
-    @property
-    def neft(self) -> Path:  # noqa: D102
-        return self.root / "neft"
-
-    def stage_dir(self, index: int, task: str) -> Path:
-        """Checkpoint directory of stage `index` (0-based), which trained `task`."""
-        return self.checkpoints / f"{index + 1:02d}-{task}"
-
-    def neuron_file(self, task: str) -> Path:  # noqa: D102
-        return self.neurons / f"{task}.safetensors"
 
 
 def _comparable(resolved_yaml: str) -> dict:
@@ -85,50 +35,89 @@ def _comparable(resolved_yaml: str) -> dict:
     return data
 
 
+def holds_run(root: Path) -> bool:
+    """True if `root` exists and is not empty (a run, or something else, lives there)."""
+    return root.is_dir() and any(root.iterdir())
+
+
+def check_policy(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> None:
+    """Check that the output policy allows a run in `root`; create nothing.
+
+    Raises:
+        UserError: If `root` is not a directory, or holds a run and neither policy is
+            set, or if a resumed run's spec differs from the one it started with.
+    """
+    run = RunDir(Path(root))
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"output.dir: {run.root} is a file, not a directory; "
+                        "set output.dir to a new or existing directory")  # fmt: skip
+    if not holds_run(run.root) or overwrite:
+        return
+    if not resume:
+        raise UserError(
+            f"output.dir: {run.root} already holds a run; set output.resume=true to "
+            "continue it or output.overwrite=true to start over"
+        )
+    if run.spec.is_file():
+        before, now = _comparable(run.spec.read_text()), _comparable(resolved_yaml)
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise UserError(
+                f"output.resume: the spec differs from the one {run.root} started with "
+                f"(sections {changed}); resume with the same spec or use a new output.dir"
+            )
+
+
 def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> RunDir:
     """Create or reopen a run directory according to the output policy (rank 0 only).
 
     Raises:
-        ValueError: If the directory holds a run and neither policy is set, or if a
-            resumed run's spec differs from the one it started with.
+        UserError: As `check_policy`.
     """
+    check_policy(root, resolved_yaml, resume, overwrite)
     run = RunDir(Path(root))
-    exists = run.root.exists() and any(run.root.iterdir())
-    if exists and overwrite:
+    if overwrite and holds_run(run.root):
         shutil.rmtree(run.root)
-    elif exists and not resume:
-        raise ValueError(
-            f"output.dir: {run.root} already holds a run; set output.resume=true to "
-            "continue it or output.overwrite=true to start over"
-        )
-    elif exists and run.spec.is_file():
-        before, now = _comparable(run.spec.read_text()), _comparable(resolved_yaml)
-        if before != now:
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise ValueError(
-                f"output.resume: the spec differs from the one {run.root} started with "
-                f"(sections {changed}); resume with the same spec or use a new output.dir"
-            )
     for path in (run.root, run.neurons, run.checkpoints, run.plots):
         path.mkdir(parents=True, exist_ok=True)
-    tmp = run.spec.with_name(".spec.resolved.yaml.tmp")
-    tmp.write_text(resolved_yaml)
-    os.replace(tmp, run.spec)
+    write_text(run.spec, resolved_yaml)
     return run
+
+
+def started(run: RunDir) -> bool:
+    """True once a run has something to resume: a stage or a mid-task checkpoint."""
+    return run.checkpoints.is_dir() and any(run.checkpoints.iterdir())
+
+
+@contextmanager
+def removed_unless_started(run: RunDir, created: bool) -> Iterator[None]:
+    """Remove a run directory this invocation created if the body fails before it started.
+
+    A failure before the first checkpoint (a model that does not load, a bad data row,
+    a rank killed early) leaves nothing to resume; keeping the half-made directory
+    would only make the corrected rerun fail with "already holds a run". A directory
+    that held a run before (`output.resume`) is never removed.
+    """
+    try:
+        yield
+    except BaseException:
+        if created and not started(run):
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
 
 
 def last_complete_stage(run: RunDir) -> tuple[int, Path] | None:
     """(index, dir) of the newest checkpoint whose state.json exists, else None."""
     best = None
-    for path in sorted(run.checkpoints.glob("[0-9][0-9]-*")):
-        if (path / "state.json").is_file():
-            best = (int(path.name[:2]) - 1, path)
+    for index, path in run.stage_dirs():
+        if (path / STAGE_STATE).is_file():
+            best = (index, path)
     return best
 
 
 def read_state(stage_dir: Path) -> dict[str, Any]:
     """The bookkeeping saved with a stage checkpoint."""
-    return json.loads((stage_dir / "state.json").read_text())
+    return json.loads((stage_dir / STAGE_STATE).read_text())
 
 
 class MetricsLog:
@@ -145,10 +134,7 @@ class MetricsLog:
                 line for line in path.read_text().splitlines()
                 if line and _before(json.loads(line), keep_until)
             ]
-            write_text = "\n".join(kept) + ("\n" if kept else "")
-            tmp = path.with_name(".metrics.tmp")
-            tmp.write_text(write_text)
-            os.replace(tmp, path)
+            write_text(path, "\n".join(kept) + ("\n" if kept else ""))
 
     def write(self, **record: Any) -> None:
         """Append a record (adds a wall-clock timestamp)."""

@@ -8,34 +8,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from launcher.dist import print0
 from launcher.run import neft
-from launcher.run.checkpoint import write_json
 from launcher.spec import Spec
-from ncft.continual.loop import ContinualLoop, TaskData
-from ncft.continual.select import SelectConfig, candidate_groups
+from ncft.continual.loop import TaskData
 from ncft.data.examples import encode
+from ncft.io import write_json
 from ncft.neuron_set import NeuronSet
-from ncft.scoring.cosine import finetune_and_score
+from ncft.selection.pipeline import SelectionPipeline
 
 if TYPE_CHECKING:
     from launcher.run.backend import LauncherBackend
 
 
-def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
+def deactivation_study(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
                        tasks: list[TaskData]) -> None:
-    """Tune on all tasks, select each task's units, switch them off (rank-0 JSON)."""
+    """Tune on all tasks, select each task's units, switch them off (rank-0 JSON).
+
+    Each task's units are chosen as method ncft would, on their own: not united with
+    an earlier task's (whose set does not exist yet) and with no probe scores kept.
+    """
     from itertools import islice
 
     from ncft.arch import get_adapter
     from ncft.studies.deactivation import deactivation_grid
     from ncft.train import train
 
-    out = backend.run.root / "deactivation.json"
+    out = backend.run.deactivation
     if out.is_file():  # a resumed run keeps its study
         return
     tok, study = backend.tokenizer, spec.study
@@ -45,11 +49,12 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop
     mixed = TaskData("all-tasks", "classification", None,
                      [ex for t in tasks for ex in t.train], [], max(t.max_length for t in tasks))
     print0(f"study: tuning every parameter {study.finetune_steps} steps on all tasks")
-    train(engine, islice(loop.train_steps(engine, mixed, -1), study.finetune_steps), None)
+    train(engine, islice(selector.train_steps(engine, mixed, -1), study.finetune_steps), None)
+    own = replace(selector, method="ncft", save_probe=None,
+                  cfg=replace(selector.cfg, union_with_previous=False))  # fmt: skip
     sets = {}
     for stage, task in enumerate(tasks):
-        sets[task.name] = loop.cfg.select(engine, model, task, stage, method="ncft",
-                                          record=False)  # fmt: skip
+        sets[task.name] = own.select(engine, model, task, stage)
         backend.save_neurons(f"study-{task.name}", sets[task.name])
     encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length) for t in tasks}
     grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
@@ -60,8 +65,8 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, loop: ContinualLoop
     dist.barrier()
 
 
-def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
-                    tasks: list[TaskData], sel_cfg: SelectConfig) -> dict[str, Any]:
+def neft_rank_shift(backend: LauncherBackend, selector: SelectionPipeline,
+                    tasks: list[TaskData]) -> dict[str, Any]:
     """NeFT's utilization rank shift of every task (all ranks; rank 0 gets the dict).
 
     Utilization of a candidate row is NeFT's own probe score, `1 - cos` between the
@@ -77,17 +82,16 @@ def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
 
     out = {}
     for stage, task in enumerate(tasks):
-        before_file = backend.run.neft / f"{task.name}.before.safetensors"
-        result_file = backend.run.neft / f"{task.name}.rank_shift.json"
+        before_file = backend.run.neft_scores(task.name, "before")
+        result_file = backend.run.neft_shift(task.name)
         if not before_file.is_file():
             continue
         if not result_file.is_file():
             model = backend.load_model(stage)
             engine = backend.build_engine(model)
-            groups = candidate_groups(model, sel_cfg)
+            groups = selector.groups(model)
             print0(f"NeFT rank shift: probing {task.name} after training")
-            after, _ = finetune_and_score(engine, groups, loop.train_steps(engine, task, stage),
-                                          spec.selection.cosine_steps)  # fmt: skip
+            after, _ = selector.probe(engine, groups, task, stage)
             engine.close()
             if backend.info.is_main_process:
                 saved = neft.load_scores(before_file)  # keys come back sorted: model order
@@ -95,7 +99,7 @@ def neft_rank_shift(spec: Spec, backend: LauncherBackend, loop: ContinualLoop,
                 nset = NeuronSet.load(backend.run.neuron_file(task.name))
                 shift = utilization_shift(before, after, selected_from_set(nset, groups))
                 shift["utilization"] = "1 - cos(w, w after cosine_steps of full fine-tuning)"
-                neft.save_scores(backend.run.neft / f"{task.name}.after.safetensors", after)
+                neft.save_scores(backend.run.neft_scores(task.name, "after"), after)
                 write_json(result_file, shift)
             dist.barrier()
         if backend.info.is_main_process:

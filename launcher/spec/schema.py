@@ -192,6 +192,11 @@ class TrainingSpec(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of "
+        "storing them (less memory, about one more forward of compute); every engine, masks "
+        "unaffected. Scoring and evaluation run without it.",
+    )
 
     @model_validator(mode="before")
     @classmethod

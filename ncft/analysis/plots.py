@@ -3,13 +3,12 @@
 Figures are built on `matplotlib.figure.Figure`, which renders with the Agg backend
 without touching pyplot's global state, so importing this module never switches the
 backend of a notebook or another library in the same process. Files are written to
-a temporary name in the target directory and moved into place with `os.replace`.
+a temporary name in the target directory and moved into place (`ncft.io`).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ncft.analysis.neft_stats import CATEGORIES
+from ncft.io import atomic_file
 
 _ANNOTATE_MAX = 12  # write values into heatmap cells up to this many rows/columns
 
@@ -28,15 +28,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Write `fig` as PNG to `path` atomically and return the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return target
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,9 @@ from ncft.analysis import plots
 from ncft.analysis.overlap import iou_matrix
 from ncft.analysis.results import continual_metrics, deactivation_matrix
 from ncft.analysis.similarity import correlation
+from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
+from ncft.run_layout import RunLayout
 
 Lines = list[str]
 
@@ -59,28 +60,13 @@ def _matrix_table(corner: str, rows: Sequence[str], cols: Sequence[str], m: Any)
     return _table([corner, *cols], [[r, *vals] for r, vals in zip(rows, m)])
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class _Run:
-    """Paths of one run directory and the results.json it holds (if any)."""
+    """One run directory's layout and the results.json it holds (if any)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.analysis = root / "analysis"
-        self.plots = root / "plots"
-        path = root / "results.json"
+        self.layout = RunLayout(root)
+        path = self.layout.results
         self.results: dict[str, Any] | None = None
         self.results_error: str | None = None
         if path.is_file():
@@ -95,11 +81,14 @@ class _Run:
                     self.results_error = "results.json must hold a JSON object"
 
     def save(self, name: str, data: Any) -> None:
-        _write_json(self.analysis / f"{name}.json", data)
+        self.layout.analysis.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        write_text(self.layout.analysis / f"{name}.json", text)
 
     def figure(self, name: str, alt: str, draw: Callable[[Path], Any]) -> str:
-        draw(self.plots / f"{name}.png")
-        return f"![{alt}](plots/{name}.png)\n"
+        path = self.layout.plots / f"{name}.png"
+        draw(path)
+        return f"![{alt}]({path.relative_to(self.root).as_posix()})\n"
 
     def need_results(self, key: str | None = None) -> dict[str, Any] | str:
         """The results dict, or the note explaining why a section is skipped."""
@@ -171,7 +160,7 @@ def _deactivation(run: _Run) -> Lines | str:
 
 
 def _neuron_sets(run: _Run) -> dict[str, NeuronSet]:
-    files = sorted((run.root / "neurons").glob("*.safetensors"))
+    files = sorted(run.layout.neurons.glob("*.safetensors"))
     sets = {f.stem: NeuronSet.load(f) for f in files}
     order = (run.results or {}).get("tasks") or []
     # Training order first (as in the score matrix), then any other sets by name.
@@ -297,13 +286,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
             warnings.warn(f"report section {title!r} skipped: {e}", stacklevel=2)
             body = f"error: {e}"
         lines += [f"_Skipped: {body}._", ""] if isinstance(body, str) else [*body, ""]
-    target = root / "report.md"
-    text = "\n".join(lines).rstrip() + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".report.md.", suffix=".tmp", dir=root)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, target)
-    return target
+    return write_text(run.layout.report, "\n".join(lines).rstrip() + "\n")
 
 
 if __name__ == "__main__":

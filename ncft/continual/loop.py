@@ -4,7 +4,8 @@ Each task is a *stage* with its own engine, built from the previous stage's
 checkpoint (or the base model), so every stage freezes exactly what it does not
 train (DESIGN rule 5) and starts with a fresh optimizer, and a resumed run rebuilds
 the same state from disk. The loop needs a few services from the launcher
-(`Backend`), which owns engines and files; it never imports an engine library.
+(`Backend`), which owns engines and files, and a `Selector` that chooses each
+stage's neurons (`ncft.selection.pipeline`); it never imports an engine library.
 
 | method | per stage trains | starts from |
 |---|---|---|
@@ -73,8 +74,15 @@ class LoopConfig:
     metrics: tuple[str, ...]
     wncft_samples: int
     wncft_temperature: float
-    select: Callable[[Engine, nn.Module, TaskData, int], NeuronSet] | None = None
     log_every: int = 1
+
+
+class Selector(Protocol):
+    """Chooses a task's neurons (`ncft.selection.pipeline.SelectionPipeline`)."""
+
+    def select(self, engine: Engine, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
+        """Score on `engine` (over `model`, unwrapped) and return `task`'s NeuronSet."""
+        ...
 
 
 class Backend(Protocol):
@@ -124,14 +132,40 @@ class LoopState:
         return {"matrix": self.matrix, "details": self.details}
 
 
+def stage_steps(
+    tokenizer: Any, engine: Engine, task: TaskData, stage: int, seed: int,
+    micro_batch_size: int, grad_accum: int,
+) -> Iterator[list[dict]]:
+    """Endless micro-batch lists of `task`'s training data for this rank, stage `stage`.
+
+    The training loop and NeFT's probe (`ncft.selection.pipeline`) both read this, so
+    the probe fine-tunes on the very batches the stage trains on.
+    """
+    encoded = encode(task.train, tokenizer, task.max_length)
+    # The order depends on seed and stage only, so a resumed stage repeats itself.
+    gen = torch.Generator().manual_seed(seed * 1000 + stage)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    micro = []
+    while True:  # epochs until the caller stops taking steps
+        order = torch.randperm(len(encoded), generator=gen).tolist()
+        shuffled = [encoded[i] for i in order]
+        for share in share_batches(shuffled, micro_batch_size, engine.rank, engine.world_size,
+                                   "repeat"):  # fmt: skip
+            micro.append(collate(share, pad))
+            if len(micro) == grad_accum:
+                yield micro
+                micro = []
+
+
 class ContinualLoop:
     """Runs the stages of one experiment (see module docstring)."""
 
     def __init__(
         self, cfg: LoopConfig, tasks: Sequence[TaskData], backend: Backend,
-        store_dir: Path | None = None,
+        store_dir: Path | None = None, selector: Selector | None = None,
     ) -> None:
         self.cfg, self.tasks, self.backend = cfg, list(tasks), backend
+        self.selector = selector
         self.store_dir = store_dir
         self.store = wncft.TaskStore()
 
@@ -167,7 +201,7 @@ class ContinualLoop:
         if method in NEURON_METHODS and resume_at:
             nset = self.backend.load_neurons(task.name)  # chosen before the interruption
         elif method in NEURON_METHODS:
-            assert self.cfg.select is not None, "neuron methods need a selection function"
+            assert self.selector is not None, "neuron methods need a selector"
             # The scoring engine shards (and NeFT's probe fine-tunes) its model in
             # place, so training starts again from a fresh load of the same weights.
             nset = self._select(self.backend.load_model(source), task, stage)
@@ -202,7 +236,7 @@ class ContinualLoop:
         # Scoring runs on its own engine over the candidate matrices (NeFT's probe
         # fine-tune changes weights), then the training engine starts clean.
         engine = self.backend.build_engine(model)
-        nset = self.cfg.select(engine, model, task, stage)
+        nset = self.selector.select(engine, model, task, stage)
         engine.close()
         self.backend.save_neurons(task.name, nset)
         return nset
@@ -216,21 +250,8 @@ class ContinualLoop:
 
     def train_steps(self, engine: Engine, task: TaskData, stage: int) -> Iterator[list[dict]]:
         """Endless micro-batch lists for `task` on this rank (callers take what they need)."""
-        tok = self.backend.tokenizer
-        encoded = encode(task.train, tok, task.max_length)
-        # The order depends on seed and stage only, so a resumed stage repeats itself.
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + stage)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        mb, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
-        micro = []
-        while True:  # epochs until the caller stops taking steps
-            order = torch.randperm(len(encoded), generator=gen).tolist()
-            shuffled = [encoded[i] for i in order]
-            for share in share_batches(shuffled, mb, engine.rank, engine.world_size, "repeat"):
-                micro.append(collate(share, pad))
-                if len(micro) == accum:
-                    yield micro
-                    micro = []
+        return stage_steps(self.backend.tokenizer, engine, task, stage, self.cfg.seed,
+                           self.cfg.micro_batch_size, self.cfg.grad_accum)  # fmt: skip
 
     def _logger(
         self, engine: Engine, stage: int, task: TaskData, total: int, bar: tqdm

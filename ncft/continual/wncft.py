@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from ncft.data.examples import IGNORE, batches, collate
 from ncft.engine import Engine, device_of, eval_mode
+from ncft.io import atomic_file, write_text
 from ncft.neuron_set import NeuronSet
 
 Slices = dict[str, torch.Tensor]  # fqn -> values of the selected rows/columns
@@ -270,9 +271,10 @@ class TaskStore:
         for fqn, b in self.base.items():
             tensors[f"base_indices/{fqn}"] = b.indices
             tensors[f"base_values/{fqn}"] = b.values.contiguous()
-        save_file(tensors, d / "wncft_store.safetensors")
+        with atomic_file(d / "wncft_store.safetensors") as tmp:
+            save_file(tensors, tmp)
         meta = {"names": self.names, "axes": {fqn: b.axis for fqn, b in self.base.items()}}
-        (d / "wncft_store.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_text(d / "wncft_store.json", json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> TaskStore:

@@ -232,6 +232,34 @@ def finetune_and_score(
     return scorer.score(engine, groups), scorer.meta()
 
 
+class NeftProbe:
+    """NeFT's recipe as a `Scorer`: `finetune_and_score` on the engine it is given.
+
+    The engine is fine-tuned in place (see `finetune_and_score`); `meta()` is
+    available after `score`.
+
+    Args:
+        steps: Micro-batch lists to fine-tune on (only `num_steps` are taken).
+        num_steps: Full fine-tuning steps before rows are compared.
+    """
+
+    name = "weight_cosine"
+
+    def __init__(self, steps: Iterable[Sequence[dict]], num_steps: int) -> None:
+        self.steps, self.num_steps = steps, num_steps
+        self._meta: dict[str, Any] | None = None
+
+    def score(self, engine: Engine, groups: Sequence[Group]) -> Scores:
+        """Snapshot, fine-tune `num_steps` steps, return `1 - cos` against the snapshot."""
+        scores, self._meta = finetune_and_score(engine, groups, self.steps, self.num_steps)
+        return scores
+
+    def meta(self) -> dict[str, Any]:
+        """What a NeuronSet built from these scores records (steps taken, snapshot size)."""
+        assert self._meta is not None, "NeftProbe.meta() before score()"
+        return self._meta
+
+
 def _take(steps: Iterable, n: int):
     for i, step in enumerate(steps):
         if i >= n:

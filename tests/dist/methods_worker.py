@@ -37,16 +37,20 @@ RUNS = {
 SINGLE_TASK = {"full", "neurons", "random_neurons", "lora", "neft_rows", "random_rows"}
 
 
+def overrides(name: str, out: Path) -> list[str]:
+    """The spec overrides of run `name`, writing into `out/name`."""
+    num_tasks = 1 if name in SINGLE_TASK else 2
+    tasks = ["tasks=[{source: {type: cl_benchmark, name: sst2}},"
+             "{source: {type: cl_benchmark, name: rte}}]" if num_tasks == 2 else
+             "tasks=[{source: {type: cl_benchmark, name: sst2}}]"]
+    return [*tasks, *sizes(num_tasks), "engine.backend=single", "engine.nproc_per_node=1",
+            "training.steps=2", "selection.num_examples=4", "eval.batch_size=4",
+            f"output.dir={out / name}", *RUNS[name]]
+
+
 def main(out: Path, names: list[str]) -> None:
     for name in names:
-        num_tasks = 1 if name in SINGLE_TASK else 2
-        tasks = ["tasks=[{source: {type: cl_benchmark, name: sst2}},"
-                 "{source: {type: cl_benchmark, name: rte}}]" if num_tasks == 2 else
-                 "tasks=[{source: {type: cl_benchmark, name: sst2}}]"]
-        main_run(SPEC, [*tasks, *sizes(num_tasks), "engine.backend=single",
-                        "engine.nproc_per_node=1", "training.steps=2",
-                        "selection.num_examples=4", "eval.batch_size=4",
-                        f"output.dir={out / name}", *RUNS[name]])
+        main_run(SPEC, overrides(name, out))
 
 
 if __name__ == "__main__":

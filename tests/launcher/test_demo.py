@@ -3,7 +3,9 @@
 The real demo (SmolLM2-135M, ~17 min on 2 cores) is not run in CI. Here every
 `ncft run` line of the Makefile's `demo` target is validated with its overrides, and
 the demo spec runs end to end on 2 FSDP2 ranks with the tiny random Llama and small
-sizes: the deactivation study, NCFT, results, report and plots.
+sizes: the deactivation study, NCFT, results, report and plots. It runs from a copy
+of the repository's files in a temporary folder, as a user's fresh clone would: no
+`../shared` beside it and no `NCFT_DATA_ROOT`, so the task data must ship inside.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,16 +49,33 @@ def test_makefile_demo_commands_are_valid_specs():
     assert [Path(d).name for d in sorted(dirs)] == sorted(Path(c).name for c in compare.split())
 
 
+def _fresh_clone(dest: Path) -> Path:
+    """The repository's files (tracked, and untracked ones git does not ignore) in `dest`."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+    for rel in listed.stdout.splitlines():
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    assert not (dest.parent / "shared").exists()
+    return dest
+
+
 @pytest.mark.dist
 def test_demo_spec_shape_runs_on_the_tiny_model(tmp_path):
+    clone = _fresh_clone(tmp_path / "clone")
     run = tmp_path / "demo"
     sizes = [f"tasks.{i}.{k}={v}" for i in range(2)
              for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))]  # fmt: skip
-    args = ["run", str(SPEC), "model.name_or_path=tiny-random-llama", *sizes,
+    args = ["run", "examples/demo_smollm2.yaml", "model.name_or_path=tiny-random-llama", *sizes,
             "training.steps=2", "study.finetune_steps=2", "study.eval_examples=8",
             "selection.num_examples=8", "eval.batch_size=8", f"output.dir={run}"]  # fmt: skip
-    env = worker_env({"NCFT_CACHE": str(tmp_path / "cache")})
-    proc = subprocess.run([sys.executable, "-m", "launcher", *args], env=env, cwd=REPO,
+    env = worker_env({"NCFT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(clone)})
+    env.pop("NCFT_DATA_ROOT", None)
+    where = subprocess.run([sys.executable, "-c", "import launcher; print(launcher.__file__)"],
+                           env=env, cwd=clone, capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(clone), where.stdout
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], env=env, cwd=clone,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((run / "results.json").read_text())

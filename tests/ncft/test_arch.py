@@ -21,45 +21,12 @@ from ncft.arch import (
     row_entries,
     unit_entries,
 )
+from tests.support.tiny import ARCH_CONFIGS as CONFIGS
+from tests.support.tiny import ARCH_D_FF as FF
+from tests.support.tiny import ARCH_HIDDEN as H
+from tests.support.tiny import ARCH_LAYERS as L
+from tests.support.tiny import ARCH_VOCAB as V
 
-H, FF, L, V = 16, 40, 2, 64
-_COMMON = dict(
-    hidden_size=H,
-    intermediate_size=FF,
-    num_hidden_layers=L,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=V,
-)
-
-CONFIGS = {
-    "llama": lambda: T.LlamaConfig(**_COMMON),
-    "llama_mlp_bias": lambda: T.LlamaConfig(**_COMMON, mlp_bias=True),
-    "mistral": lambda: T.MistralConfig(**_COMMON, head_dim=8),
-    "qwen2": lambda: T.Qwen2Config(**_COMMON),
-    "gemma": lambda: T.GemmaConfig(**_COMMON, head_dim=8),
-    "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=8),
-    "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=8),
-    # Bloom's MLP width is fixed at 4 * hidden.
-    "bloom": lambda: T.BloomConfig(hidden_size=H, n_layer=L, n_head=2, vocab_size=V),
-    "gpt_neox": lambda: T.GPTNeoXConfig(
-        hidden_size=H,
-        intermediate_size=FF,
-        num_hidden_layers=L,
-        num_attention_heads=2,
-        vocab_size=V,
-    ),
-    "gpt2": lambda: T.GPT2Config(
-        n_embd=H,
-        n_inner=FF,
-        n_layer=L,
-        n_head=2,
-        vocab_size=V,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    ),
-}
 EXPECTED = {
     "llama_mlp_bias": ("llama", FF, ("gate", "up", "down")),
     "bloom": ("bloom", 4 * H, ("fc_in", "fc_out")),

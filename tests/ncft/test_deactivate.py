@@ -24,13 +24,6 @@ UNITS = {0: torch.tensor([0, 5, 36]), 1: torch.tensor([2, 17])}
 IDS = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}

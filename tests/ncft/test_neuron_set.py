@@ -6,6 +6,7 @@ import transformers as T
 
 from ncft.arch import get_adapter
 from ncft.neuron_set import FORMAT, NeuronSet, Selection
+from tests.support.tiny import ARCH_CONFIGS
 
 
 def _t(*xs):
@@ -146,26 +147,8 @@ def test_swapped_tensor_file_fails(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_from_units_round_trip(family):
-    if family == "llama":
-        cfg = T.LlamaConfig(
-            hidden_size=16,
-            intermediate_size=40,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=64,
-        )
-    else:
-        cfg = T.GPT2Config(
-            n_embd=16,
-            n_inner=40,
-            n_layer=3,
-            n_head=2,
-            vocab_size=64,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+    cfg = ARCH_CONFIGS[family]()
+    cfg.num_hidden_layers = 3  # layer 2 is selected below
     model = T.AutoModelForCausalLM.from_config(cfg)
     blocks = get_adapter(model).mlp_blocks(model)
     units = {0: _t(5, 1, 39), 2: _t(7)}

@@ -13,11 +13,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for spawned ranks: repo on the path, CPU DeepSpeed, loopback gloo."""
+    """Environment for spawned ranks: repo on the path, loopback gloo, and DeepSpeed's
+    CPU accelerator only where there is no GPU (on a GPU it must pick CUDA, or the
+    gpu-marked tests would run DeepSpeed on the CPU accelerator beside NCCL)."""
+    import torch
+
     env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
     env.update(
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        DS_ACCELERATOR="cpu",
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",

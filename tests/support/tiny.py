@@ -9,9 +9,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers as T
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 96
+
+# One tiny config per architecture family the adapters support (tests/ncft/test_arch.py
+# runs each; others pick a family). Bloom's MLP width is fixed at 4 * hidden.
+ARCH_HIDDEN, ARCH_D_FF, ARCH_LAYERS, ARCH_VOCAB = 16, 40, 2, 64
+_COMMON = dict(hidden_size=ARCH_HIDDEN, intermediate_size=ARCH_D_FF,
+               num_hidden_layers=ARCH_LAYERS, num_attention_heads=2, num_key_value_heads=1,
+               vocab_size=ARCH_VOCAB)
+ARCH_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_COMMON),
+    "llama_mlp_bias": lambda: T.LlamaConfig(**_COMMON, mlp_bias=True),
+    "mistral": lambda: T.MistralConfig(**_COMMON, head_dim=8),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=8),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=8),
+    "bloom": lambda: T.BloomConfig(hidden_size=ARCH_HIDDEN, n_layer=ARCH_LAYERS, n_head=2,
+                                   vocab_size=ARCH_VOCAB),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=ARCH_HIDDEN, intermediate_size=ARCH_D_FF,
+                                        num_hidden_layers=ARCH_LAYERS, num_attention_heads=2,
+                                        vocab_size=ARCH_VOCAB),
+    "gpt2": lambda: T.GPT2Config(n_embd=ARCH_HIDDEN, n_inner=ARCH_D_FF, n_layer=ARCH_LAYERS,
+                                 n_head=2, vocab_size=ARCH_VOCAB, n_positions=32,
+                                 bos_token_id=0, eos_token_id=0),
+}
 
 
 def tiny_llama(seed: int = 0, mlp_bias: bool = True, layers: int = 2) -> LlamaForCausalLM:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ncft.neuron_set import NeuronSet
-from tests.dist.methods_worker import RUNS, SINGLE_TASK
+from tests.dist.methods_worker import RUNS, SINGLE_TASK, SPEC, overrides
 from tests.support.spawn import REPO, worker_env
 
 pytestmark = pytest.mark.dist
@@ -100,6 +100,21 @@ def test_random_rows_control_records_rank_shift(runs):
     a, b = (load_file(r / "neft" / "sst2.before.safetensors")
             for r in (run, runs / "neft_rows"))  # fmt: skip
     assert all(torch.equal(a[g], b[g]) for g in b)
+
+
+def test_neurons_score_selects_what_the_run_selected(runs, cache, tmp_path):
+    # One pipeline: on the base model, `ncft neurons score` with the run's spec picks
+    # the run's first-stage set, here NeFT's probe rows (same probe data order).
+    out = tmp_path / "sst2.safetensors"
+    cmd = [sys.executable, "-m", "launcher.cli.main", "neurons", "score", SPEC,
+           *overrides("neft_rows", tmp_path), "--task", "sst2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=worker_env({"NCFT_CACHE": str(cache)}), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = NeuronSet.load(runs / "neft_rows" / "neurons" / "sst2.safetensors")
+    scored = NeuronSet.load(out)
+    assert scored.checksum() == ran.checksum()
+    assert {k: scored.meta.get(k) for k in ran.meta} == ran.meta  # the CLI adds its command
 
 
 def test_random_neurons_differ_from_attribution(runs):

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.run import preempt
+from launcher.spec import load_spec
 from tests.support.spawn import REPO, torchrun, worker_env
 
 pytestmark = pytest.mark.dist
@@ -92,15 +93,15 @@ def test_sigterm_stops_at_a_checkpoint_and_the_requeued_run_resumes_by_itself(tm
 
 
 @pytest.mark.parametrize(
-    ("env", "policy"),
+    ("env", "resumes"),
     [
-        ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}, (True, False)),
-        ({"SLURM_JOB_ID": "8", "SLURM_RESTART_COUNT": "1"}, (False, True)),  # another job
-        ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}, (False, True)),  # first start
-        ({}, (False, True)),  # not under SLURM
+        ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}, True),
+        ({"SLURM_JOB_ID": "8", "SLURM_RESTART_COUNT": "1"}, False),  # another job's run
+        ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}, False),  # the first start
+        ({}, False),  # not under SLURM
     ],
 )
-def test_only_a_restart_of_the_owning_job_resumes(tmp_path, monkeypatch, env, policy):
+def test_only_a_restart_of_the_owning_job_resumes(tmp_path, monkeypatch, env, resumes):
     for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "7")
@@ -108,7 +109,10 @@ def test_only_a_restart_of_the_owning_job_resumes(tmp_path, monkeypatch, env, po
     monkeypatch.delenv("SLURM_JOB_ID")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert preempt.prepare_policy(tmp_path, False, True) == policy
+    assert preempt.requeued(tmp_path) == resumes
+    spec = load_spec(SPEC, [f"output.dir={tmp_path}", "output.overwrite=true"])
+    out = preempt.resume_if_requeued(spec).output
+    assert (out.resume, out.overwrite) == ((True, False) if resumes else (False, True))
 
 
 AGREE = """
@@ -116,6 +120,7 @@ import os, signal
 import torch.distributed as dist
 from launcher.dist import init_distributed
 from launcher.run import preempt
+from launcher.spec import load_spec
 info = init_distributed()
 preempt.install()
 before = preempt.agreed(info.device)

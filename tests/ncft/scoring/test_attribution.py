@@ -18,7 +18,7 @@ from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import IGNORE, Example, collate, encode
 from ncft.deactivate import deactivate_activations
-from ncft.scoring import make_scorer
+from ncft.scoring import ScoringInputs, make_scorer
 from ncft.scoring.attribution import AGGREGATION, GradAttribution, answer_loss, find_module
 from ncft.selection import row_groups, unit_groups
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer
@@ -128,8 +128,9 @@ def test_ranking_agrees_with_loss_change_of_zeroing(setup):
 
 def test_frozen_model_and_meta(setup):
     engine, model, blocks, encoded = setup
-    scorer = make_scorer("grad_attribution", encoded=encoded, blocks=blocks, num_examples=12,
-                         batch_size=5, model_id="tiny")  # fmt: skip
+    inputs = ScoringInputs(blocks=blocks, encoded=lambda: encoded, probe_steps=(), pad_id=0,
+                           num_examples=12, batch_size=5, model_id="tiny")  # fmt: skip
+    scorer = make_scorer("grad_attribution", inputs)
     before = scorer.score(engine, unit_groups(blocks))
     for p in model.parameters():
         p.requires_grad_(False)

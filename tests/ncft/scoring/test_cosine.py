@@ -7,7 +7,6 @@ fine-tuning. No parameter is ever gathered (a spy on `engine.gathered` counts 0)
 
 import copy
 
-import pytest
 import torch
 
 from launcher.dist import DistInfo
@@ -26,13 +25,6 @@ CHANGED_ROWS = [(f"{L0}.up_proj", 3), (f"{L0}.up_proj", 10), (f"{L1}.gate_proj",
                 (f"{L1}.down_proj", 7)]  # fmt: skip
 CHANGED_UNITS = [(L0, 12), (L1, 30)]  # unit 12: down column only; unit 30: gate row only
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _engine():

@@ -1,5 +1,8 @@
 """From per-candidate scores to a NeuronSet: top-k, reversed, union, rank agreement.
 
+Pure functions of the scores (no scorer, no task data): `ncft.selection.pipeline`
+runs a scorer and hands its scores here.
+
 A `Group` is one vector of candidates that a scorer scores together: the FFN units
 of one MLP (`unit="neuron"`), or the output rows of one projection (`unit="row"`,
 NeFT's neuron). `Scores` maps a group's name to one float per candidate, higher =
@@ -252,3 +255,9 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
             f"{engine.rank} has {checksum}): scores were not identical everywhere"
         )
     return checksum
+
+
+__all__ = [
+    "MLP_ROLES", "Group", "Scores", "check_identical_across_ranks", "resolve_count",
+    "row_groups", "selected_of", "to_neuron_set", "top_k", "union_with_previous", "unit_groups",
+]  # fmt: skip

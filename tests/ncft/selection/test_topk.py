@@ -1,4 +1,4 @@
-"""Selection: deterministic ties, per-layer vs global counts, controls, rank agreement."""
+"""Top-k selection: deterministic ties, per-layer vs global counts, controls, rank agreement."""
 
 import pytest
 import torch
@@ -139,7 +139,7 @@ class _FakeEngine:
 
 
 def test_checksum_agreement_across_ranks():
-    from ncft.selection import _digest_words
+    from ncft.selection.topk import _digest_words
 
     nset = to_neuron_set({"g0": torch.tensor([1])}, _groups(3), {})
     other = to_neuron_set({"g0": torch.tensor([2])}, _groups(3), {})

@@ -1,0 +1,394 @@
+"""Per-rank memory of a training stage, by arithmetic on shapes (no weights, no GPU).
+
+What each term counts, on one rank (rank 0 unless asked: it holds the most, since
+trailing ranks get the short chunks and the padding):
+
+- **parameters**: every copy of the weights the rank keeps between steps. The
+  precision model is the one issue #9 asks of every engine: `model.dtype: bfloat16`
+  means bf16 compute with fp32 master weights and fp32 AdamW moments.
+  `deepspeed`: each parameter's ZeRO-3 partition `ceil(numel / W)` (padded, see
+  `ncft.masks.layout.flat_partition`) in the compute dtype, the fp32 master copy of
+  the trainable partitions (a separate copy even in fp32: DeepSpeed's sharing branch
+  never fires), and parameters smaller than `stage3_param_persistence_threshold` held
+  whole in the compute dtype. `fsdp2`: `ceil(rows / W)` rows of every parameter (FSDP2
+  pads its local storage to the first chunk's size) in fp32, the sharded
+  parameters being the masters. `fsdp1`: one flat shard `ceil(T / W)` per FSDP unit
+  (T = the unit's elements), fp32. `single`: every parameter, fp32.
+- **gradients**: `deepspeed`: the flat gradient partitions of the trainable
+  parameters in the compute dtype (DeepSpeed's default `grad_accum_dtype`). `fsdp2`
+  and `fsdp1`: the sharded gradient of the trainable local storage, fp32; with
+  `training.grad_accum > 1`, FSDP2 also keeps the *unsharded* gradient of every
+  trainable parameter (fp32) between micro-batches (`set_requires_gradient_sync`).
+  `single`: one fp32 gradient per trainable element.
+- **optimizer**: `MaskedAdamW` state of each tensor the optimizer steps (a ZeRO-3
+  fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local shard, a parameter):
+  `exp_avg` and `exp_avg_sq` in fp32 (8 bytes per element) and a 4-byte step. Frozen
+  whole matrices have none (DESIGN rule 5).
+- **masks** (neuron methods only), what `ncft.masks.plan.MaskPlan` and
+  `ncft.masks.optim.MaskedAdamW` allocate: one bool per element of every optimizer
+  tensor; for every segment and every optimizer tensor of at least `SPARSE_MIN_NUMEL`
+  elements with at most `SPARSE_MAX_FRACTION` of them selected, an int64 index of the
+  selected elements (the plan's per segment, the optimizer's per tensor); and the
+  NeuronSet's own int64 indices. Selected elements are assumed spread evenly over a
+  parameter (expected value; with a real NeuronSet, `selections=` counts them exactly).
+- **activations**: what autograd keeps for backward for one micro-batch of
+  `b = training.micro_batch_size` sequences of `s` = the longest task's `max_length`
+  tokens, counted tensor by tensor for the Hugging Face modules in the way of
+  Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+  Models" (2022, arXiv:2205.05198, section 4.1); `e` = compute dtype bytes. Per
+  token and decoder layer, gated MLP (Llama, Mistral): two RMSNorms `2 (4 + 2e) h`
+  (HF upcasts to fp32: input, normalised, output), attention `e (2h + 2 kv)` with
+  SDPA (q, k, v and the output, which o_proj reads as a view; no `s x s` scores
+  kept), MLP `4 e d_ff` (gate, up, SiLU output, product). Plain MLP (Bloom):
+  LayerNorms `4 e h`, q/k/v `3 e h`, merged context `e h`, eager attention
+  `(4 + e) a s` (fp32 softmax output and its cast; `4 a s` in fp32), MLP `2 e d_ff`.
+  Plus the final norm (`(4 + 2e) h`; Bloom `3 e h` with its embedding LayerNorm) and
+  the loss: per token `e V` logits, `4 V` for their fp32 upcast (bf16 only) and
+  `4 V` for the fp32 gradient backward starts with. For a small Llama and Bloom the
+  saved tensors match a count of what autograd really saves (`saved_tensors_hooks`,
+  fp32 on CPU) within 2% (tests/launcher/plan/test_activations.py). With
+  `training.activation_checkpointing` each layer keeps only its input (`e h` per
+  token) and one layer's activations are live again while it is recomputed.
+- **buffers** (an estimate, not measured): transient engine buffers at their peak:
+  unsharded compute-dtype copies of the unit being computed and the one prefetched
+  (2 x the largest decoder layer; FSDP1/FSDP2 also keep the root unit, embeddings
+  and head, unsharded from forward to backward), the unsharded gradient of one layer
+  before it is reduced, and for ZeRO-3 the reduce bucket and the fp32 copy of the
+  gradients that `step()` flattens per sub-group.
+
+Not counted: the CUDA context, NCCL and allocator fragmentation (keep ~10% free), the
+scoring pass of neuron methods (its batch is `selection.batch_size`), evaluation.
+
+`tests/launcher/plan/test_real_alloc.py` compares parameters, gradients, optimizer
+state and masks with the tensors the real CPU engines allocate at 1 and 2 ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from launcher.plan.model import ModelInfo, ParamInfo
+from ncft.masks.layout import chunk_rows, flat_partition
+from ncft.masks.optim import SPARSE_MAX_FRACTION, SPARSE_MIN_NUMEL
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+INDEX = 8  # int64
+ENGINES = ("deepspeed", "fsdp2", "fsdp1", "single")
+TERMS = ("parameters", "gradients", "optimizer", "masks", "activations", "buffers")
+
+
+@dataclass(frozen=True)
+class DsTuning:
+    """The ZeRO-3 settings that change memory (from the spec's DeepSpeed JSON)."""
+
+    persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 500_000_000
+    sub_group_size: int = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Held:
+    """One parameter's piece on this rank.
+
+    Attributes:
+        param: The parameter.
+        start: First flattened element held here.
+        stop: One past the last.
+        opt: Key of the optimizer tensor holding it, or None if it is frozen.
+    """
+
+    param: ParamInfo
+    start: int
+    stop: int
+    opt: str | None
+
+
+@dataclass
+class Layout:
+    """What one rank allocates for parameters, by engine.
+
+    Attributes:
+        held: The rank's piece of every parameter (the segments of the trainable ones).
+        stored: Parameter elements allocated (padding included).
+        stored_trainable: Of those, elements of trainable storage.
+        opt_numel: Local elements of each optimizer tensor (what moments and masks cover).
+        whole: Elements of parameters held whole besides (ZeRO-3 persistent ones).
+    """
+
+    held: list[Held] = field(default_factory=list)
+    stored: int = 0
+    stored_trainable: int = 0
+    opt_numel: dict[str, int] = field(default_factory=dict)
+    whole: int = 0
+
+
+def _layer_of(fqn: str, layers: tuple[str, ...]) -> str:
+    return next((name for name in layers if fqn.startswith(name + ".")), "")
+
+
+def layout(
+    engine: str, model: ModelInfo, world: int, rank: int, ds: DsTuning = DsTuning()
+) -> Layout:
+    """Lay `model`'s parameters out on rank `rank` of `world` as `engine` does."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine.backend: unknown {engine!r}; choose one of {list(ENGINES)}")
+    if engine == "fsdp1":
+        return _fsdp1(model, world, rank)
+    out = Layout()
+    for p in model.params:
+        if engine == "deepspeed":
+            start, stop, stored = flat_partition(p.numel, world, rank)
+            if p.numel < ds.persistence_threshold and world > 1:
+                out.whole += p.numel  # on one rank the gathered tensor is the partition
+        elif engine == "fsdp2":
+            rows = p.shape[0] if p.shape else 1
+            width = p.numel // rows
+            lo, hi = chunk_rows(rows, world, rank)
+            start, stop, stored = lo * width, hi * width, -(-rows // world) * width
+        else:
+            start, stop, stored = 0, p.numel, p.numel
+        opt = None
+        if p.trainable:
+            opt = _ds_subgroup(out, ds) if engine == "deepspeed" else p.fqn
+            out.opt_numel[opt] = out.opt_numel.get(opt, 0) + (
+                stored if engine == "deepspeed" else stop - start
+            )
+            out.stored_trainable += stored
+        out.held.append(Held(p, start, stop, opt))
+        out.stored += stored
+    return out
+
+
+def _ds_subgroup(out: Layout, ds: DsTuning) -> str:
+    # DeepSpeed closes a sub-group once its partitions reach sub_group_size elements.
+    key = f"subgroup{max(len(out.opt_numel) - 1, 0)}"
+    if out.opt_numel.get(key, 0) >= ds.sub_group_size:
+        key = f"subgroup{len(out.opt_numel)}"
+    return key
+
+
+def _fsdp1_unit(p: ParamInfo, model: ModelInfo) -> str:
+    # launcher/engines/fsdp1.py wraps every decoder layer and every module owning a
+    # trainable parameter; what is in neither belongs to the root unit.
+    if p.trainable and p.module:
+        return p.module
+    return _layer_of(p.fqn, model.layers)
+
+
+def _fsdp1(model: ModelInfo, world: int, rank: int) -> Layout:
+    units: dict[str, list[ParamInfo]] = {}
+    for p in model.params:
+        units.setdefault(_fsdp1_unit(p, model), []).append(p)
+    out = Layout()
+    for name, params in units.items():
+        total = sum(p.numel for p in params)
+        shard = -(-total // world)
+        lo, hi = min(rank * shard, total), min((rank + 1) * shard, total)
+        trainable = params[0].trainable
+        assert all(p.trainable == trainable for p in params), name
+        offset = 0
+        for p in params:
+            start = min(max(lo - offset, 0), p.numel)
+            stop = min(max(hi - offset, 0), p.numel)
+            out.held.append(Held(p, start, stop, name if trainable else None))
+            offset += p.numel
+        out.stored += shard
+        if trainable:
+            out.stored_trainable += shard
+            out.opt_numel[name] = shard
+    return out
+
+
+def _selected_in(h: Held, selections: Mapping | None) -> float:
+    """Selected elements of the piece (expected, or exact from `selections`)."""
+    if h.param.selected is None:
+        return float(h.stop - h.start)
+    sel = None if selections is None else selections.get(h.param.fqn)
+    if sel is None or h.stop == h.start:
+        return h.param.selected * (h.stop - h.start)
+    from ncft.masks.layout import segment_mask
+
+    return float(segment_mask(h.param.shape, h.start, h.stop, sel.axis, sel.indices).sum())
+
+
+def _index_bytes(numel: int, selected: float) -> float:
+    # ncft.masks.optim.sparse_trainable_index's rule.
+    if numel < SPARSE_MIN_NUMEL or selected > SPARSE_MAX_FRACTION * numel:
+        return 0.0
+    return INDEX * selected
+
+
+def mask_bytes(lay: Layout, selections: Mapping | None = None) -> float:
+    """Bytes of mask bookkeeping on the rank (0 if no parameter is masked)."""
+    if not any(h.param.selected is not None for h in lay.held):
+        return 0.0
+    total = float(sum(lay.opt_numel.values()))  # one bool per optimizer-tensor element
+    per_opt: dict[str, float] = {}
+    for h in lay.held:
+        if h.opt is None:
+            continue
+        chosen = _selected_in(h, selections)
+        total += _index_bytes(h.stop - h.start, chosen)  # MaskPlan.grad_index
+        per_opt[h.opt] = per_opt.get(h.opt, 0.0) + chosen
+    total += sum(_index_bytes(lay.opt_numel[k], v) for k, v in per_opt.items())  # optimizer
+    return total
+
+
+def neuronset_bytes(model: ModelInfo) -> float:
+    """The NeuronSet's int64 indices (every rank holds the whole set)."""
+    out = 0.0
+    for p in model.params:
+        if p.selected:
+            out += INDEX * round(p.selected * p.shape[p.axis])
+    return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokens one rank processes per micro-batch.
+
+    Attributes:
+        micro_batch: Sequences per micro-batch (`training.micro_batch_size`).
+        seq_len: Tokens per sequence (the longest task's `max_length`).
+        grad_accum: Micro-batches per optimizer step (`training.grad_accum`).
+    """
+
+    micro_batch: int
+    seq_len: int
+    grad_accum: int = 1
+
+
+def layer_activation_bytes(model: ModelInfo, e: int, tokens: int, seq_len: int) -> float:
+    """Bytes one decoder layer keeps for backward (see the module docstring)."""
+    h, f, kv = model.hidden, model.ffn, model.kv_width
+    if model.gated:
+        # SDPA's output is laid out so that o_proj's input is a view of it: q, k, v, out.
+        per_token = 2 * (4 + 2 * e) * h + e * (2 * h + 2 * kv) + 4 * e * f
+    else:
+        # two LayerNorms (input, output), q/k/v split from the fused projection, the
+        # merged context (dense reads it), fc_in output and GELU output
+        per_token = 4 * e * h + 3 * e * h + e * h + 2 * e * f
+    if not model.fused_attention:
+        # eager attention: the fp32 softmax output, and its cast to the compute dtype
+        per_token += (FP32 + (e if e < FP32 else 0)) * model.heads * seq_len
+    return float(per_token * tokens)
+
+
+def activation_bytes(
+    model: ModelInfo, e: int, batch: Batch, checkpointing: bool, transient: bool = True
+) -> float:
+    """Activation bytes of one micro-batch, with or without checkpointing.
+
+    Args:
+        model: The model.
+        e: Bytes per element of the compute dtype.
+        batch: Tokens per micro-batch.
+        checkpointing: Keep only each layer's input (and one layer live again).
+        transient: Also count the fp32 gradient of the logits that backward creates
+            first (not a saved tensor, but live at the same time as all of them).
+    """
+    tokens = batch.micro_batch * batch.seq_len
+    layer = layer_activation_bytes(model, e, tokens, batch.seq_len)
+    # Logits in the compute dtype, the loss's fp32 upcast of them (a no-op in fp32),
+    # then the fp32 gradient of the logits.
+    logits = e + (FP32 if e < FP32 else 0) + (FP32 if transient else 0)
+    # Final RMSNorm as in the layers; Bloom: its embedding LayerNorm's output and the
+    # final LayerNorm's input and output.
+    norms = (4 + 2 * e) * model.hidden if model.gated else 3 * e * model.hidden
+    head = float(tokens * (norms + logits * model.vocab))
+    num_layers = len(model.layers)
+    if checkpointing:
+        return num_layers * e * model.hidden * tokens + layer + head
+    return num_layers * layer + head
+
+
+def buffer_bytes(
+    engine: str, model: ModelInfo, e: int, ds: DsTuning, trainable_local: int
+) -> float:
+    """Transient engine buffers at their peak (an estimate; see module docstring)."""
+    if engine == "single":
+        # autocast caches a compute-dtype copy of every weight within one forward
+        return float(e * model.numel) if e < FP32 else 0.0
+    per_layer: dict[str, int] = {}
+    outside = 0
+    for p in model.params:
+        layer = _layer_of(p.fqn, model.layers)
+        if layer:
+            per_layer[layer] = per_layer.get(layer, 0) + p.numel
+        else:
+            outside += p.numel
+    largest = max(per_layer.values(), default=0)
+    gathered = 2 * largest + largest  # current + prefetched layer, one layer's grads
+    if engine == "deepspeed":
+        bucket = ds.reduce_bucket_size if trainable_local else 0  # allocated at init
+        step_copy = FP32 * min(trainable_local, ds.sub_group_size)
+        return float(e * (gathered + bucket) + step_copy)
+    # FSDP's root unit (embeddings, final norm, head) stays unsharded forward to backward
+    return float(e * (gathered + outside))
+
+
+def per_rank_bytes(
+    engine: str,
+    model: ModelInfo,
+    dtype: str,
+    world: int,
+    batch: Batch,
+    checkpointing: bool,
+    rank: int = 0,
+    ds: DsTuning = DsTuning(),
+    selections: Mapping | None = None,
+) -> dict[str, float]:
+    """Every term of the module docstring for one rank, in bytes, plus `total`.
+
+    Args:
+        engine: `deepspeed`, `fsdp2`, `fsdp1` or `single`.
+        model: The stage's model, trainable/selected set (`launcher.plan.model`).
+        dtype: `model.dtype` of the spec.
+        world: Number of ranks.
+        batch: Tokens per micro-batch.
+        checkpointing: `training.activation_checkpointing`.
+        rank: Which rank.
+        ds: ZeRO-3 settings (deepspeed only).
+        selections: A real NeuronSet's entries to count mask indices exactly.
+
+    Returns:
+        `{term: bytes}` for `TERMS` and `"total"`.
+    """
+    if engine == "single" and world != 1:
+        raise ValueError(f"engine.backend=single runs 1 process, not {world}")
+    e = DTYPE_BYTES[dtype]
+    lay = layout(engine, model, world, rank, ds)
+    opt_elems = sum(lay.opt_numel.values())
+    out = {
+        "parameters": _param_bytes(engine, lay, e),
+        "gradients": _grad_bytes(engine, lay, model, e, batch),
+        "optimizer": 2.0 * FP32 * opt_elems + 4.0 * len(lay.opt_numel),
+        "masks": mask_bytes(lay, selections) + neuronset_bytes(model),
+        "activations": activation_bytes(model, e, batch, checkpointing),
+        "buffers": buffer_bytes(engine, model, e, ds, opt_elems),
+    }
+    out["total"] = sum(out[t] for t in TERMS)
+    return out
+
+
+def _param_bytes(engine: str, lay: Layout, e: int) -> float:
+    if engine == "deepspeed":
+        # DeepSpeed keeps a separate fp32 copy even for fp32 models: its "share the
+        # partition" branch compares a torch.device with a device-name string, which
+        # never matches (stage3.py `_create_fp32_partitions`; measured on CPU).
+        return float(e * lay.stored + FP32 * lay.stored_trainable + e * lay.whole)
+    return float(FP32 * lay.stored)
+
+
+def _grad_bytes(engine: str, lay: Layout, model: ModelInfo, e: int, batch: Batch) -> float:
+    if engine == "deepspeed":
+        return float(e * lay.stored_trainable)
+    if engine == "fsdp2":
+        unsharded = sum(p.numel for p in model.params if p.trainable)
+        extra = FP32 * unsharded if batch.grad_accum > 1 else 0
+        return float(FP32 * lay.stored_trainable + extra)
+    if engine == "fsdp1":
+        return float(FP32 * lay.stored_trainable)
+    return float(FP32 * sum(p.numel for p in model.params if p.trainable))

@@ -1,0 +1,101 @@
+"""What one training stage of a spec trains: every parameter, selected neurons, or LoRA.
+
+| method | trainable | masks |
+|---|---|---|
+| full, seqft, per_task | every parameter | none |
+| neurons, random_neurons, ncft, wncft | projections in `selection.modules` | selected rows/cols |
+| lora, seqlora | the adapters (`lora.r`, `lora.target_modules`) | none |
+
+For neuron methods the selected fraction of each projection is what
+`ncft.selection.top_k` takes: `resolve_count` of each pool (a layer's candidates with
+`selection.per_layer`, else all of them). With `selection.union_with_previous` the
+last stage trains the union of every task's set; the plan assumes disjoint sets (the
+worst case), i.e. `min(pool, tasks x k)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from launcher.plan.model import ModelInfo, ParamInfo, with_params, with_trainable
+
+FULL_METHODS = ("full", "seqft", "per_task")
+NEURON_METHODS = ("neurons", "random_neurons", "ncft", "wncft")
+LORA_METHODS = ("lora", "seqlora")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's model with its trainable parameters marked, and a one-line summary."""
+
+    model: ModelInfo
+    summary: str
+    selected_fraction: float | None
+
+
+def neuron_fractions(meta: Any, spec: Any) -> dict[str, tuple[float, int]]:
+    """`fqn -> (expected selected fraction, axis)` for a neuron method's stage."""
+    from types import SimpleNamespace
+
+    from ncft.selection import resolve_count
+    from ncft.selection.pipeline import candidate_groups
+
+    sel = spec.selection
+    groups = candidate_groups(meta, SimpleNamespace(unit=sel.unit, modules=tuple(sel.modules)))
+    pools: dict[Any, list] = {}
+    for g in groups:
+        pools.setdefault(g.layer if sel.per_layer else None, []).append(g)
+    repeats = len(spec.tasks) if sel.union_with_previous else 1
+    out = {}
+    for pool in pools.values():
+        size = sum(g.size for g in pool)
+        k = min(size, repeats * resolve_count(size, sel.fraction, sel.count))
+        for g in pool:
+            for fqn, axis in g.pieces:
+                out[fqn] = (k / size, axis)
+    return out
+
+
+def lora_params(info: ModelInfo, r: int, targets: list[str]) -> list[ParamInfo]:
+    """The base parameters, frozen, plus peft's `lora_A` `[r, in]` and `lora_B` `[out, r]`."""
+    frozen = [replace(p, trainable=False) for p in info.params]
+    adapters = []
+    for p in info.params:
+        leaf = p.module.rsplit(".", 1)[-1]
+        if leaf in targets and p.fqn == f"{p.module}.weight" and len(p.shape) == 2:
+            out_f, in_f = p.shape
+            for name, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+                module = f"{p.module}.{name}.default"
+                adapters.append(ParamInfo(f"{module}.weight", shape, module=module))
+    if not adapters:
+        raise ValueError(f"lora.target_modules: {targets} names no linear layer of the model")
+    return frozen + adapters
+
+
+def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -> Stage:
+    """The stage `method` trains on `base` under `spec`'s selection and LoRA settings."""
+    if method in FULL_METHODS:
+        return Stage(base, f"{method}: every parameter trains ({base.numel:,} elements)", None)
+    if method in LORA_METHODS:
+        lora = spec.lora
+        model = with_params(base, lora_params(base, lora.r, list(lora.target_modules)))
+        count = sum(p.numel for p in model.params if p.trainable)
+        return Stage(model, f"{method}: LoRA r={lora.r} on {', '.join(lora.target_modules)} "
+                     f"({count:,} adapter elements train, fp32)", None)  # fmt: skip
+    if method not in NEURON_METHODS:
+        raise ValueError(f"method: unknown {method!r}")
+    fractions = neuron_fractions(meta, spec)
+    model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1")
+    trainable = [p for p in model.params if p.trainable]
+    elems = sum(p.numel for p in trainable)
+    chosen = sum(p.numel * (p.selected or 0.0) for p in trainable)
+    sel = spec.selection
+    amount = f"{sel.fraction:.1%}" if sel.fraction is not None else f"{sel.count} units"
+    where = "per layer" if sel.per_layer else "globally"
+    summary = (
+        f"{method}: {amount} of {'FFN units' if sel.unit == 'neuron' else 'rows'} {where} "
+        f"({', '.join(sel.modules)}); {len(trainable)} of {len(model.params)} tensors "
+        f"trainable ({elems:,} elements), {chosen / max(elems, 1):.1%} of them selected"
+    )
+    return Stage(model, summary, chosen / max(elems, 1))

@@ -1,0 +1,166 @@
+"""Choose a task's neurons on the current model: candidates -> scorer -> top-k -> NeuronSet.
+
+The one selection path of the project: a run's stages (`ncft.continual.loop`, through
+its `Selector` protocol), the run's studies and `ncft neurons score` all call
+`SelectionPipeline.select`. The scorer comes from the `ncft.scoring.SCORERS`
+registry by its `selection.scorer` name; top-k and the NeuronSet come from
+`ncft.selection.topk`.
+
+Every rank computes the same all-reduced scores, so every rank selects the same
+set; the checksum is verified across ranks before it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ncft.arch import get_adapter
+from ncft.data.examples import encode
+from ncft.engine import Engine
+from ncft.neuron_set import NeuronSet
+from ncft.scoring import ScoringInputs, make_scorer
+from ncft.scoring.cosine import finetune_and_score
+from ncft.selection.topk import (
+    Group,
+    Scores,
+    check_identical_across_ranks,
+    row_groups,
+    to_neuron_set,
+    top_k,
+    union_with_previous,
+    unit_groups,
+)
+
+if TYPE_CHECKING:
+    from ncft.continual.loop import TaskData
+
+# (engine, task, stage) -> endless micro-batch lists of the task's training data.
+StepsProvider = Callable[[Engine, "TaskData", int], Iterable[Sequence[dict]]]
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """The spec's `selection` section as plain values (see `launcher.spec.SelectionSpec`)."""
+
+    scorer: str
+    fraction: float | None
+    count: int | None
+    per_layer: bool
+    modules: tuple[str, ...]
+    unit: str
+    positions: str
+    num_examples: int
+    batch_size: int
+    cosine_steps: int
+    union_with_previous: bool
+    seed: int
+    model_id: str = ""
+
+
+def candidate_groups(model: nn.Module, cfg: SelectConfig) -> list[Group]:
+    """The candidate groups: FFN units over the chosen roles, or weight rows."""
+    if cfg.unit == "neuron":
+        roles = [m for m in cfg.modules if m != "attention"]
+        return unit_groups(get_adapter(model).mlp_blocks(model), roles)
+    return row_groups(model, cfg.modules)
+
+
+def _no_previous(stage: int) -> NeuronSet | None:
+    del stage
+    return None
+
+
+@dataclass(frozen=True)
+class SelectionPipeline:
+    """Selects a task's neurons on an engine; implements `ncft.continual.loop.Selector`.
+
+    Attributes:
+        cfg: Selection settings.
+        tokenizer: Encodes the task's examples (grad_attribution); gives the pad id.
+        train_steps: `(engine, task, stage) -> micro-batch lists` that NeFT's probe
+            fine-tunes on (`ncft.continual.loop.stage_steps`).
+        method: The training method; `random_neurons` scores randomly (the control).
+        previous: `stage -> the set the previous task trained`, read only with
+            `cfg.union_with_previous`.
+        save_probe: If set, called as `(task name, scores)` with NeFT's probe scores
+            of every selection (the "before" of the rank-shift study); with method
+            `random_neurons` the probe runs before the random choice, which ignores it.
+        reference: A fine-tuned checkpoint directory that weight_cosine compares
+            against instead of running the probe.
+        extra_meta: Recorded in every set after the selection's own metadata.
+    """
+
+    cfg: SelectConfig
+    tokenizer: Any
+    train_steps: StepsProvider
+    method: str = "neurons"
+    previous: Callable[[int], NeuronSet | None] = _no_previous
+    save_probe: Callable[[str, Scores], None] | None = None
+    reference: str | None = None
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scorer_name(self) -> str:
+        """The registered scorer this pipeline uses (the method can force `random`)."""
+        return "random" if self.method == "random_neurons" else self.cfg.scorer
+
+    def groups(self, model: nn.Module) -> list[Group]:
+        """The candidate groups of `model` (unwrapped: names and shapes)."""
+        return candidate_groups(model, self.cfg)
+
+    def probe(self, engine: Engine, groups: Sequence[Group], task: TaskData,
+              stage: int) -> tuple[Scores, dict[str, Any]]:  # fmt: skip
+        """NeFT's probe: fine-tune `engine` in place `cosine_steps` steps, score `1 - cos`."""
+        steps = self.train_steps(engine, task, stage)
+        return finetune_and_score(engine, groups, steps, self.cfg.cosine_steps)
+
+    def select(self, engine: Engine, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
+        """Score on `engine` (built over the candidates) and return the task's NeuronSet.
+
+        Args:
+            engine: Engine whose trainable parameters include every candidate; a
+                weight_cosine probe fine-tunes it, so train on a fresh one afterwards.
+            model: The unwrapped model (adapters and shapes).
+            task: The task (its name, training examples and max length).
+            stage: Stage index: seeds the random scorer and the probe's data order.
+        """
+        groups = self.groups(model)
+        name = self.scorer_name
+        probe = None
+        if self.save_probe is not None and name == "random":
+            probe, _ = self.probe(engine, groups, task, stage)
+        scorer = make_scorer(name, self._inputs(engine, model, task, stage))
+        scores, meta = scorer.score(engine, groups), scorer.meta()
+        reverse = name == "reversed"
+        chosen = top_k(scores, groups, self.cfg.fraction, self.cfg.count, self.cfg.per_layer,
+                       reverse=reverse)  # fmt: skip
+        c = self.cfg
+        meta = {**meta, "task": task.name, "fraction": c.fraction, "count": c.count,
+                "per_layer": c.per_layer, "unit": c.unit, "modules": list(c.modules),
+                "reversed": reverse, **self.extra_meta}  # fmt: skip
+        nset = to_neuron_set(chosen, groups, meta)
+        if c.union_with_previous:
+            nset = union_with_previous(nset, self.previous(stage))
+        check_identical_across_ranks(engine, nset)
+        if self.save_probe is not None:
+            self.save_probe(task.name, scores if probe is None else probe)
+        return nset
+
+    def _inputs(self, engine: Engine, model: nn.Module, task: TaskData,
+                stage: int) -> ScoringInputs:  # fmt: skip
+        c, tok = self.cfg, self.tokenizer
+        return ScoringInputs(
+            blocks=get_adapter(model).mlp_blocks(model),
+            encoded=lambda: encode(task.train, tok, task.max_length),
+            probe_steps=self.train_steps(engine, task, stage), pad_id=tok.pad_token_id,
+            positions=c.positions, num_examples=c.num_examples, batch_size=c.batch_size,
+            cosine_steps=c.cosine_steps, seed=c.seed * 1000 + stage, model_id=c.model_id,
+            reference=self.reference,
+        )
+
+
+__all__ = ["SelectConfig", "SelectionPipeline", "StepsProvider", "candidate_groups"]

@@ -1,0 +1,119 @@
+"""Preflight: the model and the output directory are judged before anything is made."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import UserError
+from launcher.run import preflight, rundir
+from launcher.spec import dump_resolved, load_spec
+from tests.support.spawn import REPO
+
+SPEC = REPO / "examples" / "tiny_ncft.yaml"
+
+
+def _spec(tmp_path: Path, *overrides: str):
+    return load_spec(SPEC, [f"output.dir={tmp_path / 'run'}", *overrides])
+
+
+def test_builtin_and_local_directory_resolve(tmp_path):
+    assert preflight.check_model("tiny-random-llama") == "built-in"
+    (tmp_path / "config.json").write_text("{}")
+    assert preflight.check_model(str(tmp_path)) == "local directory"
+
+
+@pytest.mark.parametrize("name", ["/nonexistent", "./no/such/dir", "~/nope", "bad name!"])
+def test_missing_paths_and_bad_ids_name_the_field(name):
+    with pytest.raises(UserError, match=r"^model\.name_or_path=.*no directory .*hub id"):
+        preflight.check_model(name)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        preflight.check_model(str(tmp_path))
+
+
+def _fake_cache(root: Path, repo_id: str) -> None:
+    """The layout huggingface_hub's cache uses for one downloaded file."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+
+
+def test_hub_ids_resolve_from_the_local_cache_only_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_cache(tmp_path, "org/cached")
+    assert preflight.check_model("org/cached") == "hub cache"
+    with pytest.raises(UserError) as err:
+        preflight.check_model("org/missing")
+    message = str(err.value)
+    assert message.startswith("model.name_or_path=org/missing:")
+    assert "not in the local cache" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_unreachable_hub_says_there_may_be_no_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # A port nothing listens on: the request fails at once, like a machine offline.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="may have no network"):
+        preflight.check_model("org/missing")
+
+
+def test_output_policy_is_checked_before_anything_exists(tmp_path):
+    spec = _spec(tmp_path)
+    preflight.check_output(spec)
+    assert not spec.output.dir.exists(), "a check creates nothing"
+    rundir.prepare(spec.output.dir, dump_resolved(spec), False, False)
+    with pytest.raises(UserError, match=r"^output\.dir: .* output\.resume=true .* "
+                                        r"output\.overwrite=true"):  # fmt: skip
+        preflight.check_output(spec)
+    preflight.check_output(_spec(tmp_path, "output.resume=true"))
+    preflight.check_output(_spec(tmp_path, "output.overwrite=true"))
+    with pytest.raises(UserError, match=r"^output\.resume: the spec differs"):
+        preflight.check_output(_spec(tmp_path, "output.resume=true", "training.steps=9"))
+
+
+def test_output_dir_that_is_a_file_or_unwritable(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(UserError, match="is a file"):
+        preflight.check_output(_spec(tmp_path))
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(UserError, match="not a writable directory"):
+        preflight.check_output(_spec(locked))
+
+
+def test_multi_node_needs_a_launcher(tmp_path):
+    spec = _spec(tmp_path, "engine.nnodes=2")
+    with pytest.raises(UserError, match=r"^engine\.nnodes=2: .*slurm"):
+        preflight.preflight(spec, under_launcher=False)
+    preflight.preflight(spec, under_launcher=True)
+
+
+def test_failed_run_removes_only_what_it_created(tmp_path):
+    run = rundir.prepare(tmp_path / "new", "a: 1\n", False, False)
+    with pytest.raises(RuntimeError), rundir.removed_unless_started(run, created=True):
+        raise RuntimeError("model failed to load")
+    assert not run.root.exists()
+    run = rundir.prepare(tmp_path / "started", "a: 1\n", False, False)
+    run.stage_dir(0, "sst2").mkdir()
+    with pytest.raises(RuntimeError), rundir.removed_unless_started(run, created=True):
+        raise RuntimeError("killed in stage 2")
+    assert run.root.is_dir(), "a checkpoint makes the run resumable: keep it"
+    run = rundir.prepare(tmp_path / "resumed", "a: 1\n", False, False)
+    with pytest.raises(RuntimeError), rundir.removed_unless_started(run, created=False):
+        raise RuntimeError("a resumed run failed again")
+    assert run.root.is_dir(), "a directory that held a run before is never removed"

@@ -1,0 +1,106 @@
+"""The selection pipeline: scorers by registry name, method and stage, probe, union."""
+
+from typing import get_args
+
+import pytest
+import torch
+
+from launcher.dist import DistInfo
+from launcher.engines.common import OptimConfig
+from launcher.engines.single import SingleEngine
+from launcher.spec.schema import SelectionSpec
+from ncft.continual.loop import TaskData
+from ncft.neuron_set import NeuronSet
+from ncft.scoring import SCORERS, ScoringInputs, make_scorer
+from ncft.scoring.controls import RandomScorer
+from ncft.scoring.cosine import finetune_and_score
+from ncft.selection import to_neuron_set, top_k
+from ncft.selection.pipeline import SelectConfig, SelectionPipeline
+from tests.support.tiny import VOCAB, tiny_llama, word_tokenizer
+
+INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
+TASK = TaskData("t", "classification", ["a"], train=[], test=[], max_length=16)
+IDS = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _cfg(**changes) -> SelectConfig:
+    base = dict(scorer="weight_cosine", fraction=None, count=4, per_layer=False,
+                modules=("up", "attention"), unit="row", positions="answer", num_examples=8,
+                batch_size=4, cosine_steps=2, union_with_previous=False, seed=3)
+    return SelectConfig(**{**base, **changes})
+
+
+def _steps(engine, task, stage):
+    del engine, task, stage
+    return iter([[{"input_ids": IDS, "labels": IDS}]] * 5)
+
+
+def _pipeline(cfg, **options) -> SelectionPipeline:
+    return SelectionPipeline(cfg, word_tokenizer(["a"]), _steps, **options)
+
+
+def _engine():
+    model = tiny_llama(seed=0)
+    return SingleEngine(model, OptimConfig(lr=1e-2), INFO), model
+
+
+def _probe(cfg):
+    """NeFT's probe scores of `cfg`'s candidates, on a fresh engine."""
+    engine, model = _engine()
+    groups = _pipeline(cfg).groups(model)
+    return groups, finetune_and_score(engine, groups, _steps(None, None, 0), cfg.cosine_steps)[0]
+
+
+def test_every_spec_scorer_is_registered():
+    assert set(get_args(SelectionSpec.model_fields["scorer"].annotation)) == set(SCORERS)
+    inputs = ScoringInputs(blocks=[], encoded=list, probe_steps=(), pad_id=0)
+    with pytest.raises(ValueError, match="selection.scorer: unknown 'magic'"):
+        make_scorer("magic", inputs)
+
+
+def test_reversed_takes_the_lowest_probe_scores_and_keeps_them():
+    cfg = _cfg(scorer="reversed")
+    groups, scores = _probe(cfg)
+    kept = {}
+    engine, model = _engine()
+    nset = _pipeline(cfg, save_probe=lambda task, s: kept.update({task: s})).select(
+        engine, model, TASK, 0)
+    expected = to_neuron_set(top_k(scores, groups, count=4, per_layer=False, reverse=True),
+                             groups, {})  # fmt: skip
+    assert nset.checksum() == expected.checksum()
+    assert nset.meta["reversed"] and nset.meta["finetune_steps"] == 2
+    assert nset.meta["scorer"] == "weight_cosine" and nset.meta["task"] == "t"
+    assert list(kept) == ["t"] and all(torch.equal(kept["t"][g], scores[g]) for g in scores)
+
+
+def test_random_method_seeds_by_stage_and_keeps_the_probe_for_the_control():
+    cfg = _cfg()
+    groups, scores = _probe(cfg)
+    kept = {}
+    engine, model = _engine()
+    pipeline = _pipeline(cfg, method="random_neurons",
+                         save_probe=lambda task, s: kept.update({task: s}))  # fmt: skip
+    nset = pipeline.select(engine, model, TASK, 2)
+    drawn = RandomScorer(seed=3 * 1000 + 2).score(None, groups)
+    expected = to_neuron_set(top_k(drawn, groups, count=4, per_layer=False), groups, {})
+    assert nset.checksum() == expected.checksum()
+    assert nset.meta["scorer"] == "random" and nset.meta["seed"] == 3002
+    # The control's "before" scores are NeFT's probe, not the random draw.
+    assert all(torch.equal(kept["t"][g], scores[g]) for g in scores)
+
+
+def test_union_with_previous_reads_the_previous_stage():
+    cfg = _cfg(scorer="random", union_with_previous=True)
+    engine, model = _engine()
+    groups = _pipeline(cfg).groups(model)
+    earlier = to_neuron_set({groups[0].name: torch.tensor([0, 1])}, groups, {})
+    asked = []
+
+    def previous(stage: int) -> NeuronSet:
+        asked.append(stage)
+        return earlier
+
+    nset = _pipeline(cfg, previous=previous).select(engine, model, TASK, 1)
+    alone = _pipeline(_cfg(scorer="random")).select(engine, model, TASK, 1)
+    assert asked == [1] and nset.meta["union_with"] == earlier.checksum()
+    assert nset.checksum() == alone.union(earlier).checksum() != alone.checksum()
