@@ -59,6 +59,7 @@ class Job:
                  ranks: int, extra_env: dict | None = None) -> None:  # fmt: skip
         self.cluster, self.template = cluster, template
         self.submit_dir, self.run = tmp / "submit", tmp / "run"
+        self.pause = tmp / "paused"  # written by rank 0 where PAUSE holds it
         self.submit_dir.mkdir(parents=True)
         env = worker_env({
             **cluster.env, "NCFT_CACHE": str(tmp / "cache"),
@@ -95,10 +96,8 @@ def jobs(cluster, tmp_path_factory) -> dict:
     for template in BACKEND:
         out[template, 1] = Job(cluster, root / f"{template}-1x2", template, 1, 2)
         tmp = root / f"{template}-2x1"
-        job = Job(cluster, tmp, template, 2, 1, {
+        out[template, 2] = Job(cluster, tmp, template, 2, 1, {
             preempt.PAUSE_AT_STEP: PAUSE, preempt.PAUSE_FILE: str(tmp / "paused")})  # fmt: skip
-        job.pause = tmp / "paused"
-        out[template, 2] = job
     return out
 
 
