@@ -10,6 +10,11 @@ share therefore run dummy forwards (on a copy of the first example) whose output
 thrown away; the number of forwards is computed from the data sizes alone, never from
 what a rank happens to hold.
 
+Classification is scored one of two ways (`eval.classification`): `rank` (the label
+whose tokens get the highest summed log-probability wins, `classification_accuracy`)
+or `generate` (greedy decoding, then exact match after O-LoRA's normalisation,
+`generated_accuracy`: the protocol of O-LoRA and of the papers' tables).
+
 Scores are all in [0, 1]: accuracy, ROUGE-L F-measure, and BLEU divided by 100 (so
 one task score can sit next to another in the accuracy matrix and retention ratios
 mean the same for every task). The task score (`task_score`) is the accuracy for
@@ -20,6 +25,8 @@ Shapes: B batch rows, T tokens, V vocabulary, K labels.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +36,8 @@ from ncft.data.examples import IGNORE, Example, collate, encode
 from ncft.engine import Engine, device_of, eval_mode
 
 METRICS = ("bleu", "rougeL")
+CLASSIFICATION = ("rank", "generate")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def share(num: int, rank: int, world_size: int) -> range:
@@ -253,6 +262,30 @@ def generate_greedy(
     return texts
 
 
+def normalize_answer(text: str) -> str:
+    """Lower case, ASCII punctuation removed, whitespace runs collapsed to one space.
+
+    O-LoRA's exact match (`src/compute_metrics.py`, taken from Super-NaturalInstructions:
+    SQuAD v1.1's normalisation without removing articles).
+    """
+    return " ".join(_PUNCTUATION.sub("", text.lower()).split())
+
+
+def generated_accuracy(
+    engine: Engine, tokenizer, examples: Sequence[Example], max_new_tokens: int,
+    batch_size: int, max_prompt_length: int | None = None,
+) -> tuple[float, list[str]]:  # fmt: skip
+    """Greedy-decode each prompt and compare it with its label (`normalize_answer`).
+
+    Returns:
+        The fraction of exact matches (the same on every rank) and the decoded texts.
+    """
+    texts = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples], max_new_tokens,
+                            batch_size, max_prompt_length)  # fmt: skip
+    hits = [normalize_answer(t) == normalize_answer(ex.answer) for t, ex in zip(texts, examples)]
+    return sum(hits) / len(hits), texts
+
+
 def text_scores(
     hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str]
 ) -> dict[str, float]:
@@ -325,6 +358,7 @@ def evaluate_task(
     batch_size: int = 8,
     max_length: int = 256,
     max_new_tokens: int = 64,
+    classification: str = "rank",
 ) -> dict[str, float]:
     """Evaluate one task; the result carries its metrics and `"score"` (`task_score`).
 
@@ -339,6 +373,8 @@ def evaluate_task(
         max_length: The task's token limit (prompt + answer); generation prompts are
             cut to `max_length - 1` tokens, as `encode` cuts them for a 1-token answer.
         max_new_tokens: Generation length limit.
+        classification: "rank" (`classification_accuracy`) or "generate"
+            (`generated_accuracy`; the generation length is `max_new_tokens`).
 
     Returns:
         `{"accuracy", "score"}` or `{<metric>..., "score"}`, all in [0, 1].
@@ -346,8 +382,15 @@ def evaluate_task(
     if format == "classification":
         if not labels:
             raise ValueError("format=classification needs labels")
-        acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
-                                      max_length)  # fmt: skip
+        if classification == "generate":
+            acc, _ = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
+                                        batch_size, max(1, max_length - 1))  # fmt: skip
+        elif classification == "rank":
+            acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
+                                          max_length)  # fmt: skip
+        else:
+            raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
+                             f"got {classification!r}")  # fmt: skip
         scores = {"accuracy": acc}
     elif format == "generation":
         scores = generation_scores(engine, tokenizer, examples, metrics, max_new_tokens,

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 
 def apply_lora(
-    model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str]
+    model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str],
+    seed: int | None = None,
 ) -> nn.Module:
     """Add LoRA adapters to `model` and freeze everything else.
 
@@ -31,6 +33,10 @@ def apply_lora(
         alpha: Scaling numerator, scale = alpha / r (`lora.alpha`).
         dropout: Dropout on the adapter input (`lora.dropout`).
         target_modules: Module names (suffixes) that get adapters (`lora.target_modules`).
+        seed: Seed of the adapters' random init (peft draws A from torch's global
+            generator); None draws from the global stream as it stands. A run passes
+            its seed, so a stage redone after a resume starts from the same adapter
+            whatever ran before in the process.
 
     Returns:
         The `peft.PeftModel`; only parameters named `lora_` require grad.
@@ -61,7 +67,10 @@ def apply_lora(
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
     wrong = [n for n, p in peft_model.named_parameters() if p.requires_grad != ("lora_" in n)]
     assert not wrong, f"peft left the wrong parameters trainable: {wrong[:3]}"
     return peft_model

@@ -6,9 +6,11 @@ RUN/neurons/<task>.safetensors  selected NeuronSets (+ .json sidecars)
 RUN/metrics.jsonl               one JSON object per logged step (rank 0)
 RUN/results.json                accuracy matrix, CL summary, per-task scores
 RUN/deactivation.json           the deactivation study, when enabled
+RUN/similarity_paper.json       Leng & Xiong's parameter-similarity study, when enabled
 RUN/checkpoints/NN-<task>/      model.safetensors + state.json after each task
 RUN/checkpoints/in-progress/    per-rank mid-task checkpoints
-RUN/neft/<task>.*               NeFT probe scores before/after training, rank shift
+RUN/neft/<task>.*               NeFT §6.1 utilization (Pearson scores, ΔRank); the
+                                weight-movement probe scores and their rank shift
 RUN/wncft/                      W-NCFT's task store (resume)
 RUN/tensorboard/                event files, when enabled
 RUN/final/                      consolidated HF model
@@ -63,6 +65,11 @@ class RunLayout:
     def deactivation(self) -> Path:
         """The deactivation study's grid."""
         return self.root / "deactivation.json"
+
+    @property
+    def similarity_paper(self) -> Path:
+        """Leng & Xiong's parameter-similarity study (one fine-tuned model per task)."""
+        return self.root / "similarity_paper.json"
 
     @property
     def checkpoints(self) -> Path:
@@ -131,5 +138,13 @@ class RunLayout:
         return self.neft / f"{task}.{when}.safetensors"
 
     def neft_shift(self, task: str) -> Path:
-        """NeFT's rank shift of `task`."""
+        """The weight-movement rank shift of `task` (not NeFT's §6.1 measure)."""
         return self.neft / f"{task}.rank_shift.json"
+
+    def neft_pearson(self, task: str, when: str) -> Path:
+        """NeFT §6.1 max Pearson scores of `task`, `when` "before" or "after" its training."""
+        return self.neft / f"{task}.pearson_{when}.safetensors"
+
+    def neft_utilization(self, task: str) -> Path:
+        """NeFT §6.1 utilization shift (ΔRank, categories) of `task`."""
+        return self.neft / f"{task}.utilization.json"

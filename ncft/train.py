@@ -35,13 +35,23 @@ def _loss(output) -> torch.Tensor:
     return output.loss if hasattr(output, "loss") else output
 
 
+Penalty = Callable[[], torch.Tensor]
+
+
 def train_step(
-    engine: Engine, micro_batches: Sequence[dict[str, torch.Tensor]], plan: MaskPlan | None
+    engine: Engine, micro_batches: Sequence[dict[str, torch.Tensor]], plan: MaskPlan | None,
+    penalty: Penalty | None = None,
 ) -> tuple[float, float]:
-    """Run one optimizer step over `micro_batches`; return (mean loss, grad norm)."""
+    """Run one optimizer step over `micro_batches`; return (mean loss, grad norm).
+
+    `penalty()`, when given, is added to every micro-batch's loss (a regulariser such
+    as O-LoRA's, `ncft.olora.penalty`); the logged loss includes it.
+    """
     total = 0.0
     for batch in micro_batches:
         loss = _loss(engine.forward(batch))
+        if penalty is not None:
+            loss = loss + penalty()
         engine.backward(loss)
         total += float(loss.detach())
     if plan is not None:
@@ -56,6 +66,7 @@ def train(
     plan: MaskPlan | None,
     on_step: Callable[[StepLog], None] | None = None,
     start_step: int = 0,
+    penalty: Penalty | None = None,
 ) -> list[StepLog]:
     """Train over an iterable of steps (each a list of micro-batches).
 
@@ -66,13 +77,14 @@ def train(
             elements.
         on_step: Called after every step (logging, checkpoints, progress bars).
         start_step: Steps already done (for resumed runs' numbering).
+        penalty: A regulariser added to every micro-batch's loss (`train_step`).
 
     Returns:
         One `StepLog` per step taken.
     """
     logs = []
     for i, micro_batches in enumerate(steps, start=start_step + 1):
-        loss, norm = train_step(engine, micro_batches, plan)
+        loss, norm = train_step(engine, micro_batches, plan, penalty)
         log = StepLog(step=i, loss=loss, grad_norm=norm)
         logs.append(log)
         if on_step is not None:

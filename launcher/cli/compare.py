@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ncft.continual.metrics import average_forgetting, forgetting
 from ncft.run_layout import RunLayout
+
+HEADER_NOTE = ("FG: Leng & Xiong eq. 5 after the last task, a retention ratio (higher = more "
+               "retained). Forgetting: mean over earlier tasks of best earlier score minus "
+               "final (lower = less forgotten). Protocol: classification scoring (rank: label "
+               "log-probability ranking; generate: greedy decoding + exact match) and, for "
+               "wncft, the mixing query (task or example).")  # fmt: skip
 
 
 def _fmt(value) -> str:
@@ -13,7 +20,11 @@ def _fmt(value) -> str:
 
 
 def compare_table(run_dirs: list[str]) -> str:
-    """Markdown table: method, final score per task, CL/AP, BWT, and study summary."""
+    """Markdown table: method, final score per task, CL/AP, BWT, FG, forgetting, protocol.
+
+    FG and forgetting are computed from each run's matrix (`ncft.continual.metrics`),
+    so runs written before `average_forgetting` existed compare too.
+    """
     rows, header_tasks = [], None
     for run in map(Path, run_dirs):
         path = RunLayout(run).results
@@ -25,11 +36,14 @@ def compare_table(run_dirs: list[str]) -> str:
         if tasks != header_tasks:
             raise ValueError(f"{run}: tasks {tasks} differ from {header_tasks}")
         final = [row[-1] for row in matrix]
+        fg, af = _forgetting(res)
         rows.append([run.name, res["method"], *map(_fmt, final),
                      _fmt(summary.get("average_performance")),
-                     _fmt(summary.get("backward_transfer"))])  # fmt: skip
-    head = ["run", "method", *[f"{t} (final)" for t in header_tasks], "CL/AP", "BWT"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     _fmt(summary.get("backward_transfer")), _fmt(fg), _fmt(af),
+                     _protocol(res)])  # fmt: skip
+    head = ["run", "method", *[f"{t} (final)" for t in header_tasks], "CL/AP", "BWT",
+            "FG (retention, higher better)", "forgetting (lower better)", "protocol"]
+    lines = [HEADER_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     for run in map(Path, run_dirs):
         study = json.loads(RunLayout(run).results.read_text()).get("deactivation")
@@ -43,3 +57,20 @@ def compare_table(run_dirs: list[str]) -> str:
                 lines.append(f"| {name} task units | " + " | ".join(map(_fmt, off)) + " |")
                 lines.append(f"| random ({name} size) | " + " | ".join(map(_fmt, rnd)) + " |")
     return "\n".join(lines)
+
+
+def _forgetting(res: dict) -> tuple[float | None, float | None]:
+    """Final FG and average forgetting of a run (None for one task or per_task runs)."""
+    matrix = res["matrix"]
+    if len(matrix) < 2 or res.get("method") == "per_task":
+        return None, None
+    return forgetting(matrix)[-1], average_forgetting(matrix)[-1]
+
+
+def _protocol(res: dict) -> str:
+    """How the run scored: classification mode, and W-NCFT's query where it mixes."""
+    proto = res.get("protocol") or {}
+    text = proto.get("classification", "rank")
+    if proto.get("wncft_query"):
+        text += f", query={proto['wncft_query']}"
+    return text

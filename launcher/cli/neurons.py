@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.spec.tasks import COSINE_SCORERS
+
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -90,7 +92,7 @@ def _score_problems(spec, ns: argparse.Namespace) -> list[str]:
     if spec.selection.union_with_previous != (ns.previous is not None):
         problems.append("give --previous FILE exactly when selection.union_with_previous "
                         "is true (the earlier task's set to unite with)")  # fmt: skip
-    cosine = spec.selection.scorer in ("weight_cosine", "reversed")
+    cosine = spec.selection.scorer in COSINE_SCORERS
     if ns.finetuned is not None and (not cosine or spec.method == "random_neurons"):
         problems.append("--finetuned needs selection.scorer weight_cosine or reversed "
                         "(and a method other than random_neurons)")  # fmt: skip

@@ -5,6 +5,11 @@
 | full, seqft, per_task | every parameter | none |
 | neurons, random_neurons, ncft, wncft | projections in `selection.modules` | selected rows/cols |
 | lora, seqlora | the adapters (`lora.r`, `lora.target_modules`) | none |
+| olora | the last task's adapter; the earlier tasks' adapters are frozen | none |
+
+The groups come from the methods table (`ncft.continual.methods`): `trains` "all",
+"neurons" or "lora". O-LoRA is planned at its largest stage, the last one, which holds
+one adapter per task.
 
 For neuron methods the selected fraction of each projection is what
 `ncft.selection.top_k` takes: `resolve_count` of each pool (a layer's candidates with
@@ -19,10 +24,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from launcher.plan.model import ModelInfo, ParamInfo, with_params, with_trainable
+from ncft.continual.methods import LORA_METHODS, METHODS, NEURON_METHODS
 
-FULL_METHODS = ("full", "seqft", "per_task")
-NEURON_METHODS = ("neurons", "random_neurons", "ncft", "wncft")
-LORA_METHODS = ("lora", "seqlora")
+FULL_METHODS = tuple(name for name, row in METHODS.items() if row.trains == "all")
+__all__ = ["FULL_METHODS", "LORA_METHODS", "NEURON_METHODS", "Stage", "lora_params",
+           "neuron_fractions", "stage_for"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,17 +63,27 @@ def neuron_fractions(meta: Any, spec: Any) -> dict[str, tuple[float, int]]:
     return out
 
 
-def lora_params(info: ModelInfo, r: int, targets: list[str]) -> list[ParamInfo]:
-    """The base parameters, frozen, plus peft's `lora_A` `[r, in]` and `lora_B` `[out, r]`."""
+def lora_params(
+    info: ModelInfo, r: int, targets: list[str], frozen_adapters: int = 0
+) -> list[ParamInfo]:
+    """The base parameters, frozen, plus peft's `lora_A` `[r, in]` and `lora_B` `[out, r]`.
+
+    `frozen_adapters` more adapters of the same shape are added frozen (O-LoRA's
+    earlier tasks, named `task{i}`; the trainable one is then `task{frozen_adapters}`).
+    """
     frozen = [replace(p, trainable=False) for p in info.params]
     adapters = []
+    names = ([f"task{i}" for i in range(frozen_adapters + 1)] if frozen_adapters
+             else ["default"])  # fmt: skip
     for p in info.params:
         leaf = p.module.rsplit(".", 1)[-1]
         if leaf in targets and p.fqn == f"{p.module}.weight" and len(p.shape) == 2:
             out_f, in_f = p.shape
-            for name, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
-                module = f"{p.module}.{name}.default"
-                adapters.append(ParamInfo(f"{module}.weight", shape, module=module))
+            for adapter in names:
+                for name, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
+                    module = f"{p.module}.{name}.{adapter}"
+                    adapters.append(ParamInfo(f"{module}.weight", shape, module=module,
+                                              trainable=adapter == names[-1]))  # fmt: skip
     if not adapters:
         raise ValueError(f"lora.target_modules: {targets} names no linear layer of the model")
     return frozen + adapters
@@ -79,10 +95,12 @@ def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -
         return Stage(base, f"{method}: every parameter trains ({base.numel:,} elements)", None)
     if method in LORA_METHODS:
         lora = spec.lora
-        model = with_params(base, lora_params(base, lora.r, list(lora.target_modules)))
+        earlier = len(spec.tasks) - 1 if METHODS[method].adapter_per_task else 0
+        model = with_params(base, lora_params(base, lora.r, list(lora.target_modules), earlier))
         count = sum(p.numel for p in model.params if p.trainable)
+        frozen = f", {earlier} earlier adapters frozen" if earlier else ""
         return Stage(model, f"{method}: LoRA r={lora.r} on {', '.join(lora.target_modules)} "
-                     f"({count:,} adapter elements train, fp32)", None)  # fmt: skip
+                     f"({count:,} adapter elements train, fp32{frozen})", None)  # fmt: skip
     if method not in NEURON_METHODS:
         raise ValueError(f"method: unknown {method!r}")
     fractions = neuron_fractions(meta, spec)

@@ -19,7 +19,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.spec import Spec
-from ncft.continual.loop import LORA_METHODS
+from ncft.continual.methods import LORA_METHODS, method
 from ncft.engine import device_of
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
@@ -27,9 +27,11 @@ from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
-# checkpoint of stage N (1-based), or after optimizer step K of stage N ("N:K").
+# checkpoint of stage N (1-based), after optimizer step K of stage N ("N:K"), or
+# during stage N's evaluation, after its first task is evaluated ("N").
 KILL_AFTER_STAGE = "NCFT_FAULT_KILL_AFTER_STAGE"
 KILL_AT_STEP = "NCFT_FAULT_KILL_AT_STEP"
+KILL_DURING_EVAL = "NCFT_FAULT_KILL_DURING_EVAL"
 KILL_RANK = "NCFT_FAULT_KILL_RANK"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +43,14 @@ def optim_config(spec: Spec) -> OptimConfig:
         lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
         grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
     )
+
+
+def lora_options(spec: Spec):
+    """The spec's `lora` section as `ncft.olora.LoraOptions`."""
+    from ncft.olora import LoraOptions
+
+    lora = spec.lora
+    return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
 
 
 class LauncherBackend:
@@ -72,11 +82,18 @@ class LauncherBackend:
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_DTYPES[self.spec.model.dtype]
         )
-        if self.spec.method in LORA_METHODS:
+        row = method(self.spec.method)
+        if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
+            from ncft import olora
+
+            model = olora.freeze_all(olora.with_adapters(
+                model, stage + 1, lora_options(self.spec), self.spec.training.seed))  # fmt: skip
+        elif row.lora and not row.adapter_per_task:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                               seed=self.spec.training.seed)  # fmt: skip
         if stage is not None:
             state = load_file(self._stage_dir(stage) / "model.safetensors")
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -155,6 +172,10 @@ class LauncherBackend:
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
         if stop:
             preempt.stop(f"after step {step}/{total} of stage {stage + 1}")
+
+    def after_eval(self, stage: int, task_index: int) -> None:  # noqa: D102
+        if task_index == 0:
+            self._fault(KILL_DURING_EVAL, str(stage + 1))
 
     def _fault(self, variable: str, point: str) -> None:
         if os.environ.get(variable) == point and \

@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.run import preempt, rundir, studies
-from launcher.run.backend import LauncherBackend
+from launcher.run.backend import LauncherBackend, lora_options
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
 from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
+from launcher.spec.tasks import records_neft_utilization
 from ncft.continual.loop import (
     LORA_METHODS,
     ContinualLoop,
@@ -48,6 +50,9 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
         wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
+        wncft_query=spec.wncft.query, classification=ev.classification,
+        lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
+        olora_lambda_l2=spec.olora.lambda_l2,
     )
     return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
                          selector=selector)  # fmt: skip
@@ -63,6 +68,18 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
     with atomic_dir(backend.run.final) as tmp:
         model.save_pretrained(tmp)
         backend.tokenizer.save_pretrained(tmp)
+
+
+def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
+    """The studies run after the sequence (all ranks); rank 0 gets their results keys."""
+    out: dict[str, Any] = {}
+    if records_neft_utilization(spec):
+        out["neft"] = studies.neft_utilization(spec, backend, selector, tasks)
+    out["weight_movement_rank_shift"] = studies.weight_movement_rank_shift(backend, selector,
+                                                                           tasks)  # fmt: skip
+    if spec.study.similarity in ("paper", "both"):
+        out["similarity"] = studies.paper_similarity(spec, backend, selector, tasks)
+    return {k: v for k, v in out.items() if v}
 
 
 def run_rank(run_root: str, model_dir: str) -> None:
@@ -101,16 +118,15 @@ def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
         start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
-    rank_shift = studies.neft_rank_shift(backend, selector, tasks)
+    extra = _after_studies(spec, backend, selector, tasks)
     if info.is_main_process:
-        results = loop.summary(state)
-        if rank_shift:
-            results["neft"] = rank_shift
+        results = {**loop.summary(state), **extra}
         if run.deactivation.is_file():
             results["deactivation"] = json.loads(run.deactivation.read_text())
-        similarity = studies.similarity(backend, tasks, state.matrix)
-        if similarity is not None:
-            results["similarity"] = similarity
+        if spec.study.similarity in ("final_model", "both"):
+            similarity = studies.similarity(backend, tasks, state.matrix)
+            if similarity is not None:
+                results["similarity_final_model"] = similarity
         rundir.write_results(run, results)
         _export_final(spec, backend, len(tasks) - 1)
         if spec.output.report:

@@ -33,7 +33,7 @@ def select_config(spec: Spec) -> SelectConfig:
         modules=tuple(s.modules), unit=s.unit, positions=s.positions,
         num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
         union_with_previous=s.union_with_previous, seed=s.seed,
-        model_id=spec.model.name_or_path,
+        model_id=spec.model.name_or_path, reversed_fraction=s.reversed_fraction,
     )
 
 
@@ -56,7 +56,7 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
     """The run's pipeline, reading and writing the run directory.
 
     The previous task's set comes from `neurons/`; when NeFT's rank-shift study runs
-    (`launcher.run.studies.neft_rank_shift`), rank 0 keeps each selection's probe
+    (`launcher.run.studies.weight_movement_rank_shift`), rank 0 keeps each selection's probe
     scores in `neft/<task>.before.safetensors`.
     """
 

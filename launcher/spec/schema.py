@@ -39,6 +39,7 @@ from launcher.spec.tasks import (
     TaskSpec,
     absolute,
     base_dir,
+    method,
     plan_stages,
     resolve_task_data,
 )
@@ -73,10 +74,23 @@ class ModelSpec(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter and compute dtype."
     )
-    architecture: str | None = Field(
-        None, description="Architecture adapter name; inferred from the model config if unset."
-    )
-    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        # Both were accepted once and never used; say so rather than "extra field".
+        if isinstance(data, dict):
+            removed = {
+                "architecture": "the adapter is always inferred from the model config "
+                "(ncft/arch.py); remove model.architecture",
+                "gguf_file": "GGUF files are not loaded from the spec; convert the model to "
+                "a HF directory once (transformers' from_pretrained(..., gguf_file=...) then "
+                "save_pretrained) and give that directory as model.name_or_path",
+            }
+            problems = [(key, msg) for key, msg in removed.items() if key in data]
+            if problems:
+                raise Problems(problems)
+        return data
 
 
 class EngineSpec(_Section):
@@ -120,10 +134,19 @@ class EngineSpec(_Section):
 class SelectionSpec(_Section):
     """How task-specific neurons are scored and selected."""
 
-    scorer: Literal["grad_attribution", "weight_cosine", "random", "reversed"] = Field(
+    scorer: Literal[
+        "grad_attribution", "weight_cosine", "random", "reversed", "neft_plus_reversed"
+    ] = Field(
         "grad_attribution",
-        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random or "
-        "reversed (NeFT's highest-similarity control). Method random_neurons always uses random.",
+        description="grad_attribution (Leng & Xiong), weight_cosine (NeFT), random, "
+        "reversed (NeFT's highest-similarity control) or neft_plus_reversed (NeFT §6.2's "
+        "NeFT_x%+Reversed_y%: the `fraction` most-changed plus the `reversed_fraction` "
+        "least-changed candidates). Method random_neurons always uses random.",
+    )
+    reversed_fraction: float | None = Field(
+        None, gt=0, le=1, description="scorer neft_plus_reversed only: the y of "
+        "NeFT_x%+Reversed_y%, the fraction of least-changed (highest cosine) candidates added "
+        "to the `fraction` most-changed ones (per layer with per_layer; disjoint).",
     )
     fraction: float | None = Field(
         0.05, gt=0, le=1, description="Fraction selected (0 < f <= 1); unset when count is given."
@@ -169,6 +192,9 @@ class SelectionSpec(_Section):
                              "selection.count (set the other to null)"))
         if len(set(self.modules)) != len(self.modules):
             problems.append(("modules", f"duplicate entries in {self.modules}"))
+        if (self.scorer == "neft_plus_reversed") != (self.reversed_fraction is not None):
+            problems.append(("reversed_fraction", "give selection.reversed_fraction exactly "
+                             "when selection.scorer is neft_plus_reversed"))
         if "attention" in self.modules and self.unit != "row":
             problems.append(("modules", "attention has no FFN neuron units; use unit: row"))
         if problems:
@@ -221,7 +247,7 @@ class TrainingSpec(_Section):
 
 
 class LoraSpec(_Section):
-    """LoRA adapters (methods lora and seqlora)."""
+    """LoRA adapters (methods lora, seqlora and olora)."""
 
     r: int = Field(8, gt=0, description="Adapter rank.")
     alpha: float = Field(16, gt=0, description="Scaling numerator (scale = alpha / r).")
@@ -231,28 +257,84 @@ class LoraSpec(_Section):
     )
 
 
+class OloraSpec(_Section):
+    """O-LoRA's loss weights (Wang et al. 2023; defaults of cmnfriend/O-LoRA's scripts)."""
+
+    lambda_orth: float = Field(
+        0.5, ge=0, description="lamda_1: weight of sum |A_prev A_new^T| over earlier adapters."
+    )
+    lambda_l2: float = Field(
+        0.0, ge=0, description="lamda_2: weight of the L2 norms of the new adapter's A and B."
+    )
+
+
 class WncftSpec(_Section):
     """W-NCFT inference-time mixing of earlier tasks' neurons."""
 
     num_samples: int = Field(32, gt=0, description="Samples averaged into a task vector.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature over similarities.")
+    query: Literal["task", "example"] = Field(
+        "task",
+        description="task: the evaluated task's prompt vector is the query (Leng & Xiong "
+        "App. A.2, needs task identity); example: each example is routed by its own prompt "
+        "vector, no task identity (see ncft/continual/wncft.py).",
+    )
 
 
 class StudySpec(_Section):
-    """Neuron studies: Leng & Xiong's deactivation (before training), NeFT's rank shift."""
+    """Neuron studies (Leng & Xiong's matrices and similarity, NeFT §6.1 utilization)."""
 
     deactivation: bool = Field(
         False, description="Tune on all tasks, find each task's units, switch them off."
     )
+    deactivation_mode: Literal["activation", "weights"] = Field(
+        "activation", description="How the deactivation study switches units off (Leng & "
+        "Xiong 4.1 name both): activation = zero the unit's activation entering the down "
+        "projection (forward hook); weights = zero the unit's gate and up rows (and their "
+        "biases) and its down column. Both give the same logits.",
+    )
+    finetune_matrix: bool = Field(
+        False, description="With deactivation: Leng & Xiong's Fig. 5 right half. From the "
+        "base model, train only task i's units for `finetune_steps` steps on task i, then "
+        "score every task j (results.deactivation.finetune_matrix).",
+    )
     finetune_steps: int = Field(
-        20, gt=0, description="Full fine-tuning steps on the union of the tasks first."
+        20, gt=0, description="Full fine-tuning steps on the union of the tasks first; also "
+        "the steps of each fine-tuning-matrix row and each similarity model.",
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
-    neft_rank_shift: bool = Field(
-        True, description="With selection.scorer weight_cosine or reversed: after the run, "
-        "repeat NeFT's probe on each task's trained model and record the utilization rank "
-        "shift and neuron categories (results.neft); costs one probe per task."
+    neft_utilization: bool | None = Field(
+        None, description="NeFT §6.1: after the run, for each task with a neuron set, the "
+        "max Pearson score of every candidate's hidden state on the model before and after "
+        "the task, ΔRank and the neuron categories (results.neft); two forward passes over "
+        "eval_examples per task. Default (null): on with NeFT's selection (selection.scorer "
+        "weight_cosine, reversed or neft_plus_reversed), off otherwise.",
     )
+    neft_strong_fraction: float = Field(
+        100_000 / 1_359_872, gt=0, le=1, description="|ΔRank| threshold of NeFT's strongly "
+        "affected neurons, as a fraction of the ranked neurons: the paper's 100,000 of "
+        "Llama-2-7b's 1,359,872 projection rows.",
+    )
+    weight_movement_rank_shift: bool = Field(
+        True, description="With selection.scorer weight_cosine or reversed: after the run, "
+        "repeat the selection probe (1 - cos weight movement) on each task's trained model and "
+        "record its rank shift (results.weight_movement_rank_shift; our measure, not NeFT "
+        "§6.1's); costs one probe per task.",
+    )
+    similarity: Literal["final_model", "paper", "both"] = Field(
+        "final_model", description="Leng & Xiong Fig. 3 parameter similarity. final_model: "
+        "task neurons' parameters read in the final model of the sequence (ours, cheap); "
+        "paper: per task i a separate full fine-tune M_i from the base (`finetune_steps` "
+        "steps), P_i vs P_j inside M_i per layer, M_i scored on every task j, correlated; "
+        "both: the two.",
+    )
+
+    @model_validator(mode="after")
+    def _finetune_needs_deactivation(self) -> StudySpec:
+        if self.finetune_matrix and not self.deactivation:
+            raise Problems([("finetune_matrix", "the fine-tuning matrix uses the deactivation "
+                             "study's neuron sets; set study.deactivation: true too")])
+        return self
 
 
 class EvalSpec(_Section):
@@ -263,6 +345,12 @@ class EvalSpec(_Section):
         None, gt=0, description="Examples per task; default each task's eval_size."
     )
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    classification: Literal["rank", "generate"] = Field(
+        "rank",
+        description="rank: the label with the highest log-probability wins; generate: greedy "
+        "decoding, exact match after O-LoRA's normalisation (lower case, no punctuation, "
+        "single spaces).",
+    )
     metrics: list[Literal["bleu", "rougeL"]] = Field(
         ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
     )
@@ -329,10 +417,11 @@ class Spec(_Section):
     selection: SelectionSpec = Field(default_factory=SelectionSpec, description="Neurons.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimizer.")
     method: Literal[SINGLE_TASK_METHODS + CONTINUAL_METHODS] = Field(  # type: ignore[valid-type]
-        description="full, neurons, random_neurons, lora (one task) or seqft, seqlora, ncft, "
-        "wncft, per_task (continual, >= 2 tasks)."
+        description="full, neurons, random_neurons, lora (one task) or seqft, seqlora, olora, "
+        "ncft, wncft, per_task (continual, >= 2 tasks); see ncft/continual/methods.py."
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA (lora, seqlora, olora).")
+    olora: OloraSpec = Field(default_factory=OloraSpec, description="O-LoRA loss weights.")
     wncft: WncftSpec = Field(default_factory=WncftSpec, description="W-NCFT mixing.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
     study: StudySpec = Field(default_factory=StudySpec, description="Neuron studies.")
@@ -346,6 +435,10 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         problems = method_problems(self.method, len(self.tasks))
+        if method(self.method).adapter_per_task and self.engine.backend != "single":
+            # O-LoRA's penalty reads whole A matrices, which sharded engines split.
+            problems.append(("engine.backend", f"method {self.method} runs on backend single "
+                             f"only, got {self.engine.backend}; set engine.backend: single"))
         names = [t.name for t in self.tasks]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -354,6 +447,11 @@ class Spec(_Section):
             problems += [(f"tasks[{i}].{p}", m) for p, m in resolve_task_data(task, self.data_root)]
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
+        if self.study.similarity in ("paper", "both") and "lora" in self.method:
+            # Its M_i are full fine-tunes of the base model; a LoRA run's loaded model
+            # carries adapters, whose module names the FFN-unit readers do not know.
+            problems.append(("study.similarity", f"paper needs a method without LoRA "
+                             f"adapters, not {self.method}; use final_model"))
         if problems:
             raise Problems(problems)
         return self
@@ -434,7 +532,8 @@ def dump_resolved(spec: Spec) -> str:
 
 
 __all__ = [
-    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OutputSpec", "SelectionSpec", "Spec",
+    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OloraSpec", "OutputSpec",
+    "SelectionSpec", "Spec",
     "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
     "load_spec", "plan_stages", "validate_spec",
 ]  # fmt: skip

@@ -25,6 +25,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's allowed values)
+    CONTINUAL_METHODS,
+    LORA_METHODS,
+    SINGLE_TASK_METHODS,
+    method,
+)
+
 if TYPE_CHECKING:
     from launcher.spec import EngineSpec, Spec
 
@@ -62,9 +69,6 @@ GENERIC_INSTRUCTION = "Choose one from the option.\n"
 TRANSLATION_PROMPT = "Translate the following English text to Spanish.\n{text}\nSpanish:"
 GENERATION_PROMPT = "{text}\nAnswer:"
 
-SINGLE_TASK_METHODS = ("full", "neurons", "random_neurons", "lora")
-CONTINUAL_METHODS = ("seqft", "seqlora", "ncft", "wncft", "per_task")
-LORA_METHODS = ("lora", "seqlora")
 
 SOURCE_TYPES = ("cl_benchmark", "translation", "json", "hf")
 TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -306,10 +310,35 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
 # --- plan --------------------------------------------------------------------------------
 
 
-def records_rank_shift(spec: Spec, method: str) -> bool:
-    """Whether a run of `method` records NeFT's probe scores and rank shift."""
-    return (spec.study.neft_rank_shift and spec.selection.scorer in ("weight_cosine", "reversed")
-            and method in ("neurons", "random_neurons", "ncft", "wncft"))  # fmt: skip
+# Scorers that run NeFT's weight-cosine probe (and save its scores for the rank shift).
+COSINE_SCORERS = ("weight_cosine", "reversed", "neft_plus_reversed")
+
+
+def records_rank_shift(spec: Spec, name: str) -> bool:
+    """Whether a run of method `name` records the selection probe's weight-movement rank shift."""
+    return (spec.study.weight_movement_rank_shift
+            and spec.selection.scorer in COSINE_SCORERS
+            and method(name).selects)  # fmt: skip
+
+
+def records_neft_utilization(spec: Spec) -> bool:
+    """Whether the run measures NeFT §6.1 utilization (`study.neft_utilization`)."""
+    on = spec.study.neft_utilization
+    if on is None:
+        on = spec.selection.scorer in COSINE_SCORERS
+    return on and method(spec.method).selects
+
+
+def study_plan(spec: Spec) -> list[str]:
+    """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
+    st, out = spec.study, []
+    if records_neft_utilization(spec):
+        out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
+                   "examples per task, before and after each task; ΔRank, categories")
+    if st.similarity in ("paper", "both"):
+        out.append(f"similarity (Leng & Xiong Fig. 3): per task, {st.finetune_steps} steps "
+                   "of full fine-tuning from the base, P_i vs P_j per layer, every task scored")
+    return out
 
 
 def plan_stages(spec: Spec) -> list[str]:
@@ -322,23 +351,30 @@ def plan_stages(spec: Spec) -> list[str]:
     """
     n = len(spec.tasks)
     where = _where(spec.engine)
+    row = method(spec.method)
     stages = []
     if spec.study.deactivation:
         stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
-                      "tasks, select each task's units, switch them off vs random units "
+                      "tasks, select each task's units, switch them off "
+                      f"({spec.study.deactivation_mode}) vs random units "
                       f"({spec.study.eval_examples} examples per task)")  # fmt: skip
+        if spec.study.finetune_matrix:
+            stages.append(f"study: per task, train only its units {spec.study.finetune_steps} "
+                          "steps from the base model, score every task (fine-tuning matrix)")
     every = spec.output.checkpoint_every
     for i, task in enumerate(spec.tasks, start=1):
         what = _train_what(spec, i)
         stages.append(f"task {i}/{n} {task.name}: {what} for {_amount(spec, task)} {where}")
-        if spec.method == "wncft":
+        if row.mixes:
             stages.append(f"task {i}/{n} {task.name}: store NeuronSet and task vector "
                           f"({spec.wncft.num_samples} samples)")  # fmt: skip
-        if spec.method == "per_task":
+        if row.continual and row.from_base:
             stages.append(f"eval after task {i} on {task.name}")
-        elif spec.method in CONTINUAL_METHODS:
-            mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature})"
-                   if spec.method == "wncft" and i > 1 else "")  # fmt: skip
+        elif row.continual:
+            query = ("each example's own prompt vector" if spec.wncft.query == "example"
+                     else "the evaluated task's vector")  # fmt: skip
+            mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature}, "
+                   f"query: {query})" if row.mixes and i > 1 else "")  # fmt: skip
             stages.append(f"eval after task {i} on all {n} tasks{mix}")
         else:
             stages.append(f"eval on {task.name}")
@@ -346,10 +382,12 @@ def plan_stages(spec: Spec) -> list[str]:
                       + (f" (and every {every} steps within it, per-rank shards)"
                          if every else ""))  # fmt: skip
     if records_rank_shift(spec, spec.method):
-        stages.append(f"NeFT rank shift: repeat the {spec.selection.cosine_steps}-step probe "
-                      "on each task's trained model")  # fmt: skip
+        stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
+                      "step probe on each task's trained model")  # fmt: skip
+    stages += study_plan(spec)
     stages.append(f"write {spec.output.dir}/results.json"
-                  + (" (accuracy matrix, CL, BWT, FG)" if n > 1 else ""))  # fmt: skip
+                  + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
+                     if n > 1 else ""))  # fmt: skip
     stages.append(f"save consolidated model to {spec.output.dir}/final")
     if spec.output.report:
         stages.append(f"write analyses and plots to {spec.output.dir}/plots")
@@ -371,18 +409,22 @@ def _amount(spec: Spec, task: TaskSpec) -> str:
 
 
 def _train_what(spec: Spec, i: int) -> str:
-    if spec.method in ("full", "seqft"):
-        return "train all parameters"
-    if spec.method == "per_task":
-        return "from the base model, train all parameters"
-    if spec.method in LORA_METHODS:
-        return f"train LoRA r={spec.lora.r} on {'/'.join(spec.lora.target_modules)}"
+    row = method(spec.method)
+    if row.trains == "all":
+        return ("from the base model, " if row.continual and row.from_base else "") + \
+            "train all parameters"
+    if row.lora:
+        on = f"LoRA r={spec.lora.r} on {'/'.join(spec.lora.target_modules)}"
+        if not row.adapter_per_task:
+            return f"train {on}"
+        return (f"train a new {on} (O-LoRA: earlier adapters frozen, orthogonality weight "
+                f"{spec.olora.lambda_orth}, L2 weight {spec.olora.lambda_l2})")  # fmt: skip
     sel = spec.selection
-    scorer = "random" if spec.method == "random_neurons" else sel.scorer
+    scorer = "random" if row.random else sel.scorer
     amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"
     unit = "neurons" if sel.unit == "neuron" else "weight rows"
     scope = "per layer" if sel.per_layer else "global"
-    steps = f" after {sel.cosine_steps} full-FT steps" if scorer == "weight_cosine" else ""
+    steps = f" after {sel.cosine_steps} full-FT steps" if scorer in COSINE_SCORERS else ""
     union = " + earlier tasks' neurons" if sel.union_with_previous and i > 1 else ""
     return (f"score {unit} ({scorer}{steps}, {amount} {scope} of {'/'.join(sel.modules)})"
             f", train only them{union}")

@@ -1,36 +1,37 @@
-"""NeFT-style utilization rank shift and neuron categories.
+"""Weight-movement rank shift: OUR measure, not NeFT's §6.1 utilization.
 
-Inputs are per-candidate "utilization" scores of two conditions (before/after
-training, or full fine-tuning vs NeFT), higher = more utilized, e.g. an attribution
-score (`grad_attribution`) or NeFT's `1 - cos(w_org, w_ft)` per row. Candidates come
-in groups (`ncft.selection.Scores`: group name -> 1-D tensor; a group is one
-projection's rows or one MLP's units), and `selected` names the candidates that were
-trained.
+NeFT's own utilization (max Pearson score of hidden states, Rank, ΔRank, strongly
+affected / suppressed / indirectly affected) is `ncft.analysis.neft_utilization`.
+This older measure ranks candidates by a per-candidate score of two conditions
+(before/after training), higher = more, e.g. NeFT's selection score `1 - cos(w_org,
+w_ft)` per row (§4.2, a measure of weight movement, not of utilization) or an
+attribution score. Its category names are deliberately not the paper's. Candidates
+come in groups (`ncft.selection.Scores`: group name -> 1-D tensor; a group is one
+projection's rows or one MLP's units), and `selected` names the candidates that
+were trained.
 
-Definitions (ours, stated because we could not retrieve the NeFT paper's exact
-wording; the category names follow NeFT's analysis):
+Definitions:
 
 * rank: 0 for the highest score. Ties share their average rank, so rows whose score
   did not move (e.g. untrained rows that all score exactly 0) get no spurious shift
   from tie-breaking. With `scope="group"` rows are ranked within their group (scores
   of different layers need not share a scale); with `"global"` all rows together.
 * normalized rank shift `dRank = (rank_before - rank_after) / (n - 1)`, in [-1, 1]:
-  positive = the row moved toward the top (more utilized after).
+  positive = the row moved toward the top.
 * categories, a partition with one threshold `tau` (`shift_threshold`):
-  - strongly_affected: selected and dRank >= tau (trained, and gained utilization),
-  - indirectly_affected: NOT selected and dRank >= tau (never trained, yet gained
-    utilization through the trained rows around it),
-  - suppressed: dRank <= -tau (lost utilization; counted for selected and not),
+  - gained_trained: selected and dRank >= tau,
+  - gained_untrained: NOT selected and dRank >= tau,
+  - lost: dRank <= -tau (counted for selected and not),
   - stable: |dRank| < tau.
 
-Output of `utilization_shift` (JSON-ready; no per-row arrays, so it stays small)::
+Output of `weight_movement_rank_shift` (JSON-ready; no per-row arrays, so it stays small)::
 
     {"scope", "shift_threshold", "num_rows", "num_selected", "groups": [...],
      "counts": {category: {"selected": n, "unselected": n}},
      "counts_per_group": {category: [n per group]},
      "mean_shift": {"selected": x, "unselected": x},
      "hist": {"edges": [...], "counts": {category: [...]}},
-     "top_indirect": [[group, index, dRank], ...]}      # largest dRank, unselected
+     "top_gained_untrained": [[group, index, dRank], ...]}      # largest dRank, unselected
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from scipy.stats import rankdata
 
 from ncft.neuron_set import NeuronSet
 
-CATEGORIES = ("strongly_affected", "indirectly_affected", "suppressed", "stable")
+CATEGORIES = ("gained_trained", "gained_untrained", "lost", "stable")
 SCOPES = ("group", "global")
 
 
@@ -77,9 +78,9 @@ def categorize(shift: np.ndarray, selected: np.ndarray, tau: float) -> np.ndarra
     """Category index (into `CATEGORIES`) per candidate; see the module docstring."""
     cat = np.full(shift.shape, CATEGORIES.index("stable"))
     up = shift >= tau
-    cat[up & selected] = CATEGORIES.index("strongly_affected")
-    cat[up & ~selected] = CATEGORIES.index("indirectly_affected")
-    cat[shift <= -tau] = CATEGORIES.index("suppressed")
+    cat[up & selected] = CATEGORIES.index("gained_trained")
+    cat[up & ~selected] = CATEGORIES.index("gained_untrained")
+    cat[shift <= -tau] = CATEGORIES.index("lost")
     return cat
 
 
@@ -92,7 +93,7 @@ def _mask(n: int, idx: Any, field: str) -> np.ndarray:
     return m
 
 
-def utilization_shift(
+def weight_movement_rank_shift(
     before: Mapping[str, Any],
     after: Mapping[str, Any],
     selected: Mapping[str, Any],
@@ -170,7 +171,7 @@ def _summarize(groups, shifts, sel, cats, tau, scope, bins, top) -> dict[str, An
             "unselected": float(shift[~s].mean()) if (~s).any() else None,
         },
         "hist": {"edges": edges.tolist(), "counts": hist},
-        "top_indirect": [
+        "top_gained_untrained": [
             [groups[int(owner[i])], int(index[i]), float(shift[i])]
             for i in order
             if shift[i] >= tau

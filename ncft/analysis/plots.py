@@ -124,6 +124,24 @@ def plot_deactivation(data: dict[str, Any], path: str | os.PathLike[str]) -> Pat
     return save_figure(fig, path)
 
 
+def plot_finetune_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Change-vs-zero-shot heatmaps: task i's neurons trained, and random neurons."""
+    panels = [("Task i's neurons trained", data["change"]),
+              ("Random neurons trained (same size)", data["random_change"])]
+    vals = [abs(v) for _, m in panels for row in m for v in row if v is not None]
+    lim = max(vals, default=1.0) or 1.0
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    tasks = data["tasks"]
+    for ax, (title, m) in zip(fig.subplots(1, 2), panels):
+        _heatmap(
+            fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
+            ylabel="neurons trained: task i", cbar="score - zero-shot",
+            cmap="RdBu_r", vmin=-lim, vmax=lim,
+        )  # fmt: skip
+    fig.suptitle("Fine-tuning matrix: change from the zero-shot score")
+    return save_figure(fig, path)
+
+
 def plot_accuracy_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Heatmap of a[i][j], the score on task i after training task j."""
     tasks = data["tasks"]
@@ -189,6 +207,29 @@ def plot_layer_similarity(data: dict[str, Any], path: str | os.PathLike[str]) ->
     return save_figure(fig, path)
 
 
+def plot_paper_similarity(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Leng & Xiong Fig. 3: per test task T_j, similarity per layer averaged over M_i, i != j."""
+    tasks, layers, per = data["tasks"], data["layers"], data["per_layer"]
+    n = len(tasks)
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for j in range(n):
+        curves = np.array([[np.nan if v is None else v for v in per[i][j]]
+                           for i in range(n) if i != j] or [[np.nan] * len(layers)])  # fmt: skip
+        have = ~np.isnan(curves)
+        total = np.where(have, curves, 0.0).sum(axis=0)
+        mean = np.divide(total, have.sum(axis=0), out=np.full(total.shape, np.nan),
+                         where=have.any(axis=0))  # fmt: skip
+        ax.plot(layers, mean, marker=".", label=f"T_j = {tasks[j]}")
+    ax.set(title="Similarity of P_i and P_j inside M_i, mean over i != j (paper protocol)",
+           xlabel="layer", ylabel="cosine similarity")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if n <= 12:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def plot_correlation(
     data: dict[str, Any],
     path: str | os.PathLike[str],
@@ -242,4 +283,30 @@ def plot_rank_shift(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     for a in (ax_h, ax_b):
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_b.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_neft_utilization(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """NeFT Fig. 3: Avg(|ΔRank|) per Pearson-percentile bucket; and the categories."""
+    b = data["buckets"]
+    edges = b["edges_pct"]
+    labels = [f"{lo:g}-{hi:g}%" for lo, hi in zip(edges[:-1], edges[1:])]
+    vals = [np.nan if v is None else v for v in b["avg_abs_delta_rank"]]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_b, ax_c = fig.subplots(1, 2, width_ratios=[2, 1])
+    x = np.arange(len(labels))
+    ax_b.bar(x, vals, color="steelblue")
+    for xi, n in zip(x, b["count"]):
+        ax_b.annotate(f"n={n}", (xi, 0), ha="center", va="bottom", fontsize=7)
+    ax_b.set_xticks(x, labels=labels, rotation=30, ha="right")
+    ax_b.set(title="Avg(|ΔRank|) by max-Pearson percentile (before training)",
+             xlabel="top percentile of the Pearson scores", ylabel="Avg(|ΔRank|)")
+    names = ["strongly_affected", "suppressed", "indirectly_affected"]
+    counts = [data["counts"][k] for k in names]
+    ax_c.bar(np.arange(3), counts, color=["firebrick", "darkorange", "goldenrod"])
+    ax_c.set_xticks(np.arange(3), labels=[k.replace("_", "\n") for k in names])
+    ax_c.set(title=f"|ΔRank| > {data['strong_threshold']:.1f} of {data['num_neurons']}",
+             ylabel="neurons")
+    ax_c.set_ylim(0, max(1, *counts) * 1.1)
+    ax_c.yaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(fig, path)

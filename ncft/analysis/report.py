@@ -5,8 +5,10 @@ Reads (DESIGN section 6; each input optional):
 * `RUN/results.json`: `tasks`, `matrix`, `summary`, `deactivation` as described in
   `ncft.analysis.results`, plus two optional keys the runner may fill by calling
   our functions:
-  - `similarity`: the dict of `ncft.analysis.similarity.layer_similarity`, with an
-    optional `generalization` matrix indexed like its `mean` (`[i][j]`);
+  - `similarity`: Leng & Xiong's protocol, `ncft.studies.similarity.paper_similarity`;
+  - `similarity_final_model`: the dict of `ncft.analysis.similarity.layer_similarity`
+    on the final model, with an optional `generalization` matrix indexed like its
+    `mean` (`[i][j]`);
   - `neft`: the dict of `ncft.analysis.neft_stats.utilization_shift`, or one such
     dict per task name (what `ncft run` writes).
 * `RUN/neurons/*.safetensors` (+ `.json`): NeuronSets, named by file stem.
@@ -29,8 +31,9 @@ from typing import Any
 
 from ncft.analysis import plots
 from ncft.analysis.overlap import iou_matrix
-from ncft.analysis.results import continual_metrics, deactivation_matrix
+from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_matrix
 from ncft.analysis.similarity import correlation
+from ncft.continual.metrics import average_forgetting
 from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import RunLayout
@@ -114,8 +117,16 @@ def _continual(run: _Run) -> Lines | str:
             ["AP (mean final score)", cm["average_performance"]],
             ["BWT", cm["backward_transfer"]],
         ]
-        + [[f"FG after {t} (stage {j})", fg] for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))],
+        + [[f"FG after {t} (stage {j}; eq. 5 retention, higher = more kept)", fg]
+           for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))]
+        + [[f"forgetting after {t} (stage {j}; max earlier - now, lower = better)", f]
+           for j, (t, f) in enumerate(zip(tasks, average_forgetting(cm["matrix"])))],
     )
+    proto = res.get("protocol") or {}
+    out.append(f"Classification scored by `{proto.get('classification', 'rank')}`"
+               + (f"; W-NCFT query `{proto['wncft_query']}`" if proto.get("wncft_query")
+                  else "") + ".")
+    out.append("")
     summary = res.get("summary")
     if isinstance(summary, dict) and summary:
         out += ["Runner summary (`results.json` `summary`):", ""]
@@ -143,8 +154,11 @@ def _deactivation(run: _Run) -> Lines | str:
     d = deactivation_matrix(res["deactivation"])
     run.save("deactivation", d)
     s, tasks = d["summary"], d["tasks"]
+    mode = res["deactivation"].get("mode", "activation")
+    how = ("activations zeroed" if mode == "activation" else
+           "weights zeroed: gate/up rows and biases, down column")  # fmt: skip
     out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
-           "neurons (row) switched off.", ""]  # fmt: skip
+           f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]  # fmt: skip
     out += _matrix_table("off \\ on", tasks, tasks, d["drop"])
     out += _table(
         ["mean relative drop", "task neurons", "random neurons"],
@@ -156,6 +170,24 @@ def _deactivation(run: _Run) -> Lines | str:
         ],
     )
     out.append(run.figure("deactivation", "deactivation", lambda p: plots.plot_deactivation(d, p)))
+    if res["deactivation"].get("finetune_matrix") is not None:
+        out += _finetune(run, res["deactivation"]["finetune_matrix"])
+    return out
+
+
+def _finetune(run: _Run, raw: dict[str, Any]) -> Lines:
+    f = finetune_matrix(raw)
+    run.save("finetune_matrix", f)
+    s, tasks = f["summary"], f["tasks"]
+    out = ["### Fine-tuning matrix (Leng & Xiong Fig. 5, right)", "",
+           f"Change `score - zero-shot` on task j (column) after training only task i's "
+           f"neurons (row) from the base model, {raw.get('steps')} steps.", ""]  # fmt: skip
+    out += _matrix_table("trained \\ on", tasks, tasks, f["change"])
+    out += _table(["mean change", "task neurons", "random neurons"],
+                  [["own task (diagonal)", s["diag"], s["random_diag"]],
+                   ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]]])
+    out.append(run.figure("finetune_matrix", "fine-tuning matrix",
+                          lambda p: plots.plot_finetune_matrix(f, p)))  # fmt: skip
     return out
 
 
@@ -194,16 +226,56 @@ def _overlap(run: _Run) -> Lines | str:
 
 
 def _similarity(run: _Run) -> Lines | str:
-    res = run.need_results("similarity")
+    res = run.need_results()
     if isinstance(res, str):
         return res
-    sim = res["similarity"]
-    for key in ("tasks", "layers", "method", "per_layer", "mean"):
+    if res.get("similarity") is None and res.get("similarity_final_model") is None:
+        return "results.json has no `similarity` or `similarity_final_model`"
+    out: Lines = []
+    if res.get("similarity") is not None:
+        out += _similarity_paper(run, res["similarity"])
+    if res.get("similarity_final_model") is not None:
+        out += _similarity_final(run, res["similarity_final_model"])
+    return out
+
+
+def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
+    for key in ("tasks", "layers", "per_layer", "mean", "performance"):
         if key not in sim:
             raise ValueError(f"results.similarity is missing `{key}`")
     tasks = sim["tasks"]
-    out = [f"Cosine similarity of task-neuron parameters (method `{sim['method']}`), "
-           "mean over layers:", ""]  # fmt: skip
+    out = ["### Leng & Xiong's protocol (§5.2, Fig. 3, Table 4)", "",
+           f"M_i: the base model fully fine-tuned on task i ({sim.get('steps')} steps). Cosine "
+           "(method `mean`) between task i's and task j's neuron parameters, both selected "
+           "and read inside M_i, mean over layers (row: M_i, column: T_j):", ""]  # fmt: skip
+    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["mean"])
+    out += [f"M_i's score on T_j ({sim.get('metric', 'score')}):", ""]
+    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["performance"])
+    corr = correlation(sim["mean"], sim["performance"])
+    per_layer = []
+    for k, layer in enumerate(sim["layers"]):
+        layer_sim = [[None if c is None else c[k] for c in row] for row in sim["per_layer"]]
+        per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
+    out += _table(["correlation with M_i's score on T_j (i != j)", "r", "p", "pairs"],
+                  [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
+                   for name in ("pearson", "spearman")])  # fmt: skip
+    out += _table(["layer", "Pearson r of that layer's similarity"], per_layer)
+    out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
+                          lambda p: plots.plot_paper_similarity(sim, p)))  # fmt: skip
+    out.append(run.figure("similarity_paper_correlation", "similarity vs performance",
+                          lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
+    run.save("similarity", {**sim, "correlation": corr, "per_layer_pearson": per_layer})
+    return out + [""]
+
+
+def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
+    for key in ("tasks", "layers", "method", "per_layer", "mean"):
+        if key not in sim:
+            raise ValueError(f"results.similarity_final_model is missing `{key}`")
+    tasks = sim["tasks"]
+    out = ["### Final-model variant (ours, not the paper's protocol)", "",
+           f"Cosine similarity of task-neuron parameters (method `{sim['method']}`) read in "
+           "the final model of the sequence, mean over layers:", ""]  # fmt: skip
     out += _matrix_table("task", tasks, tasks, sim["mean"])
     out.append(run.figure("similarity_layers", "similarity per layer",
                           lambda p: plots.plot_layer_similarity(sim, p)))  # fmt: skip
@@ -219,9 +291,14 @@ def _similarity(run: _Run) -> Lines | str:
         out.append(run.figure("similarity_correlation", "similarity vs generalization",
                               lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
     else:
-        out += ["", "No `similarity.generalization` matrix: correlation skipped."]
-    run.save("similarity", data)
+        out += ["", "No `similarity_final_model.generalization` matrix: correlation skipped."]
+    run.save("similarity_final_model", data)
     return out
+
+
+def _per_task(data: dict[str, Any], marker: str) -> dict[str, Any]:
+    """One analysis dict (key `marker` present) or, as `ncft run` writes, one per task."""
+    return {"": data} if marker in data else data
 
 
 def _neft(run: _Run) -> Lines | str:
@@ -229,16 +306,48 @@ def _neft(run: _Run) -> Lines | str:
     if isinstance(res, str):
         return res
     data = res["neft"]
-    # One `utilization_shift` dict, or (what `ncft run` writes) one per task.
-    per_task = {"": data} if "counts" in data else data
+    per_task = _per_task(data, "buckets")
     for task, shift in per_task.items():
-        for key in ("counts", "hist", "shift_threshold", "scope"):
+        for key in ("counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"):
             if key not in shift:
                 raise ValueError(f"results.neft{'.' + task if task else ''} is missing `{key}`")
     run.save("neft", data)
-    out = []
+    out = ["NeFT §6.1 (`ncft.analysis.neft_utilization`): Rank of each neuron by its max "
+           "Pearson correlation with another neuron of its group, on each task's model "
+           "before and after training it; ΔRank = Rank(after) - Rank(before). Strongly "
+           "affected: |ΔRank| > threshold (the paper's 100,000 at 7B, scaled by the neuron "
+           "count); suppressed and indirectly affected are subsets of it.", ""]
     for task, shift in per_task.items():
-        name = f"neft_rank_shift_{task}" if task else "neft_rank_shift"
+        name = f"neft_utilization_{task}" if task else "neft_utilization"
+        c = shift["counts"]
+        out += [f"Task `{task or '-'}`: {shift['num_neurons']} neurons, {c['trained']} trained, "
+                f"Avg(|ΔRank|) {shift['avg_abs_delta_rank']:.1f} "
+                f"({shift['avg_abs_delta_rank_normalized']:.4f} of N), strongly affected "
+                f"threshold {shift['strong_threshold']:.1f} ranks.", ""]  # fmt: skip
+        out += _table(["category", "neurons"],
+                      [[k, c[k]] for k in ("strongly_affected", "suppressed",
+                                            "indirectly_affected")])  # fmt: skip
+        out.append(run.figure(name, f"NeFT utilization {task}".strip(),
+                              lambda p, d=shift: plots.plot_neft_utilization(d, p)))  # fmt: skip
+    return out
+
+
+def _weight_movement(run: _Run) -> Lines | str:
+    res = run.need_results("weight_movement_rank_shift")
+    if isinstance(res, str):
+        return res
+    data = res["weight_movement_rank_shift"]
+    per_task = _per_task(data, "counts")
+    for task, shift in per_task.items():
+        for key in ("counts", "hist", "shift_threshold", "scope"):
+            if key not in shift:
+                where = "results.weight_movement_rank_shift" + ("." + task if task else "")
+                raise ValueError(f"{where} is missing `{key}`")
+    run.save("weight_movement_rank_shift", data)
+    out = ["Our measure, not NeFT §6.1's: rank shift of the selection probe's `1 - cos` "
+           "weight movement (`ncft.analysis.neft_stats`).", ""]
+    for task, shift in per_task.items():
+        name = f"weight_movement_rank_shift_{task}" if task else "weight_movement_rank_shift"
         if task:
             out += [f"Task `{task}`: {shift['num_selected']} of {shift['num_rows']} candidates "
                     f"trained, threshold {shift['shift_threshold']}.", ""]  # fmt: skip
@@ -246,7 +355,7 @@ def _neft(run: _Run) -> Lines | str:
             ["category", "selected", "not selected"],
             [[c, v["selected"], v["unselected"]] for c, v in shift["counts"].items()],
         )
-        out.append(run.figure(name, f"rank shift {task}".strip(),
+        out.append(run.figure(name, f"weight-movement rank shift {task}".strip(),
                               lambda p, d=shift: plots.plot_rank_shift(d, p)))  # fmt: skip
     return out
 
@@ -256,7 +365,8 @@ SECTIONS: tuple[tuple[str, Callable[[_Run], Lines | str]], ...] = (
     ("Deactivation", _deactivation),
     ("Neuron overlap (IoU)", _overlap),
     ("Parameter similarity", _similarity),
-    ("NeFT utilization rank shift", _neft),
+    ("NeFT utilization (§6.1)", _neft),
+    ("Weight-movement rank shift (ours)", _weight_movement),
 )
 
 

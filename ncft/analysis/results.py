@@ -154,3 +154,38 @@ def deactivation_matrix(deact: dict[str, Any]) -> dict[str, Any]:
         "random_drop": random_drop,
         "summary": summary,
     }
+
+
+def finetune_matrix(ft: dict[str, Any]) -> dict[str, Any]:
+    """Leng & Xiong Fig. 5 right half: the change on task j after training task i's neurons.
+
+    Args:
+        ft: `results["deactivation"]["finetune_matrix"]`
+            (`ncft.studies.finetune_matrix.finetune_matrix`).
+
+    Returns:
+        `{"tasks", "baseline", "change": [[row_ij - baseline_j]], "random_change",
+        "summary": {"diag", "offdiag", "random_diag", "random_offdiag"}}`.
+
+    Raises:
+        ValueError: Naming the field if a key is missing or malformed.
+    """
+    if not isinstance(ft, dict):
+        raise ValueError("results.deactivation.finetune_matrix must be an object")
+    tasks = ft.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ValueError("finetune_matrix.tasks must be a non-empty list of task names")
+    n = len(tasks)
+    base = check_vector(ft.get("baseline"), "finetune_matrix.baseline", n)
+
+    def change(key: str) -> Matrix:
+        m = check_matrix(ft.get(key), f"finetune_matrix.{key}", n)
+        return [[None if v is None or b is None else v - b for v, b in zip(row, base)]
+                for row in m]  # fmt: skip
+
+    ch, rnd = change("task_neurons_trained"), change("random_trained")
+    diag, off = _diag_split(ch)
+    r_diag, r_off = _diag_split(rnd)
+    return {"tasks": tasks, "baseline": base, "change": ch, "random_change": rnd,
+            "summary": {"diag": diag, "offdiag": off, "random_diag": r_diag,
+                        "random_offdiag": r_off}}  # fmt: skip

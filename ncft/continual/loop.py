@@ -7,15 +7,16 @@ the same state from disk. The loop needs a few services from the launcher
 (`Backend`), which owns engines and files, and a `Selector` that chooses each
 stage's neurons (`ncft.selection.pipeline`); it never imports an engine library.
 
-| method | per stage trains | starts from |
-|---|---|---|
-| full / seqft | every parameter | previous stage |
-| neurons / ncft / wncft | the task's selected neurons | previous stage |
-| random_neurons | random units, same count | previous stage |
-| lora / seqlora | one LoRA adapter, continued across tasks | previous stage |
-| per_task | every parameter | the base model |
+What each method trains and where its stages start is one table,
+`ncft.continual.methods.METHODS`; the loop reads it and never tests method names.
+W-NCFT evaluates each task with the tasks' neurons mixed (`ncft.continual.wncft`;
+per example with `wncft.query: example`, `ncft.continual.routing`). O-LoRA adds a new
+adapter per stage and its penalty to the loss (`ncft.olora`).
 
-W-NCFT evaluates each task with the tasks' neurons mixed (`ncft.continual.wncft`).
+Resume: a stage commits with `Backend.save_stage`. The W-NCFT task store is written
+just before (so a committed stage always has its task in the store); a resumed run
+drops what the store holds beyond the committed stages (`TaskStore.truncated`), so a
+kill between the store write and the commit re-captures that task cleanly.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ncft.continual import wncft
+from ncft import olora
+from ncft.continual import routing, wncft
+from ncft.continual.methods import LORA_METHODS, NEURON_METHODS, method
 from ncft.continual.metrics import cl_summary
 from ncft.data.examples import batches as share_batches
 from ncft.data.examples import collate, encode
@@ -40,8 +43,8 @@ from ncft.masks.plan import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 
-NEURON_METHODS = ("neurons", "random_neurons", "ncft", "wncft")
-LORA_METHODS = ("lora", "seqlora")
+__all__ = ["LORA_METHODS", "NEURON_METHODS", "ContinualLoop", "LoopConfig", "LoopState",
+           "TaskData"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class LoopConfig:
     wncft_samples: int
     wncft_temperature: float
     log_every: int = 1
+    wncft_query: str = "task"
+    classification: str = "rank"
+    lora: olora.LoraOptions | None = None
+    olora_lambda_orth: float = 0.5
+    olora_lambda_l2: float = 0.0
 
 
 class Selector(Protocol):
@@ -113,6 +121,9 @@ class Backend(Protocol):
 
     def after_step(self, engine: Engine, stage: int, step: int, total: int) -> None:
         """Called after every optimizer step (mid-task checkpoints are its business)."""
+
+    def after_eval(self, stage: int, task_index: int) -> None:
+        """Called after each task's evaluation in stage `stage` (fault injection)."""
 
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:
         """Record one training step."""
@@ -168,14 +179,16 @@ class ContinualLoop:
         self.selector = selector
         self.store_dir = store_dir
         self.store = wncft.TaskStore()
+        self.row = method(cfg.method)
 
     # ---- the run --------------------------------------------------------------
     def run(self, start_stage: int = 0, state: LoopState | None = None) -> LoopState:
         """Run stages `start_stage..`, continuing `state` (a resumed run's)."""
         n = len(self.tasks)
         state = state or LoopState(matrix=[[None] * n for _ in range(n)])
-        if start_stage and self.cfg.method == "wncft" and self.store_dir is not None:
-            self.store = wncft.TaskStore.load(self.store_dir)
+        if start_stage and self.row.mixes and self.store_dir is not None:
+            # Tasks captured past the last committed stage are redone by this run.
+            self.store = wncft.TaskStore.load(self.store_dir).truncated(start_stage)
         for stage in range(start_stage, n):
             self._stage(stage, state)
         return state
@@ -184,37 +197,44 @@ class ContinualLoop:
         """results.json payload: tasks, matrix, CL summary, per-task details."""
         names = [t.name for t in self.tasks]
         matrix = state.matrix
-        if self.cfg.method == "per_task":  # each column is its own model: keep the diagonal
+        if self.row.from_base:  # each column is its own model: keep the diagonal
             matrix = [[v if i == j else None for j, v in enumerate(row)]
                       for i, row in enumerate(matrix)]  # fmt: skip
         return {
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
             "summary": cl_summary(matrix, names), "details": state.details,
+            # How scores were obtained: `ncft compare` and the report show it.
+            "protocol": {"classification": self.cfg.classification,
+                         "wncft_query": self.cfg.wncft_query if self.row.mixes else None},
         }
 
     def _stage(self, stage: int, state: LoopState) -> None:
-        task, method = self.tasks[stage], self.cfg.method
-        source = None if method == "per_task" or stage == 0 else stage - 1
-        self.backend.log_line(f"stage {stage + 1}/{len(self.tasks)}: {task.name} ({method})")
+        task, row = self.tasks[stage], self.row
+        source = None if row.from_base or stage == 0 else stage - 1
+        self.backend.log_line(f"stage {stage + 1}/{len(self.tasks)}: {task.name} ({row.name})")
         nset = None
         resume_at = self.backend.resume_step(stage)
-        if method in NEURON_METHODS and resume_at:
+        if row.selects and resume_at:
             nset = self.backend.load_neurons(task.name)  # chosen before the interruption
-        elif method in NEURON_METHODS:
+        elif row.selects:
             assert self.selector is not None, "neuron methods need a selector"
             # The scoring engine shards (and NeFT's probe fine-tunes) its model in
             # place, so training starts again from a fresh load of the same weights.
             nset = self._select(self.backend.load_model(source), task, stage)
         model = self.backend.load_model(source)
+        penalty = None
         if nset is not None:
             freeze_unselected(model, nset.entries)
-        elif method not in LORA_METHODS:  # LoRA marked its own trainables
+        elif row.adapter_per_task:  # O-LoRA: this stage's new adapter, earlier ones frozen
+            model = olora.with_adapters(model, stage + 1, self.cfg.lora, self.cfg.seed)
+            penalty = self._olora_penalty(model, stage)
+        elif not row.lora:  # LoRA marked its own trainables
             for p in model.parameters():
                 p.requires_grad_(True)
         engine = self.backend.build_engine(model)
         plan = install(engine, nset.entries) if nset is not None else None
         # Taken on the stage's starting weights, before a mid-task restore moves them.
-        before = wncft.snapshot(engine, nset) if method == "wncft" else None
+        before = wncft.snapshot(engine, nset) if row.mixes else None
         num_steps = self._num_steps(task, engine.world_size)
         if resume_at:
             self.backend.restore_progress(engine, stage)
@@ -224,13 +244,17 @@ class ContinualLoop:
         steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
         with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
                   disable=not engine.is_main_process) as bar:  # fmt: skip
-            train(engine, steps, plan, start_step=resume_at,
+            train(engine, steps, plan, start_step=resume_at, penalty=penalty,
                   on_step=self._logger(engine, stage, task, num_steps, bar))  # fmt: skip
-        if method == "wncft":
+        if row.mixes:
             self._capture(engine, task, nset, before)
         self._evaluate(engine, stage, state)
         self.backend.save_stage(engine, stage, state.to_json())
         engine.close()
+
+    def _olora_penalty(self, model: nn.Module, stage: int):
+        lambdas = self.cfg.olora_lambda_orth, self.cfg.olora_lambda_l2
+        return lambda: olora.penalty(model, stage, *lambdas)
 
     def _select(self, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
         # Scoring runs on its own engine over the candidate matrices (NeFT's probe
@@ -293,22 +317,43 @@ class ContinualLoop:
     def _evaluate(self, engine: Engine, stage: int, state: LoopState) -> None:
         for i, task in enumerate(self.tasks):
             examples = task.test[: self.cfg.eval_max_examples or len(task.test)]
-            if self.cfg.method == "wncft" and len(self.store):
+            if self.row.mixes and len(self.store) and self.cfg.wncft_query == "example":
+                result = self._eval_routed(engine, task, examples)
+            elif self.row.mixes and len(self.store):
                 query = self._vector(engine, examples, task.max_length)
                 weights = self.store.weights(query, self.cfg.wncft_temperature)
                 with wncft.mixed(engine, self.store, weights):
                     result = self._eval_one(engine, task, examples)
                 result["mixing_weights"] = weights.tolist()
+                result["query"] = "task"
             else:
                 result = self._eval_one(engine, task, examples)
             state.matrix[i][stage] = result["score"]
             state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
             self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
                                   f"{result['score']:.4f}")  # fmt: skip
+            self.backend.after_eval(stage, i)
 
     def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
         return evaluate_task(
             engine, self.backend.tokenizer, examples, format=task.format, labels=task.labels,
             metrics=self.cfg.metrics, batch_size=self.cfg.eval_batch_size,
             max_length=task.max_length, max_new_tokens=self.cfg.max_new_tokens,
+            classification=self.cfg.classification,
         )
+
+    def _eval_routed(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
+        """`wncft.query: example`: each example under its own mixture (`routing`)."""
+        prompts = [ex.prompt for ex in examples]
+        weights_NK = routing.example_weights(
+            engine, self.backend.tokenizer, self.store, prompts, self.cfg.eval_batch_size,
+            task.max_length, self.cfg.wncft_temperature)  # fmt: skip
+        generation = None
+        if task.format == "generation":
+            generation = {"tokenizer": self.backend.tokenizer, "metrics": self.cfg.metrics,
+                          "max_new_tokens": self.cfg.max_new_tokens,
+                          "batch_size": self.cfg.eval_batch_size,
+                          "max_prompt_length": max(1, task.max_length - 1)}  # fmt: skip
+        return routing.evaluate_routed(
+            engine, self.store, examples, weights_NK,
+            lambda subset: self._eval_one(engine, task, subset), generation)

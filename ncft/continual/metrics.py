@@ -13,7 +13,14 @@ training task j, for T tasks trained in order 0..T-1; None where not evaluated (
   `FG_j = mean_{i<j} a[i][j] / a[i][i]`, for j >= 1 (undefined for j = 0). 1 means
   the earlier tasks kept their just-trained scores, below 1 means forgetting (higher
   is better). Terms with `a[i][i] == 0` (a task never learned has nothing to retain)
-  or a missing entry are left out; FG_j is None when no term remains.
+  or a missing entry are left out; FG_j is None when no term remains. This is the
+  paper's eq. 5, kept under the results key `forgetting` (a RETENTION ratio despite
+  its name).
+- Average forgetting F_j (Chaudhry et al. 2018, "Riemannian Walk"; the usual CL
+  forgetting), `average_forgetting`: `F_j = mean_{i<j} max_{i<=l<j} a[i][l] - a[i][j]`,
+  the best score task i had after it was trained minus its score after stage j (0
+  means nothing forgotten, LOWER is better). Missing entries are skipped; F_j is None
+  when no term remains. The results key is `average_forgetting`.
 - Forward transfer (FWT, Lopez-Paz & Ranzato 2017), optional: with `baseline[i]` the
   untrained model's score on task i, `mean_{i>=1} a[i][i-1] - baseline[i]`.
 """
@@ -24,6 +31,10 @@ from collections.abc import Sequence
 from numbers import Real
 
 Matrix = Sequence[Sequence[float | None]]
+FG_NOTE = ("Leng & Xiong eq. 5: FG_j = mean_{i<j} a[i][j] / a[i][i], a retention ratio "
+           "(1 = kept, higher is better)")  # fmt: skip
+AF_NOTE = ("average forgetting: mean_{i<j} max_{i<=l<j} a[i][l] - a[i][j] "
+           "(0 = nothing forgotten, lower is better)")  # fmt: skip
 
 
 def _check(matrix: Matrix) -> list[list[float | None]]:
@@ -85,6 +96,20 @@ def forgetting(matrix: Matrix) -> list[float | None]:
     return out
 
 
+def average_forgetting(matrix: Matrix) -> list[float | None]:
+    """F_j for every stage j (see the module docstring); entry 0 is always None."""
+    a = _check(matrix)
+    out: list[float | None] = [None]
+    for j in range(1, len(a)):
+        drops = []
+        for i in range(j):
+            earlier = [a[i][k] for k in range(i, j) if a[i][k] is not None]
+            if earlier and a[i][j] is not None:
+                drops.append(max(earlier) - a[i][j])
+        out.append(_mean(drops) if drops else None)
+    return out
+
+
 def forward_transfer(matrix: Matrix, baseline: Sequence[float]) -> float | None:
     """FWT: mean gain on task i from training tasks < i, over the untrained baseline.
 
@@ -116,9 +141,12 @@ def cl_summary(
 
     Returns:
         `{"tasks", "matrix", "average_performance", "backward_transfer",
-        "forgetting": {"per_stage": {task: FG_j}, "final": FG_{T-1}},
-        "diagonal_mean", "forward_transfer"}`. `diagonal_mean` is the mean
-        just-trained score, the reference `per_task` runs report.
+        "forgetting": {"per_stage": {task: FG_j}, "final": FG_{T-1}, "note"},
+        "average_forgetting": {"per_stage": {task: F_j}, "final": F_{T-1}, "note"},
+        "diagonal_mean", "forward_transfer"}`. `forgetting` is Leng & Xiong's FG
+        (eq. 5, a retention ratio: higher = more retained); `average_forgetting` is
+        the usual max-drop forgetting (lower = less forgotten). `diagonal_mean` is
+        the mean just-trained score, the reference `per_task` runs report.
     """
     a = _check(matrix)
     if len(task_names) != len(a) or len(set(task_names)) != len(task_names):
@@ -130,14 +158,17 @@ def cl_summary(
         except ValueError:
             return None
 
-    fg = forgetting(a)
+    fg, af = forgetting(a), average_forgetting(a)
     diagonal = [a[i][i] for i in range(len(a)) if a[i][i] is not None]
     return {
         "tasks": list(task_names),
         "matrix": a,
         "average_performance": lenient(average_performance, a),
         "backward_transfer": lenient(backward_transfer, a),
-        "forgetting": {"per_stage": dict(zip(task_names, fg)), "final": fg[-1]},
+        "forgetting": {"per_stage": dict(zip(task_names, fg)), "final": fg[-1],
+                       "note": FG_NOTE},
+        "average_forgetting": {"per_stage": dict(zip(task_names, af)), "final": af[-1],
+                               "note": AF_NOTE},
         "diagonal_mean": _mean(diagonal) if diagonal else None,
         "forward_transfer": None if baseline is None else lenient(forward_transfer, a, baseline),
     }

@@ -132,6 +132,35 @@ def task_vector(
     return (both[:-1] / both[-1]).float().cpu()
 
 
+def example_vectors(
+    engine: Engine, batches: Iterable[Mapping[str, torch.Tensor]], layer: int = -1
+) -> torch.Tensor:
+    """Each real row's own mean hidden state over its non-pad tokens, float32 [N, D] on CPU.
+
+    The per-example counterpart of `task_vector` (query `example`). Every rank must pass
+    the SAME batches (all prompts, `prompt_batches(..., rank=0, world_size=1)`): a
+    sharded forward is collective, and every rank then holds every example's vector
+    without a gather. Filler rows (all-IGNORE `labels`) are dropped.
+    """
+    device = device_of(engine)
+    out: list[torch.Tensor] = []
+    with torch.no_grad(), eval_mode(engine.module):
+        for batch in batches:
+            mask_BT = batch["attention_mask"].to(device).bool()
+            output = engine.forward({"input_ids": batch["input_ids"].to(device),
+                                     "attention_mask": batch["attention_mask"].to(device),
+                                     "output_hidden_states": True, "use_cache": False})  # fmt: skip
+            hidden_BTD = output.hidden_states[layer].double()
+            weights_BT = mask_BT.double()
+            mean_BD = (hidden_BTD * weights_BT.unsqueeze(-1)).sum(1) / weights_BT.sum(1, True)
+            if "labels" in batch:
+                mean_BD = mean_BD[(batch["labels"].to(device) != IGNORE).any(dim=1)]
+            out.append(mean_BD.float().cpu())
+    if not out:
+        raise ValueError("example_vectors needs at least one batch")
+    return torch.cat(out)
+
+
 def mixing_weights(
     query: torch.Tensor, task_vectors: Sequence[torch.Tensor], temperature: float
 ) -> torch.Tensor:
@@ -256,6 +285,27 @@ class TaskStore:
             delta = values[fqn].double() - base64.index_select(base.axis, pos)
             acc.index_add_(base.axis, pos, w * delta)
         return acc.to(base.values.dtype)
+
+    def truncated(self, num: int) -> TaskStore:
+        """The store of the first `num` tasks only (a resumed run's committed stages).
+
+        theta_0 is kept on the union of the kept tasks' selections: it is the base value
+        of every element whatever task first selected it, so dropping the later tasks'
+        elements loses nothing the kept tasks need.
+        """
+        if num >= len(self):
+            return self
+        out = TaskStore()
+        out.names, out.nsets = self.names[:num], self.nsets[:num]
+        out.vectors, out.values = self.vectors[:num], self.values[:num]
+        for fqn, base in self.base.items():
+            owned = [n.entries[fqn].indices for n in out.nsets if fqn in n.entries]
+            if not owned:
+                continue
+            keep = torch.isin(base.indices, torch.cat(owned)).nonzero().squeeze(1)
+            out.base[fqn] = _Base(base.axis, base.indices[keep],
+                                  base.values.index_select(base.axis, keep))  # fmt: skip
+        return out
 
     # --- persistence (resume) ---
 

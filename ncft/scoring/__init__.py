@@ -13,6 +13,7 @@ is its one caller. Selection itself (top-k, reversed, union) lives in
 | grad_attribution | FFN units | encoded task examples |
 | weight_cosine | units or rows | probe steps (NeFT's fine-tune), or a fine-tuned checkpoint |
 | reversed | units or rows | as weight_cosine; the pipeline takes the lowest scores |
+| neft_plus_reversed | units or rows | weight_cosine; top `fraction` + lowest `reversed_fraction` |
 | random | units or rows | a seed |
 """
 
@@ -101,6 +102,7 @@ SCORERS: dict[str, Callable[[ScoringInputs], Scorer]] = {
     "grad_attribution": _grad_attribution,
     "weight_cosine": _weight_cosine,
     "reversed": _weight_cosine,  # NeFT's control: the same scores, lowest taken
+    "neft_plus_reversed": _weight_cosine,  # NeFT §6.2: highest x% plus lowest y%
     "random": _random,
 }
 

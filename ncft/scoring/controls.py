@@ -8,7 +8,7 @@ dropping one group does not change what the others draw.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,27 +47,3 @@ class RandomScorer:
     def meta(self) -> dict[str, Any]:
         """What a NeuronSet built from these scores records."""
         return {"scorer": self.name, "seed": self.seed}
-
-
-def random_like(
-    selected: Mapping[str, torch.Tensor], groups: Sequence[Group], seed: int
-) -> dict[str, torch.Tensor]:
-    """A random selection with the same number of candidates in every group.
-
-    The matched control of Leng & Xiong and NeFT: same count per module (MLP for
-    units, projection for rows), uniformly random indices within it.
-
-    Args:
-        selected: `group name -> indices` of the reference selection.
-        groups: The candidate groups.
-        seed: Seed of the draw.
-
-    Returns:
-        `group name -> sorted int64 indices`, with `len` equal to the reference's.
-    """
-    out = {}
-    for g in groups:
-        k = int(selected[g.name].numel()) if g.name in selected else 0
-        perm = torch.randperm(g.size, generator=group_generator(seed, g.name))
-        out[g.name] = torch.sort(perm[:k]).values
-    return out

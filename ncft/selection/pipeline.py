@@ -30,6 +30,7 @@ from ncft.selection.topk import (
     check_identical_across_ranks,
     row_groups,
     to_neuron_set,
+    top_and_bottom,
     top_k,
     union_with_previous,
     unit_groups,
@@ -59,6 +60,7 @@ class SelectConfig:
     union_with_previous: bool
     seed: int
     model_id: str = ""
+    reversed_fraction: float | None = None
 
 
 def candidate_groups(model: nn.Module, cfg: SelectConfig) -> list[Group]:
@@ -135,13 +137,22 @@ class SelectionPipeline:
             probe, _ = self.probe(engine, groups, task, stage)
         scorer = make_scorer(name, self._inputs(engine, model, task, stage))
         scores, meta = scorer.score(engine, groups), scorer.meta()
-        reverse = name == "reversed"
-        chosen = top_k(scores, groups, self.cfg.fraction, self.cfg.count, self.cfg.per_layer,
-                       reverse=reverse)  # fmt: skip
         c = self.cfg
+        reverse = name == "reversed"
+        extra: dict[str, Any] = {}
+        if name == "neft_plus_reversed":  # NeFT §6.2's NeFT_x%+Reversed_y%
+            if c.reversed_fraction is None:
+                raise ValueError("selection.reversed_fraction: scorer neft_plus_reversed needs "
+                                 "the fraction of least-changed candidates to add (y of "
+                                 "NeFT_x%+Reversed_y%)")  # fmt: skip
+            chosen = top_and_bottom(scores, groups, c.fraction, c.count, c.reversed_fraction,
+                                    c.per_layer)  # fmt: skip
+            extra = {"reversed_fraction": c.reversed_fraction}
+        else:
+            chosen = top_k(scores, groups, c.fraction, c.count, c.per_layer, reverse=reverse)
         meta = {**meta, "task": task.name, "fraction": c.fraction, "count": c.count,
                 "per_layer": c.per_layer, "unit": c.unit, "modules": list(c.modules),
-                "reversed": reverse, **self.extra_meta}  # fmt: skip
+                "reversed": reverse, **extra, **self.extra_meta}  # fmt: skip
         nset = to_neuron_set(chosen, groups, meta)
         if c.union_with_previous:
             nset = union_with_previous(nset, self.previous(stage))

@@ -178,6 +178,53 @@ def top_k(
     return selected
 
 
+def top_and_bottom(
+    scores: Mapping[str, torch.Tensor],
+    groups: Sequence[Group],
+    fraction: float | None,
+    count: int | None,
+    reversed_fraction: float,
+    per_layer: bool = True,
+) -> dict[str, torch.Tensor]:
+    """NeFT's `NeFT_x%+Reversed_y%` (§6.2): the x% highest plus the y% lowest scores.
+
+    With NeFT's score `1 - cos(w_org, w_ft)` (higher = moved more, `WeightCosine`),
+    the top `fraction`/`count` are NeFT_x% (the lowest cosine similarity, §4.2) and
+    the bottom `reversed_fraction` are Reversed_y%, "neurons with high similarity
+    scores" (§6.2). The paper states x and y as percentages of the model's parameters;
+    here both are fractions of the candidates of each pool (each layer with
+    `per_layer`, else all), like every other selection. The Reversed part is taken
+    from the candidates NeFT_x% left, so the two never overlap (x% + y% in all, capped
+    at the pool); ties are broken as in `top_k` (ascending score, then index).
+
+    Returns:
+        `group name -> sorted int64 indices` (every group present, maybe empty).
+    """
+    _check_scores(scores, groups)
+    if not 0 < reversed_fraction <= 1:
+        raise ValueError(f"reversed_fraction must be in (0, 1], got {reversed_fraction}")
+    pools: dict[Any, list[Group]] = {}
+    for g in groups:
+        pools.setdefault(g.layer if per_layer else None, []).append(g)
+    selected = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    for pool in pools.values():
+        flat = torch.cat([scores[g.name].double().cpu() for g in pool])
+        n = flat.numel()
+        top = _order(flat, False)[: resolve_count(n, fraction, count)]
+        taken = torch.zeros(n, dtype=torch.bool)
+        taken[top] = True
+        rest = _order(flat, True)
+        rest = rest[~taken[rest]]
+        bottom = rest[: min(resolve_count(n, reversed_fraction, None), rest.numel())]
+        chosen = torch.sort(torch.cat([top, bottom])).values
+        offset = 0
+        for g in pool:
+            inside = chosen[(chosen >= offset) & (chosen < offset + g.size)]
+            selected[g.name] = inside - offset
+            offset += g.size
+    return selected
+
+
 def to_neuron_set(
     selected: Mapping[str, torch.Tensor], groups: Sequence[Group], meta: Mapping[str, Any]
 ) -> NeuronSet:
@@ -259,5 +306,6 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
 
 __all__ = [
     "MLP_ROLES", "Group", "Scores", "check_identical_across_ranks", "resolve_count",
-    "row_groups", "selected_of", "to_neuron_set", "top_k", "union_with_previous", "unit_groups",
+    "row_groups", "selected_of", "to_neuron_set", "top_and_bottom", "top_k",
+    "union_with_previous", "unit_groups",
 ]  # fmt: skip

@@ -6,8 +6,18 @@ papers deactivate neurons of a model first fine-tuned on the tasks. The study he
 1. fine-tune every parameter for a few steps on the union of the tasks' data;
 2. score each task's units by gradient attribution on that model and keep the top
    fraction;
-3. evaluate every task with each task's units switched off (activation hooks, no
-   weight edit), and with as many random units per layer switched off.
+3. evaluate every task with each task's units switched off, and with as many random
+   units per layer switched off. Leng & Xiong (4.1) switch neurons off "by setting
+   the activation value of these neurons to zero or by directly setting the
+   corresponding parameter to zero"; `mode` picks one:
+   - "activation": a forward pre-hook zeroes the unit's activation where it enters
+     the down projection (`ncft.deactivate.deactivate_activations`), no weight edit;
+   - "weights": zero every parameter the unit owns (`ncft.arch.unit_entries`): its
+     gate_proj and up_proj ROWS and their bias elements, and its down_proj COLUMN
+     (fc_in row and bias, fc_out column for a plain MLP); restored bit for bit after.
+   Both give the same logits: with the up (fc_in) row and bias zero the unit's
+   activation is exactly `act(gate) * 0 = 0` (`gelu(0) = 0`), and a zero down column
+   adds exactly nothing, so the down projection sums the same terms.
 
 The score is teacher-forced answer accuracy (every answer token is the argmax), one
 forward per example, so the (tasks + 1) x tasks x 2 grid stays affordable on CPU;
@@ -22,9 +32,16 @@ from typing import Any
 import torch
 
 from ncft.arch import MlpBlock
-from ncft.deactivate import answer_metrics, deactivate_activations, random_units
+from ncft.deactivate import (
+    answer_metrics,
+    deactivate_activations,
+    deactivate_weights,
+    random_units,
+)
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
+
+MODES = ("activation", "weights")
 
 
 def deactivation_grid(
@@ -36,6 +53,7 @@ def deactivation_grid(
     batch_size: int,
     pad_id: int,
     log=print,
+    mode: str = "activation",
 ) -> dict[str, Any]:
     """Score every task with each task's units off, and with random units off.
 
@@ -48,13 +66,21 @@ def deactivation_grid(
         batch_size: Examples per rank per forward.
         pad_id: Padding token id.
         log: Progress printer (rank 0's print).
+        mode: "activation" or "weights" (module docstring; `study.deactivation_mode`).
 
     Returns:
         The `results.json["deactivation"]` block read by `ncft.analysis`: `tasks`,
         `metric`, `baseline[j]`, `task_neurons_off[i][j]`, `random_off[i][j]`, and the
         same three for the answer loss under `loss`.
     """
+    if mode not in MODES:
+        raise ValueError(f"study.deactivation_mode must be one of {MODES}, got {mode!r}")
     tasks = list(sets)
+
+    def off(units):
+        if mode == "activation":
+            return deactivate_activations(engine, blocks, units)
+        return deactivate_weights(engine, NeuronSet.from_units(blocks, units))
 
     def grid_row() -> tuple[list[float], list[float]]:
         row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
@@ -65,18 +91,18 @@ def deactivation_grid(
     off_acc, off_loss, rnd_acc, rnd_loss = [], [], [], []
     for i, name in enumerate(tasks):
         units = sets[name].units(blocks)
-        with deactivate_activations(engine, blocks, units):
+        with off(units):
             acc, loss = grid_row()
         off_acc.append(acc)
         off_loss.append(loss)
-        with deactivate_activations(engine, blocks, random_units(units, blocks, seed + i)):
+        with off(random_units(units, blocks, seed + i)):
             acc, loss = grid_row()
         rnd_acc.append(acc)
         rnd_loss.append(loss)
         log(f"deactivation: {name} units off -> {dict(zip(tasks, off_acc[-1]))}, "
             f"random -> {dict(zip(tasks, rnd_acc[-1]))}")  # fmt: skip
     return {
-        "tasks": tasks, "metric": "teacher-forced answer accuracy",
+        "tasks": tasks, "metric": "teacher-forced answer accuracy", "mode": mode,
         "baseline": base_acc, "task_neurons_off": off_acc, "random_off": rnd_acc,
         "loss": {"baseline": base_loss, "task_neurons_off": off_loss, "random_off": rnd_loss},
         "num_units": {t: sum(len(v) for v in sets[t].units(blocks).values()) for t in tasks},

@@ -31,7 +31,15 @@ RUNS = {
                     "selection.modules=[gate,up,down,attention]"],
     "seqft": ["method=seqft"],
     "seqlora": ["method=seqlora"],
-    "wncft": ["method=wncft", "wncft.num_samples=4", "output.tensorboard=true"],
+    "wncft": ["method=wncft", "wncft.num_samples=4", "output.tensorboard=true",
+              # the studies: deactivation (by weights) with the fine-tuning matrix, and
+              # Leng & Xiong's similarity protocol beside the final-model variant
+              "study.deactivation=true", "study.deactivation_mode=weights",
+              "study.finetune_matrix=true", "study.similarity=both", "study.finetune_steps=2",
+              "study.eval_examples=4", "study.neft_utilization=true", "output.report=true"],
+    "olora": ["method=olora", "olora.lambda_l2=0.1"],
+    "wncft_example": ["method=wncft", "wncft.num_samples=4", "wncft.query=example",
+                      "eval.classification=generate", "eval.max_new_tokens=3"],
     "per_task": ["method=per_task"],
 }
 SINGLE_TASK = {"full", "neurons", "random_neurons", "lora", "neft_rows", "random_rows"}

@@ -4,7 +4,8 @@ Run under torchrun by tests/ncft/scoring/test_dist.py. Per backend, on a tiny Ll
 gradient attribution (both position modes), top-k selection with the cross-rank
 checksum check, NeFT cosine against perturbed checkpoints (with a spy counting
 `engine.gathered` calls), NeFT cosine after 2 full fine-tuning steps, and
-deactivation by activation vs by weight with gathered full weights before/after.
+deactivation by activation vs by weight with gathered full weights before/after, and
+NeFT §6.1's max Pearson scores (forward hooks, no gathers).
 Rank 0 saves tensors and a JSON report; pytest compares them across engines.
 
 DeepSpeed runs with `stage3_param_persistence_threshold: 0`, so every parameter is
@@ -29,6 +30,7 @@ from ncft.deactivate import deactivate_activations, deactivate_weights
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.attribution import GradAttribution
 from ncft.scoring.cosine import CheckpointReference, WeightCosine, finetune_and_score
+from ncft.studies.utilization import pearson_scores
 from ncft.selection import (
     check_identical_across_ranks,
     row_groups,
@@ -120,6 +122,17 @@ def deactivation(engine, blocks, report, tensors) -> None:
     tensors["logits_base"] = base
 
 
+def neft_pearson(engine, blocks, model_rows, encoded, report, tensors) -> None:
+    """NeFT §6.1 max Pearson scores from forward hooks: no parameter gathered."""
+    calls = spy_gathers(engine)
+    scores = pearson_scores(engine, model_rows + unit_groups(blocks), encoded, batch_size=3,
+                            pad_id=0, max_elements=64 * 64)  # several passes  # fmt: skip
+    for name, s in scores.items():
+        tensors[f"pearson/{name}"] = s
+    report["pearson_gather_calls"] = len(calls)
+    del engine.gathered
+
+
 def finetuned_cosine(engine, model_rows, info, tensors) -> None:
     gen = torch.Generator().manual_seed(7)
     steps = []
@@ -146,6 +159,7 @@ def run_backend(backend: str, info, out: Path) -> None:
     ckpts = {"rows": out / "ckpt_rows", "units": out / "ckpt_units"}
     cosine_vs_checkpoints(engine, blocks, model_rows, ckpts, report)
     deactivation(engine, blocks, report, tensors)
+    neft_pearson(engine, blocks, model_rows, encoded_examples(), report, tensors)
     finetuned_cosine(engine, model_rows, info, tensors)
     if info.is_main_process:
         tag = f"{backend}_ws{info.world_size}"

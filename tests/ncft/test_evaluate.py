@@ -11,6 +11,8 @@ from ncft.evaluate import (
     classification_accuracy,
     evaluate_task,
     generate_greedy,
+    generated_accuracy,
+    normalize_answer,
     share,
     task_score,
     text_scores,
@@ -212,3 +214,29 @@ def test_evaluate_task_score_is_accuracy_or_first_metric(model, tok):
     assert task_score({"bleu": 0.2, "rougeL": 0.5}, ["bleu", "rougeL"]) == 0.2
     with pytest.raises(ValueError, match="format"):
         evaluate_task(engine, tok, examples, format="ranking")
+
+
+def test_normalize_answer_as_o_lora():
+    assert normalize_answer("  Positive. ") == "positive"
+    assert normalize_answer("Not_Entailment!") == "notentailment"  # punctuation dropped
+    assert normalize_answer("the\tGreat   Film") == "the great film"  # articles kept
+    assert normalize_answer("negative") != normalize_answer("positive")
+
+
+def test_generate_mode_is_exact_match_after_normalisation(model, tok):
+    engine = FakeEngine(model)
+    texts = generate_greedy(engine, tok, PROMPTS[:3], 3, 2)
+    assert all(texts)
+    # Gold 0: the generated text in upper case with punctuation; gold 1: something else;
+    # gold 2: the generated text itself. By hand: 2 of 3 match.
+    golds = [texts[0].upper() + " .", "xyz", texts[2]]
+    examples = [Example(p, g) for p, g in zip(PROMPTS[:3], golds)]
+    acc, got = generated_accuracy(engine, tok, examples, 3, 2)
+    assert got == texts and acc == pytest.approx(2 / 3)
+    labels = sorted(set(golds))
+    result = evaluate_task(engine, tok, examples, format="classification", labels=labels,
+                           max_new_tokens=3, classification="generate")  # fmt: skip
+    assert result["accuracy"] == pytest.approx(2 / 3) == result["score"]
+    with pytest.raises(ValueError, match="eval.classification"):
+        evaluate_task(engine, tok, examples, format="classification", labels=labels,
+                      classification="argmax")  # fmt: skip

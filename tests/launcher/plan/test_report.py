@@ -94,3 +94,19 @@ def test_methods_full_lora_and_union(capsys):
     assert lora["per_rank"]["optimizer"] == 8 * adapters // 8 + 4
     union = _plan_json(capsys, "selection.union_with_previous=true")
     assert union["selected_fraction"] == pytest.approx(4 * round(0.05 * 11008) / 11008)
+
+
+def test_olora_plans_one_trainable_adapter_beside_frozen_ones():
+    from types import SimpleNamespace
+
+    from launcher.plan.model import ParamInfo
+    from launcher.plan.stage import lora_params
+
+    q = ParamInfo("m.q_proj.weight", (6, 4), module="m.q_proj")
+    info = SimpleNamespace(params=[q])
+    params = lora_params(info, 2, ["q_proj"], frozen_adapters=2)
+    trainable = [p.fqn for p in params if p.trainable]
+    assert trainable == ["m.q_proj.lora_A.task2.weight", "m.q_proj.lora_B.task2.weight"]
+    assert len(params) == 1 + 3 * 2
+    assert [p.fqn for p in lora_params(info, 2, ["q_proj"]) if p.trainable] == [
+        "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"]

@@ -49,9 +49,19 @@ def test_method_run_directory(runs, name):
         weights = results["details"]["sst2"][1]["mixing_weights"]
         assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
         assert (run / "wncft").is_dir() and list((run / "tensorboard").iterdir())
-        sim = results["similarity"]  # Fig. 3 inputs, from the final model's task neurons
+        sim = results["similarity_final_model"]  # our variant: the final model's neurons
         assert sim["tasks"] == ["sst2", "rte"] and len(sim["generalization"]) == 2
         assert sim["mean"][0][0] == pytest.approx(1.0)
+        paper = results["similarity"]  # Leng & Xiong's protocol: one M_i per task
+        assert paper["protocol"] == "paper" and paper["steps"] == 2
+        assert len(paper["performance"]) == 2 and all(len(r) == 2 for r in paper["mean"])
+        assert paper["mean"][0][0] == pytest.approx(1.0)
+        deact = results["deactivation"]
+        assert deact["mode"] == "weights"
+        ft = deact["finetune_matrix"]
+        assert len(ft["task_neurons_trained"]) == 2 and len(ft["random_trained"][1]) == 2
+        for fig in ("finetune_matrix", "similarity_paper_layers", "neft_utilization_rte"):
+            assert (run / "plots" / f"{fig}.png").is_file(), fig
 
 
 def test_neft_rows_select_attention_and_mlp_rows(runs):
@@ -65,7 +75,7 @@ def test_neft_rows_select_attention_and_mlp_rows(runs):
 
 def test_neft_run_records_rank_shift(runs):
     run = runs / "neft_rows"
-    shift = json.loads((run / "results.json").read_text())["neft"]["sst2"]
+    shift = json.loads((run / "results.json").read_text())["weight_movement_rank_shift"]["sst2"]
     counts = shift["counts"]
     assert sum(v["selected"] + v["unselected"] for v in counts.values()) == shift["num_rows"]
     assert 0 < shift["num_selected"] < shift["num_rows"]
@@ -86,15 +96,39 @@ def test_neft_run_records_rank_shift(runs):
         chosen.append(scores[mask])
         rest.append(scores[~mask])
     assert torch.cat(chosen).mean() > torch.cat(rest).mean()
-    assert (run / "plots" / "neft_rank_shift_sst2.png").is_file()
+    assert (run / "plots" / "weight_movement_rank_shift_sst2.png").is_file()
+    assert (run / "plots" / "neft_utilization_sst2.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["neft_rows", "wncft"])
+def test_runs_record_neft_utilization(runs, name):
+    # NeFT §6.1 on every task with a neuron set: Pearson scores before and after it
+    run = runs / name
+    neft = json.loads((run / "results.json").read_text())["neft"]
+    tasks = ["sst2"] if name in SINGLE_TASK else ["sst2", "rte"]
+    assert sorted(neft) == sorted(tasks)  # results.json keys are sorted
+    for task in tasks:
+        u = neft[task]
+        nset = NeuronSet.load(run / "neurons" / f"{task}.safetensors")
+        before = load_file(run / "neft" / f"{task}.pearson_before.safetensors")
+        after = load_file(run / "neft" / f"{task}.pearson_after.safetensors")
+        assert u["num_neurons"] == sum(v.numel() for v in before.values())
+        # rows: one weight entry per trained row; units: count each down_proj column
+        key = ".weight" if name == "neft_rows" else "down_proj.weight"
+        trained = sum(s.indices.numel() for f, s in nset.entries.items() if f.endswith(key))
+        assert u["counts"]["trained"] == trained > 0
+        assert all(v.min() >= -1 and v.max() <= 1 for v in before.values())
+        assert any(not torch.equal(before[g], after[g]) for g in before), "training moved them"
+        assert sum(u["buckets"]["count"]) == u["num_neurons"]
 
 
 def test_random_rows_control_records_rank_shift(runs):
     run = runs / "random_rows"
     nset = NeuronSet.load(run / "neurons" / "sst2.safetensors")
     assert nset.meta["scorer"] == "random" and nset.meta["unit"] == "row"
-    shift = json.loads((run / "results.json").read_text())["neft"]["sst2"]
-    neft_rows = json.loads((runs / "neft_rows" / "results.json").read_text())["neft"]["sst2"]
+    key = "weight_movement_rank_shift"
+    shift = json.loads((run / "results.json").read_text())[key]["sst2"]
+    neft_rows = json.loads((runs / "neft_rows" / "results.json").read_text())[key]["sst2"]
     assert shift["num_rows"] == neft_rows["num_rows"]
     # Same probe on the same starting model: identical "before" scores.
     a, b = (load_file(r / "neft" / "sst2.before.safetensors")
@@ -131,3 +165,37 @@ def test_full_changes_attention_neurons_leave_it(runs, cache):
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(full[name], base[name])
     assert torch.equal(neurons[name], base[name])
+
+
+def test_olora_keeps_earlier_adapters_and_exports_their_sum(runs, cache):
+    from transformers import AutoModelForCausalLM
+
+    from ncft import olora
+
+    run = runs / "olora"
+    first = load_file(run / "checkpoints" / "01-sst2" / "model.safetensors")
+    second = load_file(run / "checkpoints" / "02-rte" / "model.safetensors")
+    assert any(".task0." in k for k in first) and not any(".task1." in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first), "task 0 must stay frozen"
+    assert any(".lora_B.task1." in k and v.abs().sum() > 0 for k, v in second.items())
+    # The exported model is a plain HF model computing what both adapters compute.
+    base = AutoModelForCausalLM.from_pretrained(cache / "tiny-random-llama")
+    opts = olora.LoraOptions(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    adapted = olora.with_adapters(base, 2, opts, seed=0)
+    missing, unexpected = adapted.load_state_dict(second, strict=False)
+    assert not unexpected and not [m for m in missing if "lora_" in m]
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    ids = torch.tensor([[1, 50, 90, 140, 30, 70]])
+    with torch.no_grad():
+        want = adapted.eval()(input_ids=ids).logits
+        got = final.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_wncft_example_query_and_generate_protocol_recorded(runs):
+    results = json.loads((runs / "wncft_example" / "results.json").read_text())
+    assert results["protocol"] == {"classification": "generate", "wncft_query": "example"}
+    detail = results["details"]["sst2"][1]
+    assert detail["query"] == "example" and sum(detail["top_task_share"]) == pytest.approx(1)
+    assert sum(detail["mixing_weights"]) == pytest.approx(1.0)
+    assert "retention" in results["summary"]["forgetting"]["note"]

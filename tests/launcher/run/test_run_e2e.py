@@ -89,7 +89,7 @@ def test_ncft_run_directory_and_untouched_weights(runs, cache, backend):
     sets = [NeuronSet.load(run / "neurons" / f"{t}.safetensors") for t in ("sst2", "agnews",
                                                                              "rte")]
     assert all(s.meta["scorer"] == "grad_attribution" for s in sets)
-    assert results["similarity"]["tasks"] == ["sst2", "agnews", "rte"]
+    assert results["similarity_final_model"]["tasks"] == ["sst2", "agnews", "rte"]
     base = load_file(cache / "tiny-random-llama" / "model.safetensors")
     final = load_file(run / "final" / "model.safetensors")
     assert _outside_union_moved(base, final, sets) == {}

@@ -99,7 +99,11 @@ def test_tiny_ncft_shape():
     assert "4 steps on 2 ranks (fsdp2)" in stages[0]
     assert "eval after task 1 on all 3 tasks" in stages
     assert "checkpoint after task 1" in stages
-    assert not any(s.startswith(("study:", "NeFT rank shift")) for s in stages)
+    assert not any(s.startswith(("study:", "weight-movement", "NeFT utilization"))
+                   for s in stages)  # attribution selection: NeFT's study is off by default
+    forced = plan_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml",
+                                   ["study.neft_utilization=true"]))
+    assert any(s.startswith("NeFT utilization (§6.1)") for s in forced)
 
 
 def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
@@ -108,10 +112,17 @@ def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
     assert demo[0].startswith("study: tune every parameter 10 steps on all tasks")
     assert "checkpoint after task 2 (and every 5 steps within it, per-rank shards)" in demo
     neft = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
-    assert "NeFT rank shift: repeat the 20-step probe on each task's trained model" in neft
+    assert ("weight-movement rank shift: repeat the 20-step probe on each task's trained "
+            "model") in neft
     off = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml",
-                                ["study.neft_rank_shift=false"]))  # fmt: skip
-    assert not any(s.startswith("NeFT rank shift") for s in off)
+                                ["study.weight_movement_rank_shift=false",
+                                 "study.neft_utilization=false", "study.similarity=paper"]))
+    assert not any(s.startswith(("weight-movement", "NeFT utilization")) for s in off)
+    assert any(s.startswith("similarity (Leng & Xiong Fig. 3)") for s in off)
+    demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                                 ["study.deactivation_mode=weights",
+                                  "study.finetune_matrix=true"]))  # fmt: skip
+    assert "switch them off (weights)" in demo[0] and "fine-tuning matrix" in demo[1]
 
 
 # --- malformed specs ----------------------------------------------------------------------
@@ -193,6 +204,12 @@ MALFORMED = [
     ("lora_dropout", {"lora.dropout": 1.0}, "lora.dropout"),
     ("lora_extra", {"lora.rank": 4}, "lora.rank"),
     ("wncft_temperature", {"wncft.temperature": 0}, "wncft.temperature"),
+    ("wncft_query", {"wncft.query": "batch"}, "wncft.query"),
+    ("eval_classification", {"eval.classification": "argmax"}, "eval.classification"),
+    ("olora_lambda", {"method": "olora", "olora.lambda_orth": -1}, "olora.lambda_orth"),
+    ("olora_sharded", {"method": "olora"}, "engine.backend"),
+    ("model_architecture", {"model.architecture": "llama"}, "model.architecture"),
+    ("model_gguf_file", {"model.gguf_file": "m.gguf"}, "model.gguf_file"),
     ("eval_metric", {"eval.metrics": ["accuracy"]}, "eval.metrics[0]"),
     ("eval_max_examples", {"eval.max_examples": 0}, "eval.max_examples"),
     ("output_missing", {"output": DELETE}, "output"),
@@ -436,3 +453,38 @@ def test_standard_cl_o1_methods_in_its_header_are_valid():
         overrides = line.split("#", 2)[1].split()[3:]  # after `ncft run SPEC`
         methods.append(load_spec(path, overrides).method)
     assert sorted(methods) == ["ncft", "per_task", "seqft", "seqlora", "wncft"]
+
+
+def test_reversed_fraction_goes_with_neft_plus_reversed():
+    spec = load_spec(REPO / "examples" / "neft_translation.yaml",
+                     ["selection.scorer=neft_plus_reversed", "selection.reversed_fraction=0.03"])
+    assert spec.selection.reversed_fraction == 0.03
+    for bad in (["selection.scorer=neft_plus_reversed"], ["selection.reversed_fraction=0.1"]):
+        with pytest.raises(SpecError, match="reversed_fraction"):
+            load_spec(REPO / "examples" / "neft_translation.yaml", bad)
+
+
+def test_paper_similarity_needs_a_method_without_lora():
+    with pytest.raises(SpecError, match="study.similarity"):
+        load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                  ["method=seqlora", "study.similarity=paper"])
+
+
+def test_finetune_matrix_needs_the_deactivation_study():
+    with pytest.raises(SpecError, match="study.finetune_matrix"):
+        load_spec(REPO / "examples" / "demo_smollm2.yaml",
+                  ["study.deactivation=false", "study.finetune_matrix=true"])
+
+
+def test_methods_table_drives_allowed_values_and_plan(tmp_path: Path):
+    from ncft.continual.methods import CONTINUAL_METHODS, METHODS
+
+    assert "olora" in CONTINUAL_METHODS and set(METHODS) == set(
+        Spec.model_fields["method"].annotation.__args__)
+    spec = load_spec(_write(tmp_path, _patched({"method": "olora", "engine.backend": "single"})))
+    plan = "\n".join(plan_stages(spec))
+    assert "train a new LoRA r=8" in plan and "orthogonality weight 0.5" in plan
+    spec = load_spec(_write(tmp_path, _patched({"method": "wncft", "wncft.query": "example"})))
+    assert "query: each example's own prompt vector" in "\n".join(plan_stages(spec))
+    with pytest.raises(SpecError, match="inferred from the model config"):
+        load_spec(_write(tmp_path, _patched({"model.architecture": "llama"})))

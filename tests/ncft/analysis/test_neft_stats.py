@@ -8,7 +8,7 @@ from ncft.analysis.neft_stats import (
     rank_shift,
     ranks,
     selected_from_set,
-    utilization_shift,
+    weight_movement_rank_shift,
 )
 from ncft.neuron_set import NeuronSet, Selection
 
@@ -30,38 +30,38 @@ def test_categories_on_constructed_scores():
     sel = np.array([True, False, False, False, True, False])
     names = [CATEGORIES[k] for k in categorize(shift, sel, 0.5)]
     assert names == [
-        "suppressed", "suppressed", "stable", "indirectly_affected",
-        "strongly_affected", "indirectly_affected",
+        "lost", "lost", "stable", "gained_untrained",
+        "gained_trained", "gained_untrained",
     ]  # fmt: skip
 
 
 def test_utilization_shift_counts_per_group_and_global():
     before = {"l0": torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]), "l1": torch.tensor([1.0, 2.0])}
     after = {"l0": before["l0"].flip(0), "l1": torch.tensor([2.0, 1.0])}
-    out = utilization_shift(before, after, {"l0": [4, 0]}, shift_threshold=0.5, top=5)
+    out = weight_movement_rank_shift(before, after, {"l0": [4, 0]}, shift_threshold=0.5, top=5)
     c = out["counts"]
-    assert c["strongly_affected"] == {"selected": 1, "unselected": 0}
-    assert c["suppressed"] == {"selected": 1, "unselected": 2}  # l0 rows 0, 1; l1 row 1
-    assert c["indirectly_affected"] == {"selected": 0, "unselected": 2}  # l0 row 3, l1 row 0
+    assert c["gained_trained"] == {"selected": 1, "unselected": 0}
+    assert c["lost"] == {"selected": 1, "unselected": 2}  # l0 rows 0, 1; l1 row 1
+    assert c["gained_untrained"] == {"selected": 0, "unselected": 2}  # l0 row 3, l1 row 0
     assert c["stable"] == {"selected": 0, "unselected": 1}
-    assert out["counts_per_group"]["suppressed"] == [2, 1]
+    assert out["counts_per_group"]["lost"] == [2, 1]
     assert out["num_rows"] == 7 and out["num_selected"] == 2
-    assert out["top_indirect"] == [["l1", 0, 1.0], ["l0", 3, 0.5]]
+    assert out["top_gained_untrained"] == [["l1", 0, 1.0], ["l0", 3, 0.5]]
     assert sum(sum(v) for v in out["hist"]["counts"].values()) == 7
-    glob = utilization_shift(before, after, {"l0": [4, 0]}, 0.5, scope="global")
+    glob = weight_movement_rank_shift(before, after, {"l0": [4, 0]}, 0.5, scope="global")
     assert glob["scope"] == "global" and glob["num_rows"] == 7
 
 
 def test_utilization_shift_errors():
     x = {"g": torch.zeros(3)}
     with pytest.raises(ValueError, match="same groups"):
-        utilization_shift(x, {"h": torch.zeros(3)}, {})
+        weight_movement_rank_shift(x, {"h": torch.zeros(3)}, {})
     with pytest.raises(ValueError, match="selected"):
-        utilization_shift(x, x, {"g": [3]})
+        weight_movement_rank_shift(x, x, {"g": [3]})
     with pytest.raises(ValueError, match="scope"):
-        utilization_shift(x, x, {}, scope="layer")
+        weight_movement_rank_shift(x, x, {}, scope="layer")
     with pytest.raises(ValueError, match="shift_threshold"):
-        utilization_shift(x, x, {}, shift_threshold=0.0)
+        weight_movement_rank_shift(x, x, {}, shift_threshold=0.0)
 
 
 class _Group:

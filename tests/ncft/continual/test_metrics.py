@@ -3,6 +3,7 @@ import json
 import pytest
 
 from ncft.continual.metrics import (
+    average_forgetting,
     average_performance,
     backward_transfer,
     cl_summary,
@@ -73,3 +74,16 @@ def test_cl_summary_is_json_ready_and_lenient():
     assert diag["diagonal_mean"] == pytest.approx(0.85)
     with pytest.raises(ValueError, match="task_names"):
         cl_summary(A, ["a", "a", "b"])
+
+
+def test_average_forgetting_by_hand():
+    # F_1 = 0.80 - 0.60; F_2 = mean(max(0.80, 0.60) - 0.40, 0.90 - 0.45).
+    assert average_forgetting(A) == pytest.approx([None, 0.20, 0.425])
+    # A task that improved later counts its best earlier score, never a negative gap
+    # from its first one: max(0.2, 0.7) - 0.6 = 0.1.
+    b = [[0.2, 0.7, 0.6], [0.0, 0.5, 0.5], [0.0, 0.0, 0.9]]
+    assert average_forgetting(b) == pytest.approx([None, -0.5, 0.05])
+    summary = cl_summary(A, ["a", "b", "c"])
+    assert summary["average_forgetting"]["final"] == pytest.approx(0.425)
+    assert "retention" in summary["forgetting"]["note"]
+    assert "lower is better" in summary["average_forgetting"]["note"]

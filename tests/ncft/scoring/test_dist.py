@@ -129,3 +129,14 @@ def test_finetuned_cosine_matches_single_process(results, backend, world):
     assert keys
     for key in keys:
         torch.testing.assert_close(got[key], ref[key], rtol=2e-4, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("backend,world", [r for r in RUNS if r[0] != "single"])
+def test_neft_pearson_matches_single_process_without_gathers(results, backend, world):
+    _, ref = _load(results, "single", 1)
+    report, got = _load(results, backend, world)
+    keys = [k for k in ref if k.startswith("pearson/")]
+    assert len(keys) == 2 * 7 + 2  # rows of 7 projections x 2 layers, units of 2 MLPs
+    for key in keys:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5, msg=key)
+    assert report["pearson_gather_calls"] == 0

@@ -104,3 +104,19 @@ def test_union_with_previous_reads_the_previous_stage():
     alone = _pipeline(_cfg(scorer="random")).select(engine, model, TASK, 1)
     assert asked == [1] and nset.meta["union_with"] == earlier.checksum()
     assert nset.checksum() == alone.union(earlier).checksum() != alone.checksum()
+
+
+def test_neft_plus_reversed_takes_top_and_bottom_of_the_probe():
+    cfg = _cfg(scorer="neft_plus_reversed", count=3, reversed_fraction=0.01)
+    groups, scores = _probe(cfg)
+    engine, model = _engine()
+    nset = _pipeline(cfg).select(engine, model, TASK, 0)
+    top = top_k(scores, groups, count=3, per_layer=False)
+    low = top_k(scores, groups, fraction=0.01, per_layer=False, reverse=True)
+    expected = to_neuron_set({g: torch.cat([top[g], low[g]]).unique() for g in top}, groups, {})
+    assert nset.checksum() == expected.checksum()
+    n = sum(g.size for g in groups)
+    assert nset.meta["reversed_fraction"] == 0.01 and round(0.01 * n) > 0
+    with pytest.raises(ValueError, match="selection.reversed_fraction"):
+        engine, model = _engine()
+        _pipeline(_cfg(scorer="neft_plus_reversed")).select(engine, model, TASK, 0)

@@ -5,7 +5,7 @@ import torch
 
 from ncft.arch import get_adapter
 from ncft.neuron_set import NeuronSet
-from ncft.scoring.controls import RandomScorer, random_like
+from ncft.scoring.controls import RandomScorer
 from ncft.selection import (
     Group,
     check_identical_across_ranks,
@@ -70,16 +70,8 @@ def test_resolve_count():
             resolve_count(10, *bad)
 
 
-def test_random_control_matches_counts_per_module_and_is_seeded():
+def test_random_control_is_seeded():
     groups = _groups(37, 37, 24)
-    empty = torch.tensor([], dtype=torch.long)
-    ref = {"g0": torch.tensor([1, 2, 3]), "g1": torch.tensor([5]), "g2": empty}
-    a = random_like(ref, groups, seed=7)
-    assert {k: len(v) for k, v in a.items()} == {"g0": 3, "g1": 1, "g2": 0}
-    assert _lists(a) == _lists(random_like(ref, groups, seed=7))
-    assert _lists(a) != _lists(random_like(ref, groups, seed=8))
-    # a group's draw does not depend on which other groups exist
-    assert _lists(random_like(ref, groups[:1], seed=7))["g0"] == a["g0"].tolist()
     scores = RandomScorer(seed=3).score(None, groups)
     again = RandomScorer(seed=3).score(None, groups)
     assert all(torch.equal(scores[k], v) for k, v in again.items())
@@ -147,3 +139,26 @@ def test_checksum_agreement_across_ranks():
     assert check_identical_across_ranks(_FakeEngine([same, same]), nset) == nset.checksum()
     with pytest.raises(RuntimeError, match="differs across ranks"):
         check_identical_across_ranks(_FakeEngine([same, _digest_words(other.checksum())]), nset)
+
+
+def test_top_and_bottom_is_neft_plus_reversed_by_hand():
+    # NeFT_x%+Reversed_y% per layer. Layer 0 pools g0 (4 rows) and g1 (6 rows), 10 in
+    # all: x = 20% -> the 2 highest (g0[1] 0.9, g1[4] 0.8); y = 30% -> the 3 lowest of
+    # the rest (g1[0] 0.0, g0[3] 0.05, then the tie 0.1 at g0[0] and g1[2]: lower
+    # candidate index first -> g0[0]). Layer 1 (g2, 3 rows): 20% of 3 -> 1 (round
+    # half up 0.6), 30% -> 1 (0.9): the highest g2[2] and the lowest g2[0].
+    from ncft.selection.topk import top_and_bottom
+
+    groups = [Group("g0", 0, 4, (("g0.w", 0),)), Group("g1", 0, 6, (("g1.w", 0),)),
+              Group("g2", 1, 3, (("g2.w", 0),))]
+    scores = {"g0": torch.tensor([0.1, 0.9, 0.5, 0.05]),
+              "g1": torch.tensor([0.0, 0.3, 0.1, 0.6, 0.8, 0.4]),
+              "g2": torch.tensor([0.2, 0.5, 0.7])}
+    got = top_and_bottom(scores, groups, 0.2, None, 0.3)
+    assert got["g0"].tolist() == [0, 1, 3] and got["g1"].tolist() == [0, 4]
+    assert got["g2"].tolist() == [0, 2]
+    # disjoint even when x + y exceeds the pool: everything, once
+    every = top_and_bottom(scores, groups, 0.8, None, 0.8)
+    assert every["g0"].tolist() == [0, 1, 2, 3] and every["g2"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="reversed_fraction"):
+        top_and_bottom(scores, groups, 0.2, None, 0.0)

@@ -1,5 +1,9 @@
+import pytest
 import torch
 
+from launcher.dist import DistInfo
+from launcher.engines.common import OptimConfig
+from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
 from ncft.neuron_set import NeuronSet
@@ -30,3 +34,31 @@ def test_grid_shapes_and_all_units_off_vs_none():
     assert grid["loss"]["task_neurons_off"][0] != grid["loss"]["baseline"]
     # "random" with every unit is the same set: identical to the task row
     assert grid["loss"]["random_off"][0] == grid["loss"]["task_neurons_off"][0]
+
+
+def test_activation_and_weights_modes_give_the_same_grid():
+    # study.deactivation_mode: zeroing the units' activations = zeroing their gate/up
+    # rows (and biases) and down columns, so every number of the grid is equal
+    model = tiny_llama(seed=1, mlp_bias=True).eval()
+    tok = word_tokenizer(SAMPLE_TEXT.split())
+    blocks = get_adapter(model).mlp_blocks(model)
+    words = SAMPLE_TEXT.split()
+    ev = encode([Example(" ".join(words[i : i + 6]), words[i + 6]) for i in range(0, 40, 7)],
+                tok, 32)
+    sets = {"a": NeuronSet.from_units(blocks, {0: torch.tensor([1, 5, 9]), 1: torch.arange(20)}),
+            "b": NeuronSet.from_units(blocks, {1: torch.tensor([0, 2])})}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = SingleEngine(model, OptimConfig(), INFO)  # has segments: local weight edits
+    grids = {mode: deactivation_grid(engine, blocks, sets, {"a": ev, "b": ev}, 0, 4, 0,
+                                     log=lambda *_: None, mode=mode)
+             for mode in ("activation", "weights")}
+    a, w = grids["activation"], grids["weights"]
+    assert a["mode"] == "activation" and w["mode"] == "weights"
+    assert a["loss"] == w["loss"] and a["task_neurons_off"] == w["task_neurons_off"]
+    assert a["loss"]["task_neurons_off"][0] != a["loss"]["baseline"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="deactivation_mode"):
+        deactivation_grid(FakeEngine(model), blocks, sets, {"a": ev}, 0, 4, 0, mode="weight")
+
+
+INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))

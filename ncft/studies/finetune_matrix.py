@@ -1,0 +1,106 @@
+"""Leng & Xiong's fine-tuning matrix (their Fig. 5, right half; §4.1, Table 2).
+
+The paper: "only task-specific neurons were updated with parameters and other
+neurons were frozen during training", compared with as many random neurons and with
+zero-shot; Fig. 5's entry (i, j) is the change on task j after fine-tuning task i's
+neurons. Open points, and what we chose:
+
+* Start: the base (pre-trained) model, whose scores are the zero-shot baseline, as in
+  Table 2. The neurons are those the deactivation study found (on the model tuned on
+  all tasks), so both halves of Fig. 5 use the same sets.
+* Budget: the same number of optimizer steps for every row (`study.finetune_steps`),
+  on task i's training data only, with the run's optimizer settings.
+* Score: the deactivation study's teacher-forced answer accuracy and loss on each
+  task's evaluation examples; the matrix stores raw scores, the change is
+  `row - baseline` (`ncft.analysis.results.finetune_matrix`).
+* Control: the same count of random units per layer (seed `seed + i`), trained the
+  same way (Table 2's "Random").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+
+from ncft.arch import MlpBlock
+from ncft.deactivate import answer_metrics, random_units
+from ncft.engine import Engine
+from ncft.masks.plan import MaskPlan
+from ncft.neuron_set import NeuronSet
+from ncft.train import train
+
+# NeuronSet -> a fresh engine over the base model with only the set's parameters
+# trainable and its mask plan; None -> the base model only to evaluate (plan None).
+MakeEngine = Callable[[NeuronSet | None], tuple[Engine, MaskPlan | None]]
+# (engine, task index) -> endless micro-batch lists of that task's training data.
+StepsOf = Callable[[Engine, int], Iterable[Sequence[dict[str, torch.Tensor]]]]
+
+
+def _scores(engine: Engine, tasks: Sequence[str], encoded_eval, batch_size: int,
+            pad_id: int) -> tuple[list[float], list[float]]:  # fmt: skip
+    row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
+    return [m["accuracy"] for m in row], [m["loss"] for m in row]
+
+
+def finetune_matrix(
+    make_engine: MakeEngine,
+    steps_of: StepsOf,
+    blocks: Sequence[MlpBlock],
+    sets: Mapping[str, NeuronSet],
+    encoded_eval: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+    num_steps: int,
+    seed: int,
+    batch_size: int,
+    pad_id: int,
+    log=print,
+) -> dict[str, Any]:
+    """Train only task i's units (and, as control, random units), score every task j.
+
+    Args:
+        make_engine: Builds a fresh base-model engine training only a set.
+        steps_of: Training micro-batches of task i on an engine.
+        blocks: MLP blocks of the unwrapped model.
+        sets: Task name -> that task's unit NeuronSet, in task order.
+        encoded_eval: Task name -> encoded evaluation examples.
+        num_steps: Optimizer steps per row.
+        seed: Seed of the random control sets (per task: `seed + i`).
+        batch_size: Evaluation examples per rank per forward.
+        pad_id: Padding token id.
+        log: Progress printer (rank 0's print).
+
+    Returns:
+        `results.json["deactivation"]["finetune_matrix"]`: `tasks`, `metric`,
+        `steps`, `start`, `baseline[j]` (zero-shot), `task_neurons_trained[i][j]`,
+        `random_trained[i][j]`, and the same three for the loss under `loss`.
+    """
+    tasks = list(sets)
+    engine, _ = make_engine(None)
+    base_acc, base_loss = _scores(engine, tasks, encoded_eval, batch_size, pad_id)
+    engine.close()
+    log(f"fine-tuning matrix: zero-shot accuracy {dict(zip(tasks, base_acc))}")
+    rows: dict[str, list[list[float]]] = {k: [] for k in ("acc", "loss", "racc", "rloss")}
+    for i, name in enumerate(tasks):
+        units = sets[name].units(blocks)
+        control = NeuronSet.from_units(list(blocks), random_units(units, blocks, seed + i))
+        for nset, acc_key, loss_key in ((sets[name], "acc", "loss"), (control, "racc", "rloss")):
+            engine, plan = make_engine(nset)
+            train(engine, islice(steps_of(engine, i), num_steps), plan)
+            acc, loss = _scores(engine, tasks, encoded_eval, batch_size, pad_id)
+            engine.close()
+            rows[acc_key].append(acc)
+            rows[loss_key].append(loss)
+        log(f"fine-tuning matrix: {name} units trained -> {dict(zip(tasks, rows['acc'][-1]))}, "
+            f"random -> {dict(zip(tasks, rows['racc'][-1]))}")  # fmt: skip
+    return {
+        "tasks": tasks, "metric": "teacher-forced answer accuracy", "steps": num_steps,
+        "start": "base model (zero-shot baseline)",
+        "baseline": base_acc, "task_neurons_trained": rows["acc"], "random_trained": rows["racc"],
+        "loss": {"baseline": base_loss, "task_neurons_trained": rows["loss"],
+                 "random_trained": rows["rloss"]},
+    }  # fmt: skip
+
+
+__all__ = ["finetune_matrix"]
