@@ -64,8 +64,13 @@ def machine() -> dict:
 
 def gpu_tests(out: Path, timeout: int) -> dict:
     """Part 1: pytest -m gpu, with the pass/fail counts parsed from its summary line."""
+    import importlib.util
+
+    # The gpu tests each start their own ranks (mostly one GPU each): with pytest-xdist
+    # (the GPU image has it) several run side by side on the one card.
+    xdist = ["-n", "4"] if importlib.util.find_spec("xdist") else []
     r = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-              "-o", "addopts=", "tests"], timeout, out / "gpu_tests.log")
+              "-o", "addopts=", "-rfEs", *xdist, "tests"], timeout, out / "gpu_tests.log")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", r["tail"])}
     return {**r, "counts": counts}
 
@@ -131,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--parts", default="tests,runs,bench", help="comma list to run")
-    parser.add_argument("--tests-timeout", type=int, default=200)
-    parser.add_argument("--run-timeout", type=int, default=60, help="per engine")
-    parser.add_argument("--bench-timeout", type=int, default=180)
+    parser.add_argument("--tests-timeout", type=int, default=240)
+    parser.add_argument("--run-timeout", type=int, default=45, help="per engine")
+    parser.add_argument("--bench-timeout", type=int, default=150)
     args = parser.parse_args(argv)
     import torch
 

@@ -4,7 +4,7 @@ Both arms train the SAME matrices (`freeze_unselected` with the same NeuronSet, 
 the engine allocates gradients and optimizer state for exactly gate/up/down of every
 layer); they differ only in the masking itself:
 
-* masked:   `train_step(engine, batches, plan)` with `optimizer.set_frozen(plan.frozen)`
+* masked:   `train_step(engine, batches, plan)` with `optimizer.set_frozen(plan.tensor_masks)`
             (= `plan.apply_to_grads()` + the masked update in `MaskedAdamW`);
 * unmasked: `train_step(engine, batches, None)` with `optimizer.set_frozen({})`.
 
@@ -156,7 +156,8 @@ def pieces_summary(apply_s: list, opt_m: list, opt_u: list, step_u: float) -> di
     }
 
 
-def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
+def bench_one(backend: str, config: str, info, warmup: int, pairs: int,
+              dtype: str = "float32") -> dict:
     import torch
     import torch.distributed as dist
 
@@ -174,9 +175,10 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
     trainable = freeze_unselected(model, neuron_set.entries)
     names = set(trainable)
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    # The model stays fp32 (masters); `dtype` is the compute dtype (engines own it).
     cfg = OptimConfig(
         lr=1e-4, weight_decay=0.01, grad_clip=1.0, grad_accum=1,
-        micro_batch_size=spec["micro_batch"],
+        micro_batch_size=spec["micro_batch"], compute_dtype=getattr(torch, dtype),
     )
     engine = build_engine(backend, model, cfg, info)
     plan = install(engine, neuron_set.entries)
@@ -196,7 +198,7 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
         return [{"input_ids": ids, "labels": ids}]
 
     def step(masked: bool) -> tuple[float, float, tuple, tuple]:
-        engine.optimizer.set_frozen(plan.frozen if masked else {})
+        engine.optimizer.set_frozen(plan.tensor_masks if masked else {})
         mbs = batch()
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -255,7 +257,7 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int) -> dict:
     ratio = statistics.median(full[True]) / statistics.median(full[False])
     step_u, cpu_u = statistics.median(full[False]), statistics.median(cpu_unmasked)
     return {
-        "engine": backend, "config": config, "world_size": info.world_size,
+        "engine": backend, "config": config, "world_size": info.world_size, "dtype": dtype,
         "params": params, "trainable_params": n_trainable,
         "selected_params": int(per_rank[:, 3].sum()),
         "seq": spec["seq"], "micro_batch": spec["micro_batch"],
@@ -335,7 +337,7 @@ def worker(args: argparse.Namespace) -> None:
         pairs = spec["pairs"] if args.pairs is None else args.pairs
         for backend in args.engines.split(","):
             t0 = time.perf_counter()
-            r = bench_one(backend, config, info, warmup, pairs)
+            r = bench_one(backend, config, info, warmup, pairs, args.dtype)
             if info.rank == 0:
                 r["wall_s"] = time.perf_counter() - t0
                 results.append(r)
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="ranks (ignored under torchrun)")
     parser.add_argument("--warmup", type=int, default=None, help="override per-config warm-up")
     parser.add_argument("--pairs", type=int, default=None, help="override per-config pairs")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (masters and moments stay fp32)")
     args = parser.parse_args(argv)
     for c in args.configs.split(","):
         if c not in CONFIGS:

@@ -22,6 +22,7 @@ reads the files once.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Iterable, Mapping
@@ -154,7 +155,8 @@ def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world
 
 
 def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int,
-                rank: int) -> nn.Module:  # fmt: skip
+                rank: int, fp32_parts: dict[str, torch.Tensor] | None = None,
+                ) -> nn.Module:  # fmt: skip
     """A twin of the meta HF model, built under `deepspeed.zero.Init` and filled.
 
     Each rank's partitions come from `weights`; `requires_grad` and the generation
@@ -166,11 +168,17 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     `ds_tensor` (P elements, on `remote_device`) holds flat elements `[r P, (r+1) P)`;
     the tail past `ds_numel` is padding. That is `ncft.masks.layout.flat_partition`,
     so each rank writes its `ds_tensor` from its own file range, with no collective.
-    `zero.Init` reads `remote_device` (`offload_param`) from the config.
+    `zero.Init` reads `remote_device` (`offload_param`) from the config. Given
+    `fp32_parts`, each rank's partition is also kept there in fp32 (padded with zeros),
+    read once with the rest (bf16 compute: the engine's exact masters and frozen values).
     """
     import deepspeed
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:  # older transformers 5.x (the GPU image's 5.17): fixed up below
+        prevent_arange_dtype_change = None
 
     keys = param_keys(meta, weights.keys())
     dtype = next(meta.parameters()).dtype
@@ -184,9 +192,18 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     # would cast the module; given one, DeepSpeed 0.19's `_set_dtype` ignores it on an
     # accelerator without fp16 (operator precedence) and picks bf16. `copy_` below
     # casts the file's values to the partitions' dtype.
-    with no_init_weights(), prevent_arange_dtype_change(), \
+    keep_arange = prevent_arange_dtype_change or contextlib.nullcontext
+    with no_init_weights(), keep_arange(), \
             _partition_only(deepspeed.zero.Init)(config_dict_or_path=ds_cfg):
         model = type(meta)._from_config(meta.config, dtype=dtype)
+    if prevent_arange_dtype_change is None:
+        # Without it zero.Init built the rotary tables in the compute dtype: rebuild
+        # them in fp32, as the newer transformers keeps them.
+        for module in model.modules():
+            for name in module._non_persistent_buffers_set:
+                if module._buffers.get(name) is not None:
+                    module._buffers[name] = module._buffers[name].float()
+        recompute_buffers(model)
     # no_init_weights also skips `init_weights`, where transformers ties embeddings.
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -207,8 +224,13 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
                 raise ValueError("ZeRO-3 sharded loading does not fill NVMe-offloaded "
                                  "parameters; use offload_param.device cpu or none")  # fmt: skip
             assert part.numel() == per_rank and param.ds_numel_aligned == per_rank * world_size
-            part[: stop - start].copy_(weights.flat(keys[name], start, stop))
+            values = weights.flat(keys[name], start, stop)
+            part[: stop - start].copy_(values)
             part[stop - start :].zero_()  # DeepSpeed leaves the padding uninitialised
+            if fp32_parts is not None:
+                exact = torch.zeros(per_rank, dtype=torch.float32)
+                exact[: stop - start].copy_(values)
+                fp32_parts[name] = exact
         _fill_buffers(model, weights)
     model.generation_config = meta.generation_config
     return model.train(meta.training)

@@ -50,8 +50,22 @@ from launcher.engines.common import (  # noqa: E402
     prepare_model,
     trainable,
 )
-from ncft.engine import Segment, StepStats  # noqa: E402
+from ncft.engine import Segment, StepStats, local_flat  # noqa: E402
 from ncft.masks.layout import flat_partition  # noqa: E402
+
+
+def _fp32_partitions(model: nn.Module, world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's fp32 flat partition of every parameter of an fp32 model, zero-padded.
+
+    (A model loaded from files gets these from `loading.zero3_model` instead.)
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        start, stop, per_rank = flat_partition(p.numel(), world_size, rank)
+        part = torch.zeros(per_rank, dtype=torch.float32)
+        part[: stop - start].copy_(p.detach().reshape(-1)[start:stop])
+        out[name] = part
+    return out
 
 
 def _skip_cpu_shm_op() -> None:
@@ -88,9 +102,20 @@ class Zero3Engine(LocalState):
                 "set grad_clip: 0 or use ds_configs/zero3.json"
             )
         self.load_report = None
+        # Under bf16 compute DeepSpeed casts the module before it makes its fp32
+        # masters, so they would start bf16-rounded and frozen weights would exist only
+        # in bf16: this rank's fp32 partition of every parameter is kept (host memory,
+        # 4 bytes per element / world size) to start the masters exact and to gather
+        # frozen weights exactly (checkpoints, export). The GPU check found the rounding:
+        # every element of a masked bf16 run's export had moved.
+        low = cfg.compute_dtype != torch.float32
+        self._fp32_parts: dict[str, torch.Tensor] = {}
+        if low and weights is None:
+            self._fp32_parts = _fp32_partitions(model, self.world_size, self.rank)
         if weights is not None:
             with loading.PeakMemory() as peak:
-                model = loading.zero3_model(model, ds_cfg, weights, self.world_size, self.rank)
+                model = loading.zero3_model(model, ds_cfg, weights, self.world_size, self.rank,
+                                            self._fp32_parts if low else None)  # fmt: skip
             # The twin is a new module: switch checkpointing on it too (no cast: its
             # partitions already have the config's dtype).
             enable_checkpointing(model, cfg)
@@ -102,6 +127,7 @@ class Zero3Engine(LocalState):
         self.module = self._ds.module
         self._params = dict(self.module.named_parameters())
         self._micro = 0
+        self._exact_masters()
 
     @property
     def is_main_process(self) -> bool:  # noqa: D102
@@ -146,6 +172,25 @@ class Zero3Engine(LocalState):
             )
         return out
 
+    @torch.no_grad()
+    def _exact_masters(self) -> None:
+        """Start the fp32 masters from the fp32 weights (bf16 compute only).
+
+        Trainable partitions then need no copy of their own: the masters are exact.
+        """
+        if not self._fp32_parts:
+            return
+        for seg in self.segments():
+            part = self._fp32_parts.pop(seg.fqn)
+            local_flat(seg.opt_param).narrow(0, seg.opt_offset, seg.numel).copy_(
+                part[: seg.numel])
+
+    def _full_fp32(self, name: str) -> torch.Tensor:
+        """A frozen parameter's exact fp32 value, gathered from every rank's partition."""
+        p = self._params[name]
+        full = all_gather_flat(self._fp32_parts[name], self.device)
+        return full[: p.ds_numel].view(self._shapes[name])
+
     def _grad(self, group: int, index: int, offset: int, numel: int) -> torch.Tensor | None:
         zero = self._zero
         if self._offload:
@@ -157,14 +202,11 @@ class Zero3Engine(LocalState):
     @contextmanager
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         low = self.cfg.compute_dtype != torch.float32
-        masters = {n: self._full_master(n) for n in fqns if low and self._params[n].requires_grad}
+        masters = {n: self._full_master(n) if self._params[n].requires_grad
+                   else self._full_fp32(n) for n in fqns if low}  # fmt: skip
         params = [self._params[n] for n in fqns if n not in masters]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            # Frozen parameters exist only as compute copies: widened, so every gathered
-            # tensor has the masters' dtype.
-            yield {n: masters[n] if n in masters else
-                   (self._params[n].data.float() if low else self._params[n].data)
-                   for n in fqns}  # fmt: skip
+            yield {n: masters[n] if n in masters else self._params[n].data for n in fqns}
 
     def _full_master(self, name: str) -> torch.Tensor:
         """The full fp32 master of a trainable parameter, gathered from every rank."""

@@ -24,13 +24,17 @@ trailing ranks get the short chunks and the padding):
   fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local shard, a parameter):
   `exp_avg` and `exp_avg_sq` in fp32 (8 bytes per element) and a 4-byte step. Frozen
   whole matrices have none (DESIGN rule 5).
-- **masks** (neuron methods only), what `ncft.masks.plan.MaskPlan` and
-  `ncft.masks.optim.MaskedAdamW` allocate: one bool per element of every optimizer
-  tensor; for every segment and every optimizer tensor of at least `SPARSE_MIN_NUMEL`
-  elements with at most `SPARSE_MAX_FRACTION` of them selected, an int64 index of the
-  selected elements (the plan's per segment, the optimizer's per tensor); and the
-  NeuronSet's own int64 indices. Selected elements are assumed spread evenly over a
-  parameter (expected value; with a real NeuronSet, `selections=` counts them exactly).
+- **masks** (neuron methods only), what `ncft.masks.plan.MaskPlan` allocates
+  (`ncft.masks.structured`; `MaskedAdamW` shares the plan's tensors): per segment
+  with a row selection, the positions of the selected rows among its whole rows; per
+  parameter with a column selection, its selected columns once (shared by all its
+  segments on the rank); both in the smallest integer type that holds the dimension
+  (int16 for Llama-2-7b's 11008). Segments under `DENSE_MAX_NUMEL` elements, or
+  whose index would be at least as large, keep one bool per element instead. Plus the
+  NeuronSet's own int64 indices (every rank holds the whole set, in host memory):
+  `mask_bytes` alone is the bookkeeping, `neuronset_bytes` the set. Selected rows
+  are assumed spread evenly over a parameter (expected value; with a real NeuronSet,
+  `selections=` counts them exactly by building the masks on the meta device).
 - **activations**: what autograd keeps for backward for one micro-batch of
   `b = training.micro_batch_size` sequences of `s` = the longest task's `max_length`
   tokens, counted tensor by tensor for the Hugging Face modules in the way of
@@ -55,6 +59,10 @@ trailing ranks get the short chunks and the padding):
   and head, unsharded from forward to backward), the unsharded gradient of one layer
   before it is reduced, and for ZeRO-3 the reduce bucket and the fp32 copy of the
   gradients that `step()` flattens per sub-group.
+  For masked stages also the masked step's temporaries (`mask_step_bytes`): it
+  gathers one block of trainable elements at a time (values, both moments, the
+  update and a square root: 5 fp32 per element), and a dense-bool segment computes a
+  full-size update (2 fp32 per element); the largest segment sets the peak.
 
 Not counted: the CUDA context, NCCL and allocator fragmentation (keep ~10% free), the
 scoring pass of neuron methods (its batch is `selection.batch_size`), evaluation.
@@ -68,13 +76,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from launcher.plan.model import ModelInfo, ParamInfo
 from ncft.masks.layout import chunk_rows, flat_partition
-from ncft.masks.optim import SPARSE_MAX_FRACTION, SPARSE_MIN_NUMEL
+from ncft.masks.structured import DENSE_MAX_NUMEL, MaskBuilder, index_dtype
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
-INDEX = 8  # int64
+INDEX = 8  # int64 (the NeuronSet's indices)
 ENGINES = ("deepspeed", "fsdp2", "fsdp1", "single")
 TERMS = ("parameters", "gradients", "optimizer", "masks", "activations", "buffers")
 
@@ -201,39 +211,66 @@ def _fsdp1(model: ModelInfo, world: int, rank: int) -> Layout:
     return out
 
 
-def _selected_in(h: Held, selections: Mapping | None) -> float:
-    """Selected elements of the piece (expected, or exact from `selections`)."""
-    if h.param.selected is None:
-        return float(h.stop - h.start)
-    sel = None if selections is None else selections.get(h.param.fqn)
-    if sel is None or h.stop == h.start:
-        return h.param.selected * (h.stop - h.start)
-    from ncft.masks.layout import segment_mask
-
-    return float(segment_mask(h.param.shape, h.start, h.stop, sel.axis, sel.indices).sum())
+def _index_size(size: int) -> int:
+    return torch.empty(0, dtype=index_dtype(size)).element_size()
 
 
-def _index_bytes(numel: int, selected: float) -> float:
-    # ncft.masks.optim.sparse_trainable_index's rule.
-    if numel < SPARSE_MIN_NUMEL or selected > SPARSE_MAX_FRACTION * numel:
-        return 0.0
-    return INDEX * selected
+def _expected_segment(h: Held, columns: set[str]) -> float:
+    """Expected bytes of one masked piece (selected rows or columns spread evenly)."""
+    p, numel = h.param, h.stop - h.start
+    if not p.selected or numel == 0:
+        return 0.0  # no selection on this parameter: the piece is frozen, no tensor
+    width = p.numel // p.shape[0] if len(p.shape) > 1 else 1
+    if p.axis == 0:
+        head = min(width - h.start % width, numel) if h.start % width else 0
+        body = (numel - head) // width
+        entries = 0.0 if p.selected >= 1 else p.selected * body
+        size = p.shape[0] if p.shape else 1
+    else:
+        entries = 0.0 if p.selected >= 1 else round(p.selected * width)
+        size = width
+    index = entries * _index_size(size)
+    if numel < DENSE_MAX_NUMEL or numel <= index:
+        return float(numel)  # a bool per element
+    if p.axis == 1:
+        if p.fqn in columns:
+            return 0.0  # the column list is shared by the parameter's pieces
+        columns.add(p.fqn)
+    return index
 
 
 def mask_bytes(lay: Layout, selections: Mapping | None = None) -> float:
-    """Bytes of mask bookkeeping on the rank (0 if no parameter is masked)."""
+    """Bytes of mask bookkeeping on the rank (0 if no parameter is masked).
+
+    With `selections` (a real NeuronSet's entries), builds the rank's masks on the meta
+    device with the code `MaskPlan.build` runs and counts their tensors exactly.
+    """
     if not any(h.param.selected is not None for h in lay.held):
         return 0.0
-    total = float(sum(lay.opt_numel.values()))  # one bool per optimizer-tensor element
-    per_opt: dict[str, float] = {}
+    if selections is not None:
+        builder = MaskBuilder("meta")
+        for h in lay.held:
+            sel = selections.get(h.param.fqn)
+            if h.opt is not None and sel is not None:
+                builder.segment(h.param.fqn, h.param.shape, h.start, h.stop, sel.axis,
+                                sel.indices)  # fmt: skip
+        return float(builder.nbytes())
+    columns: set[str] = set()
+    return sum(_expected_segment(h, columns) for h in lay.held if h.opt is not None)
+
+
+def mask_step_bytes(lay: Layout) -> float:
+    """Peak temporaries of the masked step (see the module docstring's buffers)."""
+    peak = 0.0
     for h in lay.held:
-        if h.opt is None:
+        numel = h.stop - h.start
+        if h.opt is None or not h.param.selected or numel == 0:
             continue
-        chosen = _selected_in(h, selections)
-        total += _index_bytes(h.stop - h.start, chosen)  # MaskPlan.grad_index
-        per_opt[h.opt] = per_opt.get(h.opt, 0.0) + chosen
-    total += sum(_index_bytes(lay.opt_numel[k], v) for k, v in per_opt.items())  # optimizer
-    return total
+        if numel < DENSE_MAX_NUMEL:
+            peak = max(peak, 2.0 * FP32 * numel)
+        else:
+            peak = max(peak, 5.0 * FP32 * h.param.selected * numel)
+    return peak
 
 
 def neuronset_bytes(model: ModelInfo) -> float:
@@ -367,7 +404,7 @@ def per_rank_bytes(
         "optimizer": 2.0 * FP32 * opt_elems + 4.0 * len(lay.opt_numel),
         "masks": mask_bytes(lay, selections) + neuronset_bytes(model),
         "activations": activation_bytes(model, e, batch, checkpointing),
-        "buffers": buffer_bytes(engine, model, e, ds, opt_elems),
+        "buffers": buffer_bytes(engine, model, e, ds, opt_elems) + mask_step_bytes(lay),
     }
     out["total"] = sum(out[t] for t in TERMS)
     return out

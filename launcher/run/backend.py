@@ -17,7 +17,7 @@ import torch
 from launcher.dist import DistInfo, barrier, print0
 from launcher.engines import OptimConfig, build_engine
 from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
-from launcher.run import progress, rundir
+from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
@@ -238,6 +238,8 @@ class LauncherBackend:
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
         barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
+        if preempt.agreed(engine.device):  # the stage is on disk: nothing more to save
+            preempt.stop(f"after stage {stage + 1}")
 
     def resume_step(self, stage: int) -> int:  # noqa: D102
         found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
@@ -249,11 +251,16 @@ class LauncherBackend:
         progress.load(engine, found[1], self.spec.engine.backend)
 
     def after_step(self, engine, stage: int, step: int, total: int) -> None:  # noqa: D102
+        preempt.fault_pause(f"{stage + 1}:{step}", self.info.rank)
         every = self.spec.output.checkpoint_every
-        if every and step % every == 0 and step < total:  # the last step gets save_stage
+        stop = preempt.agreed(engine.device)  # collective: every rank, every step
+        # The last step normally gets save_stage; a stop request saves it here instead.
+        if stop or (every and step % every == 0 and step < total):
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
                           self.spec.engine.backend)  # fmt: skip
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
+        if stop:
+            preempt.stop(f"after step {step}/{total} of stage {stage + 1}")
 
     def after_eval(self, stage: int, task_index: int) -> None:  # noqa: D102
         if task_index == 0:

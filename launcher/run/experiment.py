@@ -13,11 +13,12 @@ the directory it created, so the corrected rerun starts clean.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
-from launcher.run import rundir, studies
+from launcher.run import preempt, rundir, studies
 from launcher.run.backend import LauncherBackend, lora_options
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
@@ -81,6 +82,7 @@ def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
 
 def run_rank(run_root: str, model_dir: str) -> None:
     """One rank of an experiment whose run directory is prepared."""
+    preempt.install()  # before the slow setup: a SIGTERM then stops at the first step
     run = rundir.RunDir(Path(run_root))
     spec = load_spec(run.spec)
     info = init_distributed()
@@ -89,6 +91,18 @@ def run_rank(run_root: str, model_dir: str) -> None:
             f"engine: the spec asks for {spec.engine.world_size} ranks "
             f"(nnodes x nproc_per_node) but the launcher started {info.world_size}"
         )
+    try:
+        _run_stages(spec, info, run, model_dir)
+    except preempt.Preempted as stopped:
+        print0(f"{stopped}; resume with the same command and output.resume=true "
+               "(a requeued SLURM job resumes by itself)")
+    else:
+        return
+    shutdown()
+    raise SystemExit(preempt.EXIT_PREEMPTED)
+
+
+def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
     selector = run_selector(spec, backend, tasks)
@@ -130,6 +144,7 @@ def prepare(spec: Spec) -> tuple[str, str]:
     model_dir = resolve_model(spec.model.name_or_path)
     run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
                          spec.output.overwrite)  # fmt: skip
+    preempt.record_job(run.root)
     return str(run.root), model_dir
 
 
@@ -142,17 +157,33 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
         RanksFailed: If a rank fails otherwise. After a failure, a run directory this
             call created is removed unless a checkpoint made it resumable.
     """
-    spec = load_spec(spec_path, overrides)
+    spec = preempt.resume_if_requeued(load_spec(spec_path, overrides))
     preflight(spec, under_launcher())
     out = spec.output
     created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
         root, model_dir = prepare(spec)
         with rundir.removed_unless_started(rundir.RunDir(out.dir), created):
-            run_local(run_rank, spec.engine.nproc_per_node, root, model_dir)
+            _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     prepared = broadcast_object(prepare(spec) if info.is_main_process else None)
     # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
     with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
         run_rank(*prepared)
+
+
+def _run_local_stoppable(nproc: int, root: str, model_dir: str) -> None:
+    """`run_local`, where SIGTERM to this parent stops the ranks at a checkpoint.
+
+    The elastic agent forwards SIGTERM to the ranks and waits `preempt.GRACE_S`
+    before SIGKILL; then this process exits with `preempt.EXIT_PREEMPTED`.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    os.environ.setdefault(preempt.GRACE_ENV, preempt.GRACE_S)
+    try:
+        run_local(run_rank, nproc, root, model_dir)
+    except SignalException as err:
+        print(f"ncft: {err}; the ranks stopped at a checkpoint", flush=True)
+        raise SystemExit(preempt.EXIT_PREEMPTED) from None

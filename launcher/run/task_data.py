@@ -1,14 +1,17 @@
-"""A spec task -> prompt/answer examples, through `datasets` for every source.
+"""A spec task -> prompt/answer examples.
 
-Local JSONL (the data root's cl_benchmark and translation sets, or `json` sources)
-and hub datasets (`hf` sources) go through the same `datasets.load_dataset` call,
-so a user's hub id and the offline files are read by one loader. Sizes are upper
-bounds: the first `train_size` / `eval_size` rows are used (the shipped files are
-already shuffled).
+Local JSONL (the data root's cl_benchmark and translation sets, or `json` sources) is
+read line by line; hub datasets (`hf` sources) go through `datasets.load_dataset`.
+The local files need no `datasets` import: it costs seconds per rank, and a GPU image
+that lacks the package (the gpu-check found one) still runs every shipped spec. Sizes
+are upper bounds: the first `train_size` / `eval_size` rows are used (the shipped
+files are already shuffled).
 """
 
 from __future__ import annotations
 
+import json
+from itertools import islice
 from pathlib import Path
 
 from launcher.spec.tasks import TaskSpec, data_files
@@ -17,16 +20,34 @@ from ncft.data.examples import Example, classification_examples, generation_exam
 
 
 def _load_split(task: TaskSpec, data_root: Path | None, split: str, limit: int) -> list[dict]:
-    import datasets
-
     source = task.source
     if source.type == "hf":
+        import datasets
+
         name = source.train_split if split == "train" else source.test_split
         ds = datasets.load_dataset(source.path, source.name, split=name)
-    else:
-        path = data_files(task, data_root)[split]
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    return ds.select(range(min(limit, len(ds)))).to_list()
+        return ds.select(range(min(limit, len(ds)))).to_list()
+    return read_jsonl(data_files(task, data_root)[split], limit)
+
+
+def read_jsonl(path: Path, limit: int) -> list[dict]:
+    """The first `limit` objects of a JSONL file (blank lines skipped).
+
+    Raises:
+        ValueError: If a line is not a JSON object (naming the file and line).
+    """
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        lines = (line for line in handle if line.strip())
+        for number, line in enumerate(islice(lines, limit), start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: JSON line {number} does not parse: {exc}") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: JSON line {number} is not an object")
+            rows.append(row)
+    return rows
 
 
 def _examples(task: TaskSpec, rows: list[dict]) -> list[Example]:

@@ -10,10 +10,14 @@ Masks are laid out on the rank-local flat storage of each tensor the optimizer
 steps (a ZeRO-3 fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local
 shard or a plain parameter); the optimizer never communicates.
 
-A neuron selection is usually sparse (a few percent of a matrix), so for large,
-sparse masks the update is computed only at an index of the trainable elements and
-written back with `index_copy_` (see `sparse_trainable_index`); frozen elements are
-then never written at all. Both paths give trainable elements bit-identical values.
+A mask is either structured (`ncft.masks.structured.TensorMask`, what `MaskPlan`
+installs: per segment, the selected rows or columns) or a dense bool per element.
+Structured masks compute the update only on the trainable rows/columns, gathered
+with `index_select` from `[rows, width]` views one block at a time and written back
+with `index_copy_`; frozen elements are never written. Dense masks of large, sparse
+tensors use a flat index of the trainable elements the same way
+(`sparse_trainable_index`); other dense masks select the full-size update. All
+paths give trainable elements bit-identical values (the arithmetic is elementwise).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ncft.engine import local_tensor
+from ncft.masks.structured import ALL, TensorMask
 
 # A mask takes the index path when at most this fraction of its elements is trainable
 # and it has at least SPARSE_MIN_NUMEL elements. On CPU at 5% trainable (100M model,
@@ -92,24 +97,31 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # id(tensor) -> (tensor, frozen mask over local_flat(tensor)); keyed by id because
         # ZeRO-3 swaps its flat partitions in and out of param_groups around each step.
-        self._frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frozen: dict[int, tuple[torch.Tensor, torch.Tensor | TensorMask]] = {}
         # id(tensor) -> flat positions of its trainable elements, for sparse masks only.
         self._trainable_index: dict[int, torch.Tensor] = {}
 
-    def set_frozen(self, masks: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def set_frozen(
+        self, masks: Mapping[int, tuple[torch.Tensor, torch.Tensor | TensorMask]]
+    ) -> None:
         """Replace all masks.
 
-        Also precomputes, once per mask, the index of trainable elements that the
-        update uses for sparse masks (see `sparse_trainable_index`). The masks must not
-        be modified in place afterwards; call `set_frozen` again with the new masks.
+        For dense masks, also precomputes once per mask the index of trainable
+        elements that the update uses when the mask is sparse (see
+        `sparse_trainable_index`). Masks must not be modified in place afterwards;
+        call `set_frozen` again with the new masks.
 
         Args:
-            masks: `{id(t): (t, frozen_bool_over_local_flat(t))}`; an empty mapping
-                removes all masks.
+            masks: `{id(t): (t, mask)}` where `mask` is a `TensorMask`
+                (`MaskPlan.tensor_masks`) or a bool over `local_flat(t)`, True =
+                frozen; an empty mapping removes all masks.
         """
         indices = {}
         for key, (tensor, frozen) in masks.items():
             local = local_tensor(tensor)
+            if isinstance(frozen, TensorMask):
+                assert frozen.numel == local.numel(), (frozen.numel, local.shape)
+                continue
             assert frozen.dtype == torch.bool and frozen.numel() == local.numel(), (
                 frozen.shape,
                 local.shape,
@@ -120,8 +132,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._frozen = dict(masks)
         self._trainable_index = indices
 
-    def frozen_mask(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The frozen mask installed for `tensor`, or None."""
+    def frozen_mask(self, tensor: torch.Tensor) -> torch.Tensor | TensorMask | None:
+        """The mask installed for `tensor` (dense bool or `TensorMask`), or None."""
         entry = self._frozen.get(id(tensor))
         return entry[1] if entry is not None else None
 
@@ -155,6 +167,11 @@ class MaskedAdamW(torch.optim.Optimizer):
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
 
+        hyper = (lr, wd, step_size, bias_correction2_sqrt, eps)
+        frozen = self.frozen_mask(p)
+        if isinstance(frozen, TensorMask):
+            _structured_update(param.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), frozen, hyper)
+            return
         index = self._trainable_index.get(id(p))
         if index is not None:
             # Sparse mask: the same elementwise arithmetic on the trainable elements
@@ -169,12 +186,46 @@ class MaskedAdamW(torch.optim.Optimizer):
         update = _adam_update(
             exp_avg, exp_avg_sq, param, lr, wd, step_size, bias_correction2_sqrt, eps
         )
-        frozen = self.frozen_mask(p)
         if frozen is not None:
             # A select, not a multiply: inf/nan in frozen slots must not reach the
             # parameter. torch.where(out=) is a cheaper CPU kernel than masked_fill_.
             torch.where(frozen.view(update.shape), update.new_zeros(()), update, out=update)
         param.sub_(update)
+
+
+def _structured_update(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    mask: TensorMask,
+    hyper: tuple[float, float, float, float, float],
+) -> None:
+    """Apply the update to the trainable elements of flat `param` only.
+
+    One block at a time, so the temporaries (gathered values, moments and update)
+    hold at most one block's trainable elements; elements no block lists are never
+    written.
+    """
+    for offset, seg in mask.pieces:
+        if seg.frozen is not None:  # small segment with a dense bool
+            p = param[offset : offset + seg.numel]
+            m, v = exp_avg[offset : offset + seg.numel], exp_avg_sq[offset : offset + seg.numel]
+            update = _adam_update(m, v, p, *hyper)
+            # A select, not a multiply: inf/nan in frozen slots must not reach p.
+            torch.where(seg.frozen, update.new_zeros(()), update, out=update)
+            p.sub_(update)
+            continue
+        for block in seg.blocks:
+            p = block.view(param, offset)
+            m, v = block.view(exp_avg, offset), block.view(exp_avg_sq, offset)
+            if block.dim == ALL:
+                p.sub_(_adam_update(m, v, p, *hyper))
+                continue
+            pos = block.positions()
+            values = p.index_select(block.dim, pos)
+            m, v = m.index_select(block.dim, pos), v.index_select(block.dim, pos)
+            update = _adam_update(m, v, values, *hyper)
+            p.index_copy_(block.dim, pos, values.sub_(update))
 
 
 def _adam_update(

@@ -1,25 +1,23 @@
 """Turn a NeuronSet into rank-local masks and apply them between backward and step.
 
-A `MaskPlan` holds one bool buffer per optimizer tensor this rank steps (True =
-frozen), laid out on that tensor's local flat storage, and per-segment views into it
-for the gradients. Building it is arithmetic on the segments the engine reports;
-applying it touches local memory only, so a masked step issues exactly the
-collectives an unmasked one does. Sparse segments (few trainable elements) also get
-an index of their trainable elements, so masking their gradient is a gather, a
-memset and a scatter instead of a full-size masked write.
+A `MaskPlan` holds, per segment this rank owns, a `SegmentMask`
+(`ncft.masks.structured`): the positions of the selected rows or columns the segment
+touches, or a dense bool for small segments. Building it is arithmetic on the
+segments the engine reports; applying it touches local memory only, so a masked step
+issues exactly the collectives an unmasked one does. The same masks, grouped by
+optimizer tensor (`tensor_masks`), are what `MaskedAdamW.set_frozen` takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ncft.engine import Engine, Segment, local_flat
-from ncft.masks.layout import segment_mask
-from ncft.masks.optim import sparse_trainable_index
+from ncft.masks.structured import MaskBuilder, SegmentMask, TensorMask
 
 
 class SelectionLike(Protocol):
@@ -35,25 +33,18 @@ class MaskPlan:
 
     Attributes:
         segments: The segments the masks cover, in engine order.
-        grad_frozen: Per segment, a view of the frozen mask over its elements.
-        frozen: `{id(opt_tensor): (opt_tensor, frozen mask over its local flat)}`,
-            the form `MaskedAdamW.set_frozen` takes. Padding is always frozen.
-        grad_index: Per segment, the positions of its trainable elements when the
-            segment is sparse enough to mask by index (`sparse_trainable_index`),
-            else None. Computed from `grad_frozen` when the plan is created, so the
-            masks must not be modified in place afterwards.
+        masks: Per segment, which of its elements are trainable.
+        tensor_masks: `{id(opt_tensor): (opt_tensor, TensorMask)}`, the same masks
+            laid on each optimizer tensor (what `MaskedAdamW.set_frozen` takes).
+            Elements no segment covers (padding) are frozen.
+        owned: Every tensor the masks hold, one storage each (the rank's mask
+            bookkeeping; see `nbytes`).
     """
 
     segments: list[Segment]
-    grad_frozen: list[torch.Tensor]
-    frozen: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    grad_index: list[torch.Tensor | None] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.grad_index = [
-            sparse_trainable_index(f, local_flat(seg.opt_param).device)
-            for seg, f in zip(self.segments, self.grad_frozen)
-        ]
+    masks: list[SegmentMask]
+    tensor_masks: dict[int, tuple[torch.Tensor, TensorMask]]
+    owned: list[torch.Tensor]
 
     @classmethod
     def build(
@@ -70,53 +61,92 @@ class MaskPlan:
 
         Raises:
             ValueError: If a selected parameter is not trainable in this engine (it
-                was frozen when the engine was built, so no optimizer state exists).
+                was frozen when the engine was built, so no optimizer state exists),
+                or a selection's axis or indices do not fit its parameter.
         """
         segments = list(segments)
-        frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        grad_frozen = []
-        for seg in segments:
-            key = id(seg.opt_param)
-            if key not in frozen:
-                flat = local_flat(seg.opt_param)
-                # On the tensor's device: the step and apply_to_grads select with it there.
-                ones = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-                frozen[key] = (seg.opt_param, ones)
-            view = frozen[key][1][seg.opt_offset : seg.opt_offset + seg.numel]
-            sel = selections.get(seg.fqn)
-            if sel is not None:
-                chosen = segment_mask(
-                    seg.shape, seg.start, seg.stop, sel.axis, sel.indices, seg.fqn
-                )
-                view.copy_(~chosen)
-            grad_frozen.append(view)
         owned = {seg.fqn for seg in segments}
         _check_trainable(selections, owned, segments)
-        return cls(segments=segments, grad_frozen=grad_frozen, frozen=frozen)
+        by_tensor: dict[int, tuple[torch.Tensor, TensorMask]] = {}
+        builders: dict[torch.device, MaskBuilder] = {}
+        masks = []
+        for seg in segments:
+            flat = local_flat(seg.opt_param)
+            # On the tensor's device: the step and apply_to_grads index with it there.
+            builder = builders.setdefault(flat.device, MaskBuilder(flat.device))
+            sel = selections.get(seg.fqn)
+            if sel is None:
+                mask = SegmentMask(seg.numel)  # no blocks: all frozen
+            else:
+                mask = builder.segment(
+                    seg.fqn, seg.shape, seg.start, seg.stop, sel.axis, sel.indices
+                )
+            masks.append(mask)
+            entry = by_tensor.setdefault(
+                id(seg.opt_param), (seg.opt_param, TensorMask(flat.numel()))
+            )
+            entry[1].pieces.append((seg.opt_offset, mask))
+        tensors = [t for b in builders.values() for t in b.owned]
+        return cls(segments=segments, masks=masks, tensor_masks=by_tensor, owned=tensors)
 
     def apply_to_grads(self) -> None:
         """Zero the gradient of every frozen element, in place, on this rank only.
 
         Call after the last backward of an optimizer step and before clipping, so
-        the clipped norm is the norm of the masked gradient.
+        the clipped norm is the norm of the masked gradient. Temporary memory: the
+        trainable gradient values of one segment at a time.
         """
-        for seg, frozen, index in zip(self.segments, self.grad_frozen, self.grad_index):
+        for seg, mask in zip(self.segments, self.masks):
             grad = seg.grad()
-            if grad is None:
-                continue
-            if index is not None:
-                # Keep the few trainable values, clear the whole segment with a memset
-                # (also clearing inf/nan in frozen slots), and put them back.
-                kept = grad.index_select(0, index)
-                grad.zero_()
-                grad.index_copy_(0, index, kept)
-            else:
-                # A select, not a multiply, so inf/nan in frozen slots become 0.
-                torch.where(frozen, grad.new_zeros(()), grad, out=grad)
+            if grad is not None:
+                mask.mask_grad(grad)
 
     def num_trainable_local(self) -> int:
         """Selected elements held on this rank (padding excluded)."""
-        return sum(int((~f).sum()) for f in self.grad_frozen)
+        return sum(m.num_trainable() for m in self.masks)
+
+    def nbytes(self) -> int:
+        """Bytes the masks hold on this rank (indices and dense bools)."""
+        return sum(t.numel() * t.element_size() for t in self.owned)
+
+    # --- dense views, built on demand (for tests and inspection; never stored) ------
+
+    @property
+    def frozen(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """`{id(opt_tensor): (opt_tensor, one bool per local element, True = frozen)}`.
+
+        Materialised on each access (a bool per element); `MaskedAdamW.set_frozen`
+        also accepts this dense form.
+        """
+        return {
+            key: (t, mask.dense_frozen(local_flat(t).device))
+            for key, (t, mask) in self.tensor_masks.items()
+        }
+
+    @property
+    def grad_frozen(self) -> list[torch.Tensor]:
+        """Per segment, one bool per element, True = frozen (built on access)."""
+        return [
+            m.dense_frozen(local_flat(s.opt_param).device)
+            for s, m in zip(self.segments, self.masks)
+        ]
+
+    @property
+    def grad_index(self) -> list[torch.Tensor | None]:
+        """Per segment, flat positions of its trainable elements, or None.
+
+        None where the segment keeps a dense bool, positions where it is masked
+        structurally (by row/column index). Built on access, for inspection;
+        applying the plan never builds it.
+        """
+        out = []
+        for seg, m in zip(self.segments, self.masks):
+            if m.frozen is not None:
+                out.append(None)
+                continue
+            device = local_flat(seg.opt_param).device
+            out.append(torch.nonzero(~m.dense_frozen(device)).view(-1))
+        return out
 
 
 def _check_trainable(
@@ -137,7 +167,7 @@ def _check_trainable(
 def install(engine: Engine, selections: Mapping[str, SelectionLike]) -> MaskPlan:
     """Build a plan for `engine` and register its update masks with the optimizer."""
     plan = MaskPlan.build(selections, engine.segments())
-    engine.optimizer.set_frozen(plan.frozen)
+    engine.optimizer.set_frozen(plan.tensor_masks)
     return plan
 
 

@@ -150,7 +150,7 @@ def run_backend(
         # all-gather pattern between early steps, so compare like with like.
         counts = {"masked": [], "unmasked": []}
         for _ in range(2):
-            engine.optimizer.set_frozen(plan.frozen)
+            engine.optimizer.set_frozen(plan.tensor_masks)
             with CallCounter() as masked:
                 one_step(engine, plan, 99, info)
             engine.optimizer.set_frozen({})

@@ -2,8 +2,8 @@
 
 Run under torchrun by tests/launcher/plan/test_real_alloc.py. For every backend and
 for a masked (10% of FFN units per layer) and a full fine-tuning stage, it builds a
-small random Llama (matrices of ~2^17 elements, so 2-rank segments reach the
-sparse index threshold), takes one optimizer step and one more backward, then sums the
+small random Llama (matrices of ~2^17 elements, so segments take the structured
+path, and ZeRO-3/FSDP1 cut rows mid-way), takes one optimizer step and one more backward, then sums the
 bytes of the distinct storages behind the rank's parameters, gradients, optimizer
 state and mask tensors. Each rank writes `{backend}-{stage}-{rank}.json` holding
 both the measured and the planned bytes.
@@ -85,8 +85,9 @@ def _grad_tensors(backend: str, engine) -> list[torch.Tensor]:
 def _mask_tensors(engine, plan, nset) -> list[torch.Tensor]:
     if plan is None:
         return []
-    out = [mask for _, mask in plan.frozen.values()] + list(plan.grad_index)
-    out += list(engine.optimizer._trainable_index.values())
+    # The plan's index and bool tensors (the optimizer steps with the same ones) and
+    # any dense-mask index the optimizer built (none when MaskPlan installs).
+    out = list(plan.owned) + list(engine.optimizer._trainable_index.values())
     return out + [sel.indices for sel in nset.entries.values()]
 
 

@@ -50,9 +50,9 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
     weights = SafetensorsWeights.from_path(path)
     if args.replay:
         weights.record()
-    dtype = getattr(torch, args.dtype)
-    engine = build_engine(backend, meta_model(model_dir, dtype), OptimConfig(), info,
-                          weights=weights)  # fmt: skip
+    # --dtype is the compute dtype: engines take fp32 models and keep fp32 masters.
+    cfg = OptimConfig(compute_dtype=getattr(torch, args.dtype))
+    engine = build_engine(backend, meta_model(model_dir), cfg, info, weights=weights)
     tag = f"{backend}.{name}.rank{info.rank}"
     (out / f"{tag}.json").write_text(json.dumps(engine.load_report))
     if args.memory_only:
@@ -73,7 +73,7 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
             with engine.edited([name]) as edit:
                 edit[name].add_(1.0)
         engine.close()
-        again = build_engine(backend, meta_model(model_dir, dtype), OptimConfig(), info,
+        again = build_engine(backend, meta_model(model_dir), cfg, info,
                              weights=Replay(weights))  # fmt: skip
         tensors.update({"replay." + k: v for k, v in local_shards(again, backend).items()})
         (out / f"{tag}.replay.json").write_text(json.dumps(again.load_report))

@@ -48,12 +48,12 @@ RUNS = {
     "fsdp1_generation": ["engine.backend=fsdp1", f"tasks=[{EN_ES}]", "method=neurons",
                          "eval.max_new_tokens=4"],
 }
-# Where project code must have issued collectives (origin file: function).
+# Where project code must have issued collectives (origin file: function). Building an
+# engine issues none of its own since every rank reads its shard from the files.
 EXPECTED_ORIGINS = {
     "fsdp2_wncft": ["ncft/scoring/attribution.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                     "ncft/continual/wncft.py", "ncft/deactivate.py", "launcher/run/progress.py",
-                    "launcher/run/backend.py:save_stage", "launcher/run/backend.py:build_engine",
-                    "launcher/run/studies.py"],
+                    "launcher/run/backend.py:save_stage", "launcher/run/studies.py"],
     "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                        "launcher/run/progress.py", "launcher/run/checkpoint.py"],
     "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/evaluate.py:_greedy_batch",

@@ -128,20 +128,28 @@ def test_single_engine_loads_from_files_once(tmp_path, sources):
         _check_rank(tmp_path, "single", name, refs[name], 1, 0)
 
 
-def test_bfloat16_model_from_float32_files(tmp_path, sources):
-    # The 7B path: bf16 parameters cast from the files as from_pretrained casts them
-    # (round to nearest even); rotary buffers stay fp32 on both sides.
+def test_bf16_compute_from_float32_files(tmp_path, sources):
+    # The 7B path: bf16 compute over fp32 masters. FSDP2's shards are the files' fp32
+    # values; ZeRO-3's compute partitions are those values rounded to bf16 (as
+    # from_pretrained(dtype=bfloat16) rounds them) while both gather the exact fp32.
     from transformers import AutoModelForCausalLM
 
     torchrun(WORKER, 2, [
         "--out", str(tmp_path), "--model-dir", str(sources / "base"),
         "--sources", f"base={sources / 'base'}", "--dtype", "bfloat16",
     ])  # fmt: skip
-    ref = AutoModelForCausalLM.from_pretrained(sources / "base", dtype=torch.bfloat16).eval()
-    assert {b.dtype for b in ref.buffers()} == {torch.float32}
-    for backend in ("fsdp2", "deepspeed"):
+    ref32 = dict(AutoModelForCausalLM.from_pretrained(sources / "base").named_parameters())
+    ref16 = dict(AutoModelForCausalLM.from_pretrained(
+        sources / "base", dtype=torch.bfloat16).named_parameters())  # fmt: skip
+    for backend, ref in (("fsdp2", ref32), ("deepspeed", ref16)):
         for rank in range(2):
-            _check_rank(tmp_path, backend, "base", ref, 2, rank, tol=0.0)
+            got = load_file(tmp_path / f"{backend}.base.rank{rank}.safetensors")
+            for fqn, full in ref.items():
+                want = _own_part(backend, full.detach(), 2, rank)
+                assert torch.equal(got["shard." + fqn], want), (backend, rank, fqn)
+            if rank == 0:
+                for fqn, full in ref32.items():
+                    assert torch.equal(got["full." + fqn], full.detach()), (backend, fqn)
 
 
 @pytest.mark.gpu

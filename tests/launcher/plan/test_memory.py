@@ -46,7 +46,7 @@ def test_deepspeed_partitions_masters_and_persistent_params():
     # held whole. bf16 partitions 2*(20+2+10) + fp32 master 4*20 + whole 2*6.
     assert _terms("deepspeed", stage(), 3, 0) == {
         "parameters": 64 + 80 + 12, "gradients": 2 * 20, "optimizer": 8 * 20 + 4,
-        "masks": 20 + 2 * 8,  # bool per partition element + the NeuronSet's 2 int64
+        "masks": 20 + 2 * 8,  # a bool per element of the small piece + the NeuronSet
     }
     # The last rank holds elements [40, 60) plus 0 elements of padding, same sizes.
     assert _terms("deepspeed", stage(), 3, 2) == _terms("deepspeed", stage(), 3, 0)
@@ -88,18 +88,59 @@ def test_single_and_full_fine_tuning():
                     "masks": 0}  # fmt: skip
 
 
-@pytest.mark.parametrize("selected,indexed", [(0.1, True), (0.25, True), (0.3, False)])
-def test_sparse_index_rule_matches_ncft_masks(selected, indexed):
-    # [512, 256] = 131,072 elements >= 2^16: the plan's segment index and the
-    # optimizer's tensor index each hold one int64 per selected element if <= 25%.
-    model = ModelInfo("hand", "llama", (ParamInfo("w", (512, 256), True, selected),), (),
-                      4, 8, 2, 10, True, True, 2)  # fmt: skip
-    expected = 131072 + (2 * 8 * selected * 131072 if indexed else 0)
-    assert mask_bytes(layout("single", model, 1, 0)) == pytest.approx(expected)
-    # Too small for an index however sparse.
-    small = ModelInfo("hand", "llama", (ParamInfo("w", (255, 256), True, 0.1),), (),
-                      4, 8, 2, 10, True, True, 2)  # fmt: skip
-    assert mask_bytes(layout("single", small, 1, 0)) == 255 * 256
+def _one(shape, selected, axis=0):
+    return ModelInfo("hand", "llama", (ParamInfo("w", shape, True, selected, axis=axis),), (),
+                     4, 8, 2, 10, True, True, 2)  # fmt: skip
+
+
+def test_structured_mask_rule_matches_ncft_masks():
+    # [512, 256] rows: int16 positions of the expected 10% of 512 rows; columns: the
+    # 26 selected columns once, int16; all rows: no index at all.
+    assert mask_bytes(layout("single", _one((512, 256), 0.1), 1, 0)) == pytest.approx(2 * 51.2)
+    assert mask_bytes(layout("single", _one((512, 256), 0.1, 1), 1, 0)) == 2 * 26
+    assert mask_bytes(layout("single", _one((512, 256), 1.0), 1, 0)) == 0
+    # Column list shared by a parameter's pieces (ZeRO-3 at 3 ranks: still one piece
+    # per rank) and int32 positions past 2^15 rows.
+    assert mask_bytes(layout("deepspeed", _one((40000, 8), 0.5), 3, 0)) == pytest.approx(
+        4 * 0.5 * (106667 // 8)  # elements [0, 106667): 13333 whole rows, 3 of the next
+    )
+    # Under DENSE_MAX_NUMEL (4096) elements: a bool per element.
+    assert mask_bytes(layout("single", _one((63, 64), 0.1), 1, 0)) == 63 * 64
+
+
+@pytest.mark.parametrize("engine,world", [("deepspeed", 3), ("fsdp2", 2), ("fsdp1", 3)])
+def test_exact_mask_bytes_equal_mask_plan(engine, world):
+    # The planner's exact count (meta device) against MaskPlan.build on real tensors
+    # for the same pieces: ZeRO-3 and FSDP1 cut rows mid-way, FSDP2 chunks whole rows.
+    import torch
+
+    from ncft.engine import Segment
+    from ncft.masks.plan import MaskPlan
+    from ncft.neuron_set import Selection
+
+    shapes = {"l.0.w": (300, 77), "l.0.v": (77, 300), "l.0.b": (300,)}
+    params = tuple(ParamInfo(f, s, module="l.0") for f, s in shapes.items())
+    base = ModelInfo("hand", "llama", params, ("l.0",), 4, 8, 2, 10, True, True, 2)
+    sel = {"l.0.w": Selection(0, torch.arange(3, 300, 9)),
+           "l.0.v": Selection(1, torch.arange(0, 300, 7)),
+           "l.0.b": Selection(0, torch.tensor([4]))}  # fmt: skip
+    fractions = {f: (s.indices.numel() / shapes[f][s.axis], s.axis) for f, s in sel.items()}
+    model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1")
+    for rank in range(world):
+        lay = layout(engine, model, world, rank)
+        opt = {k: torch.zeros(n) for k, n in lay.opt_numel.items()}
+        offsets: dict[str, int] = {}
+        segs = []
+        for h in lay.held:
+            if h.opt is None:
+                continue
+            at = offsets.get(h.opt, 0) if engine == "fsdp1" else 0
+            segs.append(Segment(h.param.fqn, h.param.shape, h.start, h.stop, opt[h.opt], at,
+                                grad=lambda: None))  # fmt: skip
+            offsets[h.opt] = at + h.stop - h.start
+        plan = MaskPlan.build(sel, segs)
+        assert mask_bytes(lay, sel) == plan.nbytes() > 0, (engine, rank)
+        assert mask_bytes(lay) == pytest.approx(plan.nbytes(), rel=0.2), (engine, rank)
 
 
 def test_activation_formula_by_hand():
@@ -134,10 +175,16 @@ def test_buffer_estimate_by_hand():
         model = stage(fsdp1=engine == "fsdp1")
         return per_rank_bytes(engine, model, dtype, world, BATCH, False, 0, tuning)["buffers"]
 
+    # The masked step's full-size update of the rank's largest (dense-bool) piece of
+    # the selected weight: 2 fp32 per element (FSDP2 24 local elements, FSDP1 22,
+    # ZeRO-3 20, single 60).
+    step = {"fsdp2": 8 * 24, "fsdp1": 8 * 22, "deepspeed": 8 * 20, "single": 8 * 60}
     # two gathered layers + one layer's unsharded grads, plus the unsharded root unit
-    assert buffers("fsdp2", 3) == buffers("fsdp1", 3) == 2 * (3 * 66 + 30)
+    assert buffers("fsdp2", 3) - step["fsdp2"] == 2 * (3 * 66 + 30)
+    assert buffers("fsdp1", 3) - step["fsdp1"] == 2 * (3 * 66 + 30)
     # ZeRO-3: the layers, the reduce bucket, and an fp32 copy of the 20 trainable
     # partition elements at step
-    assert buffers("deepspeed", 3) == 2 * (3 * 66 + 100) + 4 * 20
+    assert buffers("deepspeed", 3) - step["deepspeed"] == 2 * (3 * 66 + 100) + 4 * 20
     # single: autocast's bf16 copy of every weight; nothing in fp32
-    assert buffers("single", 1) == 2 * 96 and buffers("single", 1, "float32") == 0
+    assert buffers("single", 1) - step["single"] == 2 * 96
+    assert buffers("single", 1, "float32") == step["single"]

@@ -3,7 +3,7 @@
 tests/dist/plan_worker.py builds a small random Llama with odd shapes (d_ff = 517,
 vocab 97: FSDP2 chunks and ZeRO-3 partitions get padding) on every engine, in fp32
 and with bf16 compute over fp32 masters, for a
-masked stage (10% of FFN units per layer, segments above the sparse-index threshold)
+masked stage (10% of FFN units per layer, segments on the structured-mask path)
 and for full fine-tuning, steps once, runs one more backward and sums the distinct
 storages behind each rank's parameters, gradients, optimizer state and masks.
 

@@ -34,9 +34,11 @@ def test_standard_cl_o1_json_golden(capsys):
     assert pr["parameters"] == 2 * total // 8 + 4 * mlp // 8 + 2 * 65 * 4096
     assert pr["gradients"] == 2 * mlp // 8
     assert pr["optimizer"] == 8 * mlp // 8 + 4
-    # 5% of units: a bool per master element, two int64 indices of the 5%, the set.
+    # 5% of units. Partitions hold whole rows (1376 of gate/up, 512 of down): int16
+    # positions of the selected gate/up rows among the rank's 1376 (expected
+    # 5% of them), down's selected columns once, and the NeuronSet's int64 indices.
     units = round(0.05 * 11008)
-    assert pr["masks"] == mlp // 8 + 2 * 8 * (units * 4096 * 96 // 8) + 8 * units * 96
+    assert pr["masks"] == 32 * (2 * 2 * units * 1376 / 11008 + 2 * units) + 8 * units * 96
     assert plan["selected_fraction"] == pytest.approx(units / 11008)
     assert plan["fits"] and plan["activations"]["checkpointing"] < pr["activations"]
     assert {(c["engine"], c["method"]) for c in plan["compare"]} == {
