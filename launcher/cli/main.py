@@ -13,6 +13,7 @@ from launcher.errors import DEBUG_ENV, RanksFailed, UserError, debugging
 
 def _add_masked_train(sub) -> None:
     from launcher.run.masked_train import MaskedTrainArgs
+    from ncft.sparse_delta import UPDATE_MODES
 
     p = sub.add_parser(
         "masked-train",
@@ -27,7 +28,9 @@ def _add_masked_train(sub) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = float if f.type in ("float",) else int if f.type in ("int",) else str
-        p.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default}")
+        choices = UPDATE_MODES if f.name == "update" else None
+        p.add_argument(flag, type=kind, default=f.default, choices=choices,
+                       help=f"default: {f.default}")
     p.set_defaults(func=_masked_train)
 
 

@@ -11,6 +11,11 @@ The groups come from the methods table (`ncft.continual.methods`): `trains` "all
 "neurons" or "lora". O-LoRA is planned at its largest stage, the last one, which holds
 one adapter per task.
 
+With `training.update: sparse_delta` a neuron stage freezes every matrix and trains
+one small delta per selected weight/bias instead (`ncft.sparse_delta`): parameters
+grow by the deltas, gradients and AdamW state cover the selected elements only, and
+no masks are allocated.
+
 For neuron methods the selected fraction of each projection is what
 `ncft.selection.top_k` takes: `resolve_count` of each pool (a layer's candidates with
 `selection.per_layer`, else all of them). With `selection.union_with_previous` the
@@ -28,7 +33,7 @@ from ncft.continual.methods import LORA_METHODS, METHODS, NEURON_METHODS
 
 FULL_METHODS = tuple(name for name, row in METHODS.items() if row.trains == "all")
 __all__ = ["FULL_METHODS", "LORA_METHODS", "NEURON_METHODS", "Stage", "lora_params",
-           "neuron_fractions", "stage_for"]  # fmt: skip
+           "neuron_fractions", "sparse_delta_params", "stage_for"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -
     if method not in NEURON_METHODS:
         raise ValueError(f"method: unknown {method!r}")
     fractions = neuron_fractions(meta, spec)
-    model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1")
+    sparse = getattr(spec.training, "update", "masked") == "sparse_delta"
+    model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1" and not sparse)
     trainable = [p for p in model.params if p.trainable]
     elems = sum(p.numel for p in trainable)
     chosen = sum(p.numel * (p.selected or 0.0) for p in trainable)
@@ -116,4 +122,27 @@ def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -
         f"({', '.join(sel.modules)}); {len(trainable)} of {len(model.params)} tensors "
         f"trainable ({elems:,} elements), {chosen / max(elems, 1):.1%} of them selected"
     )
+    if sparse:
+        model = with_params(model, sparse_delta_params(model))
+        count = sum(p.numel for p in model.params if p.trainable)
+        summary += f"; sparse_delta: {count:,} delta elements train, matrices frozen, no masks"
     return Stage(model, summary, chosen / max(elems, 1))
+
+
+def sparse_delta_params(info: ModelInfo) -> list[ParamInfo]:
+    """Masked-stage parameters as `training.update: sparse_delta` lays them out.
+
+    Every parameter is frozen; each selected one gets, right after it (same layer,
+    so the same FSDP unit), its delta `ncft_delta.<leaf>`: the selected rows/columns
+    (expected count) as a trainable parameter of its own module, unmasked.
+    """
+    out = []
+    for p in info.params:
+        out.append(replace(p, trainable=False, selected=None))
+        if not p.trainable or not p.selected:
+            continue
+        k = max(1, round(p.selected * p.shape[p.axis]))
+        shape = tuple(k if i == p.axis else dim for i, dim in enumerate(p.shape))
+        module = f"{p.module}.ncft_delta"
+        out.append(ParamInfo(f"{module}.{p.fqn.rsplit('.', 1)[-1]}", shape, module=module))
+    return out

@@ -19,7 +19,9 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
 from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
+from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
+from ncft import sparse_delta
 from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.neuron_set import NeuronSet
@@ -95,8 +97,7 @@ class LauncherBackend:
             if kept is not None and kept[0] == stage:
                 self._weights[model] = (stage, kept[1])
             else:
-                path = self._base_weights() if stage is None else \
-                    self._stage_dir(stage) / "model.safetensors"
+                path = self._weights_path(stage)
                 self._weights[model] = (stage, SafetensorsWeights.from_path(path))
             return model
         if self._fsdp1_from_rank0 and not self.info.is_main_process:
@@ -130,6 +131,10 @@ class LauncherBackend:
             assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
         return model
 
+    def _weights_path(self, stage: int | None) -> Path:
+        return self._base_weights() if stage is None else \
+            self._stage_dir(stage) / "model.safetensors"
+
     def _base_weights(self) -> Path | None:
         """The local directory of the base model's safetensors; None if it has none.
 
@@ -153,7 +158,12 @@ class LauncherBackend:
     @property
     def _sharded(self) -> bool:
         # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
-        return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
+        # So do ZeRO-3 sparse-delta runs: the ZeRO-3 twin is rebuilt from the config
+        # under zero.Init (launcher/engines/loading.py) and would lack the deltas.
+        backend = self.spec.engine.backend
+        if backend == "deepspeed" and self.spec.training.update == "sparse_delta":
+            return False
+        return (backend in ("single", "fsdp2", "deepspeed")
                 and self.spec.method not in LORA_METHODS)  # fmt: skip
 
     @property
@@ -187,6 +197,12 @@ class LauncherBackend:
                 then; the kept tensors are copies, untouched by what scoring does.
         """
         stage, weights = self._weights.pop(model, (None, None))
+        deltas = sparse_delta.installed(model) if weights is not None else []
+        if deltas:  # their start values are rows/columns of the base tensors in the files
+            if isinstance(weights, Replay):
+                # A scoring build's kept shards hold no other rank's rows: read again.
+                weights = SafetensorsWeights.from_path(self._weights_path(stage))
+            weights = DeltaWeights(weights, deltas)
         record = keep_weights and isinstance(weights, SafetensorsWeights)
         if record:
             weights.record()
@@ -195,7 +211,7 @@ class LauncherBackend:
                               e.ds_config, weights=weights)  # fmt: skip
         if record:
             self._kept = (stage, Replay(weights))
-        if isinstance(weights, SafetensorsWeights):
+        if isinstance(weights, (SafetensorsWeights, DeltaWeights)):
             weights.close()
         return engine
 

@@ -15,12 +15,20 @@ from safetensors import safe_open
 
 from ncft.engine import Engine
 from ncft.io import atomic_dir
+from ncft.sparse_delta import is_delta_fqn
 
 
 def gather_state_dict(engine: Engine) -> dict[str, torch.Tensor] | None:
-    """Full parameters on rank 0 (CPU), None elsewhere; one gather at a time."""
+    """Full parameters on rank 0 (CPU), None elsewhere; one gather at a time.
+
+    Sparse-delta parameters (`training.update: sparse_delta`) are left out: a saved
+    model holds only full matrices, into which `ncft.sparse_delta.write_back` has
+    already copied the trained values.
+    """
     out = {}
     for name, _ in engine.named_parameter_shapes():
+        if is_delta_fqn(name):
+            continue
         with engine.gathered([name]) as full:
             if engine.is_main_process:
                 out[name] = full[name].detach().to("cpu", copy=True)

@@ -50,7 +50,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
         wncft_query=spec.wncft.query, classification=ev.classification,
         lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
-        olora_lambda_l2=spec.olora.lambda_l2,
+        olora_lambda_l2=spec.olora.lambda_l2, update=t.update,
     )
     return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
                          selector=selector)  # fmt: skip

@@ -4,6 +4,9 @@ The smallest end-to-end use of the masks: load a HF model, freeze everything the
 NeuronSet does not name, build the engine, train with masks, export the
 consolidated model and a report of which elements changed (rank 0). The report is
 the proof users ask for: `outside_selection_changed` must be 0 for every parameter.
+`--update sparse_delta` trains the same elements as small delta parameters
+(`ncft.sparse_delta`) instead of masked full matrices, and writes them back before
+the export.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from launcher.dist import init_distributed, print0, shutdown
 from launcher.engines import OptimConfig, build_engine
 from launcher.run.checkpoint import export_hf, iter_saved_tensors
 from launcher.run.models import resolve_model
+from ncft import sparse_delta
 from ncft.arch import get_adapter
 from ncft.data.text import lm_steps, token_blocks
 from ncft.io import write_json
@@ -45,6 +49,7 @@ class MaskedTrainArgs:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     dtype: str = "float32"  # compute dtype; the engine keeps fp32 masters (bfloat16 too)
+    update: str = "masked"
 
 
 def random_unit_set(model, fraction: float, seed: int) -> NeuronSet:
@@ -80,6 +85,9 @@ def run(args: MaskedTrainArgs) -> None:
     """One rank's job (call on every rank, or via `launcher.run.spawn.run_local`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.update not in sparse_delta.UPDATE_MODES:
+        raise ValueError(f"--update must be one of {list(sparse_delta.UPDATE_MODES)}, "
+                         f"got {args.update!r}")
     info = init_distributed()
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -88,7 +96,11 @@ def run(args: MaskedTrainArgs) -> None:
         NeuronSet.load(args.neurons) if args.neurons
         else random_unit_set(model, args.fraction, args.seed)
     )
-    freeze_unselected(model, nset.entries)
+    deltas = None
+    if args.update == "sparse_delta":
+        deltas = sparse_delta.install(model, nset.entries)
+    else:
+        freeze_unselected(model, nset.entries)
     config = model.config
     cfg = OptimConfig(
         lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -96,7 +108,7 @@ def run(args: MaskedTrainArgs) -> None:
         compute_dtype=_compute_dtype(args.dtype),
     )
     engine = build_engine(args.backend, model, cfg, info, ds_config=args.ds_config)
-    plan = install(engine, nset.entries)
+    plan = install(engine, nset.entries) if deltas is None else None
     blocks = token_blocks(args.data, tokenizer, args.seq_len)
     steps = lm_steps(
         blocks, args.steps, args.micro_batch_size, args.grad_accum, info.rank,
@@ -110,13 +122,16 @@ def run(args: MaskedTrainArgs) -> None:
         )
 
     logs = train(engine, steps, plan, on_step=log)
+    if deltas is not None:
+        sparse_delta.write_back(engine, deltas)
     out = Path(args.out)
     export_hf(engine, config, out / "model", tokenizer)
     if info.is_main_process:
         final = _load_dir(out / "model")
         nset.save(out / "neurons.safetensors")
         write_json(out / "report.json", {
-            "backend": args.backend, "world_size": info.world_size, "steps": args.steps,
+            "backend": args.backend, "update": args.update, "world_size": info.world_size,
+            "steps": args.steps,
             "losses": [e.loss for e in logs], "grad_norms": [e.grad_norm for e in logs],
             "parameters": change_report(final, model_dir, nset),
         })

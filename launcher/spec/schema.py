@@ -225,6 +225,14 @@ class TrainingSpec(_Section):
         "storing them (less memory, about one more forward of compute); every engine, masks "
         "unaffected. Scoring and evaluation run without it.",
     )
+    update: Literal["masked", "sparse_delta"] = Field(
+        "masked", description="How neuron methods train their selection. masked: whole "
+        "matrices train with masked gradients and updates (full-size gradients and AdamW "
+        "state for every matrix holding a selected element). sparse_delta: the selected "
+        "rows/columns become small trainable parameters and the matrices are frozen, so "
+        "gradients and optimizer state exist for the selected elements only; same model "
+        "within fp32 rounding (ncft/sparse_delta.py). Only for neuron methods.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -441,6 +449,10 @@ class Spec(_Section):
             # O-LoRA's penalty reads whole A matrices, which sharded engines split.
             problems.append(("engine.backend", f"method {self.method} runs on backend single "
                              f"only, got {self.engine.backend}; set engine.backend: single"))
+        if self.training.update == "sparse_delta" and not method(self.method).selects:
+            problems.append(("training.update", f"sparse_delta trains a NeuronSet's selected "
+                             f"rows/columns, and method {self.method} selects none (full or "
+                             "LoRA training); set training.update: masked"))
         names = [t.name for t in self.tasks]
         for i, name in enumerate(names):
             if name in names[:i]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ncft import olora
+from ncft import olora, sparse_delta
 from ncft.continual import routing, wncft
 from ncft.continual.methods import LORA_METHODS, NEURON_METHODS, method
 from ncft.continual.metrics import cl_summary
@@ -83,6 +83,7 @@ class LoopConfig:
     lora: olora.LoraOptions | None = None
     olora_lambda_orth: float = 0.5
     olora_lambda_l2: float = 0.0
+    update: str = "masked"
 
 
 class Selector(Protocol):
@@ -231,8 +232,11 @@ class ContinualLoop:
             # what the scoring build read, so the stage reads its files once.
             nset = self._select(self.backend.load_model(source), task, stage)
         model = self.backend.load_model(source)
-        penalty = None
-        if nset is not None:
+        penalty, deltas = None, None
+        if nset is not None and self.cfg.update == "sparse_delta":
+            # This stage's selection becomes small parameters holding its start values.
+            deltas = sparse_delta.install(model, nset.entries)
+        elif nset is not None:
             freeze_unselected(model, nset.entries)
         elif row.adapter_per_task:  # O-LoRA: this stage's new adapter, earlier ones frozen
             model = olora.with_adapters(model, stage + 1, self.cfg.lora, self.cfg.seed)
@@ -241,7 +245,7 @@ class ContinualLoop:
             for p in model.parameters():
                 p.requires_grad_(True)
         engine = self.backend.build_engine(model)
-        plan = install(engine, nset.entries) if nset is not None else None
+        plan = install(engine, nset.entries) if nset is not None and deltas is None else None
         # Taken on the stage's starting weights, before a mid-task restore moves them.
         before = wncft.snapshot(engine, nset) if row.mixes else None
         num_steps = self._num_steps(task, engine.world_size)
@@ -255,6 +259,8 @@ class ContinualLoop:
                   disable=not engine.is_main_process) as bar:  # fmt: skip
             train(engine, steps, plan, start_step=resume_at, penalty=penalty,
                   on_step=self._logger(engine, stage, task, num_steps, bar))  # fmt: skip
+        if deltas is not None:  # from here on the full matrices hold the trained values
+            sparse_delta.write_back(engine, deltas)
         if row.mixes:
             self._capture(engine, task, nset, before)
         self._evaluate(engine, stage, state)

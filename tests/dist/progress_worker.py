@@ -4,7 +4,9 @@ Run under torchrun by tests/launcher/run/test_progress.py. For each backend: tra
 tiny Llama with masks for 2 steps, write a mid-task checkpoint (`launcher.run.progress`),
 train 2 more steps (the reference); then build a new engine from the same initial
 weights, restore the checkpoint and train the same 2 steps. Rank 0 saves the gathered
-weights of both, and of the initial model, for the test to compare.
+weights of both, and of the initial model, for the test to compare. The same again
+with `training.update: sparse_delta` (tags `<backend>_sparse_delta_*`): there the
+checkpoint holds the small delta parameters and their AdamW moments.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from launcher.run import progress
 from launcher.engines import OptimConfig, build_engine
 from launcher.run.rundir import RunDir
+from ncft import sparse_delta
 from ncft.masks.plan import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, gather_all, neuron_sets, one_step
 from tests.support.spawn import backends_main
@@ -24,19 +27,29 @@ from tests.support.tiny import tiny_llama
 STEPS = 2
 
 
-def fresh(backend: str, info):
+def fresh(backend: str, info, update: str = "masked"):
     model = tiny_llama(seed=0)
     nset, _ = neuron_sets(model)
-    freeze_unselected(model, nset.entries)
+    if update == "sparse_delta":
+        sparse_delta.install(model, nset.entries)
+    else:
+        freeze_unselected(model, nset.entries)
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.005, grad_accum=ACCUM,
                       micro_batch_size=GLOBAL_MICRO // info.world_size)  # fmt: skip
     engine = build_engine(backend, model, cfg, info)
-    return engine, install(engine, nset.entries)
+    return engine, (install(engine, nset.entries) if update == "masked" else None)
 
 
 def run_backend(backend: str, info, out: Path) -> None:
-    run = RunDir(out / backend)
-    engine, plan = fresh(backend, info)
+    """Both update modes; gathered weights include the delta parameters."""
+    for update in ("masked", "sparse_delta"):
+        run_update(backend, info, out, update)
+
+
+def run_update(backend: str, info, out: Path, update: str) -> None:
+    tag = backend if update == "masked" else f"{backend}_{update}"
+    run = RunDir(out / tag)
+    engine, plan = fresh(backend, info, update)
     init = gather_all(engine)
     for step in range(STEPS):
         one_step(engine, plan, step, info)
@@ -46,7 +59,7 @@ def run_backend(backend: str, info, out: Path) -> None:
     reference = gather_all(engine)
     engine.close()
 
-    engine, plan = fresh(backend, info)
+    engine, plan = fresh(backend, info, update)
     assert progress.latest(run, 0, "task") == (STEPS, step_dir)
     restored_at = progress.load(engine, step_dir, backend)
     assert restored_at == STEPS
@@ -56,9 +69,9 @@ def run_backend(backend: str, info, out: Path) -> None:
     resumed = gather_all(engine)
     engine.close()
     if info.is_main_process:
-        for tag, tensors in (("init", init), ("checkpoint", at_checkpoint),
+        for name, tensors in (("init", init), ("checkpoint", at_checkpoint),
                              ("reference", reference), ("resumed", resumed)):  # fmt: skip
-            save_file(tensors, out / f"{backend}_{tag}.safetensors")
+            save_file(tensors, out / f"{tag}_{name}.safetensors")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,19 @@ def test_olora_plans_one_trainable_adapter_beside_frozen_ones():
     assert len(params) == 1 + 3 * 2
     assert [p.fqn for p in lora_params(info, 2, ["q_proj"]) if p.trainable] == [
         "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"]
+
+
+def test_sparse_delta_plans_state_for_selected_elements_only(capsys):
+    masked = _plan_json(capsys)["per_rank"]
+    plan = _plan_json(capsys, "training.update=sparse_delta")
+    pr = plan["per_rank"]
+    total = PUBLIC_COUNTS["llama-2-7b-hf"]
+    units = round(0.05 * 11008)
+    delta = 32 * 3 * units * 4096  # gate/up rows and down columns of 5% of units
+    # Every matrix frozen (bf16 partitions), plus the deltas with their fp32 masters.
+    assert pr["parameters"] == 2 * (total + delta) // 8 + 4 * delta // 8 + 2 * 65 * 4096
+    assert pr["gradients"] == 2 * delta // 8
+    assert pr["optimizer"] == 8 * delta // 8 + 4
+    assert pr["masks"] == 0
+    assert pr["gradients"] + pr["optimizer"] < 0.06 * (masked["gradients"] + masked["optimizer"])
+    assert "sparse_delta: 216,268,800 delta elements train" in plan["stage"]

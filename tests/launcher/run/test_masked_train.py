@@ -17,11 +17,12 @@ pytestmark = pytest.mark.dist
 
 # deepspeed bf16: DeepSpeed casts the module before making its fp32 masters, which
 # once left every exported element bf16-rounded (found by make gpu-check on an H200).
-@pytest.mark.parametrize("backend,nproc,dtype", [("deepspeed", 2, "float32"),
-                                                 ("fsdp1", 3, "float32"),
-                                                 ("fsdp2", 2, "bfloat16"),
-                                                 ("deepspeed", 2, "bfloat16")])  # fmt: skip
-def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, dtype):
+@pytest.mark.parametrize("backend,nproc,dtype,update", [
+    ("deepspeed", 2, "float32", "masked"), ("fsdp1", 3, "float32", "masked"),
+    ("fsdp2", 2, "bfloat16", "masked"), ("deepspeed", 2, "bfloat16", "masked"),
+    ("deepspeed", 2, "float32", "sparse_delta"), ("fsdp2", 3, "float32", "sparse_delta"),
+])
+def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, dtype, update):
     model_dir = save_tiny_model_dir(tmp_path / "model")
     data = tmp_path / "train.txt"
     data.write_text(SAMPLE_TEXT)
@@ -30,7 +31,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, d
         sys.executable, "-m", "launcher", "masked-train", "--model", str(model_dir),
         "--data", str(data), "--out", str(out), "--backend", backend, "--nproc", str(nproc),
         "--steps", "3", "--fraction", "0.2", "--seq-len", "12", "--micro-batch-size", "1",
-        "--grad-accum", "2", "--dtype", dtype,
+        "--grad-accum", "2", "--dtype", dtype, "--update", update,
     ]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, cwd=REPO,
                           timeout=300)
@@ -38,6 +39,7 @@ def test_masked_train_exports_model_and_clean_report(tmp_path, backend, nproc, d
     report = json.loads((out / "report.json").read_text())
     params = report["parameters"]
     assert report["world_size"] == nproc and len(report["losses"]) == 3
+    assert report["update"] == update
     assert all(v["outside_selection_changed"] == 0 for v in params.values())
     trained = {k for k, v in params.items() if v["changed"]}
     assert any("gate_proj.weight" in k for k in trained)

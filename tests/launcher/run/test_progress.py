@@ -29,10 +29,12 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("update", ["masked", "sparse_delta"])
 @pytest.mark.parametrize("backend", SHARDED)
-def test_restored_shards_continue_bit_identically(out, backend):
+def test_restored_shards_continue_bit_identically(out, backend, update):
+    prefix = backend if update == "masked" else f"{backend}_{update}"
     init, mid, ref, resumed = (
-        load_file(out / f"{backend}_{tag}.safetensors")
+        load_file(out / f"{prefix}_{tag}.safetensors")
         for tag in ("init", "checkpoint", "reference", "resumed")
     )
     moved = [n for n in init if not torch.equal(init[n], mid[n])]

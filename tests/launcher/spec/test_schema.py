@@ -264,6 +264,23 @@ def test_single_task_method_error_names_tasks(tmp_path: Path):
         load_spec(_write(tmp_path, _patched({"method": "neurons"})))
 
 
+@pytest.mark.parametrize("method", ["seqft", "seqlora"])
+def test_sparse_delta_refused_for_full_and_lora_methods(tmp_path: Path, method: str):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SpecError, match=r"training\.update: sparse_delta .* set training\.update: "
+                       "masked"):
+        load_spec(path, [f"method={method}", "training.update=sparse_delta"])
+
+
+def test_sparse_delta_accepted_for_neuron_methods(tmp_path: Path):
+    path = _write(tmp_path, BASE)
+    assert load_spec(path).training.update == "masked"
+    spec = load_spec(path, ["method=wncft", "training.update=sparse_delta"])
+    assert spec.training.update == "sparse_delta"
+    with pytest.raises(SpecError, match="training.update"):
+        load_spec(path, ["training.update=dense"])
+
+
 # --- files and YAML -----------------------------------------------------------------------
 
 
