@@ -65,7 +65,7 @@ def main() -> None:
     nset = random_set(meta)
     shapes = dict(meta.named_parameters())
     fractions = {fqn: (sel.indices.numel() / shapes[fqn].shape[sel.axis], sel.axis)
-                 for fqn, sel in nset.entries.items()}  # fmt: skip
+                 for fqn, sel in nset.entries.items()}
     setup_s = time.perf_counter() - started
     ds = DsTuning(persistence_threshold=100_000, reduce_bucket_size=50_000_000)
     rows = []
@@ -77,7 +77,7 @@ def main() -> None:
             plan_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             exact = per_rank_bytes(engine, stage, "bfloat16", world, BATCH, False, ds=ds,
-                                   selections=nset.entries)  # fmt: skip
+                                   selections=nset.entries)
             exact_s = time.perf_counter() - t0
             nbytes = neuronset_bytes(stage)
             params = plan["parameters"]
@@ -89,7 +89,7 @@ def main() -> None:
                 "ratio_exact": (exact["masks"] - nbytes) / params,
                 "ratio_with_set": exact["masks"] / params,
                 "plan_s": plan_s, "plan_exact_s": exact_s,
-            })  # fmt: skip
+            })
     report = {"model": source, "fraction": FRACTION, "setup_s": setup_s, "rows": rows}
     print(f"model {source}, 10% NeuronSet, bf16 + fp32 masters; setup (config, meta "
           f"model, NeuronSet) {setup_s:.2f} s")

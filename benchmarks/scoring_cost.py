@@ -52,7 +52,7 @@ CONFIGS: dict[str, dict] = {
                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
         "batch": 4, "seq": 128, "answer": 4, "warmup": 1, "pairs": 5,
     },
-}  # fmt: skip
+}
 
 
 class PeakBytes(TorchDispatchMode):
@@ -66,7 +66,7 @@ class PeakBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                  if isinstance(a, torch.Tensor) and not a.is_meta}  # fmt: skip
+                  if isinstance(a, torch.Tensor) and not a.is_meta}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not t.is_meta:
@@ -117,7 +117,7 @@ def time_ratio(engine, model, blocks, groups, encoded, cfg: dict, info) -> dict:
     from ncft.scoring.attribution import GradAttribution
 
     share = next(batches(encoded, len(encoded) // info.world_size, info.rank,
-                         info.world_size, "pad"))  # fmt: skip
+                         info.world_size, "pad"))
     batch = collate(share, pad_id=0)
     scorer = GradAttribution(encoded, blocks, batch_size=len(share))
 
@@ -139,7 +139,7 @@ def time_ratio(engine, model, blocks, groups, encoded, cfg: dict, info) -> dict:
                 times[name].append(seconds)
     train_s, score_s = statistics.median(times["train"]), statistics.median(times["score"])
     return {"train_fwd_bwd_s": train_s, "score_s": score_s, "ratio": score_s / train_s,
-            "samples": len(times["train"])}  # fmt: skip
+            "samples": len(times["train"])}
 
 
 def neft_memory(engine, model) -> dict:
@@ -164,7 +164,7 @@ def neft_memory(engine, model) -> dict:
         "scoring_peak_extra_bytes": tracker.peak, "one_layer_bytes": layer_bytes,
         "peak_over_layer": tracker.peak / layer_bytes, "snapshot_local_bytes": snapshot.nbytes,
         "model_bytes": model_bytes, "gather_calls": len(gathers),
-    }  # fmt: skip
+    }
 
 
 def run(args: argparse.Namespace) -> None:
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> None:
     report = {"config": args.config, "backend": args.backend, "world_size": info.world_size,
               "threads": args.threads, "batch": cfg["batch"], "seq": cfg["seq"],
               "params": sum(torch.Size(s).numel() for _, s in engine.named_parameter_shapes()),
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}  # fmt: skip
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
     report["time"] = time_ratio(engine, model, blocks, groups, encoded, cfg, info)
     report["neft_memory"] = neft_memory(engine, model)
     t, m = report["time"], report["neft_memory"]

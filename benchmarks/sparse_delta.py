@@ -88,7 +88,7 @@ def build(config: str, device: str = "cpu"):
     cfg = LlamaConfig(**CONFIGS[config]["model"],
                       max_position_embeddings=max(128, CONFIGS[config]["seq"]),
                       tie_word_embeddings=True, mlp_bias=False, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")  # fmt: skip
+                      eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
     with torch.device(device):
         return LlamaForCausalLM(cfg)
 
@@ -115,7 +115,7 @@ def prepare(arm: str, config: str, device: str = "cpu"):
         sparse_delta.install(model, nset.entries)
     elif arm == "lora":
         model = apply_lora(model, lora_rank(config), 16.0, 0.0,
-                           ["gate_proj", "up_proj", "down_proj"], seed=0)  # fmt: skip
+                           ["gate_proj", "up_proj", "down_proj"], seed=0)
     return model, (nset if arm == "masked" else None)
 
 
@@ -151,7 +151,7 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = OptimConfig(lr=1e-4, weight_decay=0.1, grad_clip=1.0,
-                      micro_batch_size=spec["micro_batch"])  # fmt: skip
+                      micro_batch_size=spec["micro_batch"])
     engine = build_engine(engine_name, model, cfg, info)
     del model
     plan = install(engine, nset.entries) if nset is not None else None
@@ -174,7 +174,7 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     peak = _status_kib("VmHWM") * 1024 - base_rss
     row = {"arm": arm, "config": config, "engine": engine_name, "rank": info.rank,
            "params": total, "trainable": trainable, "grad_bytes": grad, "opt_bytes": opt,
-           "peak_bytes": peak, "step_s": times}  # fmt: skip
+           "peak_bytes": peak, "step_s": times}
     Path(args.tmp, f"{engine_name}-{config}-{arm}-{info.rank}.json").write_text(json.dumps(row))
     engine.close()
     shutdown()
@@ -185,7 +185,7 @@ def run_arm(args, arm: str, config: str, engine: str) -> dict:
 
     run_local(worker, args.nproc, args, arm, config, engine)
     rows = [json.loads(Path(args.tmp, f"{engine}-{config}-{arm}-{r}.json").read_text())
-            for r in range(args.nproc)]  # fmt: skip
+            for r in range(args.nproc)]
     first = rows[0]
     return {
         "arm": arm, "config": config, "engine": engine, "params": first["params"],
@@ -247,7 +247,7 @@ def machine() -> dict:
             "torch": torch.__version__, "deepspeed": ds_version, "gpu": gpu,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_avg": os.getloadavg()}  # fmt: skip
+            "load_avg": os.getloadavg()}
 
 
 def gpu_arm(arm: str, config: str) -> dict:
@@ -267,12 +267,12 @@ def gpu_arm(arm: str, config: str) -> dict:
     base = torch.cuda.memory_allocated()
     spec = CONFIGS[config]
     info = DistInfo(rank=0, world_size=1, local_rank=0, backend="nccl",
-                    device=torch.device("cuda"))  # fmt: skip
+                    device=torch.device("cuda"))
     model, nset = prepare(arm, config, "cuda")
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = OptimConfig(lr=1e-4, weight_decay=0.1, grad_clip=1.0,
-                      micro_batch_size=spec["micro_batch"])  # fmt: skip
+                      micro_batch_size=spec["micro_batch"])
     engine = build_engine("single", model, cfg, info)
     plan = install(engine, nset.entries) if nset is not None else None
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -280,7 +280,7 @@ def gpu_arm(arm: str, config: str) -> dict:
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq"]), generator=gen,
-                            device="cuda")  # fmt: skip
+                            device="cuda")
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         train_step(engine, [{"input_ids": ids, "labels": ids}], plan)
@@ -293,7 +293,7 @@ def gpu_arm(arm: str, config: str) -> dict:
     del engine, model, plan
     return {"arm": arm, "config": config, "engine": "single-gpu", "params": total,
             "trainable": trainable, "step_s": statistics.median(times), "step_samples": times,
-            "peak_bytes_max_rank": peak, "grad_opt_bytes_max_rank": grad + opt}  # fmt: skip
+            "peak_bytes_max_rank": peak, "grad_opt_bytes_max_rank": grad + opt}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,15 +321,15 @@ def main(argv: list[str] | None = None) -> None:
             for arm in args.arms.split(","):
                 t0 = time.perf_counter()
                 results.append(gpu_arm(arm, config) if args.gpu
-                               else run_arm(args, arm, config, engine))  # fmt: skip
+                               else run_arm(args, arm, config, engine))
                 print(f"[sparse_delta] {engine}/{config}/{arm}: step "
                       f"{results[-1]['step_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
-                      flush=True)  # fmt: skip
+                      flush=True)
     rel = ratios(results)
     report = {"benchmark": "sparse_delta", "command": command, "machine": machine(),
               "world_size": args.nproc, "fraction": FRACTION,
               "lora_rank": {c: lora_rank(c) for c in args.configs.split(",")},
-              "results": results, "ratios": rel}  # fmt: skip
+              "results": results, "ratios": rel}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["machine"]))

@@ -158,7 +158,7 @@ def all_gather_flat(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Every rank's equally sized 1-D `tensor`, concatenated in rank order, on `device`."""
     work = on_device(tensor.contiguous(), device)
     out = _tagged(torch.empty(work.numel() * dist.get_world_size(), dtype=work.dtype,
-                              device=device))  # fmt: skip
+                              device=device))
     dist.all_gather_into_tensor(out, work)
     return out
 

@@ -76,7 +76,7 @@ def _zero_inputs(idx: torch.Tensor):
 
 def _plain_segments(model: nn.Module) -> list[Segment]:
     return [Segment(n, tuple(p.shape), 0, p.numel(), p, 0, lambda: None)
-            for n, p in model.named_parameters()]  # fmt: skip
+            for n, p in model.named_parameters()]
 
 
 Saved = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (view, mask, old values)
@@ -174,7 +174,7 @@ def answer_metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dic
         for share in batches(encoded, batch_size, engine.rank, engine.world_size, "pad"):
             batch = {k: v.to(device) for k, v in collate(share, pad_id).items()}
             out = engine.forward({"input_ids": batch["input_ids"],
-                                  "attention_mask": batch["attention_mask"]})  # fmt: skip
+                                  "attention_mask": batch["attention_mask"]})
             logits = logits_of(out)
             labels = batch["labels"][:, 1:]
             scored = labels != IGNORE
@@ -191,7 +191,7 @@ def random_units(units: Mapping[int, torch.Tensor], blocks: Sequence[MlpBlock], 
     """As many random units per layer as `units` has (seeded, identical on every rank)."""
     d_ff = {b.layer: b.d_ff for b in blocks}
     return {layer: torch.sort(torch.randperm(d_ff[layer], generator=group_generator(
-                seed, f"layer{layer}"))[: len(idx)]).values  # fmt: skip
+                seed, f"layer{layer}"))[: len(idx)]).values
             for layer, idx in units.items()}
 
 

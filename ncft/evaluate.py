@@ -120,7 +120,7 @@ def classification_accuracy(
             raise ValueError(f"examples[{i}].answer {ex.answer!r} is not one of labels {labels}")
     mine = [examples[i] for i in share(len(examples), engine.rank, engine.world_size)]
     pairs = encode([Example(ex.prompt, label) for ex in mine for label in labels],
-                   tokenizer, max_length, add_eos)  # fmt: skip
+                   tokenizer, max_length, add_eos)
     dummy = encode([Example(examples[0].prompt, labels[0])], tokenizer, max_length, add_eos)
     largest = -(-len(examples) // engine.world_size) * len(labels)
     num_forwards = -(-largest // batch_size)
@@ -132,7 +132,7 @@ def classification_accuracy(
             batch = {k: v.to(device) for k, v in collate(chunk or dummy, pad_id).items()}
             output = engine.forward({"input_ids": batch["input_ids"],
                                      "attention_mask": batch["attention_mask"],
-                                     "use_cache": False})  # fmt: skip
+                                     "use_cache": False})
             if chunk:
                 scores.append(_answer_logprobs(_logits(output), batch["labels"]))
     correct = 0
@@ -143,7 +143,7 @@ def classification_accuracy(
         gold = torch.tensor([index[ex.answer] for ex in mine])
         correct = int((predicted == gold).sum())
     totals = engine.all_reduce_(torch.tensor([correct, len(mine)], dtype=torch.float64,
-                                             device=device))  # fmt: skip
+                                             device=device))
     return float(totals[0] / totals[1])
 
 
@@ -190,7 +190,7 @@ def _greedy_batch(
             break
         w = int(lengths_B.max())
         output = engine.forward({"input_ids": ids_BT[:, :w], "attention_mask": mask_BT[:, :w],
-                                 "use_cache": False})  # fmt: skip
+                                 "use_cache": False})
         next_B = _logits(output)[arange_B, lengths_B - 1].argmax(-1)
         if eos_id is not None:
             stop_B = ~done_B & (next_B == eos_id)
@@ -248,7 +248,7 @@ def _greedy_batch_cached(
         mask_BT = torch.cat([mask_BT, live_B.long().unsqueeze(1)], dim=1)
         batch = {"input_ids": torch.where(live_B, next_B, pad_id).unsqueeze(1),
                  "attention_mask": mask_BT, "position_ids": lengths_B.unsqueeze(1),
-                 "past_key_values": output.past_key_values, "use_cache": True}  # fmt: skip
+                 "past_key_values": output.past_key_values, "use_cache": True}
         lengths_B = lengths_B + live_B.long()
     return new_BN
 
@@ -287,7 +287,7 @@ def generate_greedy(
         raise ValueError("prompts must not be empty")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got "
-                         f"{max_new_tokens}, {batch_size}")  # fmt: skip
+                         f"{max_new_tokens}, {batch_size}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     limit = max_prompt_length
@@ -305,7 +305,7 @@ def generate_greedy(
         for b in range(num_batches):
             rows = mine[b * batch_size : (b + 1) * batch_size]
             out = decode(engine, rows or dummy, max_new_tokens, pad_id,
-                         tokenizer.eos_token_id, active=bool(rows))  # fmt: skip
+                         tokenizer.eos_token_id, active=bool(rows))
             if rows:
                 lo = span.start + b * batch_size
                 new_NT[lo : lo + len(rows)] = out
@@ -329,14 +329,14 @@ def normalize_answer(text: str) -> str:
 def generated_accuracy(
     engine: Engine, tokenizer, examples: Sequence[Example], max_new_tokens: int,
     batch_size: int, max_prompt_length: int | None = None,
-) -> tuple[float, list[str]]:  # fmt: skip
+) -> tuple[float, list[str]]:
     """Greedy-decode each prompt and compare it with its label (`normalize_answer`).
 
     Returns:
         The fraction of exact matches (the same on every rank) and the decoded texts.
     """
     texts = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples], max_new_tokens,
-                            batch_size, max_prompt_length)  # fmt: skip
+                            batch_size, max_prompt_length)
     hits = [normalize_answer(t) == normalize_answer(ex.answer) for t, ex in zip(texts, examples)]
     return sum(hits) / len(hits), texts
 
@@ -355,10 +355,10 @@ def text_scores(
     unknown = [m for m in metrics if m not in METRICS]
     if not metrics or unknown:
         raise ValueError(f"metrics must be a non-empty subset of {list(METRICS)}, got "
-                         f"{list(metrics)}")  # fmt: skip
+                         f"{list(metrics)}")
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need as many hypotheses as references (>0), got "
-                         f"{len(hypotheses)} and {len(references)}")  # fmt: skip
+                         f"{len(hypotheses)} and {len(references)}")
     out: dict[str, float] = {}
     if "bleu" in metrics:
         import sacrebleu
@@ -386,7 +386,7 @@ def generation_scores(
     """Greedy-generate every example's answer and score it (`text_scores`, in [0, 1])."""
     text_scores([""], [""], metrics)  # validate the names before the expensive part
     hypotheses = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples],
-                                 max_new_tokens, batch_size, max_prompt_length)  # fmt: skip
+                                 max_new_tokens, batch_size, max_prompt_length)
     return text_scores(hypotheses, [ex.answer for ex in examples], metrics)
 
 
@@ -439,17 +439,17 @@ def evaluate_task(
             raise ValueError("format=classification needs labels")
         if classification == "generate":
             acc, _ = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
-                                        batch_size, max(1, max_length - 1))  # fmt: skip
+                                        batch_size, max(1, max_length - 1))
         elif classification == "rank":
             acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
-                                          max_length)  # fmt: skip
+                                          max_length)
         else:
             raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
-                             f"got {classification!r}")  # fmt: skip
+                             f"got {classification!r}")
         scores = {"accuracy": acc}
     elif format == "generation":
         scores = generation_scores(engine, tokenizer, examples, metrics, max_new_tokens,
-                                   batch_size, max(1, max_length - 1))  # fmt: skip
+                                   batch_size, max(1, max_length - 1))
     else:
         raise ValueError(f"format must be 'classification' or 'generation', got {format!r}")
     return {**scores, "score": task_score(scores, metrics)}

@@ -58,7 +58,7 @@ def apply_lora(
     missing = sorted(set(target_modules) - present)
     if missing:
         raise ValueError(f"lora.target_modules: {missing} not found in the model; "
-                         f"linear layers include {_linear_names(model)}")  # fmt: skip
+                         f"linear layers include {_linear_names(model)}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -78,7 +78,7 @@ def apply_lora(
 
 def _linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear)})  # fmt: skip
+                   if isinstance(m, nn.Linear)})
 
 
 def lora_parameter_names(model: nn.Module) -> list[str]:
@@ -95,5 +95,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     merge = getattr(model, "merge_and_unload", None)
     if merge is None:
         raise ValueError(f"merge_lora needs a peft model (from apply_lora), got "
-                         f"{type(model).__name__}")  # fmt: skip
+                         f"{type(model).__name__}")
     return merge()

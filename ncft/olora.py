@@ -53,7 +53,7 @@ def _config(opts: LoraOptions):
 
     return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                       target_modules=list(opts.target_modules), bias="none",
-                      task_type=TaskType.CAUSAL_LM)  # fmt: skip
+                      task_type=TaskType.CAUSAL_LM)
 
 
 def with_adapters(model: nn.Module, num: int, opts: LoraOptions, seed: int) -> nn.Module:

@@ -156,10 +156,10 @@ class DeltaEntry:
         """`(delta fqn, base fqn, axis, indices)` for the weight and the bias."""
         out = []
         for name, axis, idx in (("weight", self.axis, self.weight_idx),
-                                ("bias", 0, self.bias_idx)):  # fmt: skip
+                                ("bias", 0, self.bias_idx)):
             if idx is not None:
                 out.append((f"{self.module_fqn}.{DELTA_ATTR}.{name}",
-                            f"{self.module_fqn}.{name}", axis, idx))  # fmt: skip
+                            f"{self.module_fqn}.{name}", axis, idx))
         return out
 
 
@@ -268,7 +268,7 @@ def write_back(engine: Engine, entries: Iterable[DeltaEntry]) -> None:
             for delta_fqn, base_fqn, axis, idx in pairs:
                 target = full[base_fqn]
                 target.index_copy_(axis, idx.to(target.device),
-                                   values[delta_fqn].to(target.device, target.dtype))  # fmt: skip
+                                   values[delta_fqn].to(target.device, target.dtype))
     for entry in entries:
         entry.delta.active = False
 

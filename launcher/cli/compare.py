@@ -12,7 +12,7 @@ HEADER_NOTE = ("FG: Leng & Xiong eq. 5 after the last task, a retention ratio (h
                "retained). Forgetting: mean over earlier tasks of best earlier score minus "
                "final (lower = less forgotten). Protocol: classification scoring (rank: label "
                "log-probability ranking; generate: greedy decoding + exact match) and, for "
-               "wncft, the mixing query (task or example).")  # fmt: skip
+               "wncft, the mixing query (task or example).")
 
 
 def _fmt(value) -> str:
@@ -40,7 +40,7 @@ def compare_table(run_dirs: list[str]) -> str:
         rows.append([run.name, res["method"], *map(_fmt, final),
                      _fmt(summary.get("average_performance")),
                      _fmt(summary.get("backward_transfer")), _fmt(fg), _fmt(af),
-                     _protocol(res)])  # fmt: skip
+                     _protocol(res)])
     head = ["run", "method", *[f"{t} (final)" for t in header_tasks], "CL/AP", "BWT",
             "FG (retention, higher better)", "forgetting (lower better)", "protocol"]
     lines = [HEADER_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -51,9 +51,9 @@ def compare_table(run_dirs: list[str]) -> str:
             lines += ["", f"Deactivation study ({run.name}, {study['metric']}):", "",
                       "| units off | " + " | ".join(study["tasks"]) + " |",
                       "|" + "---|" * (len(study["tasks"]) + 1),
-                      "| none | " + " | ".join(map(_fmt, study["baseline"])) + " |"]  # fmt: skip
+                      "| none | " + " | ".join(map(_fmt, study["baseline"])) + " |"]
             for name, off, rnd in zip(study["tasks"], study["task_neurons_off"],
-                                      study["random_off"]):  # fmt: skip
+                                      study["random_off"]):
                 lines.append(f"| {name} task units | " + " | ".join(map(_fmt, off)) + " |")
                 lines.append(f"| random ({name} size) | " + " | ".join(map(_fmt, rnd)) + " |")
     return "\n".join(lines)

@@ -51,9 +51,9 @@ def add_neuron_commands(subparsers) -> None:
     score.add_argument("--task", required=True, help="name of the spec task to score on")
     score.add_argument("--out", required=True, help="output file, ending in .safetensors")
     score.add_argument("--previous", help="NeuronSet file of the earlier task; required by, "
-                       "and only by, selection.union_with_previous: true")  # fmt: skip
+                       "and only by, selection.union_with_previous: true")
     score.add_argument("--finetuned", help="weight_cosine/reversed: compare against this "
-                       "fine-tuned HF checkpoint instead of running NeFT's probe")  # fmt: skip
+                       "fine-tuned HF checkpoint instead of running NeFT's probe")
     score.set_defaults(func=_score)
     inspect = sub.add_parser("inspect", help="per-layer counts and metadata of a NeuronSet")
     inspect.add_argument("file")
@@ -72,11 +72,11 @@ def _score(ns: argparse.Namespace) -> int:
     problems = _score_problems(spec, ns)
     if spec.engine.nnodes > 1 and not under_launcher():
         problems.append(f"engine.nnodes={spec.engine.nnodes}: start multi-node jobs under a "
-                        "launcher (torchrun, slurm/torchrun.slurm)")  # fmt: skip
+                        "launcher (torchrun, slurm/torchrun.slurm)")
     if problems:
         raise ValueError("neurons score: " + "; ".join(problems))
     job = ScoreJob(str(ns.spec), tuple(ns.overrides), ns.task, ns.out,
-                   resolve_model(spec.model.name_or_path), ns.previous, ns.finetuned)  # fmt: skip
+                   resolve_model(spec.model.name_or_path), ns.previous, ns.finetuned)
     run_local(run_score, spec.engine.nproc_per_node, job)  # converts the model once, above
     return 0
 
@@ -91,11 +91,11 @@ def _score_problems(spec, ns: argparse.Namespace) -> list[str]:
         problems.append("--out must end in .safetensors")
     if spec.selection.union_with_previous != (ns.previous is not None):
         problems.append("give --previous FILE exactly when selection.union_with_previous "
-                        "is true (the earlier task's set to unite with)")  # fmt: skip
+                        "is true (the earlier task's set to unite with)")
     cosine = spec.selection.scorer in COSINE_SCORERS
     if ns.finetuned is not None and (not cosine or spec.method == "random_neurons"):
         problems.append("--finetuned needs selection.scorer weight_cosine or reversed "
-                        "(and a method other than random_neurons)")  # fmt: skip
+                        "(and a method other than random_neurons)")
     return problems
 
 
@@ -128,7 +128,7 @@ def run_score(job: ScoreJob) -> None:
             "backend": e.backend,
             "command": {"spec": job.spec, "overrides": list(job.overrides), "task": job.task}}
     selector = spec_selector(spec, tokenizer, previous=lambda _stage: previous,
-                             reference=job.finetuned, extra_meta=meta)  # fmt: skip
+                             reference=job.finetuned, extra_meta=meta)
     nset = selector.select(engine, model, task, stage)
     if info.is_main_process:
         Path(job.out).parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def _inspect(ns: argparse.Namespace) -> int:
 
     nset = NeuronSet.load(ns.file)
     print(f"{ns.file}: {len(nset.entries)} parameters, {nset.num_selected()} selected, "
-          f"checksum {nset.checksum()}")  # fmt: skip
+          f"checksum {nset.checksum()}")
     print(format_table(layer_table(nset)) if nset.entries else "(empty)")
     print("metadata:")
     print(json.dumps(nset.meta, indent=2, sort_keys=True))

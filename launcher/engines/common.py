@@ -128,7 +128,7 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     CPU and for tensors already there).
     """
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}  # fmt: skip
+            for k, v in batch.items()}
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> MaskedAdamW:

@@ -175,7 +175,7 @@ def _policy(dtype: torch.dtype) -> MixedPrecision | None:
         return None
     # Buffers (rotary `inv_freq`) stay fp32: positions lose precision in bf16.
     return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32,
-                          buffer_dtype=torch.float32)  # fmt: skip
+                          buffer_dtype=torch.float32)
 
 
 def _from_rank0(model: nn.Module, info: DistInfo) -> dict:
@@ -184,7 +184,7 @@ def _from_rank0(model: nn.Module, info: DistInfo) -> dict:
     sync = info.backend == "nccl" and info.world_size > 1
     if meta and (not sync or info.rank == 0):
         raise ValueError("FSDP1: only ranks other than 0 may build the model on the meta "
-                         "device, and only with NCCL on several ranks")  # fmt: skip
+                         "device, and only with NCCL on several ranks")
     if not sync:
         return {}
     device = info.device

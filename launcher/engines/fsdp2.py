@@ -50,7 +50,7 @@ class Fsdp2Engine(LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
-                 weights: loading.Weights | None = None) -> None:  # fmt: skip
+                 weights: loading.Weights | None = None) -> None:
         check_compute_dtype(cfg, "fsdp2")
         self.name, self.device = "fsdp2", info.device
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
@@ -68,7 +68,7 @@ class Fsdp2Engine(LocalState):
         self._micro = 0
 
     def _load_sharded(self, model: nn.Module, weights: loading.Weights,
-                      device: torch.device, policy: MixedPrecisionPolicy) -> None:  # fmt: skip
+                      device: torch.device, policy: MixedPrecisionPolicy) -> None:
         if not all(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise ValueError("FSDP2 sharded loading: build the model on the meta device")
         keys = loading.param_keys(model, weights.keys())  # before sharding: tied aliases
@@ -81,12 +81,12 @@ class Fsdp2Engine(LocalState):
         self.load_report = loading.report("fsdp2", self.rank, peak, weights)
 
     def _shard_in_memory(self, model: nn.Module, info: DistInfo,
-                         policy: MixedPrecisionPolicy) -> None:  # fmt: skip
+                         policy: MixedPrecisionPolicy) -> None:
         meta = _on_meta(model)
         from_rank0 = info.world_size > 1 and any_rank(meta, info.device)
         if meta and (self.rank == 0 or not from_rank0):
             raise ValueError("FSDP2: rank 0 must build the model with real weights; only "
-                             "other ranks may build it on the meta device")  # fmt: skip
+                             "other ranks may build it on the meta device")
         # Rank 0's full tensors, kept referenced while sharding replaces them.
         full = dict(model.named_parameters()) if from_rank0 and self.rank == 0 else {}
         if not meta:

@@ -61,7 +61,7 @@ def param_keys(model: nn.Module, available: Iterable[str]) -> dict[str, str]:
             out[name] = key
     if missing:
         raise ValueError(f"the weights have no tensor for {len(missing)} parameters, e.g. "
-                         f"{missing[:3]}; they do not belong to this model")  # fmt: skip
+                         f"{missing[:3]}; they do not belong to this model")
     return out
 
 
@@ -69,7 +69,7 @@ def _checked(weights: Weights, key: str, shape: tuple[int, ...]) -> None:
     found = weights.shape(key)
     if tuple(found) != tuple(shape):
         raise ValueError(f"weights hold {key} with shape {tuple(found)}, the model needs "
-                         f"{tuple(shape)}")  # fmt: skip
+                         f"{tuple(shape)}")
 
 
 def persistent_buffers(model: nn.Module) -> list[str]:
@@ -104,14 +104,14 @@ def recompute_buffers(model: nn.Module) -> None:
         if init is None or bad:
             raise ValueError(f"cannot recompute the non-persistent buffers {names} of "
                              f"{prefix or type(model).__name__}; load this model without "
-                             "sharded loading (engine.backend: single)")  # fmt: skip
+                             "sharded loading (engine.backend: single)")
         for n in names:
             module._buffers[n].fill_(float("nan"))
         init(module)
         unset = [n for n in names if module._buffers[n].isnan().any()]
         if unset:
             raise ValueError(f"{type(model).__name__}._init_weights does not recompute "
-                             f"{prefix}.{unset[0]}")  # fmt: skip
+                             f"{prefix}.{unset[0]}")
 
 
 @torch.no_grad()
@@ -122,14 +122,14 @@ def _fill_buffers(model: nn.Module, weights: Weights) -> None:
         if name not in weights.keys():
             raise ValueError(f"the weights have no persistent buffer {name} (stage "
                              "checkpoints hold parameters only); use engine.backend: "
-                             "single")  # fmt: skip
+                             "single")
         _checked(weights, name, tuple(buf.shape))
         buf.copy_(weights.rows(name, 0, buf.shape[0] if buf.dim() else 0))
 
 
 @torch.no_grad()
 def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world_size: int,
-              rank: int) -> None:  # fmt: skip
+              rank: int) -> None:
     """Fill this rank's rows of every parameter of a `to_empty`'d model, and its buffers.
 
     Serves FSDP2 (a `fully_shard`ed model: DTensors sharded on dim 0) and, with one
@@ -156,7 +156,7 @@ def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world
 
 def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int,
                 rank: int, fp32_parts: dict[str, torch.Tensor] | None = None,
-                ) -> nn.Module:  # fmt: skip
+                ) -> nn.Module:
     """A twin of the meta HF model, built under `deepspeed.zero.Init` and filled.
 
     Each rank's partitions come from `weights`; `requires_grad` and the generation
@@ -211,7 +211,7 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     names = [name for name, _ in model.named_parameters()]
     if names != list(wanted):
         raise ValueError(f"the ZeRO-3 twin of {type(meta).__name__} has other parameters "
-                         f"than the model ({sorted(set(names) ^ set(wanted))[:3]})")  # fmt: skip
+                         f"than the model ({sorted(set(names) ^ set(wanted))[:3]})")
     with torch.no_grad():
         for name, param in model.named_parameters():
             shape = tuple(param.ds_shape)
@@ -222,7 +222,7 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
             part = param.ds_tensor
             if getattr(part, "final_location", None) is not None:  # swapped out to NVMe
                 raise ValueError("ZeRO-3 sharded loading does not fill NVMe-offloaded "
-                                 "parameters; use offload_param.device cpu or none")  # fmt: skip
+                                 "parameters; use offload_param.device cpu or none")
             assert part.numel() == per_rank and param.ds_numel_aligned == per_rank * world_size
             values = weights.flat(keys[name], start, stop)
             part[: stop - start].copy_(values)
@@ -302,5 +302,5 @@ def report(engine: str, rank: int, peak: PeakMemory, weights: Weights) -> dict[s
     }
     print(f"[rank {rank}] {engine} load from {out['source']}: read "
           f"{out['read_mib']} MiB, peak host memory +{out['peak_added_mib']} MiB over "
-          f"{out['rss_before_mib']} MiB, {out['seconds']} s", flush=True)  # fmt: skip
+          f"{out['rss_before_mib']} MiB, {out['seconds']} s", flush=True)
     return out

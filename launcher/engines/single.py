@@ -34,7 +34,7 @@ class SingleEngine(LocalState):
     """One process, unsharded parameters; a `Segment` is a whole parameter."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
-                 weights: loading.Weights | None = None) -> None:  # fmt: skip
+                 weights: loading.Weights | None = None) -> None:
         if info.world_size != 1:
             raise ValueError(
                 f"engine.backend=single runs one process, but WORLD_SIZE={info.world_size}; "

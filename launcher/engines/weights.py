@@ -184,7 +184,7 @@ class Replay:
     def _take(self, request: _Key) -> torch.Tensor:
         if request not in self._kept:
             raise ValueError(f"kept weights hold no {request}: the second engine of a stage "
-                             "must shard like the first")  # fmt: skip
+                             "must shard like the first")
         return self._kept.pop(request)
 
     def rows(self, key: str, lo: int, hi: int) -> torch.Tensor:  # noqa: D102

@@ -115,7 +115,7 @@ class Zero3Engine(LocalState):
         if weights is not None:
             with loading.PeakMemory() as peak:
                 model = loading.zero3_model(model, ds_cfg, weights, self.world_size, self.rank,
-                                            self._fp32_parts if low else None)  # fmt: skip
+                                            self._fp32_parts if low else None)
             # The twin is a new module: switch checkpointing on it too (no cast: its
             # partitions already have the config's dtype).
             enable_checkpointing(model, cfg)
@@ -203,7 +203,7 @@ class Zero3Engine(LocalState):
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         low = self.cfg.compute_dtype != torch.float32
         masters = {n: self._full_master(n) if self._params[n].requires_grad
-                   else self._full_fp32(n) for n in fqns if low}  # fmt: skip
+                   else self._full_fp32(n) for n in fqns if low}
         params = [self._params[n] for n in fqns if n not in masters]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield {n: masters[n] if n in masters else self._params[n].data for n in fqns}
@@ -245,7 +245,7 @@ class Zero3Engine(LocalState):
         zero = self._zero
         with torch.no_grad():
             for low, master in zip(zero.fp16_partitioned_groups_flat,
-                                   zero.fp32_partitioned_groups_flat):  # fmt: skip
+                                   zero.fp32_partitioned_groups_flat):
                 if low is not None and low.data_ptr() != master.data_ptr():
                     low.copy_(master)
         if zero.persistent_parameters:

@@ -253,7 +253,7 @@ def mask_bytes(lay: Layout, selections: Mapping | None = None) -> float:
             sel = selections.get(h.param.fqn)
             if h.opt is not None and sel is not None:
                 builder.segment(h.param.fqn, h.param.shape, h.start, h.stop, sel.axis,
-                                sel.indices)  # fmt: skip
+                                sel.indices)
         return float(builder.nbytes())
     columns: set[str] = set()
     return sum(_expected_segment(h, columns) for h in lay.held if h.opt is not None)

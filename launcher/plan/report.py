@@ -44,7 +44,7 @@ def target_of(spec: Any, world_size: int | None, nodes: int | None, gpu_gib: flo
         raise UserError(f"--world-size {world} must be a positive multiple of --nodes {nodes}")
     if eng.backend == "single" and world != 1:
         raise UserError(f"engine.backend single runs 1 process, not --world-size {world}; "
-                        "plan with engine.backend=deepspeed|fsdp2|fsdp1")  # fmt: skip
+                        "plan with engine.backend=deepspeed|fsdp2|fsdp1")
     if gpu_gib <= 0:
         raise UserError(f"--gpu-memory must be > 0 GiB, got {gpu_gib}")
     return Target(world, nodes, gpu_gib)
@@ -61,7 +61,7 @@ def ds_tuning(spec: Any) -> DsTuning:
                                            base.persistence_threshold)),
         reduce_bucket_size=int(zero.get("reduce_bucket_size", base.reduce_bucket_size)),
         sub_group_size=int(zero.get("sub_group_size", base.sub_group_size)),
-    )  # fmt: skip
+    )
 
 
 def batch_of(spec: Any) -> Batch:
@@ -104,7 +104,7 @@ def make_plan(spec: Any, target: Target, spec_path: str = "") -> dict[str, Any]:
         "headroom": int(budget - per_rank["total"]),
         "compare": compare,
         "plan_seconds": round(time.perf_counter() - started, 3),
-    }  # fmt: skip
+    }
 
 
 def _compare(spec, base, meta, world: int, batch: Batch, ckpt: bool, ds: DsTuning) -> list:
@@ -161,7 +161,7 @@ def format_text(plan: dict[str, Any]) -> str:
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(f"{verdict} in {plan['gpu_memory'] / GIB:g} GiB per GPU "
                  f"(headroom {_human(plan['headroom']).strip()}; CUDA context, NCCL and "
-                 "fragmentation not counted)")  # fmt: skip
+                 "fragmentation not counted)")
     lines += ["", "total per rank by engine and method (same ranks, tokens and precision)"]
     methods = list(dict.fromkeys(c["method"] for c in plan["compare"]))
     engines = list(dict.fromkeys(c["engine"] for c in plan["compare"]))
@@ -169,7 +169,7 @@ def format_text(plan: dict[str, Any]) -> str:
     table = {(c["engine"], c["method"]): c["total"] for c in plan["compare"]}
     for eng in engines:
         row = "".join(f"{_human(table[eng, x]) if table[eng, x] is not None else 'n/a':>14}"
-                      for x in methods)  # fmt: skip
+                      for x in methods)
         lines.append(f"  {eng:<10}{row}")
     lines.append(f"planned in {plan['plan_seconds']:.2f} s")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from ncft.continual.methods import LORA_METHODS, METHODS, NEURON_METHODS
 
 FULL_METHODS = tuple(name for name, row in METHODS.items() if row.trains == "all")
 __all__ = ["FULL_METHODS", "LORA_METHODS", "NEURON_METHODS", "Stage", "lora_params",
-           "neuron_fractions", "sparse_delta_params", "stage_for"]  # fmt: skip
+           "neuron_fractions", "sparse_delta_params", "stage_for"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def lora_params(
     frozen = [replace(p, trainable=False) for p in info.params]
     adapters = []
     names = ([f"task{i}" for i in range(frozen_adapters + 1)] if frozen_adapters
-             else ["default"])  # fmt: skip
+             else ["default"])
     for p in info.params:
         leaf = p.module.rsplit(".", 1)[-1]
         if leaf in targets and p.fqn == f"{p.module}.weight" and len(p.shape) == 2:
@@ -88,7 +88,7 @@ def lora_params(
                 for name, shape in (("lora_A", (r, in_f)), ("lora_B", (out_f, r))):
                     module = f"{p.module}.{name}.{adapter}"
                     adapters.append(ParamInfo(f"{module}.weight", shape, module=module,
-                                              trainable=adapter == names[-1]))  # fmt: skip
+                                              trainable=adapter == names[-1]))
     if not adapters:
         raise ValueError(f"lora.target_modules: {targets} names no linear layer of the model")
     return frozen + adapters
@@ -105,7 +105,7 @@ def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -
         count = sum(p.numel for p in model.params if p.trainable)
         frozen = f", {earlier} earlier adapters frozen" if earlier else ""
         return Stage(model, f"{method}: LoRA r={lora.r} on {', '.join(lora.target_modules)} "
-                     f"({count:,} adapter elements train, fp32{frozen})", None)  # fmt: skip
+                     f"({count:,} adapter elements train, fp32{frozen})", None)
     if method not in NEURON_METHODS:
         raise ValueError(f"method: unknown {method!r}")
     fractions = neuron_fractions(meta, spec)

@@ -117,13 +117,13 @@ class LauncherBackend:
             from ncft import olora
 
             model = olora.freeze_all(olora.with_adapters(
-                model, stage + 1, lora_options(self.spec), self.spec.training.seed))  # fmt: skip
+                model, stage + 1, lora_options(self.spec), self.spec.training.seed))
         elif row.lora and not row.adapter_per_task:
             from ncft.lora import apply_lora
 
             lora = self.spec.lora
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
-                               seed=self.spec.training.seed)  # fmt: skip
+                               seed=self.spec.training.seed)
         if stage is not None:
             state = load_file(self._stage_dir(stage) / "model.safetensors")
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -151,7 +151,7 @@ class LauncherBackend:
             found = (path / INDEX).is_file() or (path / SINGLE).is_file()
             if not found:
                 print0(f"{self.model_dir} has no safetensors weights: every rank loads the "
-                       "whole model (from_pretrained)")  # fmt: skip
+                       "whole model (from_pretrained)")
             self._base = (path if found else None,)
         return self._base[0]
 
@@ -164,14 +164,14 @@ class LauncherBackend:
         if backend == "deepspeed" and self.spec.training.update == "sparse_delta":
             return False
         return (backend in ("single", "fsdp2", "deepspeed")
-                and self.spec.method not in LORA_METHODS)  # fmt: skip
+                and self.spec.method not in LORA_METHODS)
 
     @property
     def _fsdp1_from_rank0(self) -> bool:
         # FSDP1's sync_module_states broadcasts rank 0's states; on gloo it refuses the
         # CPU tensors, so CPU runs load on every rank (launcher/engines/fsdp1.py).
         return (self.spec.engine.backend == "fsdp1" and self.info.backend == "nccl"
-                and self.info.world_size > 1 and self.spec.method not in LORA_METHODS)  # fmt: skip
+                and self.info.world_size > 1 and self.spec.method not in LORA_METHODS)
 
     def _meta_model(self) -> torch.nn.Module:
         """The model's structure on the meta device, set up as `from_pretrained` would."""
@@ -208,7 +208,7 @@ class LauncherBackend:
             weights.record()
         e = self.spec.engine
         engine = build_engine(e.backend, model, optim_config(self.spec), self.info,
-                              e.ds_config, weights=weights)  # fmt: skip
+                              e.ds_config, weights=weights)
         if record:
             self._kept = (stage, Replay(weights))
         if isinstance(weights, (SafetensorsWeights, DeltaWeights)):
@@ -233,7 +233,7 @@ class LauncherBackend:
             target = self._stage_dir(stage)
             with atomic_dir(target) as tmp:
                 save_file({k: v.contiguous() for k, v in weights.items()},
-                          tmp / "model.safetensors")  # fmt: skip
+                          tmp / "model.safetensors")
                 write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
         barrier()
@@ -257,7 +257,7 @@ class LauncherBackend:
         # The last step normally gets save_stage; a stop request saves it here instead.
         if stop or (every and step % every == 0 and step < total):
             progress.save(engine, self.run, stage, self.spec.tasks[stage].name, step,
-                          self.spec.engine.backend)  # fmt: skip
+                          self.spec.engine.backend)
         self._fault(KILL_AT_STEP, f"{stage + 1}:{step}")
         if stop:
             preempt.stop(f"after step {step}/{total} of stage {stage + 1}")
@@ -273,7 +273,7 @@ class LauncherBackend:
 
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:  # noqa: D102
         self.metrics.write(stage=stage, task=task, step=log.step, loss=log.loss,
-                           grad_norm=log.grad_norm, lr=lr)  # fmt: skip
+                           grad_norm=log.grad_norm, lr=lr)
         if self.board is not None:
             for key, value in (("loss", log.loss), ("grad_norm", log.grad_norm), ("lr", lr)):
                 self.board.add_scalar(f"{task}/{key}", value, log.step)

@@ -30,7 +30,7 @@ class DeltaWeights:
             for delta, base_key, axis, idx in entry.pairs:
                 if base_key not in base.keys():
                     raise ValueError(f"training.update=sparse_delta: the weights have no "
-                                     f"{base_key!r} to start {delta!r} from")  # fmt: skip
+                                     f"{base_key!r} to start {delta!r} from")
                 self._deltas[delta] = (base_key, axis, idx)
 
     @property

@@ -39,7 +39,7 @@ from ncft.io import atomic_dir
 
 
 def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
-          selector: Selector) -> ContinualLoop:  # fmt: skip
+          selector: Selector) -> ContinualLoop:
     t, ev = spec.training, spec.eval
     cfg = LoopConfig(
         method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
@@ -53,7 +53,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         olora_lambda_l2=spec.olora.lambda_l2, update=t.update,
     )
     return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
-                         selector=selector)  # fmt: skip
+                         selector=selector)
 
 
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
@@ -74,7 +74,7 @@ def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
     if records_neft_utilization(spec):
         out["neft"] = studies.neft_utilization(spec, backend, selector, tasks)
     out["weight_movement_rank_shift"] = studies.weight_movement_rank_shift(backend, selector,
-                                                                           tasks)  # fmt: skip
+                                                                           tasks)
     if spec.study.similarity in ("paper", "both"):
         out["similarity"] = studies.paper_similarity(spec, backend, selector, tasks)
     return {k: v for k, v in out.items() if v}
@@ -143,7 +143,7 @@ def prepare(spec: Spec) -> tuple[str, str]:
     """
     model_dir = resolve_model(spec.model.name_or_path)
     run = rundir.prepare(Path(spec.output.dir), dump_resolved(spec), spec.output.resume,
-                         spec.output.overwrite)  # fmt: skip
+                         spec.output.overwrite)
     preempt.record_job(run.root)
     return str(run.root), model_dir
 

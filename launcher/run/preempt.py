@@ -122,7 +122,7 @@ def resume_if_requeued(spec):
         return spec
     if os.environ.get("RANK", "0") == "0":  # under a launcher every rank gets here
         print(f"ncft: SLURM job {os.environ['SLURM_JOB_ID']} restart "
-              f"{os.environ['SLURM_RESTART_COUNT']}: resuming {out.dir}", flush=True)  # fmt: skip
+              f"{os.environ['SLURM_RESTART_COUNT']}: resuming {out.dir}", flush=True)
     output = out.model_copy(update={"resume": True, "overwrite": False})
     return spec.model_copy(update={"output": output})
 

@@ -44,12 +44,12 @@ def check_model(name_or_path: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{field}: directory {path.absolute()} has no config.json; point "
-                            "it at a saved Hugging Face model (save_pretrained)")  # fmt: skip
+                            "it at a saved Hugging Face model (save_pretrained)")
         return "local directory"
     tried = f"not a built-in name {sorted(models.BUILTIN)} and no directory {path.absolute()}"
     if name_or_path.startswith((".", "/", "~")) or not _valid_repo_id(name_or_path):
         raise UserError(f"{field}: {tried}, nor a hub id (org/name); use a built-in "
-                        "name or a local model directory")  # fmt: skip
+                        "name or a local model directory")
     return _check_hub(name_or_path, f"{field}: {tried};")
 
 
@@ -78,7 +78,7 @@ def _check_hub(repo_id: str, tried: str) -> str:
         get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT_S)
     except Exception as err:  # network, DNS, 401/404: each one means "not usable here"
         raise UserError(f"{tried} {where} and the hub did not answer ({type(err).__name__}; "
-                        f"this machine may have no network); {fix}") from None  # fmt: skip
+                        f"this machine may have no network); {fix}") from None
     return "hub"
 
 
@@ -96,7 +96,7 @@ def check_output(spec: Spec) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output.dir: cannot create {out.dir} ({parent} is not a writable "
-                        "directory); choose another output.dir")  # fmt: skip
+                        "directory); choose another output.dir")
 
 
 def check_launch(spec: Spec, under_launcher: bool) -> None:

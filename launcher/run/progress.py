@@ -102,7 +102,7 @@ def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) ->
         write_json(step_dir / "progress.json", {
             "stage": stage, "task": task, "step": step, "backend": backend,
             "world_size": engine.world_size,
-        })  # fmt: skip
+        })
         for old in root.glob("step-*"):
             if old != step_dir:
                 shutil.rmtree(old, ignore_errors=True)

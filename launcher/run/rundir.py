@@ -50,7 +50,7 @@ def check_policy(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) 
     run = RunDir(Path(root))
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"output.dir: {run.root} is a file, not a directory; "
-                        "set output.dir to a new or existing directory")  # fmt: skip
+                        "set output.dir to a new or existing directory")
     if not holds_run(run.root) or overwrite:
         return
     if not resume:

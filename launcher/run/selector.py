@@ -48,7 +48,7 @@ def spec_selector(spec: Spec, tokenizer: Any, **options: Any) -> SelectionPipeli
     """
     t = spec.training
     steps = partial(stage_steps, tokenizer, seed=t.seed, micro_batch_size=t.micro_batch_size,
-                    grad_accum=t.grad_accum)  # fmt: skip
+                    grad_accum=t.grad_accum)
     return SelectionPipeline(select_config(spec), tokenizer, steps, spec.method, **options)
 
 

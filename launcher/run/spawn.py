@@ -92,7 +92,7 @@ def _first_failure(err: Exception, reports: Path) -> Exception:
     """The error to raise for a failed launch: the root-cause rank's own message."""
     rank, failure = err.get_first_failure()
     files = [reports / f"rank-{rank}.json", *sorted(reports.glob("rank-*.json"),
-                                                    key=lambda p: p.stat().st_mtime)]  # fmt: skip
+                                                    key=lambda p: p.stat().st_mtime)]
     for path in files:
         if path.is_file():
             report = json.loads(path.read_text())

@@ -52,7 +52,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
     print0(f"study: tuning every parameter {study.finetune_steps} steps on all tasks")
     train(engine, islice(selector.train_steps(engine, mixed, -1), study.finetune_steps), None)
     own = replace(selector, method="ncft", save_probe=None,
-                  cfg=replace(selector.cfg, union_with_previous=False))  # fmt: skip
+                  cfg=replace(selector.cfg, union_with_previous=False))
     sets = {}
     for stage, task in enumerate(tasks):
         sets[task.name] = own.select(engine, model, task, stage)
@@ -60,7 +60,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
     encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length) for t in tasks}
     grid = deactivation_grid(engine, blocks, sets, encoded, spec.training.seed,
                              spec.eval.batch_size, tok.pad_token_id, log=print0,
-                             mode=study.deactivation_mode)  # fmt: skip
+                             mode=study.deactivation_mode)
     engine.close()
     if study.finetune_matrix:
         grid["finetune_matrix"] = _finetune_matrix(spec, backend, selector, tasks, sets, encoded)
@@ -128,7 +128,7 @@ def neft_utilization(spec: Spec, backend: LauncherBackend, selector: SelectionPi
                 engine = backend.build_engine(model)
                 print0(f"NeFT utilization: Pearson scores of {task.name}, {when} training")
                 scores[when] = pearson_scores(engine, groups, encoded, spec.eval.batch_size,
-                                              tok.pad_token_id)  # fmt: skip
+                                              tok.pad_token_id)
                 engine.close()
             if backend.info.is_main_process:
                 nset = NeuronSet.load(nfile)
@@ -206,7 +206,7 @@ def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict 
         return None  # NeFT row sets have no FFN units to compare
     params = dict(model.named_parameters())
     sim = layer_similarity(blocks, {n: s.units(blocks) for n, s in sets.items()},
-                           lambda fqn: params[fqn].detach())  # fmt: skip
+                           lambda fqn: params[fqn].detach())
     n = len(tasks)
     sim["generalization"] = [[matrix[j][i] for j in range(n)] for i in range(n)]
     sim["protocol"] = "final_model"
@@ -230,7 +230,7 @@ def paper_similarity(spec: Spec, backend: LauncherBackend, selector: SelectionPi
         # The paper's scorer on FFN units, so no selection fine-tunes M_i (module docstring).
         own = replace(selector, method="ncft", save_probe=None, reference=None,
                       cfg=replace(selector.cfg, scorer="grad_attribution", unit="neuron",
-                                  modules=roles, union_with_previous=False))  # fmt: skip
+                                  modules=roles, union_with_previous=False))
 
         def make_engine():
             model = backend.load_model(None)
@@ -242,7 +242,7 @@ def paper_similarity(spec: Spec, backend: LauncherBackend, selector: SelectionPi
         result = study(make_engine, lambda eng, i: selector.train_steps(eng, tasks[i], i),
                        lambda eng, model, j: own.select(eng, model, tasks[j], j),
                        [t.name for t in tasks], encoded, st.finetune_steps,
-                       spec.eval.batch_size, tok.pad_token_id, log=print0)  # fmt: skip
+                       spec.eval.batch_size, tok.pad_token_id, log=print0)
         if backend.info.is_main_process:
             write_json(out, result)
         barrier()

@@ -393,7 +393,7 @@ class OutputSpec(_Section):
             problems.append(("resume", "resume and overwrite exclude each other; pick one"))
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             problems.append(("tensorboard", "needs the tensorboard package: "
-                             "pip install tensorboard, or set it to false"))  # fmt: skip
+                             "pip install tensorboard, or set it to false"))
         if problems:
             raise Problems(problems)
         return self
@@ -462,7 +462,7 @@ class Spec(_Section):
         if self.model.dtype == "float16" and self.engine.backend != "deepspeed":
             problems.append(("model.dtype", f"float16 needs loss scaling, which only "
                              f"engine.backend=deepspeed does (got {self.engine.backend}); "
-                             "use bfloat16"))  # fmt: skip
+                             "use bfloat16"))
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
         if self.study.similarity in ("paper", "both") and "lora" in self.method:
@@ -533,7 +533,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
         raise SpecError([f"not valid YAML: {exc}"], path) from None
     if not isinstance(data, dict):
         raise SpecError([f"<top level>: expected a mapping of sections, got {type(data).__name__}"],
-                        path)  # fmt: skip
+                        path)
     for text in overrides:
         try:
             apply_override(data, text, Spec)
@@ -554,4 +554,4 @@ __all__ = [
     "SelectionSpec", "Spec",
     "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
     "load_spec", "plan_stages", "validate_spec",
-]  # fmt: skip
+]

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 CL_BENCHMARK_TASKS = (
     "agnews", "amazon", "dbpedia", "yahoo", "yelp", "imdb", "sst2", "mnli", "rte", "cb",
     "qqp", "boolq", "copa", "multirc", "wic",
-)  # fmt: skip
+)
 
 # O-LoRA task type of each cl_benchmark task (its CL_Benchmark/<type>/ directory).
 CL_TASK_TYPE = {
@@ -46,7 +46,7 @@ CL_TASK_TYPE = {
     "amazon": "SC", "yelp": "SC", "imdb": "SC", "sst2": "SC",
     "mnli": "NLI", "rte": "NLI", "cb": "NLI",
     "qqp": "QQP", "boolq": "BoolQA", "multirc": "MultiRC", "wic": "WiC", "copa": "COPA",
-}  # fmt: skip
+}
 
 # Verbatim zero-shot instructions of O-LoRA configs/instruction_config.json (no COPA entry).
 INSTRUCTIONS = {
@@ -276,7 +276,7 @@ def data_files(task: TaskSpec, data_root: Path | None) -> dict[str, Path]:
     if isinstance(source, ClBenchmarkSource):
         folder = data_root / "cl_benchmark" / source.name
         return {"train": folder / "train.jsonl", "test": folder / "test.jsonl",
-                "labels": folder / "labels.json"}  # fmt: skip
+                "labels": folder / "labels.json"}
     folder = data_root / f"translation_{source.pair}"
     return {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
 
@@ -296,7 +296,7 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
     missing = [p for p in files.values() if not p.is_file()]
     if missing:
         return [("source", f"file {p} does not exist (under data_root {data_root})")
-                for p in missing]  # fmt: skip
+                for p in missing]
     if "labels" not in files:
         return []
     known = json.loads(files["labels"].read_text(encoding="utf-8"))
@@ -318,7 +318,7 @@ def records_rank_shift(spec: Spec, name: str) -> bool:
     """Whether a run of method `name` records the selection probe's weight-movement rank shift."""
     return (spec.study.weight_movement_rank_shift
             and spec.selection.scorer in COSINE_SCORERS
-            and method(name).selects)  # fmt: skip
+            and method(name).selects)
 
 
 def records_neft_utilization(spec: Spec) -> bool:
@@ -357,7 +357,7 @@ def plan_stages(spec: Spec) -> list[str]:
         stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
                       "tasks, select each task's units, switch them off "
                       f"({spec.study.deactivation_mode}) vs random units "
-                      f"({spec.study.eval_examples} examples per task)")  # fmt: skip
+                      f"({spec.study.eval_examples} examples per task)")
         if spec.study.finetune_matrix:
             stages.append(f"study: per task, train only its units {spec.study.finetune_steps} "
                           "steps from the base model, score every task (fine-tuning matrix)")
@@ -367,27 +367,27 @@ def plan_stages(spec: Spec) -> list[str]:
         stages.append(f"task {i}/{n} {task.name}: {what} for {_amount(spec, task)} {where}")
         if row.mixes:
             stages.append(f"task {i}/{n} {task.name}: store NeuronSet and task vector "
-                          f"({spec.wncft.num_samples} samples)")  # fmt: skip
+                          f"({spec.wncft.num_samples} samples)")
         if row.continual and row.from_base:
             stages.append(f"eval after task {i} on {task.name}")
         elif row.continual:
             query = ("each example's own prompt vector" if spec.wncft.query == "example"
-                     else "the evaluated task's vector")  # fmt: skip
+                     else "the evaluated task's vector")
             mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature}, "
-                   f"query: {query})" if row.mixes and i > 1 else "")  # fmt: skip
+                   f"query: {query})" if row.mixes and i > 1 else "")
             stages.append(f"eval after task {i} on all {n} tasks{mix}")
         else:
             stages.append(f"eval on {task.name}")
         stages.append(f"checkpoint after task {i}"
                       + (f" (and every {every} steps within it, per-rank shards)"
-                         if every else ""))  # fmt: skip
+                         if every else ""))
     if records_rank_shift(spec, spec.method):
         stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
-                      "step probe on each task's trained model")  # fmt: skip
+                      "step probe on each task's trained model")
     stages += study_plan(spec)
     stages.append(f"write {spec.output.dir}/results.json"
                   + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
-                     if n > 1 else ""))  # fmt: skip
+                     if n > 1 else ""))
     stages.append(f"save consolidated model to {spec.output.dir}/final")
     if spec.output.report:
         stages.append(f"write analyses and plots to {spec.output.dir}/plots")
@@ -418,7 +418,7 @@ def _train_what(spec: Spec, i: int) -> str:
         if not row.adapter_per_task:
             return f"train {on}"
         return (f"train a new {on} (O-LoRA: earlier adapters frozen, orthogonality weight "
-                f"{spec.olora.lambda_orth}, L2 weight {spec.olora.lambda_l2})")  # fmt: skip
+                f"{spec.olora.lambda_orth}, L2 weight {spec.olora.lambda_l2})")
     sel = spec.selection
     scorer = "random" if row.random else sel.scorer
     amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"

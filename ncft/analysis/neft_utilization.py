@@ -62,7 +62,7 @@ STRONG_FRACTION = STRONG_THRESHOLD_7B / LLAMA2_7B_ROWS
 BUCKET_EDGES_PCT = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DEFINITION = ("NeFT §6.1: per neuron, the max Pearson correlation of its hidden state with "
               "another neuron of its group (same model, evaluated tokens); Rank over all "
-              "neurons, 1 = highest; dRank = Rank(after) - Rank(before)")  # fmt: skip
+              "neurons, 1 = highest; dRank = Rank(after) - Rank(before)")
 
 
 def max_pearson(count: float, total: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -90,14 +90,14 @@ def max_pearson(count: float, total: torch.Tensor, gram: torch.Tensor) -> torch.
 def global_ranks(scores: Mapping[str, Any], names: Sequence[str]) -> np.ndarray:
     """1-based ranks of all neurons of `names` together, 1 = highest, ties averaged."""
     x = np.concatenate([np.asarray(torch.as_tensor(scores[n], dtype=torch.float64).flatten())
-                        for n in names])  # fmt: skip
+                        for n in names])
     if np.isnan(x).any():
         raise ValueError("Pearson scores must not contain NaN")
     return rankdata(-x, method="average")
 
 
 def _trained_mask(names: Sequence[str], sizes: Sequence[int],
-                  selected: Mapping[str, Any]) -> np.ndarray:  # fmt: skip
+                  selected: Mapping[str, Any]) -> np.ndarray:
     masks = []
     for name, size in zip(names, sizes):
         m = np.zeros(size, dtype=bool)
@@ -178,9 +178,9 @@ def utilization_shift(
                for name, m in (("strongly_affected", strong),
                                ("suppressed", strong & (delta > 0)),
                                ("indirectly_affected", strong & ~trained))},
-        },  # fmt: skip
+        },
     }
 
 
 __all__ = ["BUCKET_EDGES_PCT", "STRONG_FRACTION", "global_ranks", "max_pearson",
-           "utilization_shift"]  # fmt: skip
+           "utilization_shift"]

@@ -91,14 +91,14 @@ def plot_iou(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     _heatmap(
         fig, axes[0], data["whole"], tasks, tasks, title="Neuron overlap (IoU), whole model",
         xlabel="task", ylabel="task", cbar="IoU", vmin=0.0, vmax=1.0,
-    )  # fmt: skip
+    )
     if per_layer:
         y = [np.nan if v is None else v for v in data["mean_offdiag_per_layer"]]
         axes[1].plot(data["layers"], y, marker="o")
         axes[1].set(
             title="Mean IoU between different tasks, per layer", xlabel="layer",
             ylabel="mean off-diagonal IoU", ylim=(0, 1),
-        )  # fmt: skip
+        )
         axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1].grid(alpha=0.3)
     return save_figure(fig, path)
@@ -119,7 +119,7 @@ def plot_deactivation(data: dict[str, Any], path: str | os.PathLike[str]) -> Pat
             fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
             ylabel="neurons switched off: task i", cbar="relative score drop",
             cmap="RdBu_r", vmin=-lim, vmax=lim,
-        )  # fmt: skip
+        )
     fig.suptitle("Deactivation: relative drop (baseline - off) / baseline")
     return save_figure(fig, path)
 
@@ -137,7 +137,7 @@ def plot_finetune_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> 
             fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
             ylabel="neurons trained: task i", cbar="score - zero-shot",
             cmap="RdBu_r", vmin=-lim, vmax=lim,
-        )  # fmt: skip
+        )
     fig.suptitle("Fine-tuning matrix: change from the zero-shot score")
     return save_figure(fig, path)
 
@@ -152,7 +152,7 @@ def plot_accuracy_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> 
         fig, ax, data["matrix"], tasks, [f"after {t}" for t in tasks],
         title="Score matrix a[i][j]", xlabel="after training task j",
         ylabel="evaluated task i", cbar="score",
-    )  # fmt: skip
+    )
     return save_figure(fig, path)
 
 
@@ -194,12 +194,12 @@ def plot_layer_similarity(data: dict[str, Any], path: str | os.PathLike[str]) ->
         have = ~np.isnan(curves)
         total = np.where(have, curves, 0.0).sum(axis=0)
         mean = np.divide(total, have.sum(axis=0), out=np.full(total.shape, np.nan),
-                         where=have.any(axis=0))  # fmt: skip
+                         where=have.any(axis=0))
         ax.plot(layers, mean, color="black", lw=2.5, label="mean over pairs")
     ax.set(
         title=f"Task-neuron parameter similarity per layer (method: {data['method']})",
         xlabel="layer", ylabel="cosine similarity",
-    )  # fmt: skip
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if pairs:
@@ -215,14 +215,14 @@ def plot_paper_similarity(data: dict[str, Any], path: str | os.PathLike[str]) ->
     ax = fig.subplots()
     for j in range(n):
         curves = np.array([[np.nan if v is None else v for v in per[i][j]]
-                           for i in range(n) if i != j] or [[np.nan] * len(layers)])  # fmt: skip
+                           for i in range(n) if i != j] or [[np.nan] * len(layers)])
         have = ~np.isnan(curves)
         total = np.where(have, curves, 0.0).sum(axis=0)
         mean = np.divide(total, have.sum(axis=0), out=np.full(total.shape, np.nan),
-                         where=have.any(axis=0))  # fmt: skip
+                         where=have.any(axis=0))
         ax.plot(layers, mean, marker=".", label=f"T_j = {tasks[j]}")
     ax.set(title="Similarity of P_i and P_j inside M_i, mean over i != j (paper protocol)",
-           xlabel="layer", ylabel="cosine similarity")  # fmt: skip
+           xlabel="layer", ylabel="cosine similarity")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if n <= 12:
@@ -249,7 +249,7 @@ def plot_correlation(
     ax.set(
         title=f"Pearson r = {fmt(data['pearson'])}, Spearman rho = {fmt(data['spearman'])}",
         xlabel="task-neuron similarity", ylabel="generalization score",
-    )  # fmt: skip
+    )
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
@@ -270,7 +270,7 @@ def plot_rank_shift(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_h.set(
         title=f"Utilization rank shift (scope: {data['scope']}, tau = {tau:g})",
         xlabel="normalized rank shift (+ = more utilized after)", ylabel="rows",
-    )  # fmt: skip
+    )
     ax_h.legend(fontsize=8)
     x = np.arange(len(CATEGORIES))
     sel = [data["counts"][c]["selected"] for c in CATEGORIES]

@@ -156,9 +156,9 @@ def _deactivation(run: _Run) -> Lines | str:
     s, tasks = d["summary"], d["tasks"]
     mode = res["deactivation"].get("mode", "activation")
     how = ("activations zeroed" if mode == "activation" else
-           "weights zeroed: gate/up rows and biases, down column")  # fmt: skip
+           "weights zeroed: gate/up rows and biases, down column")
     out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
-           f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]  # fmt: skip
+           f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]
     out += _matrix_table("off \\ on", tasks, tasks, d["drop"])
     out += _table(
         ["mean relative drop", "task neurons", "random neurons"],
@@ -181,13 +181,13 @@ def _finetune(run: _Run, raw: dict[str, Any]) -> Lines:
     s, tasks = f["summary"], f["tasks"]
     out = ["### Fine-tuning matrix (Leng & Xiong Fig. 5, right)", "",
            f"Change `score - zero-shot` on task j (column) after training only task i's "
-           f"neurons (row) from the base model, {raw.get('steps')} steps.", ""]  # fmt: skip
+           f"neurons (row) from the base model, {raw.get('steps')} steps.", ""]
     out += _matrix_table("trained \\ on", tasks, tasks, f["change"])
     out += _table(["mean change", "task neurons", "random neurons"],
                   [["own task (diagonal)", s["diag"], s["random_diag"]],
                    ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]]])
     out.append(run.figure("finetune_matrix", "fine-tuning matrix",
-                          lambda p: plots.plot_finetune_matrix(f, p)))  # fmt: skip
+                          lambda p: plots.plot_finetune_matrix(f, p)))
     return out
 
 
@@ -212,7 +212,7 @@ def _overlap(run: _Run) -> Lines | str:
         ["set", "selected (fqn, axis, index)", "scorer", "fraction"],
         [[n, s.num_selected(), s.meta.get("scorer"), s.meta.get("fraction")]
          for n, s in sets.items()],
-    )  # fmt: skip
+    )
     out += ["Whole-model IoU:", ""]
     out += _matrix_table("task", tasks, tasks, iou["whole"])
     out += [f"Mean IoU between different tasks: {_fmt(iou['mean_offdiag'])}", ""]
@@ -247,7 +247,7 @@ def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
     out = ["### Leng & Xiong's protocol (§5.2, Fig. 3, Table 4)", "",
            f"M_i: the base model fully fine-tuned on task i ({sim.get('steps')} steps). Cosine "
            "(method `mean`) between task i's and task j's neuron parameters, both selected "
-           "and read inside M_i, mean over layers (row: M_i, column: T_j):", ""]  # fmt: skip
+           "and read inside M_i, mean over layers (row: M_i, column: T_j):", ""]
     out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["mean"])
     out += [f"M_i's score on T_j ({sim.get('metric', 'score')}):", ""]
     out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["performance"])
@@ -258,12 +258,12 @@ def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
         per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
     out += _table(["correlation with M_i's score on T_j (i != j)", "r", "p", "pairs"],
                   [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
-                   for name in ("pearson", "spearman")])  # fmt: skip
+                   for name in ("pearson", "spearman")])
     out += _table(["layer", "Pearson r of that layer's similarity"], per_layer)
     out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
-                          lambda p: plots.plot_paper_similarity(sim, p)))  # fmt: skip
+                          lambda p: plots.plot_paper_similarity(sim, p)))
     out.append(run.figure("similarity_paper_correlation", "similarity vs performance",
-                          lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
+                          lambda p: plots.plot_correlation(corr, p, tasks)))
     run.save("similarity", {**sim, "correlation": corr, "per_layer_pearson": per_layer})
     return out + [""]
 
@@ -275,10 +275,10 @@ def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
     tasks = sim["tasks"]
     out = ["### Final-model variant (ours, not the paper's protocol)", "",
            f"Cosine similarity of task-neuron parameters (method `{sim['method']}`) read in "
-           "the final model of the sequence, mean over layers:", ""]  # fmt: skip
+           "the final model of the sequence, mean over layers:", ""]
     out += _matrix_table("task", tasks, tasks, sim["mean"])
     out.append(run.figure("similarity_layers", "similarity per layer",
-                          lambda p: plots.plot_layer_similarity(sim, p)))  # fmt: skip
+                          lambda p: plots.plot_layer_similarity(sim, p)))
     data = dict(sim)
     if sim.get("generalization") is not None:
         corr = correlation(sim["mean"], sim["generalization"])
@@ -287,9 +287,9 @@ def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
             ["correlation with generalization", "r", "p", "pairs"],
             [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
              for name in ("pearson", "spearman")],
-        )  # fmt: skip
+        )
         out.append(run.figure("similarity_correlation", "similarity vs generalization",
-                              lambda p: plots.plot_correlation(corr, p, tasks)))  # fmt: skip
+                              lambda p: plots.plot_correlation(corr, p, tasks)))
     else:
         out += ["", "No `similarity_final_model.generalization` matrix: correlation skipped."]
     run.save("similarity_final_model", data)
@@ -323,12 +323,12 @@ def _neft(run: _Run) -> Lines | str:
         out += [f"Task `{task or '-'}`: {shift['num_neurons']} neurons, {c['trained']} trained, "
                 f"Avg(|ΔRank|) {shift['avg_abs_delta_rank']:.1f} "
                 f"({shift['avg_abs_delta_rank_normalized']:.4f} of N), strongly affected "
-                f"threshold {shift['strong_threshold']:.1f} ranks.", ""]  # fmt: skip
+                f"threshold {shift['strong_threshold']:.1f} ranks.", ""]
         out += _table(["category", "neurons"],
                       [[k, c[k]] for k in ("strongly_affected", "suppressed",
-                                            "indirectly_affected")])  # fmt: skip
+                                            "indirectly_affected")])
         out.append(run.figure(name, f"NeFT utilization {task}".strip(),
-                              lambda p, d=shift: plots.plot_neft_utilization(d, p)))  # fmt: skip
+                              lambda p, d=shift: plots.plot_neft_utilization(d, p)))
     return out
 
 
@@ -350,13 +350,13 @@ def _weight_movement(run: _Run) -> Lines | str:
         name = f"weight_movement_rank_shift_{task}" if task else "weight_movement_rank_shift"
         if task:
             out += [f"Task `{task}`: {shift['num_selected']} of {shift['num_rows']} candidates "
-                    f"trained, threshold {shift['shift_threshold']}.", ""]  # fmt: skip
+                    f"trained, threshold {shift['shift_threshold']}.", ""]
         out += _table(
             ["category", "selected", "not selected"],
             [[c, v["selected"], v["unselected"]] for c, v in shift["counts"].items()],
         )
         out.append(run.figure(name, f"weight-movement rank shift {task}".strip(),
-                              lambda p, d=shift: plots.plot_rank_shift(d, p)))  # fmt: skip
+                              lambda p, d=shift: plots.plot_rank_shift(d, p)))
     return out
 
 

@@ -181,11 +181,11 @@ def finetune_matrix(ft: dict[str, Any]) -> dict[str, Any]:
     def change(key: str) -> Matrix:
         m = check_matrix(ft.get(key), f"finetune_matrix.{key}", n)
         return [[None if v is None or b is None else v - b for v, b in zip(row, base)]
-                for row in m]  # fmt: skip
+                for row in m]
 
     ch, rnd = change("task_neurons_trained"), change("random_trained")
     diag, off = _diag_split(ch)
     r_diag, r_off = _diag_split(rnd)
     return {"tasks": tasks, "baseline": base, "change": ch, "random_change": rnd,
             "summary": {"diag": diag, "offdiag": off, "random_diag": r_diag,
-                        "random_offdiag": r_off}}  # fmt: skip
+                        "random_offdiag": r_off}}

@@ -44,7 +44,7 @@ from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 
 __all__ = ["LORA_METHODS", "NEURON_METHODS", "ContinualLoop", "LoopConfig", "LoopState",
-           "TaskData"]  # fmt: skip
+           "TaskData"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def stage_steps(
         order = torch.randperm(len(encoded), generator=gen).tolist()
         shuffled = [encoded[i] for i in order]
         for share in share_batches(shuffled, micro_batch_size, engine.rank, engine.world_size,
-                                   "repeat"):  # fmt: skip
+                                   "repeat"):
             micro.append(collate(share, pad))
             if len(micro) == grad_accum:
                 yield micro
@@ -208,7 +208,7 @@ class ContinualLoop:
         matrix = state.matrix
         if self.row.from_base:  # each column is its own model: keep the diagonal
             matrix = [[v if i == j else None for j, v in enumerate(row)]
-                      for i, row in enumerate(matrix)]  # fmt: skip
+                      for i, row in enumerate(matrix)]
         return {
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
             "summary": cl_summary(matrix, names), "details": state.details,
@@ -256,9 +256,9 @@ class ContinualLoop:
         # The data order depends on seed and stage only: skip the steps already taken.
         steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
         with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
-                  disable=not engine.is_main_process) as bar:  # fmt: skip
+                  disable=not engine.is_main_process) as bar:
             train(engine, steps, plan, start_step=resume_at, penalty=penalty,
-                  on_step=self._logger(engine, stage, task, num_steps, bar))  # fmt: skip
+                  on_step=self._logger(engine, stage, task, num_steps, bar))
         if deltas is not None:  # from here on the full matrices hold the trained values
             sparse_delta.write_back(engine, deltas)
         if row.mixes:
@@ -290,7 +290,7 @@ class ContinualLoop:
     def train_steps(self, engine: Engine, task: TaskData, stage: int) -> Iterator[list[dict]]:
         """Endless micro-batch lists for `task` on this rank (callers take what they need)."""
         return stage_steps(self.backend.tokenizer, engine, task, stage, self.cfg.seed,
-                           self.cfg.micro_batch_size, self.cfg.grad_accum)  # fmt: skip
+                           self.cfg.micro_batch_size, self.cfg.grad_accum)
 
     def _logger(
         self, engine: Engine, stage: int, task: TaskData, total: int, bar: tqdm
@@ -318,7 +318,7 @@ class ContinualLoop:
     def _vector(self, engine: Engine, examples: Sequence[Any], max_length: int) -> torch.Tensor:
         prompts = [ex.prompt for ex in examples[: self.cfg.wncft_samples]]
         batches = wncft.prompt_batches(self.backend.tokenizer, prompts, self.cfg.eval_batch_size,
-                                       max_length, engine.rank, engine.world_size)  # fmt: skip
+                                       max_length, engine.rank, engine.world_size)
         return wncft.task_vector(engine, batches)
 
     def _capture(self, engine: Engine, task: TaskData, nset: NeuronSet, before) -> None:
@@ -346,7 +346,7 @@ class ContinualLoop:
             state.matrix[i][stage] = result["score"]
             state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
             self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
-                                  f"{result['score']:.4f}")  # fmt: skip
+                                  f"{result['score']:.4f}")
             self.backend.after_eval(stage, i)
 
     def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
@@ -362,13 +362,13 @@ class ContinualLoop:
         prompts = [ex.prompt for ex in examples]
         weights_NK = routing.example_weights(
             engine, self.backend.tokenizer, self.store, prompts, self.cfg.eval_batch_size,
-            task.max_length, self.cfg.wncft_temperature)  # fmt: skip
+            task.max_length, self.cfg.wncft_temperature)
         generation = None
         if task.format == "generation":
             generation = {"tokenizer": self.backend.tokenizer, "metrics": self.cfg.metrics,
                           "max_new_tokens": self.cfg.max_new_tokens,
                           "batch_size": self.cfg.eval_batch_size,
-                          "max_prompt_length": max(1, task.max_length - 1)}  # fmt: skip
+                          "max_prompt_length": max(1, task.max_length - 1)}
         return routing.evaluate_routed(
             engine, self.store, examples, weights_NK,
             lambda subset: self._eval_one(engine, task, subset), generation)

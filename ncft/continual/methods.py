@@ -67,7 +67,7 @@ _ROWS = (
     Method("full", False, "all", summary="train every parameter"),
     Method("neurons", False, "neurons", summary="train the task's selected neurons"),
     Method("random_neurons", False, "neurons", random=True,
-           summary="train random units, as many as the scorer selects"),  # fmt: skip
+           summary="train random units, as many as the scorer selects"),
     Method("lora", False, "lora", summary="train one LoRA adapter"),
     Method("seqft", True, "all", summary="train every parameter, task after task"),
     Method("seqlora", True, "lora", summary="train one LoRA adapter across all tasks"),
@@ -78,7 +78,7 @@ _ROWS = (
            summary="NCFT, evaluating with the tasks' neurons mixed by similarity"),
     Method("per_task", True, "all", from_base=True,
            summary="train every parameter, each task from the base model"),
-)  # fmt: skip
+)
 
 METHODS: dict[str, Method] = {m.name: m for m in _ROWS}
 SINGLE_TASK_METHODS = tuple(m.name for m in _ROWS if not m.continual)

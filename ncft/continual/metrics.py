@@ -32,9 +32,9 @@ from numbers import Real
 
 Matrix = Sequence[Sequence[float | None]]
 FG_NOTE = ("Leng & Xiong eq. 5: FG_j = mean_{i<j} a[i][j] / a[i][i], a retention ratio "
-           "(1 = kept, higher is better)")  # fmt: skip
+           "(1 = kept, higher is better)")
 AF_NOTE = ("average forgetting: mean_{i<j} max_{i<=l<j} a[i][l] - a[i][j] "
-           "(0 = nothing forgotten, lower is better)")  # fmt: skip
+           "(0 = nothing forgotten, lower is better)")
 
 
 def _check(matrix: Matrix) -> list[list[float | None]]:
@@ -91,7 +91,7 @@ def forgetting(matrix: Matrix) -> list[float | None]:
     out: list[float | None] = [None]
     for j in range(1, len(a)):
         ratios = [a[i][j] / a[i][i] for i in range(j)
-                  if a[i][j] is not None and a[i][i] is not None and a[i][i] != 0]  # fmt: skip
+                  if a[i][j] is not None and a[i][i] is not None and a[i][i] != 0]
         out.append(_mean(ratios) if ratios else None)
     return out
 

@@ -40,13 +40,13 @@ def groups(weights_NK: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
     """Examples with bit-identical weight rows, as (weights [K], example indices)."""
     unique_GK, inverse_N = torch.unique(weights_NK, dim=0, return_inverse=True)
     return [(unique_GK[g], (inverse_N == g).nonzero().squeeze(1).tolist())
-            for g in range(len(unique_GK))]  # fmt: skip
+            for g in range(len(unique_GK))]
 
 
 def example_weights(
     engine: Engine, tokenizer, store: wncft.TaskStore, prompts: Sequence[str],
     batch_size: int, max_length: int, temperature: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Each prompt's mixing weights over the captured tasks, float64 [N, K]."""
     batches = wncft.prompt_batches(tokenizer, prompts, batch_size, max_length, 0, 1)
     vectors_ND = wncft.example_vectors(engine, batches)
@@ -56,7 +56,7 @@ def example_weights(
 def evaluate_routed(
     engine: Engine, store: wncft.TaskStore, examples: Sequence[Any], weights_NK: torch.Tensor,
     evaluate: EvalFn, generation: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Evaluate each example under its own mixture (module docstring).
 
     Args:
@@ -84,7 +84,7 @@ def evaluate_routed(
                 g = generation
                 out = generate_greedy(engine, g["tokenizer"], [ex.prompt for ex in subset],
                                       g["max_new_tokens"], g["batch_size"],
-                                      g["max_prompt_length"])  # fmt: skip
+                                      g["max_prompt_length"])
                 for i, text in zip(members, out):
                     texts[i] = text
     if generation is None:
@@ -97,4 +97,4 @@ def evaluate_routed(
     top = torch.bincount(weights_NK.argmax(1), minlength=weights_NK.shape[1])
     return {**scores, "score": score, "query": "example",
             "mixing_weights": weights_NK.mean(0).tolist(),
-            "top_task_share": (top.double() / len(examples)).tolist()}  # fmt: skip
+            "top_task_share": (top.double() / len(examples)).tolist()}

@@ -68,7 +68,7 @@ Slices = dict[str, torch.Tensor]  # fqn -> values of the selected rows/columns
 def prompt_batches(
     tokenizer, prompts: Sequence[str], batch_size: int, max_length: int, rank: int,
     world_size: int,
-) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+) -> list[dict[str, torch.Tensor]]:
     """This rank's collated batches of prompts, for `task_vector`.
 
     Prompts are tokenized as `ncft.data.examples.encode` tokenizes them (special prefix
@@ -88,7 +88,7 @@ def prompt_batches(
         encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [collate(share, pad_id)
-            for share in batches(encoded, batch_size, rank, world_size, last="pad")]  # fmt: skip
+            for share in batches(encoded, batch_size, rank, world_size, last="pad")]
 
 
 def task_vector(
@@ -118,7 +118,7 @@ def task_vector(
                 mask_BT &= real_B.unsqueeze(1)
             output = engine.forward({"input_ids": batch["input_ids"].to(device),
                                      "attention_mask": batch["attention_mask"].to(device),
-                                     "output_hidden_states": True, "use_cache": False})  # fmt: skip
+                                     "output_hidden_states": True, "use_cache": False})
             hidden_BTD = output.hidden_states[layer]
             picked = hidden_BTD[mask_BT].double().sum(dim=0)
             total_D = picked if total_D is None else total_D + picked
@@ -126,7 +126,7 @@ def task_vector(
     if total_D is None:
         raise ValueError("task_vector needs at least one batch")
     both = engine.all_reduce_(torch.cat([total_D, torch.tensor([float(count)], device=device,
-                                                               dtype=torch.float64)]))  # fmt: skip
+                                                               dtype=torch.float64)]))
     if float(both[-1]) == 0:
         raise ValueError("task_vector found no real tokens in the batches")
     return (both[:-1] / both[-1]).float().cpu()
@@ -149,7 +149,7 @@ def example_vectors(
             mask_BT = batch["attention_mask"].to(device).bool()
             output = engine.forward({"input_ids": batch["input_ids"].to(device),
                                      "attention_mask": batch["attention_mask"].to(device),
-                                     "output_hidden_states": True, "use_cache": False})  # fmt: skip
+                                     "output_hidden_states": True, "use_cache": False})
             hidden_BTD = output.hidden_states[layer].double()
             weights_BT = mask_BT.double()
             mean_BD = (hidden_BTD * weights_BT.unsqueeze(-1)).sum(1) / weights_BT.sum(1, True)
@@ -243,7 +243,7 @@ class TaskStore:
             for what, slices in (("before", before), ("after", after)):
                 if fqn not in slices or slices[fqn].shape[sel.axis] != len(sel):
                     raise ValueError(f"{what} lacks the {len(sel)}-long slice of {fqn!r} "
-                                     f"(axis {sel.axis}); use snapshot(engine, nset)")  # fmt: skip
+                                     f"(axis {sel.axis}); use snapshot(engine, nset)")
             self._extend_base(fqn, sel.axis, sel.indices, before[fqn])
         self.names.append(name)
         self.nsets.append(nset)
@@ -304,7 +304,7 @@ class TaskStore:
                 continue
             keep = torch.isin(base.indices, torch.cat(owned)).nonzero().squeeze(1)
             out.base[fqn] = _Base(base.axis, base.indices[keep],
-                                  base.values.index_select(base.axis, keep))  # fmt: skip
+                                  base.values.index_select(base.axis, keep))
         return out
 
     # --- persistence (resume) ---
@@ -341,7 +341,7 @@ class TaskStore:
             store.values.append({fqn: tensors[f"values/{i}/{fqn}"] for fqn in nset.entries})
         for fqn, axis in meta["axes"].items():
             store.base[fqn] = _Base(axis, tensors[f"base_indices/{fqn}"],
-                                    tensors[f"base_values/{fqn}"])  # fmt: skip
+                                    tensors[f"base_values/{fqn}"])
         return store
 
 

@@ -175,7 +175,7 @@ def collate(encoded: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[
     batch = {}
     for key, value in pad_value.items():
         rows = [torch.nn.functional.pad(e[key], (0, width - e[key].numel()), value=value)
-                for e in encoded]  # fmt: skip
+                for e in encoded]
         batch[key] = torch.stack(rows)
     return batch
 
@@ -214,7 +214,7 @@ def batches(
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
-                         f"{batch_size}, {rank}, {world_size}")  # fmt: skip
+                         f"{batch_size}, {rank}, {world_size}")
     if last not in ("drop", "repeat", "pad"):
         raise ValueError(f"last must be 'drop', 'repeat' or 'pad', got {last!r}")
     num = len(encoded)

@@ -121,4 +121,4 @@ def make_scorer(name: str, inputs: ScoringInputs) -> Scorer:
 __all__ = [
     "SCORERS", "GradAttribution", "NeftProbe", "RandomScorer", "Scorer", "ScoringInputs",
     "WeightCosine", "make_scorer",
-]  # fmt: skip
+]

@@ -112,7 +112,7 @@ def probe_activations(
     root = engine_module(engine_or_model)
     probe = ActivationProbe()
     handles = [find_module(root, b.down_fqn).register_forward_pre_hook(probe.hook(b.layer))
-               for b in blocks]  # fmt: skip
+               for b in blocks]
     try:
         yield probe
     finally:
@@ -200,7 +200,7 @@ class GradAttribution:
     def _accumulate(self, engine, batch, blocks, probe, sums) -> None:
         probe.captured.clear()
         output = engine.forward({"input_ids": batch["input_ids"],
-                                 "attention_mask": batch["attention_mask"]})  # fmt: skip
+                                 "attention_mask": batch["attention_mask"]})
         loss = answer_loss(logits_of(output), batch["labels"])
         acts = [probe.captured[b.layer] for b in blocks]
         grads = torch.autograd.grad(loss, acts)
@@ -227,4 +227,4 @@ class GradAttribution:
             "scorer": self.name, "aggregation": AGGREGATION, "positions": self.positions,
             "num_examples": len(used), "data_hash": data_hash(used), "model_id": self.model_id,
             "loss": "sum over examples of mean answer-token cross-entropy",
-        }  # fmt: skip
+        }

@@ -42,7 +42,7 @@ class RandomScorer:
             g.name: torch.rand(g.size, generator=group_generator(self.seed, g.name),
                                dtype=torch.float64)
             for g in groups
-        }  # fmt: skip
+        }
 
     def meta(self) -> dict[str, Any]:
         """What a NeuronSet built from these scores records."""

@@ -84,7 +84,7 @@ class LocalSnapshot:
             if lo <= start and stop <= hi:
                 return self.pieces[(fqn, lo, hi)][start - lo : stop - lo]
         raise ValueError(f"snapshot has no segment holding {fqn}[{start}:{stop}]; the "
-                         "engine's layout changed since it was taken")  # fmt: skip
+                         "engine's layout changed since it was taken")
 
     @property
     def nbytes(self) -> int:
@@ -169,7 +169,7 @@ class WeightCosine:
         missing = sorted(set(owners) - {seg.fqn for seg in segments})
         if missing:
             raise ValueError(f"weight_cosine needs trainable parameters; not trained: "
-                             f"{missing[:3]}")  # fmt: skip
+                             f"{missing[:3]}")
         # Sums live where the weights do (the host under ZeRO-3 optimizer offload);
         # `all_reduce_` moves them to the engine's device for the collective.
         device = segments[0].opt_param.device if segments else torch.device("cpu")
@@ -180,7 +180,7 @@ class WeightCosine:
                 self._accumulate(seg, axis, stats[gi])
         flat = engine.all_reduce_(torch.cat(stats, dim=1))
         return {g.name: _one_minus_cos(s) for g, s in
-                zip(groups, flat.cpu().split([g.size for g in groups], dim=1))}  # fmt: skip
+                zip(groups, flat.cpu().split([g.size for g in groups], dim=1))}
 
     def _accumulate(self, seg: Segment, axis: int, stats: torch.Tensor) -> None:
         # Chunks bound the float64 temporaries (~32 bytes per element) whatever the
@@ -199,7 +199,7 @@ class WeightCosine:
     def meta(self) -> dict[str, Any]:
         """What a NeuronSet built from these scores records."""
         return {"scorer": self.name, "aggregation": "1 - cos(w_cur, w_ref) per candidate",
-                **self.details}  # fmt: skip
+                **self.details}
 
 
 def _one_minus_cos(stats: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ def finetune_and_score(
     logs = train(engine, _take(steps, num_steps), None, on_step=lambda _log: bar.update())
     bar.close()
     scorer = WeightCosine(snap, {"finetune_steps": len(logs),
-                                 "snapshot_local_bytes": snap.nbytes})  # fmt: skip
+                                 "snapshot_local_bytes": snap.nbytes})
     return scorer.score(engine, groups), scorer.meta()
 
 

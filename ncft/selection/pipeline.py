@@ -115,7 +115,7 @@ class SelectionPipeline:
         return candidate_groups(model, self.cfg)
 
     def probe(self, engine: Engine, groups: Sequence[Group], task: TaskData,
-              stage: int) -> tuple[Scores, dict[str, Any]]:  # fmt: skip
+              stage: int) -> tuple[Scores, dict[str, Any]]:
         """NeFT's probe: fine-tune `engine` in place `cosine_steps` steps, score `1 - cos`."""
         steps = self.train_steps(engine, task, stage)
         return finetune_and_score(engine, groups, steps, self.cfg.cosine_steps)
@@ -144,15 +144,15 @@ class SelectionPipeline:
             if c.reversed_fraction is None:
                 raise ValueError("selection.reversed_fraction: scorer neft_plus_reversed needs "
                                  "the fraction of least-changed candidates to add (y of "
-                                 "NeFT_x%+Reversed_y%)")  # fmt: skip
+                                 "NeFT_x%+Reversed_y%)")
             chosen = top_and_bottom(scores, groups, c.fraction, c.count, c.reversed_fraction,
-                                    c.per_layer)  # fmt: skip
+                                    c.per_layer)
             extra = {"reversed_fraction": c.reversed_fraction}
         else:
             chosen = top_k(scores, groups, c.fraction, c.count, c.per_layer, reverse=reverse)
         meta = {**meta, "task": task.name, "fraction": c.fraction, "count": c.count,
                 "per_layer": c.per_layer, "unit": c.unit, "modules": list(c.modules),
-                "reversed": reverse, **extra, **self.extra_meta}  # fmt: skip
+                "reversed": reverse, **extra, **self.extra_meta}
         nset = to_neuron_set(chosen, groups, meta)
         if c.union_with_previous:
             nset = union_with_previous(nset, self.previous(stage))
@@ -162,7 +162,7 @@ class SelectionPipeline:
         return nset
 
     def _inputs(self, engine: Engine, model: nn.Module, task: TaskData,
-                stage: int) -> ScoringInputs:  # fmt: skip
+                stage: int) -> ScoringInputs:
         c, tok = self.cfg, self.tokenizer
         return ScoringInputs(
             blocks=get_adapter(model).mlp_blocks(model),

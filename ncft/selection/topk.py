@@ -266,7 +266,7 @@ def _digest_words(text_hex: str) -> torch.Tensor:
     """A hex digest as 16-bit words in int64 (sums over ranks cannot overflow)."""
     raw = hashlib.sha256(text_hex.encode()).digest()
     return torch.tensor([int.from_bytes(raw[i : i + 2], "little") for i in range(0, 32, 2)],
-                        dtype=torch.int64)  # fmt: skip
+                        dtype=torch.int64)
 
 
 def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
@@ -286,7 +286,7 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
     mine = _digest_words(checksum).to(device)
     total = engine.all_reduce_(mine.clone())
     bad = torch.tensor([int(not torch.equal(total, mine * engine.world_size))],
-                       dtype=torch.int64, device=device)  # fmt: skip
+                       dtype=torch.int64, device=device)
     engine.all_reduce_(bad)
     if int(bad):
         raise RuntimeError(
@@ -300,4 +300,4 @@ __all__ = [
     "MLP_ROLES", "Group", "Scores", "check_identical_across_ranks", "resolve_count",
     "row_groups", "selected_of", "to_neuron_set", "top_and_bottom", "top_k",
     "union_with_previous", "unit_groups",
-]  # fmt: skip
+]

@@ -100,7 +100,7 @@ def deactivation_grid(
         rnd_acc.append(acc)
         rnd_loss.append(loss)
         log(f"deactivation: {name} units off -> {dict(zip(tasks, off_acc[-1]))}, "
-            f"random -> {dict(zip(tasks, rnd_acc[-1]))}")  # fmt: skip
+            f"random -> {dict(zip(tasks, rnd_acc[-1]))}")
     return {
         "tasks": tasks, "metric": "teacher-forced answer accuracy", "mode": mode,
         "baseline": base_acc, "task_neurons_off": off_acc, "random_off": rnd_acc,

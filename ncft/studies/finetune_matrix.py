@@ -40,7 +40,7 @@ StepsOf = Callable[[Engine, int], Iterable[Sequence[dict[str, torch.Tensor]]]]
 
 
 def _scores(engine: Engine, tasks: Sequence[str], encoded_eval, batch_size: int,
-            pad_id: int) -> tuple[list[float], list[float]]:  # fmt: skip
+            pad_id: int) -> tuple[list[float], list[float]]:
     row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
     return [m["accuracy"] for m in row], [m["loss"] for m in row]
 
@@ -93,14 +93,14 @@ def finetune_matrix(
             rows[acc_key].append(acc)
             rows[loss_key].append(loss)
         log(f"fine-tuning matrix: {name} units trained -> {dict(zip(tasks, rows['acc'][-1]))}, "
-            f"random -> {dict(zip(tasks, rows['racc'][-1]))}")  # fmt: skip
+            f"random -> {dict(zip(tasks, rows['racc'][-1]))}")
     return {
         "tasks": tasks, "metric": "teacher-forced answer accuracy", "steps": num_steps,
         "start": "base model (zero-shot baseline)",
         "baseline": base_acc, "task_neurons_trained": rows["acc"], "random_trained": rows["racc"],
         "loss": {"baseline": base_loss, "task_neurons_trained": rows["loss"],
                  "random_trained": rows["rloss"]},
-    }  # fmt: skip
+    }
 
 
 __all__ = ["finetune_matrix"]

@@ -105,12 +105,12 @@ def paper_similarity(
         counts.append([sum(len(v) for v in units[t].values()) for t in tasks])
         engine.close()
         log(f"similarity (paper): M_{i} mean similarity {dict(zip(tasks, mean[-1]))}, "
-            f"accuracy {dict(zip(tasks, perf[-1]))}")  # fmt: skip
+            f"accuracy {dict(zip(tasks, perf[-1]))}")
     return {
         "protocol": "paper", "tasks": list(tasks), "layers": layers, "steps": num_steps,
         "method": "mean", "per_layer": per_layer, "mean": mean, "performance": perf,
         "loss": loss, "metric": "teacher-forced answer accuracy", "num_units": counts,
-    }  # fmt: skip
+    }
 
 
 __all__ = ["paper_similarity"]

@@ -55,9 +55,9 @@ class _Moments:
 
     def __init__(self, groups: Sequence[Group], device: torch.device) -> None:
         self.sum = {g.name: torch.zeros(g.size, dtype=torch.float64, device=device)
-                    for g in groups}  # fmt: skip
+                    for g in groups}
         self.gram = {g.name: torch.zeros(g.size, g.size, dtype=torch.float64, device=device)
-                     for g in groups}  # fmt: skip
+                     for g in groups}
         self.count = torch.zeros(1, dtype=torch.float64, device=device)
         self.keep: torch.Tensor | None = None  # [B, T] tokens of real examples
 
@@ -80,7 +80,7 @@ def _register(root: nn.Module, moments: _Moments, groups: Sequence[Group]) -> li
         module = find_module(root, fqn)
         hook = moments.hook(g.name, site)
         handles.append(module.register_forward_pre_hook(hook) if site == "input"
-                       else module.register_forward_hook(hook))  # fmt: skip
+                       else module.register_forward_hook(hook))
     return handles
 
 

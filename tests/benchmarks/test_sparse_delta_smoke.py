@@ -25,7 +25,7 @@ def test_sparse_delta_benchmark_report(tmp_path):
         [sys.executable, str(SCRIPT), "--configs", "7m", "--engines", "fsdp2",
          "--arms", "full,sparse_delta", "--steps", "1", "--out", str(out)],
         env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=380,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| engine" in proc.stdout
     report = json.loads(out.read_text())

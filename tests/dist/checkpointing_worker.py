@@ -42,7 +42,7 @@ def train(backend: str, info, checkpointing: bool) -> dict:
     freeze_unselected(model, set(set_a.entries))
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.005, grad_accum=ACCUM,
                       micro_batch_size=GLOBAL_MICRO // info.world_size,
-                      activation_checkpointing=checkpointing)  # fmt: skip
+                      activation_checkpointing=checkpointing)
     engine = build_engine(backend, model, cfg, info)
     plan = install(engine, set_a.entries)
     calls = []
@@ -62,7 +62,7 @@ def train(backend: str, info, checkpointing: bool) -> dict:
     weights = gather_all(engine)
     engine.close()
     return {"weights": weights, "losses": losses, "layer0_forwards": forwards,
-            "scores": scores}  # fmt: skip
+            "scores": scores}
 
 
 def run_backend(backend: str, info, out: Path) -> None:
@@ -72,7 +72,7 @@ def run_backend(backend: str, info, out: Path) -> None:
             tag = f"{backend}_ws{info.world_size}_ckpt{int(checkpointing)}"
             save_file(result["weights"], out / f"{tag}.safetensors")
             save_file({f"score.{k}": v for k, v in result["scores"].items()},
-                      out / f"{tag}_scores.safetensors")  # fmt: skip
+                      out / f"{tag}_scores.safetensors")
             (out / f"{tag}.json").write_text(json.dumps(
                 {"losses": result["losses"], "layer0_forwards": result["layer0_forwards"]}))
 

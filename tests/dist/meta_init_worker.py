@@ -44,7 +44,7 @@ def main(out: Path, backend: str = "fsdp2") -> None:
     weights = gather_all(engine)
     if info.rank == 0:
         save_file({**saved, **{"got." + n: t for n, t in weights.items()}},
-                  out / "weights.safetensors")  # fmt: skip
+                  out / "weights.safetensors")
     engine.close()
     shutdown()
 

@@ -68,7 +68,7 @@ def _param_tensors(backend: str, engine) -> list[torch.Tensor]:
         zero = engine._zero
         params = list(engine.module.parameters())
         return ([p.ds_tensor for p in params] + [p.data for p in params]
-                + list(zero.fp32_partitioned_groups_flat))  # fmt: skip
+                + list(zero.fp32_partitioned_groups_flat))
     if backend == "fsdp1":
         return [u._flat_param for _, u in engine._fsdp_units()]
     return list(engine.module.parameters())
@@ -122,7 +122,7 @@ def planned(backend, model, nset, world, rank, tuning: DsTuning, dtype: str) -> 
     out["expected"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank, tuning)
     if nset is not None:
         out["exact"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank,
-                                      tuning, selections=nset.entries)  # fmt: skip
+                                      tuning, selections=nset.entries)
     return out
 
 

@@ -47,7 +47,7 @@ def _segment_masks(engine):
             continue
         sel = plan.get(seg.fqn)
         allowed = (segment_mask(seg.shape, seg.start, seg.stop, sel.axis, sel.indices)
-                   if sel is not None else torch.zeros(seg.numel, dtype=torch.bool))  # fmt: skip
+                   if sel is not None else torch.zeros(seg.numel, dtype=torch.bool))
         yield seg, ~allowed.to(seg.opt_param.device)
 
 
@@ -58,7 +58,7 @@ def run_backend(backend: str, info, out_dir: Path, ds_config: str) -> None:
     freeze_unselected(model, set(set_a.entries))
     cfg = OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.0, grad_accum=ACCUM,
                       micro_batch_size=GLOBAL_MICRO // info.world_size,
-                      compute_dtype=torch.bfloat16)  # fmt: skip
+                      compute_dtype=torch.bfloat16)
     engine = build_engine(backend, model, cfg, info, ds_config=ds_config)
     engine._ncft_plan = set_a.entries
     tag = f"{backend}_ws{info.world_size}"
@@ -76,20 +76,20 @@ def run_backend(backend: str, info, out_dir: Path, ds_config: str) -> None:
     after = gather_all(engine)
     masters_after = _master_snapshot(engine)
     frozen_ok = all(torch.equal(old[mask], new[mask])
-                    for (mask, old), (_, new) in zip(masters_before, masters_after))  # fmt: skip
+                    for (mask, old), (_, new) in zip(masters_before, masters_after))
     selected_moved = all(bool((old[~mask] != new[~mask]).all())
-                         for (mask, old), (_, new) in zip(masters_before, masters_after))  # fmt: skip
+                         for (mask, old), (_, new) in zip(masters_before, masters_after))
     segs = [s for s in engine.segments() if s.numel]
     opt_dtypes = sorted({str(local_flat(s.opt_param).dtype) for s in segs})
     moment_dtypes = sorted({str(v.dtype) for s in segs
                             for k, v in engine.optimizer.state.get(s.opt_param, {}).items()
-                            if k in ("exp_avg", "exp_avg_sq")})  # fmt: skip
+                            if k in ("exp_avg", "exp_avg_sq")})
     export_dir = out_dir / f"{tag}_export"
     export_hf(engine, engine.module.config if hasattr(engine.module, "config") else model.config,
-              export_dir)  # fmt: skip
+              export_dir)
     report = {"logits_dtype": logits_dtype, "optimizer_dtypes": opt_dtypes,
               "moment_dtypes": moment_dtypes, "device": str(engine.device), "name": engine.name,
-              "frozen_masters_identical": frozen_ok, "selected_masters_moved": selected_moved}  # fmt: skip
+              "frozen_masters_identical": frozen_ok, "selected_masters_moved": selected_moved}
     reports = [None] * info.world_size
     torch.distributed.all_gather_object(reports, report)
     if info.is_main_process:

@@ -35,7 +35,7 @@ def fresh(backend: str, info, update: str = "masked"):
     else:
         freeze_unselected(model, nset.entries)
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.005, grad_accum=ACCUM,
-                      micro_batch_size=GLOBAL_MICRO // info.world_size)  # fmt: skip
+                      micro_batch_size=GLOBAL_MICRO // info.world_size)
     engine = build_engine(backend, model, cfg, info)
     return engine, (install(engine, nset.entries) if update == "masked" else None)
 
@@ -70,7 +70,7 @@ def run_update(backend: str, info, out: Path, update: str) -> None:
     engine.close()
     if info.is_main_process:
         for name, tensors in (("init", init), ("checkpoint", at_checkpoint),
-                             ("reference", reference), ("resumed", resumed)):  # fmt: skip
+                             ("reference", reference), ("resumed", resumed)):
             save_file(tensors, out / f"{tag}_{name}.safetensors")
 
 

@@ -29,7 +29,7 @@ def overrides(name: str, out: Path) -> list[str]:
             "{source: {type: cl_benchmark, name: rte}}]", *sizes(2),
             "engine.backend=single", "engine.nproc_per_node=1", "training.steps=2",
             "selection.num_examples=4", "eval.batch_size=4", f"method={name}",
-            f"output.dir={out}", *EXTRA.get(name, [])]  # fmt: skip
+            f"output.dir={out}", *EXTRA.get(name, [])]
 
 
 def _run(args: list[str]) -> None:
@@ -58,7 +58,7 @@ def main(out: Path, methods: list[str]) -> None:
             run = out / point / name
             sig = _killed(overrides(name, run), env)
             committed = sorted(p.name for p in (run / "checkpoints").iterdir()
-                               if (p / "state.json").is_file())  # fmt: skip
+                               if (p / "state.json").is_file())
             _run([*overrides(name, run), "output.resume=true"])
             report[f"{point}/{name}"] = {"signal": sig, "committed": committed}
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -50,7 +50,7 @@ ROW_MODULES = ["gate", "up", "down", "attention"]
 def encoded_examples():
     tok = word_tokenizer(WORDS)
     exs = [Example(" ".join(WORDS[i : i + 4 + i % 5]), WORDS[i + 4 + i % 5])
-           for i in range(0, 155, 5)]  # 31 examples: no world size divides them  # fmt: skip
+           for i in range(0, 155, 5)]  # 31 examples: no world size divides them
     return encode(exs, tok, max_length=16, add_eos=False)
 
 
@@ -126,7 +126,7 @@ def neft_pearson(engine, blocks, model_rows, encoded, report, tensors) -> None:
     """NeFT §6.1 max Pearson scores from forward hooks: no parameter gathered."""
     calls = spy_gathers(engine)
     scores = pearson_scores(engine, model_rows + unit_groups(blocks), encoded, batch_size=3,
-                            pad_id=0, max_elements=64 * 64)  # several passes  # fmt: skip
+                            pad_id=0, max_elements=64 * 64)  # several passes
     for name, s in scores.items():
         tensors[f"pearson/{name}"] = s
     report["pearson_gather_calls"] = len(calls)

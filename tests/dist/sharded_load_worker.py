@@ -74,7 +74,7 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
                 edit[name].add_(1.0)
         engine.close()
         again = build_engine(backend, meta_model(model_dir), cfg, info,
-                             weights=Replay(weights))  # fmt: skip
+                             weights=Replay(weights))
         tensors.update({"replay." + k: v for k, v in local_shards(again, backend).items()})
         (out / f"{tag}.replay.json").write_text(json.dumps(again.load_report))
         engine = again

@@ -18,7 +18,7 @@ from tests.dist.methods_worker import overrides
 from tests.dist.resume_worker import _killed, _run
 
 RUNS = {"ncft": ["method=ncft"], "wncft": ["method=wncft", "wncft.num_samples=4"],
-        "neft_rows": METHOD_RUNS["neft_rows"]}  # fmt: skip
+        "neft_rows": METHOD_RUNS["neft_rows"]}
 TRAINING = ["training.steps=3", "training.weight_decay=0.1", "training.grad_clip=0.05",
             "training.grad_accum=2", "training.micro_batch_size=2", "training.lr=1e-3"]
 

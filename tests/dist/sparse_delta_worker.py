@@ -37,7 +37,7 @@ def neuron_set(model) -> NeuronSet:
     )
     rows = {}
     for name, idx in (("model.layers.1.self_attn.q_proj", [1, 7]),
-                      ("model.layers.0.self_attn.o_proj", [0, 11, 23])):  # fmt: skip
+                      ("model.layers.0.self_attn.o_proj", [0, 11, 23])):
         rows.update(row_entries(make_projection(model, name, "attn"), torch.tensor(idx)))
     return units.union(NeuronSet({k: Selection(*v) for k, v in rows.items()}))
 

@@ -34,7 +34,7 @@ WORKER = REPO / "tests" / "dist" / "collective_audit_worker.py"
 SPEC = REPO / "examples" / "tiny_ncft.yaml"
 LABEL = "simulated-accelerator:0"
 COMMON = ["training.steps=2", "selection.num_examples=4", "eval.batch_size=4",
-          "output.checkpoint_every=1", "engine.nproc_per_node=2"]  # fmt: skip
+          "output.checkpoint_every=1", "engine.nproc_per_node=2"]
 SST2 = "{source: {type: cl_benchmark, name: sst2}, train_size: 8, eval_size: 4, max_length: 64}"
 RTE = "{source: {type: cl_benchmark, name: rte}, train_size: 8, eval_size: 4, max_length: 64}"
 EN_ES = ("{source: {type: translation}, train_size: 8, eval_size: 3, max_length: 48}")
@@ -62,7 +62,7 @@ EXPECTED_ORIGINS = {
 
 
 def audit(out: Path, name: str, overrides: list[str], plant: bool = False,
-          check: bool = True, simulated: bool = True, nproc: int = 2) -> list[dict]:  # fmt: skip
+          check: bool = True, simulated: bool = True, nproc: int = 2) -> list[dict]:
     """Run one audited `ncft run` on `nproc` ranks; return every rank's records.
 
     `simulated=False` (GPU runs) audits against the ranks' real CUDA devices.
@@ -79,7 +79,7 @@ def audit(out: Path, name: str, overrides: list[str], plant: bool = False,
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [r for rank in range(nproc) if (run / f"audit-rank{rank}.json").is_file()
-            for r in json.loads((run / f"audit-rank{rank}.json").read_text())]  # fmt: skip
+            for r in json.loads((run / f"audit-rank{rank}.json").read_text())]
 
 
 PLANTED = "fsdp2_wncft"  # this run also issues the planted host-tensor all-reduce
@@ -93,7 +93,7 @@ def _planted(record: dict) -> bool:
 def records(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("audit")
     return {name: audit(out, name, overrides, plant=name == PLANTED)
-            for name, overrides in RUNS.items()}  # fmt: skip
+            for name, overrides in RUNS.items()}
 
 
 @pytest.mark.parametrize("name", list(RUNS))

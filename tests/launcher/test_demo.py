@@ -52,7 +52,7 @@ def test_makefile_demo_commands_are_valid_specs():
 def _fresh_clone(dest: Path) -> Path:
     """The repository's files (tracked, and untracked ones git does not ignore) in `dest`."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+                            cwd=REPO, capture_output=True, text=True, check=True)
     for rel in listed.stdout.splitlines():
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -66,17 +66,17 @@ def test_demo_spec_shape_runs_on_the_tiny_model(tmp_path):
     clone = _fresh_clone(tmp_path / "clone")
     run = tmp_path / "demo"
     sizes = [f"tasks.{i}.{k}={v}" for i in range(2)
-             for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))]  # fmt: skip
+             for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))]
     args = ["run", "examples/demo_smollm2.yaml", "model.name_or_path=tiny-random-llama", *sizes,
             "training.steps=2", "study.finetune_steps=2", "study.eval_examples=8",
-            "selection.num_examples=8", "eval.batch_size=8", f"output.dir={run}"]  # fmt: skip
+            "selection.num_examples=8", "eval.batch_size=8", f"output.dir={run}"]
     env = worker_env({"NCFT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(clone)})
     env.pop("NCFT_DATA_ROOT", None)
     where = subprocess.run([sys.executable, "-c", "import launcher; print(launcher.__file__)"],
                            env=env, cwd=clone, capture_output=True, text=True, check=True)
     assert Path(where.stdout.strip()).is_relative_to(clone), where.stdout
     proc = subprocess.run([sys.executable, "-m", "launcher", *args], env=env, cwd=clone,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((run / "results.json").read_text())
     grid = results["deactivation"]

@@ -78,7 +78,7 @@ def test_evaluate_deactivation_against_matched_random_set():
     words = SAMPLE_TEXT.split()
     tok = word_tokenizer(words)
     encoded = encode([Example(" ".join(words[i : i + 5]), words[i + 5]) for i in range(0, 120, 3)],
-                     tok, 16, add_eos=False)  # fmt: skip
+                     tok, 16, add_eos=False)
     model = tiny_llama(seed=0)
     blocks = get_adapter(model).mlp_blocks(model)
     engine = SingleEngine(model, OptimConfig(), INFO)

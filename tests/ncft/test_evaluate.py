@@ -108,7 +108,7 @@ def test_accuracy_same_on_every_world_size_with_equal_forward_counts(model, tok,
 def test_accuracy_rejects_unknown_gold_label(model, tok):
     with pytest.raises(ValueError, match=r"examples\[1\].answer 'great'"):
         classification_accuracy(FakeEngine(model), tok, [Example(PROMPTS[0], "good"),
-                                Example(PROMPTS[1], "great")], LABELS, 2, 64)  # fmt: skip
+                                Example(PROMPTS[1], "great")], LABELS, 2, 64)
     with pytest.raises(ValueError, match="distinct"):
         classification_accuracy(
             FakeEngine(model), tok, [Example(PROMPTS[0], "good")], ["good", "good"], 2, 64
@@ -144,7 +144,7 @@ def test_generate_stops_everywhere_at_eos(use_cache):
         """Predicts token 5 after the prompt, EOS afterwards."""
 
         def forward(self, input_ids, attention_mask=None, use_cache=None, past_key_values=None,
-                    position_ids=None):  # fmt: skip
+                    position_ids=None):
             logits = torch.zeros(*input_ids.shape, 8)
             logits[..., 2] = 1.0
             if past_key_values is None:  # after the 1-token prompt: "b"; then EOS
@@ -155,7 +155,7 @@ def test_generate_stops_everywhere_at_eos(use_cache):
     engine = FakeEngine(EosLM())
     engine.module.register_parameter("p", nn.Parameter(torch.zeros(1)))
     texts = generate_greedy(engine, tok, ["a"], max_new_tokens=10, batch_size=1,
-                            use_cache=use_cache)  # fmt: skip
+                            use_cache=use_cache)
     assert texts == ["b"]
     assert engine.forwards == 2  # one token, then EOS stops the batch long before 10
 
@@ -196,7 +196,7 @@ def test_kv_cache_generation_gives_the_same_tokens(tok, batch_size, monkeypatch)
 
         monkeypatch.setattr(ev, "_greedy_batch_cached" if use_cache else "_greedy_batch", spy)
         texts = generate_greedy(FakeEngine(model), tok, MIXED, 12, batch_size,
-                                use_cache=use_cache)  # fmt: skip
+                                use_cache=use_cache)
         ids[use_cache] = (texts, torch.cat(seen))
     assert ids[True][0] == ids[False][0]
     assert torch.equal(ids[True][1], ids[False][1])
@@ -292,8 +292,8 @@ def test_generate_mode_is_exact_match_after_normalisation(model, tok):
     assert got == texts and acc == pytest.approx(2 / 3)
     labels = sorted(set(golds))
     result = evaluate_task(engine, tok, examples, format="classification", labels=labels,
-                           max_new_tokens=3, classification="generate")  # fmt: skip
+                           max_new_tokens=3, classification="generate")
     assert result["accuracy"] == pytest.approx(2 / 3) == result["score"]
     with pytest.raises(ValueError, match="eval.classification"):
         evaluate_task(engine, tok, examples, format="classification", labels=labels,
-                      classification="argmax")  # fmt: skip
+                      classification="argmax")

@@ -85,4 +85,4 @@ def test_adapter_init_depends_on_seed_and_stage_only():
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa[next(k for k in sa if "lora_A.task0" in k)],
-                           sa[next(k for k in sa if "lora_A.task1" in k)])  # fmt: skip
+                           sa[next(k for k in sa if "lora_A.task1" in k)])

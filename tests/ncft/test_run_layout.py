@@ -14,7 +14,7 @@ def test_layout_is_the_documented_contract():
     run = RunLayout(Path("RUN"))
     got = {name: str(getattr(run, name)) for name in (
         "spec", "neurons", "metrics", "results", "deactivation", "checkpoints", "in_progress",
-        "neft", "wncft", "tensorboard", "final", "plots", "analysis", "report")}  # fmt: skip
+        "neft", "wncft", "tensorboard", "final", "plots", "analysis", "report")}
     assert got == {
         "spec": "RUN/spec.resolved.yaml", "neurons": "RUN/neurons",
         "metrics": "RUN/metrics.jsonl", "results": "RUN/results.json",
@@ -22,7 +22,7 @@ def test_layout_is_the_documented_contract():
         "in_progress": "RUN/checkpoints/in-progress", "neft": "RUN/neft",
         "wncft": "RUN/wncft", "tensorboard": "RUN/tensorboard", "final": "RUN/final",
         "plots": "RUN/plots", "analysis": "RUN/analysis", "report": "RUN/report.md",
-    }  # fmt: skip
+    }
     assert str(run.stage_dir(1, "agnews")) == "RUN/checkpoints/02-agnews"
     assert str(run.in_progress_dir(0, "sst2")) == "RUN/checkpoints/in-progress/01-sst2"
     assert str(run.neuron_file("sst2")) == "RUN/neurons/sst2.safetensors"
@@ -37,12 +37,12 @@ def test_stage_dirs_lists_checkpoints_in_order(tmp_path):
         run.stage_dir(index, task).mkdir(parents=True)
     run.in_progress_dir(2, "rte").mkdir(parents=True)
     assert list(run.stage_dirs()) == [(0, run.stage_dir(0, "sst2")),
-                                      (1, run.stage_dir(1, "agnews"))]  # fmt: skip
+                                      (1, run.stage_dir(1, "agnews"))]
 
 
 def test_no_other_module_spells_the_run_directory_names():
     names = ("spec.resolved.yaml", "metrics.jsonl", "results.json", "deactivation.json",
-             "report.md", "state.json", "in-progress")  # fmt: skip
+             "report.md", "state.json", "in-progress")
     pattern = re.compile("|".join(rf"[\"']{re.escape(n)}[\"']" for n in names))
     owners = {REPO / "ncft" / "run_layout.py"}
     offenders = [
@@ -50,5 +50,5 @@ def test_no_other_module_spells_the_run_directory_names():
         for package in ("launcher", "ncft")
         for path in sorted((REPO / package).rglob("*.py")) if path not in owners
         for match in pattern.finditer(path.read_text())
-    ]  # fmt: skip
+    ]
     assert not offenders, offenders

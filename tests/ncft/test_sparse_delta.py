@@ -79,7 +79,7 @@ def test_write_back_puts_trained_values_into_full_matrices(arch):
     assert all(not e.delta.active for e in entries)
     with torch.no_grad():  # the original forward on the full matrices: same model
         torch.testing.assert_close(engine.forward({"input_ids": ids}).logits, trained_logits,
-                                   atol=1e-5, rtol=0)  # fmt: skip
+                                   atol=1e-5, rtol=0)
     state = gather_state_dict(engine)
     names = {n for n, _ in model.named_parameters() if not sparse_delta.is_delta_fqn(n)}
     assert set(state) == names
@@ -87,7 +87,7 @@ def test_write_back_puts_trained_values_into_full_matrices(arch):
     for entry in entries:
         for delta, base, axis, idx in entry.pairs:
             torch.testing.assert_close(state[base].index_select(axis, idx), params[delta].detach(),
-                                       atol=0, rtol=0)  # fmt: skip
+                                       atol=0, rtol=0)
             outside = ~nset.dense_mask(base, state[base].shape)
             assert torch.equal(state[base][outside], before[base][outside])
 

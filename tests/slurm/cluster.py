@@ -100,7 +100,7 @@ class Cluster:
     def cmd(self, *args: str, check: bool = True) -> str:
         """Run a SLURM client command; its stdout."""
         proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
+                              timeout=60)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: {proc.stderr}\n{self.logs()}")
         return proc.stdout
@@ -195,10 +195,10 @@ def start(root: Path) -> Cluster:
         (root / sub).mkdir(parents=True, exist_ok=True)
     host = os.uname().nodename
     nodes = "\n".join(NODE.format(name=n, host=host, port=free_port(), cpus=CPUS)
-                      for n in NODES)  # fmt: skip
+                      for n in NODES)
     conf = root / "slurm.conf"
     conf.write_text(CONF.format(root=root, ctld_port=free_port(), slurmd_port=free_port(),
-                                nodes=nodes, node_list=",".join(NODES)))  # fmt: skip
+                                nodes=nodes, node_list=",".join(NODES)))
     key = root / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -207,14 +207,14 @@ def start(root: Path) -> Cluster:
     try:
         munged = ["munged", "--force", f"--socket={root}/munge.sock", f"--key-file={key}",
                   f"--pid-file={root}/munged.pid", f"--log-file={root}/log/munged.log",
-                  f"--seed-file={root}/munged.seed"]  # fmt: skip
+                  f"--seed-file={root}/munged.seed"]
         subprocess.run(munged, env=env, check=True, timeout=60)
         cluster.pids["munged"] = _pid(root / "munged.pid")
         subprocess.run(["slurmctld", "-f", str(conf), "-i"], env=env, check=True, timeout=60)
         cluster.pids["slurmctld"] = _pid(root / "slurmctld.pid")
         for node in NODES:
             subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True,
-                           timeout=60)  # fmt: skip
+                           timeout=60)
             cluster.pids[f"slurmd-{node}"] = _pid(root / f"slurmd-{node}.pid")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -56,7 +56,7 @@ class Job:
     """One submitted job: its id, submit directory and run directory."""
 
     def __init__(self, cluster: slurm.Cluster, tmp: Path, template: str, nodes: int,
-                 ranks: int, extra_env: dict | None = None) -> None:  # fmt: skip
+                 ranks: int, extra_env: dict | None = None) -> None:
         self.cluster, self.template = cluster, template
         self.submit_dir, self.run = tmp / "submit", tmp / "run"
         self.pause = tmp / "paused"  # written by rank 0 where PAUSE holds it
@@ -67,14 +67,14 @@ class Job:
             # the venv's torchrun/deepspeed first, as after `source .venv/bin/activate`
             "PATH": f"{Path(sys.executable).parent}:{cluster.env['PATH']}",
             **(extra_env or {}),
-        })  # fmt: skip
+        })
         env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
         proc = subprocess.run(
             ["sbatch", "--parsable", f"--nodes={nodes}", f"--cpus-per-task={ranks}",
              str(REPO / "slurm" / f"{template}.slurm"), "run", str(SPEC),
              f"output.dir={self.run}", f"engine.backend={BACKEND[template]}", *SMALL],
             env=env, cwd=self.submit_dir, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        )
         assert proc.returncode == 0, proc.stderr
         self.id = proc.stdout.strip().split(";")[0]
 
@@ -97,7 +97,7 @@ def jobs(cluster, tmp_path_factory) -> dict:
         out[template, 1] = Job(cluster, root / f"{template}-1x2", template, 1, 2)
         tmp = root / f"{template}-2x1"
         out[template, 2] = Job(cluster, tmp, template, 2, 1, {
-            preempt.PAUSE_AT_STEP: PAUSE, preempt.PAUSE_FILE: str(tmp / "paused")})  # fmt: skip
+            preempt.PAUSE_AT_STEP: PAUSE, preempt.PAUSE_FILE: str(tmp / "paused")})
     return out
 
 

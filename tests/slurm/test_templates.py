@@ -23,7 +23,7 @@ def _ranks(template: str, env: dict[str, str]) -> str:
     function = re.search(r"^ranks_per_node\(\) \{.*?^\}", text, re.S | re.M).group(0)
     clean = {"PATH": "/usr/bin:/bin", **env}
     proc = subprocess.run(["bash", "-c", f"set -euo pipefail\n{function}\nranks_per_node"],
-                          env=clean, capture_output=True, text=True, check=True)  # fmt: skip
+                          env=clean, capture_output=True, text=True, check=True)
     return proc.stdout.strip()
 
 
@@ -50,7 +50,7 @@ def test_zero_ranks_is_refused_with_the_fix(template, tmp_path):
         ["bash", str(REPO / "slurm" / template), "run", "spec.yaml"], cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "SLURM_GPUS_ON_NODE": "0", "SLURM_JOB_ID": "1"},
         capture_output=True, text=True,
-    )  # fmt: skip
+    )
     assert proc.returncode == 2
     assert "--gpus-per-node=N" in proc.stderr and "NCFT_RANKS_PER_NODE=N" in proc.stderr
     assert list(tmp_path.iterdir()) == []
@@ -59,7 +59,7 @@ def test_zero_ranks_is_refused_with_the_fix(template, tmp_path):
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_header_requests_no_gpus_and_asks_for_the_signal_and_requeue(template):
     header = [line for line in (REPO / "slurm" / template).read_text().splitlines()
-              if line.startswith("#SBATCH")]  # fmt: skip
+              if line.startswith("#SBATCH")]
     assert not [line for line in header if "gpu" in line or "gres" in line]
     assert "#SBATCH --signal=TERM@120" in header and "#SBATCH --requeue" in header
     assert "#SBATCH --open-mode=append" in header  # a requeued job appends to its log

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 OURS = [str(REPO / "launcher") + "/", str(REPO / "ncft") + "/"]
 HELPERS = (str(REPO / "launcher" / "dist.py"), str(REPO / "launcher" / "engines") + "/")
 OBJECT_OPS = ("all_gather_object", "broadcast_object_list", "gather_object",
-              "scatter_object_list", "barrier")  # fmt: skip
+              "scatter_object_list", "barrier")
 TENSOR_OPS = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
               "reduce_scatter", "reduce_scatter_tensor", "reduce", "gather", "scatter",
-              "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")  # fmt: skip
+              "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv")
 
 RECORDS: list[dict] = []
 
@@ -73,7 +73,7 @@ def _wrap(name: str, original, expected: str):
             labels = [device_label(t) for v in (*args, *kwargs.values()) for t in _tensors(v)]
             record = {"op": name, "caller": f"{_rel(frame.f_code.co_filename)}:{frame.f_lineno}",
                       "origin": _origin(frame), "devices": labels,
-                      "bad": any(label != expected for label in labels)}  # fmt: skip
+                      "bad": any(label != expected for label in labels)}
             if name in OBJECT_OPS and expected.startswith("cuda"):
                 # NCCL stages objects and barriers on the current device.
                 record["devices"] = [f"cuda:{torch.cuda.current_device()}"]

@@ -41,7 +41,7 @@ class ThreadWorld:
     def run(self, module: nn.Module, fn: Callable[[FakeEngine], Any]) -> list[Any]:
         """Give each rank its own copy of `module`; return each rank's `fn` result."""
         engines = [FakeEngine(copy.deepcopy(module), r, self.world_size, self)
-                   for r in range(self.world_size)]  # fmt: skip
+                   for r in range(self.world_size)]
         results: list[Any] = [None] * self.world_size
         errors: list[BaseException] = []
 
@@ -76,7 +76,7 @@ class FakeEngine:
     def __init__(
         self, module: nn.Module, rank: int = 0, world_size: int = 1,
         world: ThreadWorld | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.module, self.rank, self.world_size, self._world = module, rank, world_size, world
         self.optimizer = None
         self.forwards = 0

@@ -24,19 +24,19 @@ FAST = [
     "selection.num_examples=4",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
       for k, v in (("train_size", 4), ("eval_size", 2), ("max_length", 64))],
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     hub = tmp_path_factory.mktemp("hf_hub")
     return worker_env({"NCFT_CACHE": str(tmp_path_factory.mktemp("ncft_cache")),
-                       "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                       "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
 
 
 def _ncft(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -54,14 +54,14 @@ def test_missing_model_leaves_nothing_and_the_rerun_works(env, tmp_path):
     run = tmp_path / "X"
     bad = _ncft(env, "run", SPEC, "model.name_or_path=/nonexistent", f"output.dir={run}", *FAST)
     _one_line_error(bad, 2, "model.name_or_path=/nonexistent", "built-in name",
-                    "no directory /nonexistent")  # fmt: skip
+                    "no directory /nonexistent")
     assert not run.exists(), "a failed preflight must not create the run directory"
     good = _ncft(env, "run", SPEC, f"output.dir={run}", *FAST)
     assert good.returncode == 0, good.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["tasks"] == ["sst2", "agnews", "rte"]
     again = _ncft(env, "run", SPEC, f"output.dir={run}", *FAST)
     _one_line_error(again, 2, f"output.dir: {run} already holds a run", "output.resume=true",
-                    "output.overwrite=true")  # fmt: skip
+                    "output.overwrite=true")
     debug = _ncft(env, "--debug", "run", SPEC, f"output.dir={run}", *FAST)
     assert debug.returncode != 0 and "Traceback" in debug.stderr, "--debug keeps tracebacks"
     noted = _ncft(env, "validate", SPEC, f"output.dir={run}", *FAST)
@@ -72,7 +72,7 @@ def test_uncached_hub_model_offline(env, tmp_path):
     run = tmp_path / "X"
     proc = _ncft(env, "run", SPEC, "model.name_or_path=some-org/some-model", f"output.dir={run}")
     _one_line_error(proc, 2, "model.name_or_path=some-org/some-model", "not in the local cache",
-                    "HF_HUB_OFFLINE")  # fmt: skip
+                    "HF_HUB_OFFLINE")
     assert not run.exists()
     checked = _ncft(env, "validate", SPEC, "model.name_or_path=some-org/some-model")
     _one_line_error(checked, 2, "model.name_or_path=some-org/some-model")

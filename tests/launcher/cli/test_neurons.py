@@ -61,7 +61,7 @@ def _score(workdir, out, *overrides, task="animals", previous=None, finetuned=No
     extra = [] if previous is None else ["--previous", previous]
     extra += [] if finetuned is None else ["--finetuned", finetuned]
     return _run("score", workdir / "spec.yaml", *overrides, "--task", task, "--out", out,
-                *extra)  # fmt: skip
+                *extra)
 
 
 def test_score_inspect_overlap(workdir, capsys):
@@ -72,7 +72,7 @@ def test_score_inspect_overlap(workdir, capsys):
     assert nset.meta["command"]["overrides"] == ["selection.fraction=0.1"]
     assert {k: len(v) for k, v in nset.units(_blocks(workdir)).items()} == {0: 4, 1: 4}
     assert _score(workdir, rand, "selection.scorer=random", "selection.count=3",
-                  "selection.union_with_previous=true", previous=attr) == 0  # fmt: skip
+                  "selection.union_with_previous=true", previous=attr) == 0
     union = NeuronSet.load(rand)
     assert union.meta["union_with"] == nset.checksum() and union.iou(nset) > 0
     assert _score(workdir, cos, "selection.scorer=weight_cosine", "selection.unit=row",
@@ -104,7 +104,7 @@ def test_score_against_finetuned_checkpoint_selects_the_moved_rows(workdir, tmp_
     out = tmp_path / "ref.safetensors"
     assert _score(workdir, out, "selection.scorer=weight_cosine", "selection.unit=row",
                   "selection.modules=[up]", "selection.count=3", "selection.per_layer=false",
-                  finetuned=tuned) == 0  # fmt: skip
+                  finetuned=tuned) == 0
     nset = NeuronSet.load(out)
     assert nset.meta["reference"] == str(tuned) and "finetune_steps" not in nset.meta
     weights = {f: s.indices.tolist() for f, s in nset.entries.items() if f.endswith("weight")}

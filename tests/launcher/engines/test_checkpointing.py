@@ -41,7 +41,7 @@ def _load(out: Path, backend: str, world: int, on: bool):
     tag = f"{backend}_ws{world}_ckpt{int(on)}"
     report = json.loads((out / f"{tag}.json").read_text())
     return (report, load_file(out / f"{tag}.safetensors"),
-            load_file(out / f"{tag}_scores.safetensors"))  # fmt: skip
+            load_file(out / f"{tag}_scores.safetensors"))
 
 
 @pytest.mark.parametrize("backend,world", RUNS)

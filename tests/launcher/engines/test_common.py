@@ -16,7 +16,7 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.
 def test_bf16_model_gets_fp32_masters_and_bf16_compute():
     # Even a model handed over in bf16 trains on fp32 masters.
     engine = build_engine("single", tiny_llama().bfloat16(),
-                          OptimConfig(compute_dtype=torch.bfloat16), CPU)  # fmt: skip
+                          OptimConfig(compute_dtype=torch.bfloat16), CPU)
     assert engine.name == "single" and engine.device == torch.device("cpu")
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))

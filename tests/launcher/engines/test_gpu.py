@@ -41,7 +41,7 @@ def test_collectives_on_cuda_device(tmp_path, name, monkeypatch):
     world = min(2, torch.cuda.device_count())
     records = audit.audit(tmp_path, name, [*audit.RUNS[name],
                                            f"engine.nproc_per_node={world}"],
-                          simulated=False, nproc=world)  # fmt: skip
+                          simulated=False, nproc=world)
     assert records and not [r for r in records if r["bad"]], [r for r in records if r["bad"]][:5]
     assert any(r["devices"] == ["cuda:0"] for r in records if r["op"] == "all_reduce")
 

@@ -68,7 +68,7 @@ def _own_part(backend: str, full: torch.Tensor, world: int, rank: int) -> torch.
 
 
 def _check_rank(out, backend: str, name: str, ref, world: int, rank: int,
-                tol: float = 1e-5) -> None:  # fmt: skip
+                tol: float = 1e-5) -> None:
     params = dict(ref.named_parameters())
     got = load_file(out / f"{backend}.{name}.rank{rank}.safetensors")
     assert {k[6:] for k in got if k.startswith("shard.")} == set(params)
@@ -92,7 +92,7 @@ def test_every_rank_holds_its_part_of_from_pretrained(tmp_path, sources, world):
     torchrun(WORKER, world, [
         "--out", str(tmp_path), "--model-dir", str(sources / "base"), "--replay",
         "--sources", f"base={sources / 'base'}", f"stage={sources / 'stage.safetensors'}",
-    ])  # fmt: skip
+    ])
     refs = _references(sources)
     for backend in ("fsdp2", "deepspeed"):
         for name in ("base", "stage"):
@@ -106,7 +106,7 @@ def test_every_rank_holds_its_part_of_from_pretrained(tmp_path, sources, world):
 
 def test_tied_embeddings(tmp_path, sources):
     torchrun(WORKER, 2, ["--out", str(tmp_path), "--model-dir", str(sources / "tied"),
-                         "--sources", f"tied={sources / 'tied'}"])  # fmt: skip
+                         "--sources", f"tied={sources / 'tied'}"])
     ref = _references(sources)["tied"]
     assert ref.lm_head.weight is ref.model.embed_tokens.weight
     for backend in ("fsdp2", "deepspeed"):
@@ -120,9 +120,9 @@ def test_single_engine_loads_from_files_once(tmp_path, sources):
     common = ["--out", str(tmp_path), "--backends", "single"]
     torchrun(WORKER, 1, [*common, "--model-dir", str(sources / "base"), "--replay",
                          "--sources", f"base={sources / 'base'}",
-                         f"stage={sources / 'stage.safetensors'}"])  # fmt: skip
+                         f"stage={sources / 'stage.safetensors'}"])
     torchrun(WORKER, 1, [*common, "--model-dir", str(sources / "tied"),
-                         "--sources", f"tied={sources / 'tied'}"])  # fmt: skip
+                         "--sources", f"tied={sources / 'tied'}"])
     refs = _references(sources)
     for name in ("base", "stage", "tied"):
         _check_rank(tmp_path, "single", name, refs[name], 1, 0)
@@ -137,10 +137,10 @@ def test_bf16_compute_from_float32_files(tmp_path, sources):
     torchrun(WORKER, 2, [
         "--out", str(tmp_path), "--model-dir", str(sources / "base"),
         "--sources", f"base={sources / 'base'}", "--dtype", "bfloat16",
-    ])  # fmt: skip
+    ])
     ref32 = dict(AutoModelForCausalLM.from_pretrained(sources / "base").named_parameters())
     ref16 = dict(AutoModelForCausalLM.from_pretrained(
-        sources / "base", dtype=torch.bfloat16).named_parameters())  # fmt: skip
+        sources / "base", dtype=torch.bfloat16).named_parameters())
     for backend, ref in (("fsdp2", ref32), ("deepspeed", ref16)):
         for rank in range(2):
             got = load_file(tmp_path / f"{backend}.base.rank{rank}.safetensors")
@@ -158,7 +158,7 @@ def test_sharded_load_onto_the_gpu(tmp_path, sources):
     torchrun(WORKER, 1, [
         "--out", str(tmp_path), "--model-dir", str(sources / "base"), "--replay",
         "--sources", f"base={sources / 'base'}", f"stage={sources / 'stage.safetensors'}",
-    ], env={"DS_ACCELERATOR": "cuda"})  # fmt: skip
+    ], env={"DS_ACCELERATOR": "cuda"})
     refs = _references(sources)
     for backend in ("fsdp2", "deepspeed"):
         for name in ("base", "stage"):
@@ -200,7 +200,7 @@ def test_peak_host_memory_is_one_shard(tmp_path, big_model, backend, world):
     path, shapes = big_model
     torchrun(WORKER, world, ["--out", str(tmp_path), "--model-dir", str(path),
                              "--sources", f"base={path}", "--backends", backend,
-                             "--memory-only"])  # fmt: skip
+                             "--memory-only"])
     full_mib = sum(math.prod(s) for s in shapes.values()) * 4 / 2**20
     largest_mib = max(math.prod(s) for s in shapes.values()) * 4 / 2**20
     for rank in range(world):

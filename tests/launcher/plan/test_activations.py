@@ -49,7 +49,7 @@ def saved_bytes(model) -> int:
         return t
 
     ids = torch.randint(0, 97, (BATCH.micro_batch, BATCH.seq_len),
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+                        generator=torch.Generator().manual_seed(0))
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss

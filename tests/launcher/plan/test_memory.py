@@ -37,7 +37,7 @@ def stage(fsdp1: bool = False) -> ModelInfo:
 
 def _terms(engine, model, world, rank, dtype="bfloat16", batch=BATCH):
     out = per_rank_bytes(engine, model, dtype, world, batch, False, rank,
-                         DsTuning(persistence_threshold=10))  # fmt: skip
+                         DsTuning(persistence_threshold=10))
     return {k: out[k] for k in ("parameters", "gradients", "optimizer", "masks")}
 
 
@@ -85,12 +85,12 @@ def test_single_and_full_fine_tuning():
     }
     full = _terms("single", hand_model(), 1, 0)
     assert full == {"parameters": 4 * 96, "gradients": 4 * 96, "optimizer": 8 * 96 + 3 * 4,
-                    "masks": 0}  # fmt: skip
+                    "masks": 0}
 
 
 def _one(shape, selected, axis=0):
     return ModelInfo("hand", "llama", (ParamInfo("w", shape, True, selected, axis=axis),), (),
-                     4, 8, 2, 10, True, True, 2)  # fmt: skip
+                     4, 8, 2, 10, True, True, 2)
 
 
 def test_structured_mask_rule_matches_ncft_masks():
@@ -123,7 +123,7 @@ def test_exact_mask_bytes_equal_mask_plan(engine, world):
     base = ModelInfo("hand", "llama", params, ("l.0",), 4, 8, 2, 10, True, True, 2)
     sel = {"l.0.w": Selection(0, torch.arange(3, 300, 9)),
            "l.0.v": Selection(1, torch.arange(0, 300, 7)),
-           "l.0.b": Selection(0, torch.tensor([4]))}  # fmt: skip
+           "l.0.b": Selection(0, torch.tensor([4]))}
     fractions = {f: (s.indices.numel() / shapes[f][s.axis], s.axis) for f, s in sel.items()}
     model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1")
     for rank in range(world):
@@ -136,7 +136,7 @@ def test_exact_mask_bytes_equal_mask_plan(engine, world):
                 continue
             at = offsets.get(h.opt, 0) if engine == "fsdp1" else 0
             segs.append(Segment(h.param.fqn, h.param.shape, h.start, h.stop, opt[h.opt], at,
-                                grad=lambda: None))  # fmt: skip
+                                grad=lambda: None))
             offsets[h.opt] = at + h.stop - h.start
         plan = MaskPlan.build(sel, segs)
         assert mask_bytes(lay, sel) == plan.nbytes() > 0, (engine, rank)

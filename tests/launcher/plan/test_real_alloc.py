@@ -49,14 +49,14 @@ def results(tmp_path_factory) -> Path:
         backends = [f"{b}:{d}" for b, d, w in CASES if w == world]
         (out / str(world)).mkdir()
         torchrun(WORKER, world, ["--out", str(out / str(world)), "--backends", ",".join(backends)],
-                 timeout=900)  # fmt: skip
+                 timeout=900)
     return out
 
 
 def _records(results: Path, backend: str, dtype: str, world: int, stage: str) -> list[dict]:
     folder = results / str(world)
     return [json.loads((folder / f"{backend}-{dtype}-{stage}-{r}.json").read_text())
-            for r in range(world)]  # fmt: skip
+            for r in range(world)]
 
 
 @pytest.mark.parametrize("backend,dtype,world", CASES)

@@ -16,7 +16,7 @@ def weights(tmp_path):
     gen = torch.Generator().manual_seed(0)
     tensors = {"a.weight": torch.randn(9, 7, generator=gen),
                "a.bias": torch.randn(9, generator=gen),
-               "b.weight": torch.randn(7, 9, generator=gen)}  # fmt: skip
+               "b.weight": torch.randn(7, 9, generator=gen)}
     save_file(tensors, tmp_path / "model.safetensors")
     rows, cols = torch.tensor([0, 1, 2, 5, 8]), torch.tensor([1, 4, 5])
     entries = [DeltaEntry("a", 0, rows, rows, None), DeltaEntry("b", 1, cols, None, None)]
@@ -29,7 +29,7 @@ def test_delta_rows_flat_and_shapes_match_index_select(weights):
     tensors, w, rows, cols = weights
     want = {"a.ncft_delta.weight": tensors["a.weight"][rows],
             "a.ncft_delta.bias": tensors["a.bias"][rows],
-            "b.ncft_delta.weight": tensors["b.weight"][:, cols]}  # fmt: skip
+            "b.ncft_delta.weight": tensors["b.weight"][:, cols]}
     assert set(want) <= w.keys() and set(tensors) <= w.keys()
     for key, full in want.items():
         assert w.shape(key) == tuple(full.shape)

@@ -132,7 +132,7 @@ def test_random_rows_control_records_rank_shift(runs):
     assert shift["num_rows"] == neft_rows["num_rows"]
     # Same probe on the same starting model: identical "before" scores.
     a, b = (load_file(r / "neft" / "sst2.before.safetensors")
-            for r in (run, runs / "neft_rows"))  # fmt: skip
+            for r in (run, runs / "neft_rows"))
     assert all(torch.equal(a[g], b[g]) for g in b)
 
 
@@ -143,7 +143,7 @@ def test_neurons_score_selects_what_the_run_selected(runs, cache, tmp_path):
     cmd = [sys.executable, "-m", "launcher.cli.main", "neurons", "score", SPEC,
            *overrides("neft_rows", tmp_path), "--task", "sst2", "--out", str(out)]
     proc = subprocess.run(cmd, env=worker_env({"NCFT_CACHE": str(cache)}), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = NeuronSet.load(runs / "neft_rows" / "neurons" / "sst2.safetensors")
     scored = NeuronSet.load(out)

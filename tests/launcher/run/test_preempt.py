@@ -42,7 +42,7 @@ def _cmd(run: Path) -> list[str]:
 
 def _run(run: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(_cmd(run), env=worker_env(env), cwd=REPO, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -61,7 +61,7 @@ def test_sigterm_stops_at_a_checkpoint_and_the_requeued_run_resumes_by_itself(tm
     env = worker_env({"NCFT_CACHE": cache, **job, preempt.PAUSE_AT_STEP: "2:1",
                       preempt.PAUSE_FILE: str(pause), preempt.STOPPED_FILE: str(stopped)})
     proc = subprocess.Popen(_cmd(run), env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
         while not pause.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -76,7 +76,7 @@ def test_output_policy_is_checked_before_anything_exists(tmp_path):
     assert not spec.output.dir.exists(), "a check creates nothing"
     rundir.prepare(spec.output.dir, dump_resolved(spec), False, False)
     with pytest.raises(UserError, match=r"^output\.dir: .* output\.resume=true .* "
-                                        r"output\.overwrite=true"):  # fmt: skip
+                                        r"output\.overwrite=true"):
         preflight.check_output(spec)
     preflight.check_output(_spec(tmp_path, "output.resume=true"))
     preflight.check_output(_spec(tmp_path, "output.overwrite=true"))

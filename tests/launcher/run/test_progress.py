@@ -48,14 +48,14 @@ def test_checkpoint_directory_holds_every_rank(out):
     step_dir = out / "deepspeed" / "checkpoints" / "in-progress" / "01-task" / "step-00000002"
     names = sorted(p.name for p in step_dir.iterdir())
     assert names == ["progress.json", "rank-00000-of-00002.safetensors",
-                     "rank-00001-of-00002.safetensors"]  # fmt: skip
+                     "rank-00001-of-00002.safetensors"]
 
 
 def _single(seed: int = 0):
     model = tiny_llama(seed=seed)
     return build_engine("single", model, OptimConfig(lr=1e-2, weight_decay=0.1),
                         DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
-                                 device=torch.device("cpu")))  # fmt: skip
+                                 device=torch.device("cpu")))
 
 
 def _step(engine, seed: int) -> None:

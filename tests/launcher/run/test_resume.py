@@ -30,7 +30,7 @@ def out(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "dist" / "resume_worker.py"), str(out),
          ",".join(METHODS)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 

@@ -126,7 +126,7 @@ def _losses(run: Path) -> list[tuple[int, int, float]]:
 def test_resume_mid_task_after_sigkill_matches_uninterrupted(runs, cache, tmp_path):
     run = tmp_path / "killed-mid-task"
     args = ["run", str(SPEC), f"output.dir={run}", "engine.backend=deepspeed",
-            "output.checkpoint_every=2", *SMALL]  # fmt: skip
+            "output.checkpoint_every=2", *SMALL]
     # Rank 0 dies after step 3 of task 2, one step past the step-2 checkpoint and
     # before the task's own checkpoint: the resume must replay step 3 exactly.
     killed = _ncft(args, cache, {KILL_AT_STEP: "2:3", KILL_RANK: "0"}, check=False)

@@ -26,7 +26,7 @@ def test_sparse_delta_run_equals_masked_run(tmp_path, backend):
         runs[update] = tmp_path / update
         _ncft(["run", str(SPEC), f"output.dir={runs[update]}", f"engine.backend={backend}",
                *SMALL, "training.steps=2", "training.weight_decay=0.1",
-               f"training.update={update}"], cache)  # fmt: skip
+               f"training.update={update}"], cache)
     stages = sorted(p.name for p in (runs["masked"] / "checkpoints").iterdir())
     assert len(stages) == 3
     for rel in [f"checkpoints/{s}/model.safetensors" for s in stages] + ["final/model.safetensors"]:

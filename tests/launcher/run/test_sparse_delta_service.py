@@ -37,7 +37,7 @@ def out(tmp_path_factory):
         [sys.executable, str(REPO / "tests" / "dist" / "sparse_delta_service_worker.py"),
          str(out), ",".join(RUNS)], env=env, cwd=REPO, capture_output=True, text=True,
         timeout=1200,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 

@@ -108,7 +108,7 @@ def test_tiny_ncft_shape():
 
 def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
     demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
-                                 ["output.checkpoint_every=5"]))  # fmt: skip
+                                 ["output.checkpoint_every=5"]))
     assert demo[0].startswith("study: tune every parameter 10 steps on all tasks")
     assert "checkpoint after task 2 (and every 5 steps within it, per-rank shards)" in demo
     neft = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
@@ -121,7 +121,7 @@ def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
     assert any(s.startswith("similarity (Leng & Xiong Fig. 3)") for s in off)
     demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
                                  ["study.deactivation_mode=weights",
-                                  "study.finetune_matrix=true"]))  # fmt: skip
+                                  "study.finetune_matrix=true"]))
     assert "switch them off (weights)" in demo[0] and "fine-tuning matrix" in demo[1]
 
 
@@ -224,7 +224,7 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("patch", "where"), [c[1:] for c in MALFORMED],
-                         ids=[c[0] for c in MALFORMED])  # fmt: skip
+                         ids=[c[0] for c in MALFORMED])
 def test_malformed_spec_is_rejected_at_its_path(tmp_path: Path, patch: dict, where: str):
     with pytest.raises(SpecError) as info:
         load_spec(_write(tmp_path, _patched(patch)))
@@ -302,7 +302,7 @@ def test_overrides_apply(tmp_path: Path):
     path = _write(tmp_path, BASE)
     spec = load_spec(path, ["training.lr=0.5", "tasks.0.train_size=3",
                             "engine.nproc_per_node=2", "selection.modules=[gate, down]",
-                            "tasks[1].eval_size=7", "output.tensorboard=true"])  # fmt: skip
+                            "tasks[1].eval_size=7", "output.tensorboard=true"])
     assert spec.training.lr == 0.5
     assert spec.tasks[0].train_size == 3 and spec.tasks[1].eval_size == 7
     assert spec.engine.world_size == 2
@@ -358,7 +358,7 @@ def test_bad_override(tmp_path: Path, override: str, expected: str):
 def test_override_value_is_validated(tmp_path: Path):
     with pytest.raises(SpecError, match="engine.nproc_per_node"):
         load_spec(_write(tmp_path, _patched({"engine.backend": "single"})),
-                  ["engine.nproc_per_node=2"])  # fmt: skip
+                  ["engine.nproc_per_node=2"])
 
 
 # --- defaults, paths, round trip ----------------------------------------------------------
@@ -432,7 +432,7 @@ def test_dump_resolved_round_trip_from_elsewhere(tmp_path: Path, json_files: Pat
     task = {"name": "mine", "labels": ["no", "yes"],
             "source": {"type": "json", "train": "mydata/train.jsonl", "test": "mydata/test.jsonl"}}
     spec = load_spec(_write(tmp_path, _patched({"tasks.1": task, "selection.count": 7})),
-                     ["training.lr=0.5"])  # fmt: skip
+                     ["training.lr=0.5"])
     other = tmp_path / "elsewhere"
     other.mkdir()
     again = load_spec(_write(other, dump_resolved(spec)))
@@ -453,7 +453,7 @@ def test_plan_stages_methods(tmp_path: Path):
     assert plan_stages(single)[0].startswith("task 1/1 sst2: train LoRA r=8 on q_proj/v_proj")
     assert plan_stages(single)[1] == "eval on sst2"
     cont = load_spec(_write(tmp_path, _patched({"method": "wncft", "selection.count": 9,
-                                                "engine.nproc_per_node": 2})))  # fmt: skip
+                                                "engine.nproc_per_node": 2})))
     stages = plan_stages(cont)
     assert "top 9 per layer" in stages[0] and "on 2 ranks (fsdp2)" in stages[0]
     assert any("mixing earlier tasks' neurons" in s for s in stages)

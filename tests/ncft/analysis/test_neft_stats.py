@@ -32,7 +32,7 @@ def test_categories_on_constructed_scores():
     assert names == [
         "lost", "lost", "stable", "gained_untrained",
         "gained_trained", "gained_untrained",
-    ]  # fmt: skip
+    ]
 
 
 def test_utilization_shift_counts_per_group_and_global():

@@ -83,7 +83,7 @@ def test_truncated_store_drops_later_tasks_and_recaptures_equal():
     # Re-capturing task 2 on the truncated store gives the original store back.
     again = TaskStore()
     again.__dict__.update({k: (list(v) if isinstance(v, list) else dict(v))
-                           for k, v in first.__dict__.items()})  # fmt: skip
+                           for k, v in first.__dict__.items()})
     assert neuron_sets(engine.module)[1] == s2
     w = torch.tensor([0.3, 0.7], dtype=torch.float64)
     again.names.append("t2")
@@ -104,7 +104,7 @@ def test_example_weights_same_on_every_rank_with_equal_forwards():
     model = tiny_llama(seed=2)
     store = TaskStore()
     store.vectors = [torch.randn(24, generator=torch.Generator().manual_seed(k))
-                     for k in range(2)]  # fmt: skip
+                     for k in range(2)]
     store.names = ["t1", "t2"]
     want = routing.example_weights(FakeEngine(model), tok, store, PROMPTS, 2, 64, 0.5)
     # Row n is the n-th prompt's own vector (no cross-talk through padding or batching).
@@ -131,7 +131,7 @@ def test_generation_scores_all_hypotheses_together():
             texts += generate_greedy(engine, tok, [ex.prompt], 3, 1, 63)
     want = text_scores(texts, [ex.answer for ex in examples], ["rougeL", "bleu"])
     gen = {"tokenizer": tok, "metrics": ("rougeL", "bleu"), "max_new_tokens": 3,
-           "batch_size": 2, "max_prompt_length": 63}  # fmt: skip
+           "batch_size": 2, "max_prompt_length": 63}
     got = routing.evaluate_routed(engine, store, examples, weights, None, gen)
     assert got["rougeL"] == pytest.approx(want["rougeL"]) and got["score"] == got["rougeL"]
     assert got["bleu"] == pytest.approx(want["bleu"])

@@ -21,7 +21,7 @@ from tests.support.tiny import tiny_llama, word_tokenizer
 
 WORDS = "the a cat dog sat ran on in mat park . translate classify".split()
 PROMPTS = ["the cat sat on the mat .", "a dog ran", "classify the dog .", "translate a cat",
-           "the mat"]  # fmt: skip
+           "the mat"]
 
 
 def test_mixing_weights_by_hand():
@@ -143,13 +143,13 @@ def test_one_hot_weights_give_that_tasks_trained_neurons():
                 assert torch.equal(elements(nset, fqn, now[fqn]), store.values[k][fqn]), fqn
             for fqn in other.entries:  # owned only by the other task: back to the base
                 assert torch.equal(elements(other, fqn, now[fqn]),
-                                   elements(other, fqn, theta0[fqn])), fqn  # fmt: skip
+                                   elements(other, fqn, theta0[fqn])), fqn
             unowned = [f for f in current if f not in store.base]
             assert unowned and all(torch.equal(now[f], current[f]) for f in unowned)
     # After task 2, task 2's values ARE the current model: one-hot on it changes only
     # task-1-only elements (back to theta_0).
     assert torch.equal(store.values[1]["model.embed_tokens.weight"],
-                       current["model.embed_tokens.weight"][[4, 9]])  # fmt: skip
+                       current["model.embed_tokens.weight"][[4, 9]])
 
 
 def test_overlap_gets_weighted_sum_of_deltas_without_renormalising():

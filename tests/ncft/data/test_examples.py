@@ -94,7 +94,7 @@ def test_collate_right_pads(tok):
 
 def _items(n):
     return [{"input_ids": torch.tensor([i]), "labels": torch.tensor([i]),
-             "attention_mask": torch.tensor([1])} for i in range(n)]  # fmt: skip
+             "attention_mask": torch.tensor([1])} for i in range(n)]
 
 
 def _ids(share):

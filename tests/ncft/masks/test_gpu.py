@@ -30,12 +30,12 @@ def _check(out, tag):
 def test_bf16_nccl_masks_bit_identical(tmp_path, backend):
     world = min(2, torch.cuda.device_count())
     torchrun(WORKER, world, ["--out", str(tmp_path), "--backends", backend,
-                             "--dtype", "bfloat16"])  # fmt: skip
+                             "--dtype", "bfloat16"])
     _check(tmp_path, f"{backend}_ws{world}")
 
 
 def test_zero3_cpu_offload_masks_bit_identical(tmp_path):
     world = min(2, torch.cuda.device_count())
     torchrun(WORKER, world, ["--out", str(tmp_path), "--backends", "deepspeed",
-                             "--ds-config", "zero3_offload", "--grad-clip", "0"])  # fmt: skip
+                             "--ds-config", "zero3_offload", "--grad-clip", "0"])
     _check(tmp_path, f"deepspeed_ws{world}")

@@ -125,7 +125,7 @@ def _selection(gen, phase):
     pick = lambda size, p: torch.nonzero(torch.rand(size, generator=gen) < p).view(-1)  # noqa: E731
     if phase == 0:
         return {"a": Selection(1, pick(COLS, 0.1)), "b": Selection(0, pick(COLS, 0.1)),
-                "c": Selection(0, pick(9000, 0.05))}  # fmt: skip
+                "c": Selection(0, pick(9000, 0.05))}
     # Row selection on `a` including the row the segment's start cuts (an "all" block).
     rows = torch.unique(torch.cat([pick(ROWS, 0.2), torch.tensor([A_START // COLS])]))
     return {"a": Selection(0, rows), "b": Selection(1, pick(ROWS, 0.05))}

@@ -29,7 +29,7 @@ INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch
 
 def _examples():
     return [Example(" ".join(WORDS[i : i + 4 + i % 5]), WORDS[i + 4 + i % 5])
-            for i in range(0, 200, 5)]  # fmt: skip
+            for i in range(0, 200, 5)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +103,7 @@ def test_matches_brute_force_reference(setup, positions):
 def test_ranking_agrees_with_loss_change_of_zeroing(setup):
     engine, model, blocks, encoded = setup
     attr = torch.cat(list(GradAttribution(encoded, blocks, positions="all", batch_size=8)
-                          .score(engine, unit_groups(blocks)).values()))  # fmt: skip
+                          .score(engine, unit_groups(blocks)).values()))
     batch = collate(encoded, pad_id=0)
 
     def loss():
@@ -129,7 +129,7 @@ def test_ranking_agrees_with_loss_change_of_zeroing(setup):
 def test_frozen_model_and_meta(setup):
     engine, model, blocks, encoded = setup
     inputs = ScoringInputs(blocks=blocks, encoded=lambda: encoded, probe_steps=(), pad_id=0,
-                           num_examples=12, batch_size=5, model_id="tiny")  # fmt: skip
+                           num_examples=12, batch_size=5, model_id="tiny")
     scorer = make_scorer("grad_attribution", inputs)
     before = scorer.score(engine, unit_groups(blocks))
     for p in model.parameters():

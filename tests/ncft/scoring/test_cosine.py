@@ -22,7 +22,7 @@ INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch
 L0, L1 = "model.layers.0.mlp", "model.layers.1.mlp"
 # (module, storage row) of the NeFT rows changed on purpose
 CHANGED_ROWS = [(f"{L0}.up_proj", 3), (f"{L0}.up_proj", 10), (f"{L1}.gate_proj", 5),
-                (f"{L1}.down_proj", 7)]  # fmt: skip
+                (f"{L1}.down_proj", 7)]
 CHANGED_UNITS = [(L0, 12), (L1, 30)]  # unit 12: down column only; unit 30: gate row only
 
 
@@ -88,7 +88,7 @@ def test_changed_rows_exactly_selected(tmp_path, monkeypatch):
     got = top_k(scores, rows, count=len(CHANGED_ROWS), per_layer=False)
     assert _chosen(got) == sorted(CHANGED_ROWS)
     untouched = [float(scores[n][r]) for n in scores for r in range(scores[n].numel())
-                 if (n, r) not in CHANGED_ROWS]  # fmt: skip
+                 if (n, r) not in CHANGED_ROWS]
     assert max(abs(u) for u in untouched) < 1e-12
 
 

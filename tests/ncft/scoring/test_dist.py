@@ -38,7 +38,7 @@ L0, L1 = "model.layers.0", "model.layers.1"
 # boundaries at 2 ranks (element 444) and 3 ranks (elements 296 and 592).
 CHANGED_ROWS = [(f"{L0}.mlp.gate_proj", 12), (f"{L0}.mlp.gate_proj", 18),
                 (f"{L0}.mlp.gate_proj", 24), (f"{L1}.mlp.up_proj", 3),
-                (f"{L1}.mlp.down_proj", 7), (f"{L0}.self_attn.q_proj", 5)]  # fmt: skip
+                (f"{L1}.mlp.down_proj", 7), (f"{L0}.self_attn.q_proj", 5)]
 CHANGED_UNITS = [(f"{L0}.mlp", 12), (f"{L1}.mlp", 30)]  # down column / gate row
 
 
@@ -74,7 +74,7 @@ def results(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         info = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
-                        device=torch.device("cpu"))  # fmt: skip
+                        device=torch.device("cpu"))
         scoring_worker.run_backend("single", info, out)
     finally:
         torch.set_num_threads(threads)

@@ -66,7 +66,7 @@ def test_reversed_takes_the_lowest_probe_scores_and_keeps_them():
     nset = _pipeline(cfg, save_probe=lambda task, s: kept.update({task: s})).select(
         engine, model, TASK, 0)
     expected = to_neuron_set(top_k(scores, groups, count=4, per_layer=False, reverse=True),
-                             groups, {})  # fmt: skip
+                             groups, {})
     assert nset.checksum() == expected.checksum()
     assert nset.meta["reversed"] and nset.meta["finetune_steps"] == 2
     assert nset.meta["scorer"] == "weight_cosine" and nset.meta["task"] == "t"
@@ -79,7 +79,7 @@ def test_random_method_seeds_by_stage_and_keeps_the_probe_for_the_control():
     kept = {}
     engine, model = _engine()
     pipeline = _pipeline(cfg, method="random_neurons",
-                         save_probe=lambda task, s: kept.update({task: s}))  # fmt: skip
+                         save_probe=lambda task, s: kept.update({task: s}))
     nset = pipeline.select(engine, model, TASK, 2)
     drawn = RandomScorer(seed=3 * 1000 + 2).score(None, groups)
     expected = to_neuron_set(top_k(drawn, groups, count=4, per_layer=False), groups, {})
