@@ -1,4 +1,11 @@
-"""The `ncft` command line: a few subcommands; experiment knobs live in the spec."""
+"""The `ncft` command line: a few subcommands; experiment knobs live in the spec.
+
+Each subcommand imports its module inside its handler, so `ncft --help` starts in
+1.4 s on the 2-core CI machine instead of 2.5 s with the run path (torch,
+transformers) imported. Elsewhere, imports inside functions are kept only for heavy
+optional third-party modules (deepspeed, peft, datasets, matplotlib, sacrebleu,
+rouge_score, tensorboard) and to break an import cycle (`TYPE_CHECKING`).
+"""
 
 from __future__ import annotations
 

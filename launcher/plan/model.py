@@ -23,7 +23,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from launcher.engines.common import decoder_layers
 from launcher.errors import UserError
+from launcher.run.models import BUILTIN, cache_root
+from ncft.arch import get_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -115,7 +118,6 @@ def resolve_config(name_or_path: str) -> tuple[Any, str]:
     """
     from transformers import AutoConfig
 
-    from launcher.run.models import BUILTIN, cache_root
 
     name = HUB_IDS.get(name_or_path, name_or_path)
     local = Path(name_or_path).expanduser()
@@ -145,9 +147,6 @@ def meta_model(config: Any):
 
 def describe(model: Any, source: str) -> ModelInfo:
     """A `ModelInfo` of an (unwrapped, possibly meta) HF causal LM, all trainable."""
-    from launcher.engines.common import decoder_layers
-    from ncft.arch import get_adapter
-
     owners: dict[int, str] = {}
     for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):

@@ -30,6 +30,8 @@ from typing import Any
 
 from launcher.plan.model import ModelInfo, ParamInfo, with_params, with_trainable
 from ncft.continual.methods import LORA_METHODS, METHODS, NEURON_METHODS
+from ncft.selection import resolve_count
+from ncft.selection.pipeline import candidate_groups
 
 FULL_METHODS = tuple(name for name, row in METHODS.items() if row.trains == "all")
 __all__ = ["FULL_METHODS", "LORA_METHODS", "NEURON_METHODS", "Stage", "lora_params",
@@ -49,8 +51,6 @@ def neuron_fractions(meta: Any, spec: Any) -> dict[str, tuple[float, int]]:
     """`fqn -> (expected selected fraction, axis)` for a neuron method's stage."""
     from types import SimpleNamespace
 
-    from ncft.selection import resolve_count
-    from ncft.selection.pipeline import candidate_groups
 
     sel = spec.selection
     groups = candidate_groups(meta, SimpleNamespace(unit=sel.unit, modules=tuple(sel.modules)))

@@ -21,10 +21,12 @@ from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
-from ncft import sparse_delta
+from ncft import olora, sparse_delta
 from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
+from ncft.lora import apply_lora
 from ncft.neuron_set import NeuronSet
+from ncft.olora import LoraOptions
 from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
@@ -51,8 +53,6 @@ def optim_config(spec: Spec) -> OptimConfig:
 
 def lora_options(spec: Spec):
     """The spec's `lora` section as `ncft.olora.LoraOptions`."""
-    from ncft.olora import LoraOptions
-
     lora = spec.lora
     return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
 
@@ -114,12 +114,10 @@ class LauncherBackend:
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         row = method(self.spec.method)
         if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
-            from ncft import olora
 
             model = olora.freeze_all(olora.with_adapters(
                 model, stage + 1, lora_options(self.spec), self.spec.training.seed))
         elif row.lora and not row.adapter_per_task:
-            from ncft.lora import apply_lora
 
             lora = self.spec.lora
             model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,

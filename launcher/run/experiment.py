@@ -36,6 +36,7 @@ from ncft.continual.loop import (
     TaskData,
 )
 from ncft.io import atomic_dir
+from ncft.lora import merge_lora
 
 
 def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
@@ -60,7 +61,6 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
     """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
     model = backend.load_full_model(last_stage)
     if spec.method in LORA_METHODS:
-        from ncft.lora import merge_lora
 
         model = merge_lora(model)
     with atomic_dir(backend.run.final) as tmp:

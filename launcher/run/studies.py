@@ -17,11 +17,23 @@ from typing import TYPE_CHECKING, Any
 from launcher.dist import barrier, print0
 from launcher.run import neft
 from launcher.spec import Spec
+from ncft.analysis.neft_stats import selected_from_set
+from ncft.analysis.neft_stats import weight_movement_rank_shift as movement_shift
+from ncft.analysis.neft_utilization import utilization_shift
+from ncft.analysis.similarity import layer_similarity
+from ncft.arch import get_adapter
 from ncft.continual.loop import TaskData
 from ncft.data.examples import encode
 from ncft.io import write_json
+from ncft.masks.plan import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.selection.pipeline import SelectionPipeline
+from ncft.selection.topk import MLP_ROLES, selected_of
+from ncft.studies.deactivation import deactivation_grid
+from ncft.studies.finetune_matrix import finetune_matrix
+from ncft.studies.similarity import paper_similarity as study
+from ncft.studies.utilization import pearson_scores
+from ncft.train import train
 
 if TYPE_CHECKING:
     from launcher.run.backend import LauncherBackend
@@ -36,9 +48,6 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
     """
     from itertools import islice
 
-    from ncft.arch import get_adapter
-    from ncft.studies.deactivation import deactivation_grid
-    from ncft.train import train
 
     out = backend.run.deactivation
     if out.is_file():  # a resumed run keeps its study
@@ -72,9 +81,6 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
 def _finetune_matrix(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
                      tasks: list[TaskData], sets: dict[str, NeuronSet], encoded) -> dict:
     """Leng & Xiong Fig. 5 right half (`ncft.studies.finetune_matrix`), all ranks."""
-    from ncft.arch import get_adapter
-    from ncft.masks.plan import freeze_unselected, install
-    from ncft.studies.finetune_matrix import finetune_matrix
 
     def make_engine(nset: NeuronSet | None):
         model = backend.load_model(None)
@@ -108,10 +114,6 @@ def neft_utilization(spec: Spec, backend: LauncherBackend, selector: SelectionPi
     Definitions: `ncft.analysis.neft_utilization`. Stored per task, so a resumed run
     redoes none.
     """
-    from ncft.analysis.neft_utilization import utilization_shift
-    from ncft.selection.topk import selected_of
-    from ncft.studies.utilization import pearson_scores
-
     out: dict[str, Any] = {}
     study, tok = spec.study, backend.tokenizer
     for stage, task in enumerate(tasks):
@@ -156,9 +158,6 @@ def weight_movement_rank_shift(backend: LauncherBackend, selector: SelectionPipe
     less moved (`ncft.analysis.neft_stats` categories: gained_trained,
     gained_untrained, lost, stable). Stored per task, so a resumed run redoes none.
     """
-    from ncft.analysis.neft_stats import selected_from_set
-    from ncft.analysis.neft_stats import weight_movement_rank_shift as movement_shift
-
     out = {}
     for stage, task in enumerate(tasks):
         before_file = backend.run.neft_scores(task.name, "before")
@@ -193,9 +192,6 @@ def similarity(backend: LauncherBackend, tasks: list[TaskData], matrix) -> dict 
     goes to `results.similarity_final_model`. `generalization[i][j]` is the score on
     task j after training task i (`a[j][i]`), correlated with the similarity of i, j.
     """
-    from ncft.analysis.similarity import layer_similarity
-    from ncft.arch import get_adapter
-
     files = [backend.run.neuron_file(t.name) for t in tasks]
     if not all(f.is_file() for f in files):
         return None
@@ -220,9 +216,6 @@ def paper_similarity(spec: Spec, backend: LauncherBackend, selector: SelectionPi
     Stored in `RUN/similarity_paper.json`, so a resumed run does not redo it; rank 0
     gets the dict.
     """
-    from ncft.selection.topk import MLP_ROLES
-    from ncft.studies.similarity import paper_similarity as study
-
     out = backend.run.similarity_paper
     if not out.is_file():
         tok, st = backend.tokenizer, spec.study

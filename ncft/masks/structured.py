@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ncft.masks.layout import segment_mask
+
 # Below this many elements a segment keeps a dense bool mask (<= 4 KiB): cheaper per
 # step than the blocks' small ops, and too small to matter for memory.
 DENSE_MAX_NUMEL = 4096
@@ -242,7 +244,6 @@ class MaskBuilder:
             entries = idx.numel()  # shared by the parameter's segments, counted once each
         index_bytes = entries * torch.empty(0, dtype=index_dtype(size)).element_size()
         if numel < DENSE_MAX_NUMEL or numel <= index_bytes:
-            from ncft.masks.layout import segment_mask
 
             chosen = segment_mask(shape, start, stop, axis, idx, fqn)
             return SegmentMask(numel, frozen=self._own(~chosen))
