@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from launcher.dist import all_reduce_
 from ncft.engine import local_tensor
 from ncft.masks.optim import MaskedAdamW
 
@@ -163,6 +164,41 @@ def named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
     """FQN and shape of every parameter of an unwrapped model."""
     for name, param in model.named_parameters():
         yield name, tuple(param.shape)
+
+
+class ShardedBasics:
+    """What the sharded engines answer alike: rank 0, full shapes, all-reduce, forward.
+
+    Engines set `rank`, `device`, `module` and `_shapes` (FQN -> full shape, taken
+    before wrapping); `_wrapped` is what a micro-batch is called on (the FSDP module;
+    ZeRO-3 overrides it with DeepSpeed's engine).
+    """
+
+    rank: int
+    device: torch.device
+    module: nn.Module
+    _shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def _wrapped(self) -> nn.Module:
+        return self.module
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """Run the wrapped model on one micro-batch, placed on the engine's device."""
+        return self._wrapped(**on_device(batch, self.device))
+
+    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """FQN and full shape of every parameter, in model order."""
+        return iter(self._shapes.items())
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks, communicating on the engine's device."""
+        return all_reduce_(tensor, self.device)
 
 
 class LocalState:

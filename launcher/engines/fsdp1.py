@@ -33,15 +33,15 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-from launcher.dist import DistInfo, all_reduce_
+from launcher.dist import DistInfo
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    ShardedBasics,
     check_compute_dtype,
     decoder_layers,
     make_optimizer,
     named_shapes,
-    on_device,
     prepare_model,
     trainable,
 )
@@ -62,7 +62,7 @@ def _units(model: nn.Module) -> set[int]:
     return owners | {id(m) for m in decoder_layers(model)}
 
 
-class Fsdp1Engine(LocalState):
+class Fsdp1Engine(ShardedBasics, LocalState):
     """FULL_SHARD FSDP1 over decoder layers and trainable modules, flat params."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo) -> None:
@@ -82,13 +82,6 @@ class Fsdp1Engine(LocalState):
         )
         self.optimizer = make_optimizer(trainable(self.module), cfg)
         self._micro = 0
-
-    @property
-    def is_main_process(self) -> bool:  # noqa: D102
-        return self.rank == 0
-
-    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1
@@ -158,12 +151,6 @@ class Fsdp1Engine(LocalState):
     def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         with self._summoned(fqns, writeback=True) as full:
             yield full
-
-    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
-        return iter(self._shapes.items())
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return all_reduce_(tensor, self.device)
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None

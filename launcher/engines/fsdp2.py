@@ -29,16 +29,16 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from launcher.dist import DistInfo, all_reduce_, any_rank, broadcast_
+from launcher.dist import DistInfo, any_rank, broadcast_
 from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
+    ShardedBasics,
     check_compute_dtype,
     decoder_layers,
     make_optimizer,
     named_shapes,
-    on_device,
     prepare_model,
     trainable,
 )
@@ -46,7 +46,7 @@ from ncft.engine import Segment, StepStats, local_tensor
 from ncft.masks.layout import chunk_rows
 
 
-class Fsdp2Engine(LocalState):
+class Fsdp2Engine(ShardedBasics, LocalState):
     """`fully_shard` on every decoder layer, then on the root."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, info: DistInfo,
@@ -117,13 +117,6 @@ class Fsdp2Engine(LocalState):
         for buffer in model.buffers():
             broadcast_(buffer, device, src=0)
 
-    @property
-    def is_main_process(self) -> bool:  # noqa: D102
-        return self.rank == 0
-
-    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self.module(**on_device(batch, self.device))
-
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1
         # Reduce-scatter only on the last micro-batch; earlier ones accumulate locally.
@@ -172,12 +165,6 @@ class Fsdp2Engine(LocalState):
             for name, tensor in full.items():
                 lo, hi = chunk_rows(tensor.shape[0], self.world_size, self.rank)
                 local_tensor(self._params[name]).copy_(tensor[lo:hi])
-
-    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
-        return iter(self._shapes.items())
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return all_reduce_(tensor, self.device)
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None

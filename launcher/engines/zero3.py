@@ -37,16 +37,16 @@ if not torch.cuda.is_available():  # must precede the first `import deepspeed`
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 
-from launcher.dist import DistInfo, all_gather_flat, all_reduce_  # noqa: E402
+from launcher.dist import DistInfo, all_gather_flat  # noqa: E402
 from launcher.engines import ds_config, loading  # noqa: E402
 from launcher.engines.common import (  # noqa: E402
     LocalState,
     OptimConfig,
+    ShardedBasics,
     check_compute_dtype,
     enable_checkpointing,
     make_optimizer,
     named_shapes,
-    on_device,
     prepare_model,
     trainable,
 )
@@ -77,7 +77,7 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
-class Zero3Engine(LocalState):
+class Zero3Engine(ShardedBasics, LocalState):
     """`deepspeed.initialize` with ZeRO stage 3 and the project's MaskedAdamW."""
 
     def __init__(
@@ -130,11 +130,8 @@ class Zero3Engine(LocalState):
         self._exact_masters()
 
     @property
-    def is_main_process(self) -> bool:  # noqa: D102
-        return self.rank == 0
-
-    def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
-        return self._ds(**on_device(batch, self.device))
+    def _wrapped(self):
+        return self._ds  # DeepSpeed's engine runs the forward (its hooks gather)
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         # DeepSpeed divides by gradient_accumulation_steps itself.
@@ -223,12 +220,6 @@ class Zero3Engine(LocalState):
         # re-partitioned into ds_tensor (persistent small params included).
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
             yield {n: p.data for n, p in zip(fqns, params)}
-
-    def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
-        return iter(self._shapes.items())
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return all_reduce_(tensor, self.device)
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         # The client optimizer's param groups are empty between steps: DeepSpeed hands
