@@ -307,16 +307,28 @@ def _per_task(data: dict[str, Any], marker: str) -> dict[str, Any]:
     return {"": data} if marker in data else data
 
 
-def _neft(run: _Run) -> Lines | str:
-    res = run.need_results("neft")
+def _per_task_results(run: _Run, key: str, marker: str,
+                      required: Sequence[str]) -> dict[str, Any] | str:
+    """`results[key]` per task, each checked for `required` and saved; or a skip note.
+
+    The raw `results[key]` is saved as analysis `key` once every task's dict passed.
+    """
+    res = run.need_results(key)
     if isinstance(res, str):
         return res
-    data = res["neft"]
-    per_task = _per_task(data, "buckets")
+    data = res[key]
+    per_task = _per_task(data, marker)
     for task, shift in per_task.items():
-        _require_keys(shift, ("counts", "buckets", "avg_abs_delta_rank", "strong_threshold",
-                              "num_neurons"), f"results.neft{'.' + task if task else ''}")
-    run.save("neft", data)
+        _require_keys(shift, required, f"results.{key}" + ("." + task if task else ""))
+    run.save(key, data)
+    return per_task
+
+
+def _neft(run: _Run) -> Lines | str:
+    per_task = _per_task_results(run, "neft", "buckets", (
+        "counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"))
+    if isinstance(per_task, str):
+        return per_task
     out = ["NeFT §6.1 (`ncft.analysis.neft_utilization`): Rank of each neuron by its max "
            "Pearson correlation with another neuron of its group, on each task's model "
            "before and after training it; ΔRank = Rank(after) - Rank(before). Strongly "
@@ -338,15 +350,10 @@ def _neft(run: _Run) -> Lines | str:
 
 
 def _weight_movement(run: _Run) -> Lines | str:
-    res = run.need_results("weight_movement_rank_shift")
-    if isinstance(res, str):
-        return res
-    data = res["weight_movement_rank_shift"]
-    per_task = _per_task(data, "counts")
-    for task, shift in per_task.items():
-        _require_keys(shift, ("counts", "hist", "shift_threshold", "scope"),
-                      "results.weight_movement_rank_shift" + ("." + task if task else ""))
-    run.save("weight_movement_rank_shift", data)
+    per_task = _per_task_results(run, "weight_movement_rank_shift", "counts",
+                                 ("counts", "hist", "shift_threshold", "scope"))
+    if isinstance(per_task, str):
+        return per_task
     out = ["Our measure, not NeFT §6.1's: rank shift of the selection probe's `1 - cos` "
            "weight movement (`ncft.analysis.neft_stats`).", ""]
     for task, shift in per_task.items():
