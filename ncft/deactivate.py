@@ -187,6 +187,22 @@ def answer_metrics(engine: Engine, encoded, batch_size: int, pad_id: int) -> dic
     return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
 
 
+def task_scores(
+    engine: Engine, tasks: Sequence[str], encoded_eval, batch_size: int, pad_id: int
+) -> tuple[list[float], list[float]]:
+    """`answer_metrics` on every task of `tasks`, in order: (accuracies, losses).
+
+    Args:
+        engine: The engine holding the model (a collective: every rank calls it).
+        tasks: Task names, in order.
+        encoded_eval: Task name -> encoded evaluation examples.
+        batch_size: Examples per rank per forward.
+        pad_id: Padding token id.
+    """
+    row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
+    return [m["accuracy"] for m in row], [m["loss"] for m in row]
+
+
 def random_units(units: Mapping[int, torch.Tensor], blocks: Sequence[MlpBlock], seed: int):
     """As many random units per layer as `units` has (seeded, identical on every rank)."""
     d_ff = {b.layer: b.d_ff for b in blocks}

@@ -159,6 +159,38 @@ def _prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
     return head + ids[len(ids) - (limit - len(head)) :]
 
 
+def _decode_state(
+    rows: list[list[int]],
+    width: int,
+    max_new_tokens: int,
+    pad_id: int,
+    active: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Start state shared by both greedy decoders.
+
+    Returns (ids [B, width] right-padded, attention mask [B, width], lengths [B],
+    done [B] (all True for a dummy batch), new tokens [B, max_new] zeros, arange [B]).
+    """
+    num = len(rows)
+    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
+    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
+        mask_BT[b, : len(row)] = 1
+    lengths_B = torch.tensor([len(r) for r in rows], device=device)
+    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
+    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
+    arange_B = torch.arange(num, device=device)
+    return ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B
+
+
+def _any_rank_running(engine: Engine, done_B: torch.Tensor, device: torch.device) -> bool:
+    """Whether any rank still has a live row (a collective: every rank must call it)."""
+    running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
+    return float(engine.all_reduce_(running)[0]) != 0.0
+
+
 def _greedy_batch(
     engine: Engine,
     rows: list[list[int]],
@@ -174,19 +206,11 @@ def _greedy_batch(
     runs a forward while ANY rank still decodes (`active=False` marks a dummy batch).
     """
     device = device_of(engine)
-    num, width = len(rows), max(len(r) for r in rows) + max_new_tokens
-    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
-    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
-        mask_BT[b, : len(row)] = 1
-    lengths_B = torch.tensor([len(r) for r in rows], device=device)
-    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
-    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
-    arange_B = torch.arange(num, device=device)
+    width = max(len(r) for r in rows) + max_new_tokens
+    ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B = _decode_state(
+        rows, width, max_new_tokens, pad_id, active, device)
     for step in range(max_new_tokens):
-        running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
-        if float(engine.all_reduce_(running)[0]) == 0.0:
+        if not _any_rank_running(engine, done_B, device):
             break
         w = int(lengths_B.max())
         output = engine.forward({"input_ids": ids_BT[:, :w], "attention_mask": mask_BT[:, :w],
@@ -221,20 +245,12 @@ def _greedy_batch_cached(
     positions. Same forward count and early exit as `_greedy_batch`.
     """
     device = device_of(engine)
-    num, width = len(rows), max(len(r) for r in rows)
-    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
-    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
-        mask_BT[b, : len(row)] = 1
-    lengths_B = torch.tensor([len(r) for r in rows], device=device)
-    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
-    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
-    arange_B = torch.arange(num, device=device)
+    width = max(len(r) for r in rows)
+    ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B = _decode_state(
+        rows, width, max_new_tokens, pad_id, active, device)
     batch: dict[str, Any] = {"input_ids": ids_BT, "attention_mask": mask_BT, "use_cache": True}
     for step in range(max_new_tokens):
-        running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
-        if float(engine.all_reduce_(running)[0]) == 0.0:
+        if not _any_rank_running(engine, done_B, device):
             break
         output = engine.forward(batch)
         logits_BTV = _logits(output)

@@ -54,11 +54,24 @@ def _masked_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _add_validate(sub) -> None:
-    p = sub.add_parser("validate", help="check a spec; print it resolved and its stages")
+def _add_spec_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """Add subcommand `name` taking a spec path and `key.sub=value` overrides."""
+    p = sub.add_parser(name, help=help)
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(func=_validate)
+    p.set_defaults(func=func)
+    return p
+
+
+def _invalid_spec(path: str, err: Exception) -> int:
+    """Print a SpecError's field-by-field message; exit status 2 (a user error)."""
+    print(f"invalid spec {path}:\n{err}", file=sys.stderr)
+    return 2
+
+
+def _add_validate(sub) -> None:
+    _add_spec_command(sub, "validate", "check a spec; print it resolved and its stages",
+                      _validate)
 
 
 def _validate(ns: argparse.Namespace) -> int:
@@ -68,8 +81,7 @@ def _validate(ns: argparse.Namespace) -> int:
     try:
         spec = load_spec(ns.spec, ns.overrides)
     except SpecError as err:
-        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
-        return 2
+        return _invalid_spec(ns.spec, err)
     check_model(spec.model.name_or_path)
     print(dump_resolved(spec))
     print("# planned stages")
@@ -83,10 +95,8 @@ def _validate(ns: argparse.Namespace) -> int:
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run an experiment spec (spawns the ranks it asks for)")
-    p.add_argument("spec")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(func=_run)
+    _add_spec_command(sub, "run", "run an experiment spec (spawns the ranks it asks for)",
+                      _run)
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -96,8 +106,7 @@ def _run(ns: argparse.Namespace) -> int:
     try:
         main_run(ns.spec, ns.overrides)
     except SpecError as err:
-        print(f"invalid spec {ns.spec}:\n{err}", file=sys.stderr)
-        return 2
+        return _invalid_spec(ns.spec, err)
     return 0
 
 
@@ -128,19 +137,16 @@ def _compare(ns: argparse.Namespace) -> int:
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser(
-        "plan", help="per-rank memory of a spec (parameters, grads, optimizer, masks, "
-        "activations) without loading weights"
+    p = _add_spec_command(
+        sub, "plan", "per-rank memory of a spec (parameters, grads, optimizer, masks, "
+        "activations) without loading weights", _plan
     )
-    p.add_argument("spec")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--world-size", type=int, default=None,
                    help="total ranks (default: --nodes x engine.nproc_per_node)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: engine.nnodes)")
     p.add_argument("--gpu-memory", type=float, default=80.0,
                    help="GiB per GPU to check the plan against (default: 80)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
-    p.set_defaults(func=_plan)
 
 
 def _plan(ns: argparse.Namespace) -> int:

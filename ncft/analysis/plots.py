@@ -104,42 +104,52 @@ def plot_iou(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return save_figure(fig, path)
 
 
+def _task_matrix_panels(
+    panels: list[tuple[str, Any]],
+    tasks: list[str],
+    ylabel: str,
+    cbar: str,
+    title: str,
+    path: str | os.PathLike[str],
+) -> Path:
+    """Side-by-side task x task heatmaps of signed changes, one colour scale for all.
+
+    The scale is symmetric about 0 (the largest |value| of any panel), so a colour
+    means the same change in every panel.
+    """
+    vals = [abs(v) for _, m in panels for row in m for v in row if v is not None]
+    lim = max(vals, default=1.0) or 1.0
+    fig = Figure(figsize=(6 * len(panels), 5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel_title, m) in zip(axes, panels):
+        _heatmap(
+            fig, ax, m, tasks, tasks, title=panel_title, xlabel="evaluated task j",
+            ylabel=ylabel, cbar=cbar, cmap="RdBu_r", vmin=-lim, vmax=lim,
+        )
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def plot_deactivation(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Relative-drop heatmaps: task neurons off, and random neurons off if present."""
     panels = [("Task i's neurons off", data["drop"])]
     if data.get("random_drop") is not None:
         panels.append(("Random neurons off (same size as task i's)", data["random_drop"]))
-    vals = [abs(v) for _, m in panels for row in m for v in row if v is not None]
-    lim = max(vals, default=1.0) or 1.0
-    fig = Figure(figsize=(6 * len(panels), 5), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    tasks = data["tasks"]
-    for ax, (title, m) in zip(axes, panels):
-        _heatmap(
-            fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
-            ylabel="neurons switched off: task i", cbar="relative score drop",
-            cmap="RdBu_r", vmin=-lim, vmax=lim,
-        )
-    fig.suptitle("Deactivation: relative drop (baseline - off) / baseline")
-    return save_figure(fig, path)
+    return _task_matrix_panels(
+        panels, data["tasks"], ylabel="neurons switched off: task i",
+        cbar="relative score drop",
+        title="Deactivation: relative drop (baseline - off) / baseline", path=path,
+    )
 
 
 def plot_finetune_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Change-vs-zero-shot heatmaps: task i's neurons trained, and random neurons."""
     panels = [("Task i's neurons trained", data["change"]),
               ("Random neurons trained (same size)", data["random_change"])]
-    vals = [abs(v) for _, m in panels for row in m for v in row if v is not None]
-    lim = max(vals, default=1.0) or 1.0
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    tasks = data["tasks"]
-    for ax, (title, m) in zip(fig.subplots(1, 2), panels):
-        _heatmap(
-            fig, ax, m, tasks, tasks, title=title, xlabel="evaluated task j",
-            ylabel="neurons trained: task i", cbar="score - zero-shot",
-            cmap="RdBu_r", vmin=-lim, vmax=lim,
-        )
-    fig.suptitle("Fine-tuning matrix: change from the zero-shot score")
-    return save_figure(fig, path)
+    return _task_matrix_panels(
+        panels, data["tasks"], ylabel="neurons trained: task i", cbar="score - zero-shot",
+        title="Fine-tuning matrix: change from the zero-shot score", path=path,
+    )
 
 
 def plot_accuracy_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -63,6 +63,20 @@ def _matrix_table(corner: str, rows: Sequence[str], cols: Sequence[str], m: Any)
     return _table([corner, *cols], [[r, *vals] for r, vals in zip(rows, m)])
 
 
+def _correlation_table(title: str, corr: dict[str, Any]) -> Lines:
+    """Pearson and Spearman rows (r, p, pairs) of a `correlation(...)` result."""
+    return _table([title, "r", "p", "pairs"],
+                  [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
+                   for name in ("pearson", "spearman")])
+
+
+def _require_keys(data: dict[str, Any], keys: Sequence[str], where: str) -> None:
+    """Raise a ValueError naming `where` and the first of `keys` that `data` lacks."""
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"{where} is missing `{key}`")
+
+
 class _Run:
     """One run directory's layout and the results.json it holds (if any)."""
 
@@ -240,9 +254,8 @@ def _similarity(run: _Run) -> Lines | str:
 
 
 def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
-    for key in ("tasks", "layers", "per_layer", "mean", "performance"):
-        if key not in sim:
-            raise ValueError(f"results.similarity is missing `{key}`")
+    _require_keys(sim, ("tasks", "layers", "per_layer", "mean", "performance"),
+                  "results.similarity")
     tasks = sim["tasks"]
     out = ["### Leng & Xiong's protocol (§5.2, Fig. 3, Table 4)", "",
            f"M_i: the base model fully fine-tuned on task i ({sim.get('steps')} steps). Cosine "
@@ -256,9 +269,7 @@ def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
     for k, layer in enumerate(sim["layers"]):
         layer_sim = [[None if c is None else c[k] for c in row] for row in sim["per_layer"]]
         per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
-    out += _table(["correlation with M_i's score on T_j (i != j)", "r", "p", "pairs"],
-                  [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
-                   for name in ("pearson", "spearman")])
+    out += _correlation_table("correlation with M_i's score on T_j (i != j)", corr)
     out += _table(["layer", "Pearson r of that layer's similarity"], per_layer)
     out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
                           lambda p: plots.plot_paper_similarity(sim, p)))
@@ -269,9 +280,8 @@ def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
 
 
 def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
-    for key in ("tasks", "layers", "method", "per_layer", "mean"):
-        if key not in sim:
-            raise ValueError(f"results.similarity_final_model is missing `{key}`")
+    _require_keys(sim, ("tasks", "layers", "method", "per_layer", "mean"),
+                  "results.similarity_final_model")
     tasks = sim["tasks"]
     out = ["### Final-model variant (ours, not the paper's protocol)", "",
            f"Cosine similarity of task-neuron parameters (method `{sim['method']}`) read in "
@@ -283,11 +293,7 @@ def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
     if sim.get("generalization") is not None:
         corr = correlation(sim["mean"], sim["generalization"])
         data["correlation"] = corr
-        out += [""] + _table(
-            ["correlation with generalization", "r", "p", "pairs"],
-            [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
-             for name in ("pearson", "spearman")],
-        )
+        out += [""] + _correlation_table("correlation with generalization", corr)
         out.append(run.figure("similarity_correlation", "similarity vs generalization",
                               lambda p: plots.plot_correlation(corr, p, tasks)))
     else:
@@ -301,17 +307,28 @@ def _per_task(data: dict[str, Any], marker: str) -> dict[str, Any]:
     return {"": data} if marker in data else data
 
 
-def _neft(run: _Run) -> Lines | str:
-    res = run.need_results("neft")
+def _per_task_results(run: _Run, key: str, marker: str,
+                      required: Sequence[str]) -> dict[str, Any] | str:
+    """`results[key]` per task, each checked for `required` and saved; or a skip note.
+
+    The raw `results[key]` is saved as analysis `key` once every task's dict passed.
+    """
+    res = run.need_results(key)
     if isinstance(res, str):
         return res
-    data = res["neft"]
-    per_task = _per_task(data, "buckets")
+    data = res[key]
+    per_task = _per_task(data, marker)
     for task, shift in per_task.items():
-        for key in ("counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"):
-            if key not in shift:
-                raise ValueError(f"results.neft{'.' + task if task else ''} is missing `{key}`")
-    run.save("neft", data)
+        _require_keys(shift, required, f"results.{key}" + ("." + task if task else ""))
+    run.save(key, data)
+    return per_task
+
+
+def _neft(run: _Run) -> Lines | str:
+    per_task = _per_task_results(run, "neft", "buckets", (
+        "counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"))
+    if isinstance(per_task, str):
+        return per_task
     out = ["NeFT §6.1 (`ncft.analysis.neft_utilization`): Rank of each neuron by its max "
            "Pearson correlation with another neuron of its group, on each task's model "
            "before and after training it; ΔRank = Rank(after) - Rank(before). Strongly "
@@ -333,17 +350,10 @@ def _neft(run: _Run) -> Lines | str:
 
 
 def _weight_movement(run: _Run) -> Lines | str:
-    res = run.need_results("weight_movement_rank_shift")
-    if isinstance(res, str):
-        return res
-    data = res["weight_movement_rank_shift"]
-    per_task = _per_task(data, "counts")
-    for task, shift in per_task.items():
-        for key in ("counts", "hist", "shift_threshold", "scope"):
-            if key not in shift:
-                where = "results.weight_movement_rank_shift" + ("." + task if task else "")
-                raise ValueError(f"{where} is missing `{key}`")
-    run.save("weight_movement_rank_shift", data)
+    per_task = _per_task_results(run, "weight_movement_rank_shift", "counts",
+                                 ("counts", "hist", "shift_threshold", "scope"))
+    if isinstance(per_task, str):
+        return per_task
     out = ["Our measure, not NeFT §6.1's: rank shift of the selection probe's `1 - cos` "
            "weight movement (`ncft.analysis.neft_stats`).", ""]
     for task, shift in per_task.items():

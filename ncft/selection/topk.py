@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,31 @@ def _check_scores(scores: Mapping[str, torch.Tensor], groups: Sequence[Group]) -
             raise ValueError(f"scores[{g.name!r}] must have shape ({g.size},), got {got}")
 
 
+def _pick_per_pool(
+    scores: Mapping[str, torch.Tensor],
+    groups: Sequence[Group],
+    per_layer: bool,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Run `pick` on each pool's scores; split its sorted flat indices into the groups.
+
+    A pool is one layer's groups with `per_layer`, else all groups; `pick` gets the
+    pool's float64 scores on CPU, its groups' concatenated in group order.
+    """
+    pools: dict[Any, list[Group]] = {}
+    for g in groups:
+        pools.setdefault(g.layer if per_layer else None, []).append(g)
+    selected = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    for pool in pools.values():
+        chosen = pick(torch.cat([scores[g.name].double().cpu() for g in pool]))
+        offset = 0
+        for g in pool:
+            inside = chosen[(chosen >= offset) & (chosen < offset + g.size)]
+            selected[g.name] = inside - offset
+            offset += g.size
+    return selected
+
+
 def top_k(
     scores: Mapping[str, torch.Tensor],
     groups: Sequence[Group],
@@ -162,20 +187,12 @@ def top_k(
         `group name -> sorted int64 indices` (every group present, maybe empty).
     """
     _check_scores(scores, groups)
-    pools: dict[Any, list[Group]] = {}
-    for g in groups:
-        pools.setdefault(g.layer if per_layer else None, []).append(g)
-    selected = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
-    for pool in pools.values():
-        flat = torch.cat([scores[g.name].double().cpu() for g in pool])
+
+    def pick(flat: torch.Tensor) -> torch.Tensor:
         k = resolve_count(flat.numel(), fraction, count)
-        chosen = torch.sort(_order(flat, reverse)[:k]).values
-        offset = 0
-        for g in pool:
-            inside = chosen[(chosen >= offset) & (chosen < offset + g.size)]
-            selected[g.name] = inside - offset
-            offset += g.size
-    return selected
+        return torch.sort(_order(flat, reverse)[:k]).values
+
+    return _pick_per_pool(scores, groups, per_layer, pick)
 
 
 def top_and_bottom(
@@ -203,12 +220,8 @@ def top_and_bottom(
     _check_scores(scores, groups)
     if not 0 < reversed_fraction <= 1:
         raise ValueError(f"reversed_fraction must be in (0, 1], got {reversed_fraction}")
-    pools: dict[Any, list[Group]] = {}
-    for g in groups:
-        pools.setdefault(g.layer if per_layer else None, []).append(g)
-    selected = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
-    for pool in pools.values():
-        flat = torch.cat([scores[g.name].double().cpu() for g in pool])
+
+    def pick(flat: torch.Tensor) -> torch.Tensor:
         n = flat.numel()
         top = _order(flat, False)[: resolve_count(n, fraction, count)]
         taken = torch.zeros(n, dtype=torch.bool)
@@ -216,13 +229,9 @@ def top_and_bottom(
         rest = _order(flat, True)
         rest = rest[~taken[rest]]
         bottom = rest[: min(resolve_count(n, reversed_fraction, None), rest.numel())]
-        chosen = torch.sort(torch.cat([top, bottom])).values
-        offset = 0
-        for g in pool:
-            inside = chosen[(chosen >= offset) & (chosen < offset + g.size)]
-            selected[g.name] = inside - offset
-            offset += g.size
-    return selected
+        return torch.sort(torch.cat([top, bottom])).values
+
+    return _pick_per_pool(scores, groups, per_layer, pick)
 
 
 def to_neuron_set(

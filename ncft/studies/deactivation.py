@@ -33,10 +33,10 @@ import torch
 
 from ncft.arch import MlpBlock
 from ncft.deactivate import (
-    answer_metrics,
     deactivate_activations,
     deactivate_weights,
     random_units,
+    task_scores,
 )
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
@@ -83,8 +83,7 @@ def deactivation_grid(
         return deactivate_weights(engine, NeuronSet.from_units(blocks, units))
 
     def grid_row() -> tuple[list[float], list[float]]:
-        row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
-        return [m["accuracy"] for m in row], [m["loss"] for m in row]
+        return task_scores(engine, tasks, encoded_eval, batch_size, pad_id)
 
     base_acc, base_loss = grid_row()
     log(f"deactivation: baseline accuracy {dict(zip(tasks, base_acc))}")

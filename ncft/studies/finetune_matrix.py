@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ncft.arch import MlpBlock
-from ncft.deactivate import answer_metrics, random_units
+from ncft.deactivate import random_units, task_scores
 from ncft.engine import Engine
 from ncft.masks.plan import MaskPlan
 from ncft.neuron_set import NeuronSet
@@ -37,12 +37,6 @@ from ncft.train import train
 MakeEngine = Callable[[NeuronSet | None], tuple[Engine, MaskPlan | None]]
 # (engine, task index) -> endless micro-batch lists of that task's training data.
 StepsOf = Callable[[Engine, int], Iterable[Sequence[dict[str, torch.Tensor]]]]
-
-
-def _scores(engine: Engine, tasks: Sequence[str], encoded_eval, batch_size: int,
-            pad_id: int) -> tuple[list[float], list[float]]:
-    row = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
-    return [m["accuracy"] for m in row], [m["loss"] for m in row]
 
 
 def finetune_matrix(
@@ -78,7 +72,7 @@ def finetune_matrix(
     """
     tasks = list(sets)
     engine, _ = make_engine(None)
-    base_acc, base_loss = _scores(engine, tasks, encoded_eval, batch_size, pad_id)
+    base_acc, base_loss = task_scores(engine, tasks, encoded_eval, batch_size, pad_id)
     engine.close()
     log(f"fine-tuning matrix: zero-shot accuracy {dict(zip(tasks, base_acc))}")
     rows: dict[str, list[list[float]]] = {k: [] for k in ("acc", "loss", "racc", "rloss")}
@@ -88,7 +82,7 @@ def finetune_matrix(
         for nset, acc_key, loss_key in ((sets[name], "acc", "loss"), (control, "racc", "rloss")):
             engine, plan = make_engine(nset)
             train(engine, islice(steps_of(engine, i), num_steps), plan)
-            acc, loss = _scores(engine, tasks, encoded_eval, batch_size, pad_id)
+            acc, loss = task_scores(engine, tasks, encoded_eval, batch_size, pad_id)
             engine.close()
             rows[acc_key].append(acc)
             rows[loss_key].append(loss)

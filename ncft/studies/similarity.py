@@ -35,7 +35,7 @@ from torch import nn
 
 from ncft.analysis.similarity import layer_similarity
 from ncft.arch import get_adapter
-from ncft.deactivate import answer_metrics
+from ncft.deactivate import task_scores
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
 from ncft.train import train
@@ -99,9 +99,9 @@ def paper_similarity(
         layers = sim["layers"]
         per_layer.append(sim["per_layer"][i])
         mean.append(sim["mean"][i])
-        scores = [answer_metrics(engine, encoded_eval[t], batch_size, pad_id) for t in tasks]
-        perf.append([m["accuracy"] for m in scores])
-        loss.append([m["loss"] for m in scores])
+        acc, task_loss = task_scores(engine, tasks, encoded_eval, batch_size, pad_id)
+        perf.append(acc)
+        loss.append(task_loss)
         counts.append([sum(len(v) for v in units[t].values()) for t in tasks])
         engine.close()
         log(f"similarity (paper): M_{i} mean similarity {dict(zip(tasks, mean[-1]))}, "

@@ -31,3 +31,11 @@ def test_errors_print_one_line_and_debug_raises(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NCFT_DEBUG", "1")
     with pytest.raises(ValueError, match="is not a directory"):
         main(["report", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_spec_errors_name_the_spec_and_exit_2(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NCFT_DEBUG", raising=False)
+    missing = str(tmp_path / "nope.yaml")
+    assert main([command, missing]) == 2
+    assert capsys.readouterr().err.startswith(f"invalid spec {missing}:\n")
