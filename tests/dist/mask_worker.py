@@ -23,6 +23,7 @@ from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter, make_projection, row_entries
 from ncft.masks.plan import freeze_unselected, install
 from ncft.neuron_set import NeuronSet, Selection
+from tests.support.spawn import save_outputs, worker_parser, worker_start
 from tests.support.tiny import VOCAB, tiny_llama
 
 GLOBAL_MICRO = 6  # divisible by 1, 2 and 3 ranks
@@ -160,24 +161,17 @@ def run_backend(
             counts["unmasked"].append(unmasked.counts)
         report["collectives"] = counts
     if info.is_main_process:
-        for phase, tensors in weights.items():
-            save_file(tensors, out_dir / f"{tag}_{phase}.safetensors")
-        set_a.save(out_dir / "set_a.safetensors")
-        set_b.save(out_dir / "set_b.safetensors")
-        (out_dir / f"{tag}.json").write_text(json.dumps(report))
+        save_outputs(out_dir, tag, weights, {"set_a": set_a, "set_b": set_b}, report)
     engine.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
+    parser = worker_parser()
     parser.add_argument("--count", action="store_true")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ds-config", default="zero3")
     parser.add_argument("--grad-clip", type=float, default=0.005)
-    args = parser.parse_args()
-    info = init_distributed()
+    args, info = worker_start(parser, one_thread=False)
     for backend in args.backends.split(","):
         run_backend(backend, info, args.out, args.count, args.dtype, args.ds_config,
                     args.grad_clip)

@@ -25,6 +25,7 @@ from ncft.engine import local_flat
 from ncft.masks.layout import segment_mask
 from ncft.masks.plan import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, batches, gather_all, neuron_sets
+from tests.support.spawn import save_outputs, worker_parser, worker_start
 from tests.support.tiny import tiny_llama
 
 LR = 1e-6
@@ -93,21 +94,14 @@ def run_backend(backend: str, info, out_dir: Path, ds_config: str) -> None:
     reports = [None] * info.world_size
     torch.distributed.all_gather_object(reports, report)
     if info.is_main_process:
-        save_file(before, out_dir / f"{tag}_before.safetensors")
-        save_file(after, out_dir / f"{tag}_after.safetensors")
-        set_a.save(out_dir / "set_a.safetensors")
-        (out_dir / f"{tag}.json").write_text(json.dumps(reports))
+        save_outputs(out_dir, tag, {"before": before, "after": after}, {"set_a": set_a}, reports)
     engine.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--backends", default="deepspeed,fsdp2,fsdp1")
+    parser = worker_parser()
     parser.add_argument("--ds-config", default="zero3")
-    args = parser.parse_args()
-    info = init_distributed()
-    torch.set_num_threads(1)
+    args, info = worker_start(parser)
     for backend in args.backends.split(","):
         run_backend(backend, info, args.out, args.ds_config)
     shutdown()

@@ -23,6 +23,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.engines.weights import Replay, SafetensorsWeights
 from ncft.engine import local_tensor
 from tests.dist.mask_worker import gather_all
+from tests.support.spawn import worker_parser, worker_start
 
 
 def meta_model(model_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -83,18 +84,14 @@ def run(backend: str, info, out: Path, model_dir: str, name: str, path: str, arg
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
+    parser = worker_parser(backends="fsdp2,deepspeed")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--sources", nargs="+", required=True, help="name=path")
-    parser.add_argument("--backends", default="fsdp2,deepspeed")
     parser.add_argument("--vocab", type=int, default=96)
     parser.add_argument("--replay", action="store_true")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory-only", action="store_true")
-    args = parser.parse_args()
-    info = init_distributed()
-    torch.set_num_threads(1)
+    args, info = worker_start(parser)
     for backend in args.backends.split(","):
         for source in args.sources:
             name, path = source.split("=", 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.spawn import REPO, torchrun
+from tests.support.spawn import REPO, torchrun_backends
 
 pytestmark = pytest.mark.dist
 
@@ -24,9 +24,7 @@ BACKENDS = ("fsdp2", "deepspeed", "fsdp1")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("generation")
-    torchrun(WORKER, 2, ["--out", str(out), "--backends", ",".join(BACKENDS)])
-    return out
+    return torchrun_backends(tmp_path_factory, "generation", WORKER, BACKENDS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ncft.neuron_set import NeuronSet
 from tests.dist.methods_worker import RUNS, SINGLE_TASK, SPEC, overrides
-from tests.support.spawn import REPO, worker_env
+from tests.support.spawn import REPO, run_worker, worker_env
 
 pytestmark = pytest.mark.dist
 
@@ -25,12 +25,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("methods")
-    env = worker_env({"NCFT_CACHE": str(cache)})
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "dist" / "methods_worker.py"), str(out),
-         ",".join(RUNS)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_worker("methods_worker.py", out, ",".join(RUNS), {"NCFT_CACHE": str(cache)})
     return out
 
 

@@ -10,7 +10,6 @@ like torchrun does under SLURM.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -18,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from launcher.run import preempt
 from launcher.spec import load_spec
+from tests.support.rundirs import assert_same_run
 from tests.support.spawn import REPO, torchrun, worker_env
 
 pytestmark = pytest.mark.dist
@@ -45,11 +43,6 @@ def _run(run: Path, env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
-
-
-def _losses(run: Path) -> list[tuple[int, int, float]]:
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["stage"], r["step"], r["loss"]) for r in lines]
 
 
 def test_sigterm_stops_at_a_checkpoint_and_the_requeued_run_resumes_by_itself(tmp_path):
@@ -84,12 +77,7 @@ def test_sigterm_stops_at_a_checkpoint_and_the_requeued_run_resumes_by_itself(tm
     # SLURM's restart count; the run directory belongs to this job, so it resumes.
     resumed = _run(run, {"NCFT_CACHE": cache, **job, "SLURM_RESTART_COUNT": "1"})
     assert "resuming agnews at step 1/3" in resumed.stdout
-    got, want = (json.loads((r / "results.json").read_text()) for r in (run, ref))
-    assert got["matrix"] == want["matrix"]
-    assert _losses(run) == _losses(ref)
-    a, b = (load_file(r / "final" / "model.safetensors") for r in (run, ref))
-    for name in b:  # same engine, world size and data order: expected bit-identical
-        assert torch.equal(a[name], b[name]), name
+    assert_same_run(run, ref)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from launcher.dist import DistInfo
 from launcher.engines import OptimConfig, build_engine
-from tests.support.spawn import REPO, torchrun
+from tests.support.spawn import REPO, torchrun_backends
 from tests.support.tiny import VOCAB, tiny_llama
 
 WORKER = REPO / "tests" / "dist" / "progress_worker.py"
@@ -23,9 +23,7 @@ SHARDED = ("deepspeed", "fsdp2", "fsdp1")
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("progress")
-    torchrun(WORKER, 2, ["--out", str(path), "--backends", ",".join(SHARDED)])
-    return path
+    return torchrun_backends(tmp_path_factory, "progress", WORKER, SHARDED)
 
 
 @pytest.mark.dist

@@ -10,15 +10,13 @@ the reference run's, bit for bit (one rank, same data order and seeds).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.dist.resume_worker import KILLS, METHODS
-from tests.support.spawn import REPO, worker_env
+from tests.support.spawn import run_worker
 
 pytestmark = pytest.mark.dist
 
@@ -26,12 +24,8 @@ pytestmark = pytest.mark.dist
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
-    env = worker_env({"NCFT_CACHE": str(tmp_path_factory.mktemp("cache"))})
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "dist" / "resume_worker.py"), str(out),
-         ",".join(METHODS)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    cache = str(tmp_path_factory.mktemp("cache"))
+    run_worker("resume_worker.py", out, ",".join(METHODS), {"NCFT_CACHE": cache})
     return out
 
 

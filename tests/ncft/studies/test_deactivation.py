@@ -12,15 +12,25 @@ from tests.support.fake_engine import FakeEngine
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer
 
 
-def test_grid_shapes_and_all_units_off_vs_none():
-    model = tiny_llama(seed=0, mlp_bias=False).eval()
+def _tiny(seed: int, mlp_bias: bool):
+    """A tiny Llama in eval mode, a word tokenizer over SAMPLE_TEXT, and its MLP blocks."""
+    model = tiny_llama(seed=seed, mlp_bias=mlp_bias).eval()
     tok = word_tokenizer(SAMPLE_TEXT.split())
-    blocks = get_adapter(model).mlp_blocks(model)
+    return model, tok, get_adapter(model).mlp_blocks(model)
+
+
+def _next_word_set(tok, context: int, starts: range):
+    """SAMPLE_TEXT's `context` words from each start, each followed by its next word as
+    the target, encoded at length 32."""
     words = SAMPLE_TEXT.split()
-    eval_a = encode([Example(" ".join(words[i : i + 6]), words[i + 6]) for i in range(0, 60, 7)],
-                    tok, 32)
-    eval_b = encode([Example(" ".join(words[i : i + 5]), words[i + 5]) for i in range(3, 60, 6)],
-                    tok, 32)
+    examples = [Example(" ".join(words[i : i + context]), words[i + context]) for i in starts]
+    return encode(examples, tok, 32)
+
+
+def test_grid_shapes_and_all_units_off_vs_none():
+    model, tok, blocks = _tiny(seed=0, mlp_bias=False)
+    eval_a = _next_word_set(tok, context=6, starts=range(0, 60, 7))
+    eval_b = _next_word_set(tok, context=5, starts=range(3, 60, 6))
     every = {b.layer: torch.arange(b.d_ff) for b in blocks}
     none_like = {b.layer: torch.tensor([0]) for b in blocks}
     sets = {"a": NeuronSet.from_units(blocks, every), "b": NeuronSet.from_units(blocks, none_like)}
@@ -39,12 +49,8 @@ def test_grid_shapes_and_all_units_off_vs_none():
 def test_activation_and_weights_modes_give_the_same_grid():
     # study.deactivation_mode: zeroing the units' activations = zeroing their gate/up
     # rows (and biases) and down columns, so every number of the grid is equal
-    model = tiny_llama(seed=1, mlp_bias=True).eval()
-    tok = word_tokenizer(SAMPLE_TEXT.split())
-    blocks = get_adapter(model).mlp_blocks(model)
-    words = SAMPLE_TEXT.split()
-    ev = encode([Example(" ".join(words[i : i + 6]), words[i + 6]) for i in range(0, 40, 7)],
-                tok, 32)
+    model, tok, blocks = _tiny(seed=1, mlp_bias=True)
+    ev = _next_word_set(tok, context=6, starts=range(0, 40, 7))
     sets = {"a": NeuronSet.from_units(blocks, {0: torch.tensor([1, 5, 9]), 1: torch.arange(20)}),
             "b": NeuronSet.from_units(blocks, {1: torch.tensor([0, 2])})}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
