@@ -121,7 +121,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def batch_on_device(
+    batch: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """The micro-batch on the engine's device.
 
     Data loaders collate on the host; on a GPU a host `input_ids` meeting CUDA
@@ -190,7 +192,7 @@ class ShardedBasics:
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Run the wrapped model on one micro-batch, placed on the engine's device."""
-        return self._wrapped(**on_device(batch, self.device))
+        return self._wrapped(**batch_on_device(batch, self.device))
 
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
         """FQN and full shape of every parameter, in model order."""

@@ -228,12 +228,17 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
             part[: stop - start].copy_(values)
             part[stop - start :].zero_()  # DeepSpeed leaves the padding uninitialised
             if fp32_parts is not None:
-                exact = torch.zeros(per_rank, dtype=torch.float32)
-                exact[: stop - start].copy_(values)
-                fp32_parts[name] = exact
+                fp32_parts[name] = fp32_partition(values, per_rank)
         _fill_buffers(model, weights)
     model.generation_config = meta.generation_config
     return model.train(meta.training)
+
+
+def fp32_partition(values: torch.Tensor, per_rank: int) -> torch.Tensor:
+    """A rank's flat partition `values` as fp32, zero-padded to the partition size."""
+    part = torch.zeros(per_rank, dtype=torch.float32)
+    part[: values.numel()].copy_(values)
+    return part
 
 
 def _partition_only(init_cls: type) -> type:

@@ -20,10 +20,10 @@ from launcher.engines.common import (
     LocalState,
     OptimConfig,
     autocast,
+    batch_on_device,
     check_compute_dtype,
     make_optimizer,
     named_shapes,
-    on_device,
     prepare_model,
     trainable,
 )
@@ -63,7 +63,7 @@ class SingleEngine(LocalState):
 
     def forward(self, batch: dict[str, torch.Tensor]):  # noqa: D102
         with autocast(self.device, self.cfg.compute_dtype):
-            return self.module(**on_device(batch, self.device))
+            return self.module(**batch_on_device(batch, self.device))
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         (loss / self.cfg.grad_accum).backward()

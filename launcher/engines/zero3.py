@@ -62,9 +62,7 @@ def _fp32_partitions(model: nn.Module, world_size: int, rank: int) -> dict[str, 
     out = {}
     for name, p in model.named_parameters():
         start, stop, per_rank = flat_partition(p.numel(), world_size, rank)
-        part = torch.zeros(per_rank, dtype=torch.float32)
-        part[: stop - start].copy_(p.detach().reshape(-1)[start:stop])
-        out[name] = part
+        out[name] = loading.fp32_partition(p.detach().reshape(-1)[start:stop], per_rank)
     return out
 
 
