@@ -37,6 +37,7 @@ from ncft.engine import Engine, device_of, eval_mode
 
 METRICS = ("bleu", "rougeL")
 CLASSIFICATION = ("rank", "generate")
+_PREDICTION_CHARS = 40  # a generated prediction is stored cut to this many characters
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -74,7 +75,7 @@ def _answer_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch
     return out_B.index_add_(0, rows_M, token_lp_M.double())
 
 
-def classification_accuracy(
+def label_scores(
     engine: Engine,
     tokenizer,
     examples: Sequence[Example],
@@ -82,15 +83,16 @@ def classification_accuracy(
     batch_size: int,
     max_length: int,
     add_eos: bool = True,
-) -> float:
-    """Accuracy of constrained decoding: the most likely label string wins.
+) -> torch.Tensor:
+    """Each label's summed log-probability for each example, float64 [N, K] on the host.
 
     Each (example, label) pair is encoded exactly as training encodes an answer
     (`ncft.data.examples.encode`), and scored by the summed log-probability of the
     label's tokens given the prompt. With `add_eos` (the training default) the EOS
     token after the label is scored too, so a label that is a prefix of another
-    ("positive" vs "positive review") is still told apart. Ties go to the label listed
-    first.
+    ("positive" vs "positive review") is still told apart. Every rank scores its share
+    and writes it into a zero [N, K] tensor; one all-reduce gives every rank all rows
+    (the scores, not only a count, so margins and per-example bootstraps can be read).
 
     Args:
         engine: The model to evaluate (runs under `no_grad`, in eval mode).
@@ -100,9 +102,6 @@ def classification_accuracy(
         batch_size: (example, label) sequences per forward on each rank.
         max_length: Token limit of prompt + label, as in training.
         add_eos: Score the EOS token after each label too.
-
-    Returns:
-        Fraction of examples whose best-scoring label is the gold one, over all ranks.
 
     Raises:
         ValueError: If `examples`/`labels` are empty, labels repeat, or a gold answer is
@@ -118,7 +117,8 @@ def classification_accuracy(
     for i, ex in enumerate(examples):
         if ex.answer not in index:
             raise ValueError(f"examples[{i}].answer {ex.answer!r} is not one of labels {labels}")
-    mine = [examples[i] for i in share(len(examples), engine.rank, engine.world_size)]
+    span = share(len(examples), engine.rank, engine.world_size)
+    mine = [examples[i] for i in span]
     pairs = encode([Example(ex.prompt, label) for ex in mine for label in labels],
                    tokenizer, max_length, add_eos)
     dummy = encode([Example(examples[0].prompt, labels[0])], tokenizer, max_length, add_eos)
@@ -135,16 +135,55 @@ def classification_accuracy(
                                      "use_cache": False})
             if chunk:
                 scores.append(_answer_logprobs(_logits(output), batch["labels"]))
-    correct = 0
+    all_NK = torch.zeros((len(examples), len(labels)), dtype=torch.float64, device=device)
     if mine:
-        scores_NK = torch.cat(scores).view(len(mine), len(labels))
-        # argmax returns the first maximum, which is the documented tie rule.
-        predicted = scores_NK.argmax(dim=1).cpu()
-        gold = torch.tensor([index[ex.answer] for ex in mine])
-        correct = int((predicted == gold).sum())
-    totals = engine.all_reduce_(torch.tensor([correct, len(mine)], dtype=torch.float64,
-                                             device=device))
-    return float(totals[0] / totals[1])
+        all_NK[span.start : span.stop] = torch.cat(scores).view(len(mine), len(labels))
+    return engine.all_reduce_(all_NK).cpu()
+
+
+def classification_accuracy(
+    engine: Engine,
+    tokenizer,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    add_eos: bool = True,
+) -> float:
+    """Accuracy of constrained decoding: the most likely label string wins.
+
+    Scores come from `label_scores` (same arguments). Ties go to the label listed first.
+
+    Returns:
+        Fraction of examples whose best-scoring label is the gold one, over all ranks.
+    """
+    scores_NK = label_scores(engine, tokenizer, examples, labels, batch_size, max_length,
+                             add_eos)
+    return rank_records(scores_NK, examples, labels)["accuracy"]
+
+
+def rank_records(
+    scores_NK: torch.Tensor, examples: Sequence[Example], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy and per-example records of rank classification.
+
+    Returns:
+        `{"accuracy", "predictions" (label strings), "correct" (0/1), "margins"}`; a
+        margin is the gold label's log-probability minus the best other label's (> 0:
+        right with that much room; < 0: wrong by that much), rounded to 1e-4.
+    """
+    # argmax returns the first maximum, which is the documented tie rule.
+    predicted_N = scores_NK.argmax(dim=1)
+    gold_N = torch.tensor([labels.index(ex.answer) for ex in examples])
+    correct_N = predicted_N == gold_N
+    others_NK = scores_NK.clone()
+    others_NK[torch.arange(len(examples)), gold_N] = float("-inf")
+    gold_score_N = scores_NK[torch.arange(len(examples)), gold_N]
+    margins = (gold_score_N - others_NK.max(dim=1).values) if len(labels) > 1 else gold_score_N
+    return {"accuracy": float(correct_N.double().mean()),
+            "predictions": [labels[k] for k in predicted_N.tolist()],
+            "correct": correct_N.int().tolist(),
+            "margins": [round(float(m), 4) for m in margins]}
 
 
 # --- generation --------------------------------------------------------------------------
@@ -448,21 +487,28 @@ def evaluate_task(
             (`generated_accuracy`; the generation length is `max_new_tokens`).
 
     Returns:
-        `{"accuracy", "score"}` or `{<metric>..., "score"}`, all in [0, 1].
+        `{"accuracy", "score", "predictions", "correct"}` (rank mode adds "margins",
+        see `rank_records`; generate mode's predictions are the normalised texts) or
+        `{<metric>..., "score"}`; scores in [0, 1]. The per-example lists are what
+        bootstrap intervals and per-class prediction counts are computed from.
     """
     if format == "classification":
         if not labels:
             raise ValueError("format=classification needs labels")
         if classification == "generate":
-            acc, _ = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
-                                        batch_size, max(1, max_length - 1))
+            acc, texts = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
+                                            batch_size, max(1, max_length - 1))
+            gold = [normalize_answer(ex.answer) for ex in examples]
+            said = [normalize_answer(t) for t in texts]
+            scores = {"accuracy": acc, "predictions": [t[:_PREDICTION_CHARS] for t in said],
+                      "correct": [int(a == b) for a, b in zip(said, gold)]}
         elif classification == "rank":
-            acc = classification_accuracy(engine, tokenizer, examples, labels, batch_size,
-                                          max_length)
+            scores = rank_records(
+                label_scores(engine, tokenizer, examples, labels, batch_size, max_length),
+                examples, labels)
         else:
             raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
                              f"got {classification!r}")
-        scores = {"accuracy": acc}
     elif format == "generation":
         scores = generation_scores(engine, tokenizer, examples, metrics, max_new_tokens,
                                    batch_size, max(1, max_length - 1))

@@ -49,7 +49,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
         wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
-        wncft_query=spec.wncft.query, classification=ev.classification,
+        wncft_query=spec.wncft.query, classification=ev.classification, eval_tasks=ev.tasks,
         lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
         olora_lambda_l2=spec.olora.lambda_l2, update=t.update,
     )

@@ -11,6 +11,7 @@ files are already shuffled).
 from __future__ import annotations
 
 import json
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -61,14 +62,34 @@ def _examples(task: TaskSpec, rows: list[dict]) -> list[Example]:
     return classification_examples(rows, task.labels, task.prompt, text_field, label_field)
 
 
+def _heldout(task: TaskSpec, data_root: Path | None) -> tuple[list[Example], list[Example]]:
+    """`eval_split: heldout`: train on the first rows, evaluate on the last ones.
+
+    Raises:
+        ValueError: If the split has fewer than `train_size + eval_size` rows, so the
+            two would overlap (naming the fields to shrink).
+    """
+    rows = _load_split(task, data_root, "train", sys.maxsize)
+    if len(rows) < task.train_size + task.eval_size:
+        raise ValueError(
+            f"tasks[{task.name}].eval_split: heldout needs train_size + eval_size <= the "
+            f"{len(rows)} training rows, got {task.train_size} + {task.eval_size}; shrink "
+            "train_size or eval_size")
+    return (_examples(task, rows[: task.train_size]),
+            _examples(task, rows[len(rows) - task.eval_size :]))
+
+
 def load_task(task: TaskSpec, data_root: Path | None) -> TaskData:
     """Read a task's train and test examples.
 
     Raises:
         ValueError: If a row lacks a field or has a label outside the label set.
     """
-    train = _examples(task, _load_split(task, data_root, "train", task.train_size))
-    test = _examples(task, _load_split(task, data_root, "test", task.eval_size))
+    if task.eval_split == "heldout":
+        train, test = _heldout(task, data_root)
+    else:
+        train = _examples(task, _load_split(task, data_root, "train", task.train_size))
+        test = _examples(task, _load_split(task, data_root, "test", task.eval_size))
     if not train or not test:
         raise ValueError(f"tasks[{task.name}]: empty train or test split")
     return TaskData(

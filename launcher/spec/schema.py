@@ -364,6 +364,13 @@ class EvalSpec(_Section):
     metrics: list[Literal["bleu", "rougeL"]] = Field(
         ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
     )
+    tasks: Literal["all", "seen", "current"] = Field(
+        "all",
+        description="Which tasks are evaluated after each stage: all (the full accuracy "
+        "matrix, forward transfer included), seen (the tasks trained so far: all that "
+        "AP, BWT and forgetting need, at about half the cost) or current (the diagonal: "
+        "enough for per_task).",
+    )
 
 
 class OutputSpec(_Section):

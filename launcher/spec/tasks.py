@@ -195,6 +195,12 @@ class TaskSpec(BaseModel):
     train_size: int = Field(1000, gt=0, description="Training examples used (at most).")
     eval_size: int = Field(200, gt=0, description="Evaluation examples used (at most).")
     max_length: int = Field(256, gt=0, description="Token limit of prompt + answer.")
+    eval_split: Literal["test", "heldout"] = Field(
+        "test",
+        description="Evaluate on the test split, or on `heldout`: the LAST `eval_size` rows "
+        "of the training split, never among the first `train_size` used for training (to "
+        "choose a learning rate without touching the test split).",
+    )
 
     @model_validator(mode="after")
     def _fill_and_check(self) -> TaskSpec:

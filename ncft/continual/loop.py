@@ -84,6 +84,7 @@ class LoopConfig:
     olora_lambda_orth: float = 0.5
     olora_lambda_l2: float = 0.0
     update: str = "masked"
+    eval_tasks: str = "all"  # all | seen | current (`_evaluated`)
 
 
 class Selector(Protocol):
@@ -329,8 +330,17 @@ class ContinualLoop:
             self.store.save(self.store_dir)
 
     # ---- evaluation -----------------------------------------------------------
+    def _evaluated(self, stage: int) -> range:
+        """Indices of the tasks evaluated after `stage` (`eval.tasks`); others stay None."""
+        if self.cfg.eval_tasks == "current":
+            return range(stage, stage + 1)
+        if self.cfg.eval_tasks == "seen":
+            return range(stage + 1)
+        return range(len(self.tasks))
+
     def _evaluate(self, engine: Engine, stage: int, state: LoopState) -> None:
-        for i, task in enumerate(self.tasks):
+        for i in self._evaluated(stage):
+            task = self.tasks[i]
             examples = task.test[: self.cfg.eval_max_examples or len(task.test)]
             if self.row.mixes and len(self.store) and self.cfg.wncft_query == "example":
                 result = self._eval_routed(engine, task, examples)

@@ -53,6 +53,9 @@ def example_weights(
     return torch.stack([store.weights(q, temperature) for q in vectors_ND])
 
 
+_PER_EXAMPLE = ("predictions", "correct", "margins")
+
+
 def evaluate_routed(
     engine: Engine, store: wncft.TaskStore, examples: Sequence[Any], weights_NK: torch.Tensor,
     evaluate: EvalFn, generation: dict[str, Any] | None = None,
@@ -75,11 +78,18 @@ def evaluate_routed(
         largest weight is each task (how often routing picks each task).
     """
     correct, texts = 0.0, [""] * len(examples)
+    records: dict[str, list] = {}  # per-example lists (`evaluate_task`), in example order
     for weights_K, members in groups(weights_NK):
         subset = [examples[i] for i in members]
         with wncft.mixed(engine, store, weights_K):
             if generation is None:
-                correct += evaluate(subset)["accuracy"] * len(subset)
+                result = evaluate(subset)
+                correct += result["accuracy"] * len(subset)
+                for key in _PER_EXAMPLE:
+                    if key in result:
+                        column = records.setdefault(key, [None] * len(examples))
+                        for i, value in zip(members, result[key]):
+                            column[i] = value
             else:
                 g = generation
                 out = generate_greedy(engine, g["tokenizer"], [ex.prompt for ex in subset],
@@ -88,7 +98,7 @@ def evaluate_routed(
                 for i, text in zip(members, out):
                     texts[i] = text
     if generation is None:
-        scores: dict[str, Any] = {"accuracy": correct / len(examples)}
+        scores: dict[str, Any] = {"accuracy": correct / len(examples), **records}
         metrics: Sequence[str] = ()
     else:
         metrics = generation["metrics"]
