@@ -72,7 +72,7 @@ def _load(spec_path: str) -> dict:
     spec = yaml.safe_load(Path(spec_path).read_text())
     # Task data paths in the spec resolve against the spec's folder; the written copies
     # live elsewhere, so pin the data root.
-    spec.setdefault("data_root", str((Path(__file__).resolve().parents[1] / "data")))
+    spec.setdefault("data_root", str(Path(__file__).resolve().parents[1] / "data"))
     return spec
 
 
