@@ -118,12 +118,17 @@ def run(args: argparse.Namespace) -> None:
 def table(args: argparse.Namespace) -> None:
     """The `table` subcommand (module docstring)."""
     # Imported here: the grid and the runs start before any table is needed.
-    from ncft.analysis.bootstrap import run_table, table_markdown
+    from ncft.analysis.bootstrap import compare_runs, run_table, table_markdown
 
     rows = [run_table(Path(r), samples=args.samples, seed=args.seed) for r in args.runs]
+    markdown = table_markdown(rows)
+    for row, diff in zip(rows, compare_runs(rows)):
+        row.pop("_replicates")
+        row["vs_first_run"] = diff
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(table_markdown(rows))
+    Path(args.out).with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
 
 
 def main(argv: list[str] | None = None) -> None:  # noqa: D103

@@ -33,6 +33,7 @@ def select_config(spec: Spec) -> SelectConfig:
         modules=tuple(s.modules), unit=s.unit, positions=s.positions,
         num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
         union_with_previous=s.union_with_previous, seed=s.seed,
+        exclude_previous=s.exclude_previous,
         model_id=spec.model.name_or_path, reversed_fraction=s.reversed_fraction,
     )
 
@@ -65,6 +66,9 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
             return None
         return NeuronSet.load(backend.run.neuron_file(tasks[stage - 1].name))
 
+    def earlier(stage: int) -> list[NeuronSet]:
+        return [NeuronSet.load(backend.run.neuron_file(t.name)) for t in tasks[:stage]]
+
     save_probe: Callable[[str, Scores], None] | None = None
     if records_rank_shift(spec, spec.method):
 
@@ -72,4 +76,5 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
             if backend.info.is_main_process:
                 neft.save_scores(backend.run.neft_scores(task, "before"), scores)
 
-    return spec_selector(spec, backend.tokenizer, previous=previous, save_probe=save_probe)
+    return spec_selector(spec, backend.tokenizer, previous=previous, earlier=earlier,
+                         save_probe=save_probe)

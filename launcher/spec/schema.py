@@ -177,6 +177,10 @@ class SelectionSpec(_Section):
     union_with_previous: bool = Field(
         False, description="Also train the neurons selected for earlier tasks."
     )
+    exclude_previous: bool = Field(
+        False, description="Choose each task's units only among units no earlier task "
+        "owns (disjoint sets); an error if a layer has too few left.",
+    )
     seed: int | None = Field(None, description="Seed of random selection; default training.seed.")
 
     @model_validator(mode="before")

@@ -374,14 +374,14 @@ def plan_stages(spec: Spec) -> list[str]:
         if row.mixes:
             stages.append(f"task {i}/{n} {task.name}: store NeuronSet and task vector "
                           f"({spec.wncft.num_samples} samples)")
-        if row.continual and row.from_base:
-            stages.append(f"eval after task {i} on {task.name}")
-        elif row.continual:
+        if row.continual:
             query = ("each example's own prompt vector" if spec.wncft.query == "example"
                      else "the evaluated task's vector")
             mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature}, "
                    f"query: {query})" if row.mixes and i > 1 else "")
-            stages.append(f"eval after task {i} on all {n} tasks{mix}")
+            which = {"all": f"all {n} tasks", "current": task.name,
+                     "seen": f"the {i} task(s) seen so far"}[spec.eval.tasks]
+            stages.append(f"eval after task {i} on {which}{mix}")
         else:
             stages.append(f"eval on {task.name}")
         stages.append(f"checkpoint after task {i}"

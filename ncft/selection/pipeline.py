@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ncft.arch import get_adapter
@@ -29,6 +30,7 @@ from ncft.selection.topk import (
     Scores,
     check_identical_across_ranks,
     row_groups,
+    selected_of,
     to_neuron_set,
     top_and_bottom,
     top_k,
@@ -59,6 +61,7 @@ class SelectConfig:
     cosine_steps: int
     union_with_previous: bool
     seed: int
+    exclude_previous: bool = False
     model_id: str = ""
     reversed_fraction: float | None = None
 
@@ -76,6 +79,32 @@ def _no_previous(stage: int) -> NeuronSet | None:
     return None
 
 
+def _no_earlier(stage: int) -> list[NeuronSet]:
+    del stage
+    return []
+
+
+def exclude_owned(scores: Scores, groups: Sequence[Group], owned: Sequence[NeuronSet],
+                  reverse: bool) -> tuple[Scores, dict[str, torch.Tensor]]:
+    """Scores where every unit an earlier task owns ranks last (`exclude_previous`).
+
+    Returns:
+        The new scores (-inf, or +inf when the lowest are taken) and the excluded
+        indices per group, to check that the choice stayed clear of them.
+    """
+    excluded = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
+    for nset in owned:
+        for name, idx in selected_of(nset, groups).items():
+            excluded[name] = torch.unique(torch.cat([excluded[name], idx]))
+    worst = float("inf") if reverse else float("-inf")
+    out = {}
+    for g in groups:
+        values = scores[g.name].detach().double().cpu().clone()
+        values[excluded[g.name]] = worst
+        out[g.name] = values
+    return out, excluded
+
+
 @dataclass(frozen=True)
 class SelectionPipeline:
     """Selects a task's neurons on an engine; implements `ncft.continual.loop.Selector`.
@@ -88,6 +117,8 @@ class SelectionPipeline:
         method: The training method; `random_neurons` scores randomly (the control).
         previous: `stage -> the set the previous task trained`, read only with
             `cfg.union_with_previous`.
+        earlier: `stage -> the sets of all earlier tasks`, read only with
+            `cfg.exclude_previous`.
         save_probe: If set, called as `(task name, scores)` with NeFT's probe scores
             of every selection (the "before" of the rank-shift study); with method
             `random_neurons` the probe runs before the random choice, which ignores it.
@@ -101,6 +132,7 @@ class SelectionPipeline:
     train_steps: StepsProvider
     method: str = "neurons"
     previous: Callable[[int], NeuronSet | None] = _no_previous
+    earlier: Callable[[int], list[NeuronSet]] = _no_earlier
     save_probe: Callable[[str, Scores], None] | None = None
     reference: str | None = None
     extra_meta: dict[str, Any] = field(default_factory=dict)
@@ -140,19 +172,35 @@ class SelectionPipeline:
         c = self.cfg
         reverse = name == "reversed"
         extra: dict[str, Any] = {}
+        excluded, ranked = None, scores
+        if c.exclude_previous and stage > 0:
+            if name == "neft_plus_reversed":
+                raise ValueError("selection.exclude_previous cannot be combined with scorer "
+                                 "neft_plus_reversed (it takes both ends of the ranking)")
+            # Choose this task's units only among units no earlier task owns: the
+            # disjoint-sets variant of NCFT (#14's forgetting diagnosis).
+            ranked, excluded = exclude_owned(scores, groups, self.earlier(stage), reverse)
+            extra = {"excluded_units": int(sum(v.numel() for v in excluded.values()))}
         if name == "neft_plus_reversed":  # NeFT §6.2's NeFT_x%+Reversed_y%
             if c.reversed_fraction is None:
                 raise ValueError("selection.reversed_fraction: scorer neft_plus_reversed needs "
                                  "the fraction of least-changed candidates to add (y of "
                                  "NeFT_x%+Reversed_y%)")
-            chosen = top_and_bottom(scores, groups, c.fraction, c.count, c.reversed_fraction,
+            chosen = top_and_bottom(ranked, groups, c.fraction, c.count, c.reversed_fraction,
                                     c.per_layer)
             extra = {"reversed_fraction": c.reversed_fraction}
         else:
-            chosen = top_k(scores, groups, c.fraction, c.count, c.per_layer, reverse=reverse)
+            chosen = top_k(ranked, groups, c.fraction, c.count, c.per_layer, reverse=reverse)
         meta = {**meta, "task": task.name, "fraction": c.fraction, "count": c.count,
                 "per_layer": c.per_layer, "unit": c.unit, "modules": list(c.modules),
                 "reversed": reverse, **extra, **self.extra_meta}
+        if excluded is not None:
+            for g in groups:
+                if bool(torch.isin(chosen[g.name], excluded[g.name]).any()):
+                    raise ValueError(
+                        f"selection.exclude_previous: {g.name} has too few units that no "
+                        "earlier task owns for the requested count; lower selection.fraction "
+                        "or selection.count")
         nset = to_neuron_set(chosen, groups, meta)
         if c.union_with_previous:
             nset = union_with_previous(nset, self.previous(stage))

@@ -13,6 +13,7 @@ from ncft.evaluate import (
     generate_greedy,
     generated_accuracy,
     normalize_answer,
+    rank_records,
     share,
     task_score,
     text_scores,
@@ -297,3 +298,34 @@ def test_generate_mode_is_exact_match_after_normalisation(model, tok):
     with pytest.raises(ValueError, match="eval.classification"):
         evaluate_task(engine, tok, examples, format="classification", labels=labels,
                       classification="argmax")
+
+
+def test_rank_records_give_predictions_and_margins_by_hand():
+    examples = [Example("p", "good"), Example("q", "bad"), Example("r", "fine")]
+    scores_NK = torch.tensor([[-1.0, -3.0, -2.0],    # good wins by 1.0: right
+                              [-1.0, -1.5, -4.0],    # good beats gold bad by 0.5: wrong
+                              [-2.0, -2.0, -2.0]], dtype=torch.float64)  # tie -> good
+    out = rank_records(scores_NK, examples, LABELS)
+    assert out["predictions"] == ["good", "good", "good"]
+    assert out["correct"] == [1, 0, 0] and out["accuracy"] == pytest.approx(1 / 3)
+    assert out["margins"] == [1.0, -0.5, 0.0]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_per_example_records_are_the_same_on_every_rank(model, tok, world_size):
+    examples = [Example(p, LABELS[i % 3]) for i, p in enumerate(PROMPTS)]
+    expected = evaluate_task(FakeEngine(model), tok, examples, format="classification",
+                             labels=LABELS, batch_size=2)
+    assert len(expected["predictions"]) == len(expected["margins"]) == len(examples)
+    assert sum(expected["correct"]) / len(examples) == expected["accuracy"]
+    world = ThreadWorld(world_size)
+    results = world.run(model, lambda e: evaluate_task(
+        e, tok, examples, format="classification", labels=LABELS, batch_size=2))
+    for got in results:
+        assert got["predictions"] == expected["predictions"]
+        assert got["correct"] == expected["correct"]
+        assert got["margins"] == pytest.approx(expected["margins"], abs=1e-6)
+    gen = evaluate_task(FakeEngine(model), tok, examples, format="classification",
+                        labels=LABELS, max_new_tokens=3, classification="generate")
+    assert len(gen["predictions"]) == len(gen["correct"]) == len(examples)
+    assert gen["accuracy"] == sum(gen["correct"]) / len(examples)

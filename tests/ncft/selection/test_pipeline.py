@@ -120,3 +120,43 @@ def test_neft_plus_reversed_takes_top_and_bottom_of_the_probe():
     with pytest.raises(ValueError, match="selection.reversed_fraction"):
         engine, model = _engine()
         _pipeline(_cfg(scorer="neft_plus_reversed")).select(engine, model, TASK, 0)
+
+
+def _unit_cfg(**changes) -> SelectConfig:
+    return _cfg(scorer="random", unit="neuron", modules=("gate", "up", "down"),
+                per_layer=True, count=None, fraction=0.25, **changes)
+
+
+def test_exclude_previous_picks_only_units_no_earlier_task_owns():
+    engine, model = _engine()
+    groups = _pipeline(_unit_cfg()).groups(model)
+    # Two earlier tasks own different units of every group.
+    first = to_neuron_set({g.name: torch.tensor([0, 1]) for g in groups}, groups, {})
+    second = to_neuron_set({g.name: torch.tensor([2, 3]) for g in groups}, groups, {})
+    free = _pipeline(_unit_cfg()).select(engine, model, TASK, 2)
+    asked = []
+
+    def earlier(stage):
+        asked.append(stage)
+        return [first, second]
+
+    nset = _pipeline(_unit_cfg(exclude_previous=True), earlier=earlier).select(
+        engine, model, TASK, 2)
+    assert asked == [2] and nset.meta["excluded_units"] == 4 * len(groups)
+    assert nset.num_selected() == free.num_selected()  # the same number per layer...
+    owned = first.union(second)
+    assert nset.intersection(owned).num_selected() == 0  # ...and none an earlier task owns
+    assert free.intersection(owned).num_selected() > 0  # which the plain choice did take
+    # The first stage has nothing to exclude: the plain choice.
+    assert _pipeline(_unit_cfg(exclude_previous=True), earlier=earlier).select(
+        engine, model, TASK, 0).checksum() == _pipeline(_unit_cfg()).select(
+        engine, model, TASK, 0).checksum()
+
+
+def test_exclude_previous_refuses_when_a_layer_runs_out_of_free_units():
+    engine, model = _engine()
+    groups = _pipeline(_unit_cfg()).groups(model)
+    everything = to_neuron_set({g.name: torch.arange(g.size - 1) for g in groups}, groups, {})
+    with pytest.raises(ValueError, match="selection.exclude_previous: .* too few units"):
+        _pipeline(_unit_cfg(exclude_previous=True), earlier=lambda s: [everything]).select(
+            engine, model, TASK, 1)
