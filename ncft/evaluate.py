@@ -429,22 +429,6 @@ def text_scores(
     return {m: out[m] for m in metrics}
 
 
-def generation_scores(
-    engine: Engine,
-    tokenizer,
-    examples: Sequence[Example],
-    metrics: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    max_prompt_length: int | None = None,
-) -> dict[str, float]:
-    """Greedy-generate every example's answer and score it (`text_scores`, in [0, 1])."""
-    text_scores([""], [""], metrics)  # validate the names before the expensive part
-    hypotheses = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples],
-                                 max_new_tokens, batch_size, max_prompt_length)
-    return text_scores(hypotheses, [ex.answer for ex in examples], metrics)
-
-
 def task_score(scores: Mapping[str, float], metrics: Sequence[str] = METRICS) -> float:
     """The one number per task the accuracy matrix stores.
 
@@ -489,7 +473,7 @@ def evaluate_task(
     Returns:
         `{"accuracy", "score", "predictions", "correct"}` (rank mode adds "margins",
         see `rank_records`; generate mode's predictions are the normalised texts) or
-        `{<metric>..., "score"}`; scores in [0, 1]. The per-example lists are what
+        `{<metric>..., "score", "hypotheses"}`; scores in [0, 1]. The per-example lists are what
         bootstrap intervals and per-class prediction counts are computed from.
     """
     if format == "classification":
@@ -510,8 +494,11 @@ def evaluate_task(
             raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
                              f"got {classification!r}")
     elif format == "generation":
-        scores = generation_scores(engine, tokenizer, examples, metrics, max_new_tokens,
-                                   batch_size, max(1, max_length - 1))
+        text_scores([""], [""], metrics)  # validate the names before the expensive part
+        hypotheses = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples],
+                                     max_new_tokens, batch_size, max(1, max_length - 1))
+        scores = {**text_scores(hypotheses, [ex.answer for ex in examples], metrics),
+                  "hypotheses": hypotheses}
     else:
         raise ValueError(f"format must be 'classification' or 'generation', got {format!r}")
     return {**scores, "score": task_score(scores, metrics)}

@@ -81,6 +81,7 @@ def deactivation_study(spec: Spec, backend: LauncherBackend, selector: Selection
 def _finetune_matrix(spec: Spec, backend: LauncherBackend, selector: SelectionPipeline,
                      tasks: list[TaskData], sets: dict[str, NeuronSet], encoded) -> dict:
     """Leng & Xiong Fig. 5 right half (`ncft.studies.finetune_matrix`), all ranks."""
+    rates: set[float] = set()  # what the rows' optimizers really used (recorded)
 
     def make_engine(nset: NeuronSet | None):
         model = backend.load_model(None)
@@ -88,15 +89,20 @@ def _finetune_matrix(spec: Spec, backend: LauncherBackend, selector: SelectionPi
             return backend.build_engine(model), None
         freeze_unselected(model, nset.entries)
         engine = backend.build_engine(model)
+        if spec.study.finetune_lr is not None:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = spec.study.finetune_lr
+        rates.update(group["lr"] for group in engine.optimizer.param_groups)
         return engine, install(engine, nset.entries)
 
     model = backend.load_model(None)
     blocks = get_adapter(model).mlp_blocks(model)
     del model
     print0(f"study: fine-tuning matrix, {spec.study.finetune_steps} steps per task's units")
-    return finetune_matrix(make_engine, lambda eng, i: selector.train_steps(eng, tasks[i], i),
-                           blocks, sets, encoded, spec.study.finetune_steps, spec.training.seed,
-                           spec.eval.batch_size, backend.tokenizer.pad_token_id, log=print0)
+    matrix = finetune_matrix(make_engine, lambda eng, i: selector.train_steps(eng, tasks[i], i),
+                             blocks, sets, encoded, spec.study.finetune_steps, spec.training.seed,
+                             spec.eval.batch_size, backend.tokenizer.pad_token_id, log=print0)
+    return {**matrix, "lr": sorted(rates)}
 
 
 def stage_source(method: str, stage: int) -> int | None:

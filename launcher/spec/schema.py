@@ -316,6 +316,11 @@ class StudySpec(_Section):
         20, gt=0, description="Full fine-tuning steps on the union of the tasks first; also "
         "the steps of each fine-tuning-matrix row and each similarity model.",
     )
+    finetune_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the fine-tuning matrix's rows (only a "
+        "task's units train, which usually wants a larger rate than the full fine-tunes "
+        "of the study); default training.lr.",
+    )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
     neft_utilization: bool | None = Field(
         None, description="NeFT §6.1: after the run, for each task with a neuron set, the "

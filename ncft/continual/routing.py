@@ -102,7 +102,8 @@ def evaluate_routed(
         metrics: Sequence[str] = ()
     else:
         metrics = generation["metrics"]
-        scores = text_scores(texts, [ex.answer for ex in examples], metrics)
+        scores = {**text_scores(texts, [ex.answer for ex in examples], metrics),
+                  "hypotheses": texts}
     score = task_score(scores, metrics) if metrics else scores["accuracy"]
     top = torch.bincount(weights_NK.argmax(1), minlength=weights_NK.shape[1])
     return {**scores, "score": score, "query": "example",

@@ -36,6 +36,7 @@ RUNS = {
               # Leng & Xiong's similarity protocol beside the final-model variant
               "study.deactivation=true", "study.deactivation_mode=weights",
               "study.finetune_matrix=true", "study.similarity=both", "study.finetune_steps=2",
+              "study.finetune_lr=0.003",
               "study.eval_examples=4", "study.neft_utilization=true", "output.report=true"],
     "olora": ["method=olora", "olora.lambda_l2=0.1"],
     "wncft_example": ["method=wncft", "wncft.num_samples=4", "wncft.query=example",

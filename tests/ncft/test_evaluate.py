@@ -268,7 +268,10 @@ def test_evaluate_task_score_is_accuracy_or_first_metric(model, tok):
     gen = evaluate_task(
         engine, tok, examples, format="generation", metrics=["rougeL", "bleu"], max_new_tokens=3
     )
-    assert set(gen) == {"rougeL", "bleu", "score"} and gen["score"] == gen["rougeL"]
+    assert set(gen) == {"rougeL", "bleu", "score", "hypotheses"}
+    assert gen["score"] == gen["rougeL"] and len(gen["hypotheses"]) == len(examples)
+    assert gen["bleu"] == text_scores(gen["hypotheses"], [ex.answer for ex in examples],
+                                      ["bleu"])["bleu"]
     assert task_score({"bleu": 0.2, "rougeL": 0.5}, ["bleu", "rougeL"]) == 0.2
     with pytest.raises(ValueError, match="format"):
         evaluate_task(engine, tok, examples, format="ranking")

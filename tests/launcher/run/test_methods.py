@@ -55,6 +55,7 @@ def test_method_run_directory(runs, name):
         assert deact["mode"] == "weights"
         ft = deact["finetune_matrix"]
         assert len(ft["task_neurons_trained"]) == 2 and len(ft["random_trained"][1]) == 2
+        assert ft["lr"] == [0.003]  # study.finetune_lr, not training.lr
         for fig in ("finetune_matrix", "similarity_paper_layers", "neft_utilization_rte"):
             assert (run / "plots" / f"{fig}.png").is_file(), fig
 
