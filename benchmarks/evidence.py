@@ -12,6 +12,10 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
 * `run SPEC --grid DIR/grid.json --out DIR --methods m1,m2,...`: each continual method
   at its family's chosen rate (`seqft`/`per_task` -> full, `seqlora`/`olora` -> lora,
   `ncft`/`wncft` -> neurons), extra `key=value` overrides after `--`.
+  `--rate KEY=FAMILY` sets another spec key to a family's rate (the study run).
+* `bleu RUN... --out FILE.json`: generation runs' BLEU with 95% bootstrap intervals
+  over test sentences, paired differences vs the first run, trainable elements, and
+  NeFT's utilization summary where the run has one.
 * `table RUN...  --out FILE.json [--samples B]`: the accuracy matrix, AP, BWT and
   average forgetting of each run with 95% percentile bootstrap intervals over the
   evaluation examples (`ncft.analysis.bootstrap`), per-class prediction counts after
@@ -45,6 +49,8 @@ from pathlib import Path
 
 import yaml
 
+from ncft.run_layout import RunLayout
+
 FAMILY = {"seqft": "full", "per_task": "full", "full": "full",
           "seqlora": "lora", "olora": "lora", "lora": "lora",
           "ncft": "neurons", "wncft": "neurons", "neurons": "neurons"}
@@ -52,7 +58,7 @@ FAMILY = {"seqft": "full", "per_task": "full", "full": "full",
 
 def _ncft_run(spec: dict, out: Path, overrides: list[str]) -> float:
     """Write `spec` beside the run and run it; returns wall seconds (0 if it was done)."""
-    if (out / "results.json").is_file():
+    if RunLayout(out).results.is_file():
         return 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = copy.deepcopy(spec)
@@ -91,7 +97,7 @@ def grid(args: argparse.Namespace) -> None:
             spec["eval"] = {**spec.get("eval", {}), "tasks": "all"}
             run_dir = out / f"{family}_lr{rate}"
             wall = _ncft_run(spec, run_dir, [])
-            result = json.loads((run_dir / "results.json").read_text())
+            result = json.loads(RunLayout(run_dir).results.read_text())
             scores.setdefault(family, {})[rate] = result["matrix"][0][0]
             walls.setdefault(family, {})[rate] = wall or float(
                 (run_dir / "wall_seconds.txt").read_text())
@@ -112,7 +118,9 @@ def run(args: argparse.Namespace) -> None:
         spec["training"] = {**spec["training"], "lr": float(rate)}
         if method == "per_task":  # each column is its own model: only the diagonal counts
             spec["eval"] = {**spec.get("eval", {}), "tasks": "current"}
-        _ncft_run(spec, Path(args.out) / f"{args.prefix}{method}", args.overrides)
+        rates = [f"{key}={best[family]}" for key, family in
+                 (item.split("=") for item in args.rate)]
+        _ncft_run(spec, Path(args.out) / f"{args.prefix}{method}", [*rates, *args.overrides])
 
 
 def table(args: argparse.Namespace) -> None:
@@ -131,6 +139,65 @@ def table(args: argparse.Namespace) -> None:
     print(markdown)
 
 
+def trainable_elements(run_dir: Path) -> int | None:
+    """Elements a run trained: its NeuronSet's rows/columns, or its LoRA adapters' A and B.
+
+    Shapes come from the run's exported model (`final/`), where LoRA is merged.
+    """
+    from safetensors import safe_open
+
+    from ncft.neuron_set import NeuronSet
+
+    spec = yaml.safe_load(RunLayout(run_dir).spec.read_text())
+    with safe_open(str(RunLayout(run_dir).final / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    if spec["method"] == "lora":
+        targets = tuple(spec["lora"]["target_modules"])
+        return sum(spec["lora"]["r"] * (shape[0] + shape[1]) for name, shape in shapes.items()
+                   if name.endswith(".weight") and name[: -len(".weight")].endswith(targets))
+    neuron_files = sorted(RunLayout(run_dir).neurons.glob("*.safetensors"))
+    if not neuron_files:
+        return None
+    nset = NeuronSet.load(neuron_files[0])
+    return sum(len(sel.indices) * shapes[fqn][1 - sel.axis] for fqn, sel in nset.entries.items())
+
+
+def bleu(args: argparse.Namespace) -> None:
+    """The `bleu` subcommand: BLEU with 95% intervals, paired differences vs the first run."""
+    from launcher.run.task_data import load_task
+    from launcher.spec.schema import load_spec
+    from ncft.analysis.bootstrap import bleu_replicates, interval
+
+    rows, reference = [], None
+    for run in map(Path, args.runs):
+        results = json.loads(RunLayout(run).results.read_text())
+        spec = load_spec(RunLayout(run).spec)
+        task = spec.tasks[0]
+        refs = [ex.answer for ex in load_task(task, spec.data_root).test]
+        detail = results["details"][task.name][0]
+        hyps = detail["hypotheses"]
+        reps = bleu_replicates(hyps, refs[: len(hyps)], args.samples, args.seed)
+        reference = reps if reference is None else reference
+        utilization = RunLayout(run).neft_utilization(task.name)
+        rows.append({"run": str(run), "method": results["method"], "lr": spec.training.lr,
+                     "trainable_elements": trainable_elements(run), "bleu": detail["bleu"],
+                     "ci95": interval(reps),
+                     "vs_first_run": None if reps is reference else interval(reps - reference),
+                     "utilization": json.loads(utilization.read_text())
+                     if utilization.is_file() else None})
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    lines = ["| run | method | lr | trainable | BLEU | Δ vs first |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ci95"]
+        delta = "-" if r["vs_first_run"] is None else "[{:.4f}, {:.4f}]".format(
+            *r["vs_first_run"])
+        lines.append(f"| {Path(r['run']).name} | {r['method']} | {r['lr']} | "
+                     f"{r['trainable_elements']:,} | {100 * r['bleu']:.2f} "
+                     f"[{100 * lo:.2f}, {100 * hi:.2f}] | {delta} |")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:  # noqa: D103
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -145,14 +212,21 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     r.add_argument("--out", required=True)
     r.add_argument("--methods", required=True)
     r.add_argument("--prefix", default="o1_")
+    r.add_argument("--rate", action="append", default=[],
+                   help="KEY=FAMILY: set spec key KEY to FAMILY's chosen rate")
     r.add_argument("overrides", nargs="*")
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     t.add_argument("--out", required=True)
     t.add_argument("--samples", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bleu")
+    b.add_argument("runs", nargs="+")
+    b.add_argument("--out", required=True)
+    b.add_argument("--samples", type=int, default=1000)
+    b.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    {"grid": grid, "run": run, "table": table}[args.cmd](args)
+    {"grid": grid, "run": run, "table": table, "bleu": bleu}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,25 @@ def compare_runs(rows: Sequence[dict[str, Any]], reference: int = 0) -> list[dic
     return out
 
 
+def bleu_replicates(hypotheses: Sequence[str], references: Sequence[str], samples: int,
+                    seed: int) -> np.ndarray:
+    """Corpus BLEU / 100 (sacrebleu, as `ncft.evaluate.text_scores`) over resampled sentences.
+
+    Sentence indices come from `numpy.random.default_rng([seed, 0])`, so two systems
+    scored on the same references share their resamples (paired differences).
+    """
+    import sacrebleu
+
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"need as many hypotheses as references (>0), got "
+                         f"{len(hypotheses)} and {len(references)}")
+    n = len(references)
+    draws = np.random.default_rng([seed, 0]).integers(0, n, size=(samples, n))
+    return np.asarray([sacrebleu.corpus_bleu([hypotheses[k] for k in idx],
+                                             [[references[k] for k in idx]]).score / 100
+                       for idx in draws])
+
+
 def table_markdown(rows: Sequence[dict[str, Any]], reference: int = 0) -> str:
     """A Markdown table of `run_table` rows, with paired differences vs `reference`."""
 

@@ -8,8 +8,10 @@ import yaml
 
 from ncft.analysis.bootstrap import (
     OTHER,
+    bleu_replicates,
     cell_replicates,
     compare_runs,
+    interval,
     outcomes,
     prediction_counts,
     run_table,
@@ -98,3 +100,20 @@ def test_prediction_counts_map_normalised_labels_and_count_the_rest(tmp_path):
     counts = prediction_counts(results, {"a": ["Good", "Bad"]})
     assert counts["a"][0] == {"Good": 2, "Bad": 1, OTHER: 1}
     assert counts["a"][1] is None and counts["b"] == [None, None]
+
+
+def test_bleu_replicates_cover_the_corpus_score_and_pair_across_systems():
+    import sacrebleu
+
+    refs = [f"el hombre {w} la casa grande {k}" for k, w in enumerate(
+        ["ve", "tiene", "abre", "cierra", "pinta", "vende"] * 5)]
+    good = [r if k % 3 else r.replace("grande", "pequeña") for k, r in enumerate(refs)]
+    bad = [r.replace("casa", "puerta") for r in good]
+    point = sacrebleu.corpus_bleu(good, [refs]).score / 100
+    reps = bleu_replicates(good, refs, 200, 0)
+    lo, hi = interval(reps)
+    assert lo <= point <= hi and hi - lo > 0
+    diff = interval(reps - bleu_replicates(bad, refs, 200, 0))
+    assert diff[0] > 0  # the same sentences resampled: the better system wins every time
+    with pytest.raises(ValueError, match="as many hypotheses"):
+        bleu_replicates(good[:2], refs, 10, 0)
