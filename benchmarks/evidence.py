@@ -11,7 +11,7 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
   to the smaller rate, the safer choice for continual learning).
 * `run SPEC --grid DIR/grid.json --out DIR --methods m1,m2,...`: each continual method
   at its family's chosen rate (`seqft`/`per_task` -> full, `seqlora`/`olora` -> lora,
-  `ncft`/`wncft` -> neurons), extra `key=value` overrides after `--`.
+  `ncft`/`wncft` -> neurons); `--set KEY=VALUE` adds a spec override to every run.
   `--rate KEY=FAMILY` sets another spec key to a family's rate (the study run).
 * `bleu RUN... --out FILE.json`: generation runs' BLEU with 95% bootstrap intervals
   over test sentences, paired differences vs the first run, trainable elements, and
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     r.add_argument("--prefix", default="o1_")
     r.add_argument("--rate", action="append", default=[],
                    help="KEY=FAMILY: set spec key KEY to FAMILY's chosen rate")
-    r.add_argument("overrides", nargs="*")
+    r.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="a spec override for every method's run")
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     t.add_argument("--out", required=True)
