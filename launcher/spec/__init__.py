@@ -1,6 +1,7 @@
 """The experiment spec: one typed tree from YAML to objects.
 
-- `schema`: the sections (model, engine, selection, training, ...) and `load_spec`.
+- `schema`: the whole `Spec`, cross-section checks, `load_spec` and `dump_resolved`.
+- `sections`: one model per section (model, engine, selection, training, ...).
 - `tasks`: a task's data source, format, labels and prompt, and the stages a run plans.
 - `overrides`: `key.sub=value` overrides and YAML-path error messages.
 """
