@@ -7,8 +7,10 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
   methods of that family train) and learning rate, train on the spec's FIRST task
   with the spec's budget and score on `N` held-out training rows (the task's
   `eval_split: heldout`: the last N rows of its training file, never trained on).
-  Writes `DIR/grid.json`: every score and each family's best learning rate (ties go
-  to the smaller rate, the safer choice for continual learning).
+  When a family's best rate is an end of its list, up to `--extend` rates beyond it
+  are tried (x3 or /3 each). Writes `DIR/grid.json`: every score and each family's
+  best learning rate (ties go to the smaller rate, the safer choice for continual
+  learning).
 * `run SPEC --grid DIR/grid.json --out DIR --methods m1,m2,...`: each continual method
   at its family's chosen rate (`seqft`/`per_task` -> full, `seqlora`/`olora` -> lora,
   `ncft`/`wncft` -> neurons); `--set KEY=VALUE` adds a spec override to every run.
@@ -82,28 +84,57 @@ def _load(spec_path: str) -> dict:
     return spec
 
 
+def _beyond(rates: list[str], best: str) -> str | None:
+    """The next rate past the end of the grid where `best` sits (x3 or /3), else None."""
+    ordered = sorted(rates, key=float)
+    if best == ordered[-1]:
+        return f"{float(best) * 3:.0e}".replace("e-0", "e-")
+    if best == ordered[0]:
+        return f"{float(best) / 3:.0e}".replace("e-0", "e-")
+    return None
+
+
 def grid(args: argparse.Namespace) -> None:
     """The `grid` subcommand (module docstring)."""
     base = _load(args.spec)
     first = {**base["tasks"][0], "eval_split": "heldout", "eval_size": args.heldout}
     out = Path(args.out)
-    scores: dict[str, dict[str, float]] = {}
-    walls: dict[str, dict[str, float]] = {}
+    families = {}
     for item in args.family:
         family, rates = item.split("=")
-        for rate in rates.split(","):
-            spec = {**copy.deepcopy(base), "tasks": [first], "method": family}
-            spec["training"] = {**spec["training"], "lr": float(rate)}
-            spec["eval"] = {**spec.get("eval", {}), "tasks": "all"}
-            run_dir = out / f"{family}_lr{rate}"
-            wall = _ncft_run(spec, run_dir, [])
-            result = json.loads(RunLayout(run_dir).results.read_text())
-            scores.setdefault(family, {})[rate] = result["matrix"][0][0]
-            walls.setdefault(family, {})[rate] = wall or float(
-                (run_dir / "wall_seconds.txt").read_text())
-    best = {f: min(s, key=lambda r, s=s: (-s[r], float(r))) for f, s in scores.items()}
+        families[family] = rates.split(",")
+    scores: dict[str, dict[str, float]] = {}
+    walls: dict[str, dict[str, float]] = {}
+
+    def score(family: str, rate: str) -> None:
+        spec = {**copy.deepcopy(base), "tasks": [first], "method": family}
+        spec["training"] = {**spec["training"], "lr": float(rate)}
+        spec["eval"] = {**spec.get("eval", {}), "tasks": "all"}
+        run_dir = out / f"{family}_lr{rate}"
+        wall = _ncft_run(spec, run_dir, [])
+        result = json.loads(RunLayout(run_dir).results.read_text())
+        scores.setdefault(family, {})[rate] = result["matrix"][0][0]
+        walls.setdefault(family, {})[rate] = wall or float(
+            (run_dir / "wall_seconds.txt").read_text())
+
+    def best_of(family: str) -> str:
+        s = scores[family]
+        return min(s, key=lambda r: (-s[r], float(r)))
+
+    for family, rates in families.items():
+        for rate in rates:
+            score(family, rate)
+        # A best rate at an end of the grid says the optimum may lie beyond it: extend.
+        for _ in range(args.extend):
+            more = _beyond(list(scores[family]), best_of(family))
+            if more is None or more in scores[family]:
+                break
+            score(family, more)
+    best = {f: best_of(f) for f in scores}
     report = {"task": first, "heldout_rows": args.heldout, "scores": scores, "best": best,
-              "wall_seconds": walls, "budget": base["training"]}
+              "wall_seconds": walls, "budget": base["training"],
+              "extended": {f: sorted(set(scores[f]) - set(families[f]), key=float)
+                           for f in scores}}
     (out / "grid.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({"scores": scores, "best": best}, indent=2))
 
@@ -206,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     g.add_argument("--out", required=True)
     g.add_argument("--family", action="append", required=True)
     g.add_argument("--heldout", type=int, default=100)
+    g.add_argument("--extend", type=int, default=2,
+                   help="rates to add past a grid end that scored best (x3 or /3 each)")
     r = sub.add_parser("run")
     r.add_argument("spec")
     r.add_argument("--grid", required=True)

@@ -50,11 +50,14 @@ def _run(*args: str) -> str:
 def test_grid_runs_table_and_diagnosis(tmp_path):
     spec = _tiny("evidence_sst2_agnews.yaml", tmp_path)
     out = tmp_path / "runs"
-    _run(EVIDENCE, "grid", spec, "--out", out / "grid", "--heldout", "4",
+    _run(EVIDENCE, "grid", spec, "--out", out / "grid", "--heldout", "4", "--extend", "1",
          "--family", "neurons=1e-3,1e-2", "--family", "full=1e-4")
     grid = json.loads((out / "grid" / "grid.json").read_text())
     scores = grid["scores"]
-    assert set(scores) == {"neurons", "full"} and set(scores["neurons"]) == {"1e-3", "1e-2"}
+    # Two rates: the best is an end, so one rate beyond it was tried (x3 or /3).
+    assert set(scores) == {"neurons", "full"} and len(scores["neurons"]) == 3
+    assert len(grid["extended"]["neurons"]) == 1
+    assert grid["extended"]["neurons"][0] in ("3e-4", "3e-2")
     best = grid["best"]["neurons"]
     assert scores["neurons"][best] == max(scores["neurons"].values())
     # The held-out rows are the training file's last 4, never the test split.
