@@ -26,7 +26,7 @@ from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
-from launcher.spec.tasks import records_neft_utilization
+from launcher.spec.plan import records_neft_utilization
 from ncft.continual.loop import (
     LORA_METHODS,
     ContinualLoop,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.run import neft
 from launcher.spec import Spec
-from launcher.spec.tasks import records_rank_shift
+from launcher.spec.plan import records_rank_shift
 from ncft.continual.loop import TaskData, stage_steps
 from ncft.neuron_set import NeuronSet
 from ncft.selection import Scores

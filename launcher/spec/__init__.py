@@ -2,7 +2,8 @@
 
 - `schema`: the whole `Spec`, cross-section checks, `load_spec` and `dump_resolved`.
 - `sections`: one model per section (model, engine, selection, training, ...).
-- `tasks`: a task's data source, format, labels and prompt, and the stages a run plans.
+- `tasks`: a task's data source, format, labels and prompt.
+- `plan`: the stages a run plans, in words, and which studies it runs.
 - `overrides`: `key.sub=value` overrides and YAML-path error messages.
 """
 

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from launcher.spec.overrides import apply_override, problem_lines
+from launcher.spec.plan import plan_stages
 from launcher.spec.sections import (
     MODULES,
     EngineSpec,
@@ -54,17 +55,10 @@ from launcher.spec.tasks import (
     absolute,
     base_dir,
     method,
-    plan_stages,
     resolve_task_data,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-__all__ = ["MODULES", "REPO_ROOT", "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec",
-           "OloraSpec", "OutputSpec", "SelectionSpec", "Spec", "SpecError", "StudySpec",
-           "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved", "load_spec",
-           "validate_spec"]
-
 
 class SpecError(ValueError):
     """An invalid spec; `problems` holds one `<yaml.path>: <what is wrong>` line each."""
@@ -227,8 +221,8 @@ def dump_resolved(spec: Spec) -> str:
 
 
 __all__ = [
-    "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OloraSpec", "OutputSpec",
-    "SelectionSpec", "Spec",
-    "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
-    "load_spec", "plan_stages", "validate_spec",
+    "MODULES", "REPO_ROOT", "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OloraSpec",
+    "OutputSpec", "SelectionSpec", "Spec", "SpecError", "StudySpec", "TaskSpec",
+    "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved", "load_spec",
+    "plan_stages", "validate_spec",
 ]

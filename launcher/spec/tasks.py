@@ -1,4 +1,4 @@
-r"""Tasks of the experiment spec: their data, prompts, and the stages a run goes through.
+r"""Tasks of the experiment spec: their data sources, formats, labels and prompts.
 
 A task is a data `source` (a discriminated union on `type`), a `format`
 (classification or generation), its label set and a prompt template. Defaults that
@@ -21,7 +21,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -31,9 +31,6 @@ from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's all
     SINGLE_TASK_METHODS,
     method,
 )
-
-if TYPE_CHECKING:
-    from launcher.spec import EngineSpec, Spec
 
 CL_BENCHMARK_TASKS = (
     "agnews", "amazon", "dbpedia", "yahoo", "yelp", "imdb", "sst2", "mnli", "rte", "cb",
@@ -311,126 +308,3 @@ def resolve_task_data(task: TaskSpec, data_root: Path | None) -> list[tuple[str,
     elif set(task.labels) != set(known):
         return [("labels", f"must be the labels of {task.source.name} (any order): {known}")]
     return []
-
-
-# --- plan --------------------------------------------------------------------------------
-
-
-# Scorers that run NeFT's weight-cosine probe (and save its scores for the rank shift).
-COSINE_SCORERS = ("weight_cosine", "reversed", "neft_plus_reversed")
-
-
-def records_rank_shift(spec: Spec, name: str) -> bool:
-    """Whether a run of method `name` records the selection probe's weight-movement rank shift."""
-    return (spec.study.weight_movement_rank_shift
-            and spec.selection.scorer in COSINE_SCORERS
-            and method(name).selects)
-
-
-def records_neft_utilization(spec: Spec) -> bool:
-    """Whether the run measures NeFT §6.1 utilization (`study.neft_utilization`)."""
-    on = spec.study.neft_utilization
-    if on is None:
-        on = spec.selection.scorer in COSINE_SCORERS
-    return on and method(spec.method).selects
-
-
-def study_plan(spec: Spec) -> list[str]:
-    """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
-    st, out = spec.study, []
-    if records_neft_utilization(spec):
-        out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
-                   "examples per task, before and after each task; ΔRank, categories")
-    if st.similarity in ("paper", "both"):
-        out.append(f"similarity (Leng & Xiong Fig. 3): per task, {st.finetune_steps} steps "
-                   "of full fine-tuning from the base, P_i vs P_j per layer, every task scored")
-    return out
-
-
-def plan_stages(spec: Spec) -> list[str]:
-    """Human-readable stages a run of `spec` will go through (for `ncft validate`).
-
-    Returns:
-        One line per stage: per task what is selected and trained, then evaluations,
-        then the final outputs.
-
-    """
-    n = len(spec.tasks)
-    where = _where(spec.engine)
-    row = method(spec.method)
-    stages = []
-    if spec.study.deactivation:
-        stages.append(f"study: tune every parameter {spec.study.finetune_steps} steps on all "
-                      "tasks, select each task's units, switch them off "
-                      f"({spec.study.deactivation_mode}) vs random units "
-                      f"({spec.study.eval_examples} examples per task)")
-        if spec.study.finetune_matrix:
-            stages.append(f"study: per task, train only its units {spec.study.finetune_steps} "
-                          "steps from the base model, score every task (fine-tuning matrix)")
-    every = spec.output.checkpoint_every
-    for i, task in enumerate(spec.tasks, start=1):
-        what = _train_what(spec, i)
-        stages.append(f"task {i}/{n} {task.name}: {what} for {_amount(spec, task)} {where}")
-        if row.mixes:
-            stages.append(f"task {i}/{n} {task.name}: store NeuronSet and task vector "
-                          f"({spec.wncft.num_samples} samples)")
-        if row.continual:
-            query = ("each example's own prompt vector" if spec.wncft.query == "example"
-                     else "the evaluated task's vector")
-            mix = (f", mixing earlier tasks' neurons (softmax T={spec.wncft.temperature}, "
-                   f"query: {query})" if row.mixes and i > 1 else "")
-            which = {"all": f"all {n} tasks", "current": task.name,
-                     "seen": f"the {i} task(s) seen so far"}[spec.eval.tasks]
-            stages.append(f"eval after task {i} on {which}{mix}")
-        else:
-            stages.append(f"eval on {task.name}")
-        stages.append(f"checkpoint after task {i}"
-                      + (f" (and every {every} steps within it, per-rank shards)"
-                         if every else ""))
-    if records_rank_shift(spec, spec.method):
-        stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
-                      "step probe on each task's trained model")
-    stages += study_plan(spec)
-    stages.append(f"write {spec.output.dir}/results.json"
-                  + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
-                     if n > 1 else ""))
-    stages.append(f"save consolidated model to {spec.output.dir}/final")
-    if spec.output.report:
-        stages.append(f"write analyses and plots to {spec.output.dir}/plots")
-    return stages
-
-
-def _where(engine: EngineSpec) -> str:
-    if engine.world_size == 1:
-        return f"in 1 process ({engine.backend})"
-    nodes = f" on {engine.nnodes} nodes" if engine.nnodes > 1 else ""
-    return f"on {engine.world_size} ranks{nodes} ({engine.backend})"
-
-
-def _amount(spec: Spec, task: TaskSpec) -> str:
-    t = spec.training
-    if t.steps is not None:
-        return f"{t.steps} steps"
-    return f"{t.epochs} epoch(s) of <= {task.train_size} examples"
-
-
-def _train_what(spec: Spec, i: int) -> str:
-    row = method(spec.method)
-    if row.trains == "all":
-        return ("from the base model, " if row.continual and row.from_base else "") + \
-            "train all parameters"
-    if row.lora:
-        on = f"LoRA r={spec.lora.r} on {'/'.join(spec.lora.target_modules)}"
-        if not row.adapter_per_task:
-            return f"train {on}"
-        return (f"train a new {on} (O-LoRA: earlier adapters frozen, orthogonality weight "
-                f"{spec.olora.lambda_orth}, L2 weight {spec.olora.lambda_l2})")
-    sel = spec.selection
-    scorer = "random" if row.random else sel.scorer
-    amount = f"{100 * sel.fraction:.4g}%" if sel.fraction is not None else f"top {sel.count}"
-    unit = "neurons" if sel.unit == "neuron" else "weight rows"
-    scope = "per layer" if sel.per_layer else "global"
-    steps = f" after {sel.cosine_steps} full-FT steps" if scorer in COSINE_SCORERS else ""
-    union = " + earlier tasks' neurons" if sel.union_with_previous and i > 1 else ""
-    return (f"score {unit} ({scorer}{steps}, {amount} {scope} of {'/'.join(sel.modules)})"
-            f", train only them{union}")
