@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 # pytest-timeout per test; the whole suite is budgeted at ~15 min on 2 cores.
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: install test lint demo mask-demo gpu-check clean
+.PHONY: install test lint demo evidence mask-demo gpu-check clean
 
 install: $(STAMP)
 
@@ -53,6 +53,14 @@ demo: install
 		output.dir=$(CURDIR)/runs/demo_smollm2_wncft output.overwrite=true output.report=false
 	$(BIN)/ncft compare runs/demo_smollm2 runs/demo_smollm2_seqft runs/demo_smollm2_wncft
 	@echo "report: runs/demo_smollm2/report.md"
+	@echo "the demo's budget is small; results at a budget that can show effects, with"
+	@echo "intervals: benchmarks/EVIDENCE.md (make evidence, ~3 h on 2 cores)"
+
+# The evidence runs of benchmarks/EVIDENCE.md (#14): learning-rate grid, Standard CL O1,
+# the forgetting diagnosis, Leng & Xiong's matrices, NeFT vs LoRA; ~3 h on 2 CPU cores,
+# resumable.
+evidence: install
+	bash benchmarks/evidence.sh
 
 # Everything only a GPU can verify (benchmarks/gpu_check.py): the gpu-marked tests, one
 # masked bf16 run per engine over NCCL, and a 1.1B masked-vs-unmasked benchmark. Runs

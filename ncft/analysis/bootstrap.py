@@ -34,7 +34,7 @@ from ncft.evaluate import normalize_answer
 from ncft.run_layout import RunLayout
 
 OTHER = "(other)"
-METRICS = ("average_performance", "backward_transfer", "average_forgetting")
+METRICS = ("average_performance", "backward_transfer", "average_forgetting", "diagonal_mean")
 
 
 def outcomes(results: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
@@ -65,9 +65,12 @@ def _metrics(matrix: list[list[float | None]]) -> dict[str, float | None]:
             return None
 
     forgetting = average_forgetting(matrix)[-1] if len(matrix) > 1 else None
+    diagonal = [matrix[i][i] for i in range(len(matrix)) if matrix[i][i] is not None]
     return {"average_performance": lenient(average_performance),
             "backward_transfer": lenient(backward_transfer),
-            "average_forgetting": forgetting}
+            "average_forgetting": forgetting,
+            # The just-trained scores: per_task's reference (its only evaluated cells).
+            "diagonal_mean": sum(diagonal) / len(diagonal) if diagonal else None}
 
 
 def cell_replicates(
@@ -215,8 +218,8 @@ def table_markdown(rows: Sequence[dict[str, Any]], reference: int = 0) -> str:
 
     diffs = compare_runs(rows, reference)
     ref = rows[reference]["method"]
-    lines = [f"| method | lr | AP | BWT | forgetting | ΔAP vs {ref} | wall (min) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | lr | AP | BWT | forgetting | just trained (diag.) | ΔAP vs {ref} | "
+             "wall (min) |", "|---|---|---|---|---|---|---|---|"]
     for row, diff in zip(rows, diffs):
         p, ci = row["point"], row["ci95"]
         delta = "-" if diff is None else fmt(diff["average_performance"]["delta"],
@@ -226,7 +229,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], reference: int = 0) -> str:
                      f"{fmt(p['average_performance'], ci['average_performance'])} | "
                      f"{fmt(p['backward_transfer'], ci['backward_transfer'])} | "
                      f"{fmt(p['average_forgetting'], ci['average_forgetting'])} | "
-                     f"{delta} | {wall} |")
+                     f"{fmt(p['diagonal_mean'], ci['diagonal_mean'])} | {delta} | {wall} |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,10 @@ def test_point_estimates_and_intervals_cover_them(tmp_path):
         average_performance(results["matrix"]))
     assert row["point"]["backward_transfer"] == pytest.approx(
         backward_transfer(results["matrix"]))
-    for metric in ("average_performance", "backward_transfer", "average_forgetting"):
+    assert row["point"]["diagonal_mean"] == pytest.approx(
+        (results["matrix"][0][0] + results["matrix"][1][1]) / 2)
+    for metric in ("average_performance", "backward_transfer", "average_forgetting",
+                   "diagonal_mean"):
         lo, hi = row["ci95"][metric]
         assert lo < row["point"][metric] < hi
     # 200 Bernoulli(0.5) examples per task: AP averages two tasks, so its 95% interval

@@ -1,0 +1,45 @@
+#!/bin/bash
+# Every evidence run of benchmarks/EVIDENCE.md, in the order they ran (`make evidence`).
+# About 3 hours on 2 CPU cores; each step is resumable (a finished run is skipped), so
+# an interrupted call picks up where it stopped. OUT defaults to runs/evidence.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/evidence}
+G=$OUT/grid/grid.json
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+EV="$PY benchmarks/evidence.py"
+
+# 1. Learning-rate grid per family, on dbpedia's held-out training rows.
+$EV grid examples/evidence_o1_smollm2.yaml --out "$OUT/grid" --extend 2 \
+  --family neurons=1e-4,3e-4,1e-3 --family full=1e-5,3e-5,1e-4 --family lora=1e-4,3e-4,1e-3
+# 2. Standard CL order O1, every method at its family's rate.
+$EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" \
+  --methods seqft,ncft,wncft,olora,seqlora
+# 3. The sst2 -> agnews forgetting diagnosis.
+$EV run examples/evidence_sst2_agnews.yaml --prefix diag_ --grid "$G" --out "$OUT" \
+  --methods seqft,ncft,olora
+$EV run examples/evidence_sst2_agnews.yaml --prefix diag_excl_ --grid "$G" --out "$OUT" \
+  --methods ncft --set selection.exclude_previous=true
+for r in diag_seqft diag_ncft diag_excl_ncft diag_olora; do
+  $PY benchmarks/forgetting_diagnosis.py "$OUT/$r" --out "$OUT/$r/diagnosis.json"
+done
+# 4. Task-specific neurons after multi-task fine-tuning (Leng & Xiong's matrices).
+$EV run examples/evidence_neurons_study.yaml --prefix study_ --grid "$G" --out "$OUT" \
+  --methods ncft --rate training.lr=full --rate study.finetune_lr=neurons
+# 5. NeFT vs LoRA on EN -> ES at matched trainable parameters (3% / r=10, 6% / r=21).
+S=examples/evidence_neft_lora.yaml
+$EV run $S --grid "$G" --out "$OUT" --prefix neft3_ --methods neurons --set selection.fraction=0.03
+$EV run $S --grid "$G" --out "$OUT" --prefix lora10_ --methods lora --set lora.r=10 --set lora.alpha=20
+$EV run $S --grid "$G" --out "$OUT" --prefix neft6_ --methods neurons --set selection.fraction=0.06
+$EV run $S --grid "$G" --out "$OUT" --prefix lora21_ --methods lora --set lora.r=21 --set lora.alpha=42
+# 6. Per-task fine-tuning (the reference row of the O1 table).
+$EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" --methods per_task
+# 7. Tables (benchmarks/results/evidence_*.json and .md).
+R=benchmarks/results
+$EV table "$OUT"/o1_seqft "$OUT"/o1_ncft "$OUT"/o1_wncft "$OUT"/o1_olora "$OUT"/o1_seqlora "$OUT"/o1_per_task \
+  --out $R/evidence_o1.json
+$EV table "$OUT"/diag_seqft "$OUT"/diag_ncft "$OUT"/diag_excl_ncft "$OUT"/diag_olora \
+  --out $R/evidence_diag.json
+$EV bleu "$OUT"/lora10_lora "$OUT"/neft3_neurons --out $R/evidence_bleu_3pct.json
+$EV bleu "$OUT"/lora21_lora "$OUT"/neft6_neurons --out $R/evidence_bleu_6pct.json
