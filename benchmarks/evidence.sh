@@ -18,10 +18,10 @@ $EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" \
   --methods seqft,ncft,wncft,olora,seqlora
 # 3. The sst2 -> agnews forgetting diagnosis.
 $EV run examples/evidence_sst2_agnews.yaml --prefix diag_ --grid "$G" --out "$OUT" \
-  --methods seqft,ncft,olora
+  --methods seqft,ncft,olora,wncft
 $EV run examples/evidence_sst2_agnews.yaml --prefix diag_excl_ --grid "$G" --out "$OUT" \
   --methods ncft --set selection.exclude_previous=true
-for r in diag_seqft diag_ncft diag_excl_ncft diag_olora; do
+for r in diag_seqft diag_ncft diag_excl_ncft diag_olora diag_wncft; do
   $PY benchmarks/forgetting_diagnosis.py "$OUT/$r" --out "$OUT/$r/diagnosis.json"
 done
 # 4. Task-specific neurons after multi-task fine-tuning (Leng & Xiong's matrices).
@@ -39,7 +39,7 @@ $EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" --methods per
 R=benchmarks/results
 $EV table "$OUT"/o1_seqft "$OUT"/o1_ncft "$OUT"/o1_wncft "$OUT"/o1_olora "$OUT"/o1_seqlora "$OUT"/o1_per_task \
   --out $R/evidence_o1.json
-$EV table "$OUT"/diag_seqft "$OUT"/diag_ncft "$OUT"/diag_excl_ncft "$OUT"/diag_olora \
+$EV table "$OUT"/diag_seqft "$OUT"/diag_ncft "$OUT"/diag_excl_ncft "$OUT"/diag_wncft "$OUT"/diag_olora \
   --out $R/evidence_diag.json
 $EV bleu "$OUT"/lora10_lora "$OUT"/neft3_neurons --out $R/evidence_bleu_3pct.json
 $EV bleu "$OUT"/lora21_lora "$OUT"/neft6_neurons --out $R/evidence_bleu_6pct.json
