@@ -11,7 +11,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 EV="$PY benchmarks/evidence.py"
 
 # 1. Learning-rate grid per family, on dbpedia's held-out training rows.
-$EV grid examples/evidence_o1_smollm2.yaml --out "$OUT/grid" --extend 2 \
+$EV grid examples/evidence_o1_smollm2.yaml --out "$OUT/grid" --extend 1 \
   --family neurons=1e-4,3e-4,1e-3 --family full=1e-5,3e-5,1e-4 --family lora=1e-4,3e-4,1e-3
 # 2. Standard CL order O1, every method at its family's rate.
 $EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" \
