@@ -18,6 +18,8 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
 * `bleu RUN... --out FILE.json`: generation runs' BLEU with 95% bootstrap intervals
   over test sentences, paired differences vs the first run, trainable elements, and
   NeFT's utilization summary where the run has one.
+* `matrices [--grid grid.json] [--table table.json]`: the grid and each run's accuracy
+  matrix with per-cell intervals, as Markdown.
 * `table RUN...  --out FILE.json [--samples B]`: the accuracy matrix, AP, BWT and
   average forgetting of each run with 95% percentile bootstrap intervals over the
   evaluation examples (`ncft.analysis.bootstrap`), per-class prediction counts after
@@ -229,6 +231,41 @@ def bleu(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def grid_markdown(report: dict) -> str:
+    """The grid as a table: one row per family, held-out accuracy per rate, best in bold."""
+    lines = ["| family | rate: held-out accuracy | chosen |", "|---|---|---|"]
+    for family, scores in report["scores"].items():
+        cells = ", ".join(
+            (f"**{r}: {v:.2f}**" if r == report["best"][family] else f"{r}: {v:.2f}")
+            for r, v in sorted(scores.items(), key=lambda kv: float(kv[0])))
+        lines.append(f"| {family} | {cells} | {report['best'][family]} |")
+    return "\n".join(lines)
+
+
+def matrix_markdown(row: dict) -> str:
+    """One run's accuracy matrix (task i after stage j) with per-cell 95% intervals."""
+    tasks = row["tasks"]
+    lines = ["| task \\ after | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for i, name in enumerate(tasks):
+        cells = []
+        for j in range(len(tasks)):
+            value, ci = row["matrix"][i][j], row["cell_ci95"].get(f"{i},{j}")
+            cells.append("" if value is None else
+                         f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def matrices(args: argparse.Namespace) -> None:
+    """The `matrices` subcommand: the grid and each table row's matrix, as Markdown."""
+    parts = []
+    if args.grid:
+        parts += ["### Learning-rate grid", grid_markdown(json.loads(Path(args.grid).read_text()))]
+    for row in json.loads(Path(args.table).read_text()) if args.table else []:
+        parts += [f"### {row['method']} (lr {row['lr']})", matrix_markdown(row)]
+    print("\n\n".join(parts))
+
+
 def main(argv: list[str] | None = None) -> None:  # noqa: D103
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -259,8 +296,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     b.add_argument("--out", required=True)
     b.add_argument("--samples", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("matrices")
+    m.add_argument("--grid")
+    m.add_argument("--table")
     args = parser.parse_args(argv)
-    {"grid": grid, "run": run, "table": table, "bleu": bleu}[args.cmd](args)
+    {"grid": grid, "run": run, "table": table, "bleu": bleu, "matrices": matrices}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_grid_runs_table_and_diagnosis(tmp_path):
     rows = json.loads((tmp_path / "table.json").read_text())
     assert rows[0]["vs_first_run"] is None and rows[1]["vs_first_run"] is not None
     assert rows[0]["eval_examples"] == {"sst2": 6, "agnews": 6}
+    text = _run(EVIDENCE, "matrices", "--grid", out / "grid" / "grid.json",
+                "--table", tmp_path / "table.json")
+    assert f"**{best}: " in text and "| sst2 | " in text and "### seqft" in text
 
     _run(DIAGNOSIS, out / "d_ncft", "--out", tmp_path / "diag.json")
     diag = json.loads((tmp_path / "diag.json").read_text())
