@@ -113,26 +113,32 @@ def interval(values: np.ndarray) -> list[float] | None:
 
 def prediction_counts(results: dict[str, Any], labels: dict[str, Sequence[str]] | None = None
                       ) -> dict[str, list[dict[str, int] | None]]:
-    """`{task: [per stage {label: count}]}`; unknown predictions count as "(other)".
+    """`{task: [per stage {label: count}]}` of what the model answered.
 
     Args:
         results: A run's results.json.
-        labels: Each task's label strings. A prediction that normalises to one of them
-            counts as that label, anything else as "(other)"; a task without labels
-            counts its predictions as they are.
+        labels: Each task's label strings. A prediction that normalises to one of the
+            task's own labels counts as that label; one that is ANOTHER task's label
+            counts as `"<task>: <label>"` (the model answering the wrong task, a form of
+            interference), anything else as "(other)". A task without labels counts its
+            predictions as they are.
     """
+    labels = labels or {}
     out: dict[str, list[dict[str, int] | None]] = {}
     for name in results["tasks"]:
+        foreign = {normalize_answer(lab): f"{other}: {lab}"
+                   for other, labs in labels.items() if other != name for lab in labs}
+        own = {normalize_answer(lab): lab for lab in labels.get(name, [])}
         per_stage: list[dict[str, int] | None] = []
-        known = {normalize_answer(lab): lab for lab in (labels or {}).get(name, [])}
         for detail in results["details"].get(name, []):
             if not detail or "predictions" not in detail:
                 per_stage.append(None)
                 continue
             counts: Counter[str] = Counter()
             for pred in detail["predictions"]:
-                if known:
-                    counts[known.get(normalize_answer(pred), OTHER)] += 1
+                key = normalize_answer(pred)
+                if own:
+                    counts[own.get(key) or foreign.get(key) or OTHER] += 1
                 else:
                     counts[pred] += 1
             per_stage.append(dict(counts.most_common()))

@@ -98,10 +98,10 @@ def test_outcomes_refuse_different_example_sets_per_task():
 
 
 def test_prediction_counts_map_normalised_labels_and_count_the_rest(tmp_path):
-    results = _results({(0, 0): [1, 1, 0, 0]}, predictions={
-        (0, 0): ["good", "Good.", "bad", "a very good film"]})
-    counts = prediction_counts(results, {"a": ["Good", "Bad"]})
-    assert counts["a"][0] == {"Good": 2, "Bad": 1, OTHER: 1}
+    results = _results({(0, 0): [1, 1, 0, 0, 0]}, predictions={
+        (0, 0): ["good", "Good.", "bad", "a very good film", "Y"]})
+    counts = prediction_counts(results, {"a": ["Good", "Bad"], "b": ["x", "y"]})
+    assert counts["a"][0] == {"Good": 2, "Bad": 1, OTHER: 1, "b: y": 1}
     assert counts["a"][1] is None and counts["b"] == [None, None]
 
 
