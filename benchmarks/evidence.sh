@@ -24,15 +24,15 @@ $EV run examples/evidence_sst2_agnews.yaml --prefix diag_excl_ --grid "$G" --out
 for r in diag_seqft diag_ncft diag_excl_ncft diag_olora diag_wncft; do
   $PY benchmarks/forgetting_diagnosis.py "$OUT/$r" --out "$OUT/$r/diagnosis.json"
 done
-# 4. Task-specific neurons after multi-task fine-tuning (Leng & Xiong's matrices).
-$EV run examples/evidence_neurons_study.yaml --prefix study_ --grid "$G" --out "$OUT" \
-  --methods ncft --rate training.lr=full --rate study.finetune_lr=neurons
-# 5. NeFT vs LoRA on EN -> ES at matched trainable parameters (3% / r=10, 6% / r=21).
+# 4. NeFT vs LoRA on EN -> ES at matched trainable parameters (3% / r=10, 6% / r=21).
 S=examples/evidence_neft_lora.yaml
 $EV run $S --grid "$G" --out "$OUT" --prefix neft3_ --methods neurons --set selection.fraction=0.03
 $EV run $S --grid "$G" --out "$OUT" --prefix lora10_ --methods lora --set lora.r=10 --set lora.alpha=20
 $EV run $S --grid "$G" --out "$OUT" --prefix neft6_ --methods neurons --set selection.fraction=0.06
 $EV run $S --grid "$G" --out "$OUT" --prefix lora21_ --methods lora --set lora.r=21 --set lora.alpha=42
+# 5. Task-specific neurons after multi-task fine-tuning (Leng & Xiong's matrices).
+$EV run examples/evidence_neurons_study.yaml --prefix study_ --grid "$G" --out "$OUT" \
+  --methods ncft --rate training.lr=full --rate study.finetune_lr=neurons
 # 6. Per-task fine-tuning (the reference row of the O1 table).
 $EV run examples/evidence_o1_smollm2.yaml --grid "$G" --out "$OUT" --methods per_task
 # 7. Tables (benchmarks/results/evidence_*.json and .md).
