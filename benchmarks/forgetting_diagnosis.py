@@ -15,7 +15,8 @@ results and checkpoints and reports, after every stage:
    stage 1 and after the last stage, forward the first task's evaluation prompts and
    read each unit's activation (the input of `down_proj`) at the last prompt token,
    for the first task's units, the last task's units, and as many random units of the
-   same layers (seeded). Per group: the relative change of the activations from
+   same layers (seeded; a run without NeuronSets gets 5% random units per layer).
+   Per group: the relative change of the activations from
    stage 1 to the end; the correlation, over units, of each unit's class separation
    (d', difference of class means over the pooled std) between the two; and the
    accuracy of a ridge probe fit on stage-1 activations, applied unchanged at the end
@@ -140,10 +141,34 @@ def unit_report(before: np.ndarray, after: np.ndarray, positive: np.ndarray) -> 
     }
 
 
-def _model(path: str, weights: Path | None):
+def merged_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft-wrapped state dict (LoRA methods' checkpoints) as plain weights.
+
+    `W = base_layer + scale * sum_k B_k @ A_k` over every adapter k (O-LoRA keeps one
+    per task, all active at inference), with `scale = alpha / r`.
+    """
+    prefix = "base_model.model."
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        out[key[len(prefix):].replace(".base_layer.", ".")] = value.clone()
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        module = key[len(prefix):].split(".lora_A.")[0]
+        out[f"{module}.weight"] += scale * (b.double() @ a.double()).to(a.dtype)
+    return out
+
+
+def _model(path: str, weights: Path | None, lora_scale: float = 1.0):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if weights is not None:
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        state = merged_lora(load_file(str(weights)), lora_scale)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         # A checkpoint stores tied weights once (SmolLM2 ties lm_head to the embeddings).
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
@@ -176,19 +201,23 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     prompts = [ex.prompt for ex in examples]
     stages = {"base": None, "stage1": layout.stage_dir(0, first.name) / "model.safetensors",
               "end": layout.stage_dir(len(spec.tasks) - 1, last.name) / "model.safetensors"}
-    acts = {k: activations(_model(path, w), tokenizer, prompts, first.max_length)
+    scale = spec.lora.alpha / spec.lora.r
+    acts = {k: activations(_model(path, w, scale), tokenizer, prompts, first.max_length)
             for k, w in stages.items()}
     model = _model(path, None)
     blocks = get_adapter(model).mlp_blocks(model)
     groups = {}
+    gen = torch.Generator().manual_seed(0)
     if layout.neuron_file(first.name).is_file():
         groups[f"{first.name} units"] = NeuronSet.load(layout.neuron_file(first.name)).units(blocks)
         groups[f"{last.name} units"] = NeuronSet.load(layout.neuron_file(last.name)).units(blocks)
-        gen = torch.Generator().manual_seed(0)
-        groups["random units"] = {layer: torch.randperm(blocks[layer].d_ff, generator=gen)[
-            : len(idx)] for layer, idx in groups[f"{first.name} units"].items()}
-    else:  # full fine-tuning: every unit
-        groups["all units"] = {b.layer: torch.arange(b.d_ff) for b in blocks}
+        sizes = {layer: len(idx) for layer, idx in groups[f"{first.name} units"].items()}
+    else:  # no NeuronSet (full fine-tuning, LoRA): 5% of each layer's units at random
+        sizes = {b.layer: max(1, round(0.05 * b.d_ff)) for b in blocks}
+    # As many random units per layer (a probe over every unit would need a
+    # units x units solve: 46k x 46k for SmolLM2).
+    groups["random units"] = {layer: torch.randperm(blocks[layer].d_ff, generator=gen)[:k]
+                              for layer, k in sizes.items()}
     report["units"] = {
         name: {"base_to_stage1": unit_report(gather(acts["base"], u), gather(acts["stage1"], u),
                                              positive),
