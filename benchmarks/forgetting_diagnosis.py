@@ -72,7 +72,11 @@ def margin_report(results: dict, task: str, gold: list[str], labels: list[str]) 
         if len(labels) == 2:
             sign = np.asarray([1.0 if g == labels[0] else -1.0 for g in gold])
             s = margins * sign  # score(label 0) - score(label 1)
+            # Thresholding s at its own median instead of 0 removes a shift of the
+            # label prior without using labels: what a calibrated read-out could reach.
+            median_cut = np.where(s > np.median(s), 1.0, -1.0)
             row.update({"auc": auc(s, sign > 0), "median_s": float(np.median(s)),
+                        "accuracy_at_median_threshold": float((median_cut == sign).mean()),
                         "mean_s_by_gold": {labels[0]: float(s[sign > 0].mean()),
                                            labels[1]: float(s[sign < 0].mean())}})
         out.append(row)
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--margins-only", action="store_true",
+                        help="only prediction counts and margins (no model forwards)")
     parser.add_argument("--examples", type=int, default=None,
                         help="first-task prompts to forward (default: all evaluated)")
     args = parser.parse_args(argv)
@@ -195,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
                         results, {first.name: first.labels})[first.name],
                     "margins": margin_report(results, first.name, gold[: len(
                         results["details"][first.name][0]["correct"])], first.labels)}
+    if args.margins_only:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(yaml.safe_dump(report["margins"], sort_keys=False))
+        return
     positive = np.asarray([g == first.labels[0] for g in gold])
     path = resolve_model(spec.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)

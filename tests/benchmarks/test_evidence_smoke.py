@@ -83,6 +83,7 @@ def test_grid_runs_table_and_diagnosis(tmp_path):
     assert sum(diag["prediction_counts"][0].values()) == 6
     assert [m["after"] for m in diag["margins"]] == ["sst2", "agnews"]
     assert 0 <= diag["margins"][1]["auc"] <= 1
+    assert 0 <= diag["margins"][1]["accuracy_at_median_threshold"] <= 1
     units = diag["units"]["sst2 units"]["stage1_to_end"]
     assert units["units"] > 0 and units["relative_change"] > 0
 
