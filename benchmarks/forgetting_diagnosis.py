@@ -45,7 +45,7 @@ from launcher.run.task_data import load_task
 from launcher.spec.schema import load_spec
 from ncft.analysis.bootstrap import prediction_counts
 from ncft.arch import get_adapter
-from ncft.evaluate import _prompt_ids
+from ncft.data.examples import prompt_ids
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import RunLayout
 
@@ -94,7 +94,7 @@ def activations(model, tokenizer, prompts: list[str], max_length: int) -> dict[i
     model.eval()
     with torch.no_grad():
         for prompt in prompts:  # one at a time: no padding, the last token is the prompt's
-            ids = torch.tensor([_prompt_ids(tokenizer, prompt, max_length - 1)])
+            ids = torch.tensor([prompt_ids(tokenizer, prompt, max_length - 1)])
             model(input_ids=ids)
     for h in hooks:
         h.remove()

@@ -69,6 +69,16 @@ def local_flat(t: torch.Tensor) -> torch.Tensor:
     return local.view(-1)
 
 
+def share(num: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of `num` items; shares differ by at most one."""
+    return range(rank * num // world_size, (rank + 1) * num // world_size)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a HF model output (or the tensor itself)."""
+    return output.logits if hasattr(output, "logits") else output
+
+
 def device_of(engine: Engine) -> torch.device:
     """The device the engine computes on: `engine.device`.
 

@@ -1,8 +1,8 @@
-"""Task evaluation on any engine: constrained classification, greedy generation, scores.
+"""Task evaluation on any engine: constrained classification, generation scores.
 
 Every function here runs on every rank and returns the same number everywhere. Each
-rank evaluates a contiguous share of the examples (`np.array_split` style: shares
-differ by at most one), and totals are summed with `engine.all_reduce_`.
+rank evaluates a contiguous share of the examples (`ncft.engine.share`: shares differ
+by at most one), and results are summed with `engine.all_reduce_`.
 
 Sharded engines (ZeRO-3, FSDP) gather parameters inside `forward`, so a forward is a
 collective: every rank must call it the same number of times. Ranks with a smaller
@@ -11,9 +11,10 @@ thrown away; the number of forwards is computed from the data sizes alone, never
 what a rank happens to hold.
 
 Classification is scored one of two ways (`eval.classification`): `rank` (the label
-whose tokens get the highest summed log-probability wins, `classification_accuracy`)
-or `generate` (greedy decoding, then exact match after O-LoRA's normalisation,
-`generated_accuracy`: the protocol of O-LoRA and of the papers' tables).
+whose tokens get the highest summed log-probability wins, `label_scores` and
+`rank_records`) or `generate` (greedy decoding, then exact match after O-LoRA's
+normalisation, `ncft.generation.generated_records`: the protocol of O-LoRA and of the
+papers' tables).
 
 Scores are all in [0, 1]: accuracy, ROUGE-L F-measure, and BLEU divided by 100 (so
 one task score can sit next to another in the accuracy matrix and retention ratios
@@ -25,36 +26,17 @@ Shapes: B batch rows, T tokens, V vocabulary, K labels.
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ncft.data.examples import IGNORE, Example, collate, encode
-from ncft.engine import Engine, device_of, eval_mode
+from ncft.data.examples import IGNORE, Example, collate, encode, pad_id
+from ncft.engine import Engine, device_of, eval_mode, logits_of, share
+from ncft.generation import generate_greedy, generated_records
 
 METRICS = ("bleu", "rougeL")
 CLASSIFICATION = ("rank", "generate")
-_PREDICTION_CHARS = 40  # a generated prediction is stored cut to this many characters
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def share(num: int, rank: int, world_size: int) -> range:
-    """This rank's contiguous share of `num` items; shares differ by at most one."""
-    return range(rank * num // world_size, (rank + 1) * num // world_size)
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
-    return pad
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 # --- classification ----------------------------------------------------------------------
@@ -124,43 +106,21 @@ def label_scores(
     dummy = encode([Example(examples[0].prompt, labels[0])], tokenizer, max_length, add_eos)
     largest = -(-len(examples) // engine.world_size) * len(labels)
     num_forwards = -(-largest // batch_size)
-    device, pad_id = device_of(engine), _pad_id(tokenizer)
+    device, pad = device_of(engine), pad_id(tokenizer)
     scores: list[torch.Tensor] = []
     with torch.no_grad(), eval_mode(engine.module):
         for b in range(num_forwards):
             chunk = pairs[b * batch_size : (b + 1) * batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk or dummy, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(chunk or dummy, pad).items()}
             output = engine.forward({"input_ids": batch["input_ids"],
                                      "attention_mask": batch["attention_mask"],
                                      "use_cache": False})
             if chunk:
-                scores.append(_answer_logprobs(_logits(output), batch["labels"]))
+                scores.append(_answer_logprobs(logits_of(output), batch["labels"]))
     all_NK = torch.zeros((len(examples), len(labels)), dtype=torch.float64, device=device)
     if mine:
         all_NK[span.start : span.stop] = torch.cat(scores).view(len(mine), len(labels))
     return engine.all_reduce_(all_NK).cpu()
-
-
-def classification_accuracy(
-    engine: Engine,
-    tokenizer,
-    examples: Sequence[Example],
-    labels: Sequence[str],
-    batch_size: int,
-    max_length: int,
-    add_eos: bool = True,
-) -> float:
-    """Accuracy of constrained decoding: the most likely label string wins.
-
-    Scores come from `label_scores` (same arguments). Ties go to the label listed first.
-
-    Returns:
-        Fraction of examples whose best-scoring label is the gold one, over all ranks.
-    """
-    scores_NK = label_scores(engine, tokenizer, examples, labels, batch_size, max_length,
-                             add_eos)
-    return rank_records(scores_NK, examples, labels)["accuracy"]
-
 
 def rank_records(
     scores_NK: torch.Tensor, examples: Sequence[Example], labels: Sequence[str]
@@ -184,217 +144,6 @@ def rank_records(
             "predictions": [labels[k] for k in predicted_N.tolist()],
             "correct": correct_N.int().tolist(),
             "margins": [round(float(m), 4) for m in margins]}
-
-
-# --- generation --------------------------------------------------------------------------
-
-
-def _prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
-    """Prompt tokens as `encode` makes them, cut from the left (BOS kept) to `limit`."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if limit is None or len(ids) <= limit:
-        return ids
-    head = ids[:1] if ids and ids[0] == tokenizer.bos_token_id else []
-    return head + ids[len(ids) - (limit - len(head)) :]
-
-
-def _decode_state(
-    rows: list[list[int]],
-    width: int,
-    max_new_tokens: int,
-    pad_id: int,
-    active: bool,
-    device: torch.device,
-) -> tuple[torch.Tensor, ...]:
-    """Start state shared by both greedy decoders.
-
-    Returns (ids [B, width] right-padded, attention mask [B, width], lengths [B],
-    done [B] (all True for a dummy batch), new tokens [B, max_new] zeros, arange [B]).
-    """
-    num = len(rows)
-    ids_BT = torch.full((num, width), pad_id, dtype=torch.long, device=device)
-    mask_BT = torch.zeros((num, width), dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        ids_BT[b, : len(row)] = torch.tensor(row, device=device)
-        mask_BT[b, : len(row)] = 1
-    lengths_B = torch.tensor([len(r) for r in rows], device=device)
-    done_B = torch.full((num,), not active, dtype=torch.bool, device=device)
-    new_BN = torch.zeros((num, max_new_tokens), dtype=torch.long, device=device)
-    arange_B = torch.arange(num, device=device)
-    return ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B
-
-
-def _any_rank_running(engine: Engine, done_B: torch.Tensor, device: torch.device) -> bool:
-    """Whether any rank still has a live row (a collective: every rank must call it)."""
-    running = torch.tensor([0.0 if bool(done_B.all()) else 1.0], device=device)
-    return float(engine.all_reduce_(running)[0]) != 0.0
-
-
-def _greedy_batch(
-    engine: Engine,
-    rows: list[list[int]],
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int | None,
-    active: bool,
-) -> torch.Tensor:
-    """Greedy-decode right-padded rows; return new tokens + 1 (0 = none) [B, max_new].
-
-    Right padding keeps positions 0..len-1 for every row, so no position ids are needed,
-    and causal attention never lets a real token see the padding after it. Every rank
-    runs a forward while ANY rank still decodes (`active=False` marks a dummy batch).
-    """
-    device = device_of(engine)
-    width = max(len(r) for r in rows) + max_new_tokens
-    ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B = _decode_state(
-        rows, width, max_new_tokens, pad_id, active, device)
-    for step in range(max_new_tokens):
-        if not _any_rank_running(engine, done_B, device):
-            break
-        w = int(lengths_B.max())
-        output = engine.forward({"input_ids": ids_BT[:, :w], "attention_mask": mask_BT[:, :w],
-                                 "use_cache": False})
-        next_B = _logits(output)[arange_B, lengths_B - 1].argmax(-1)
-        if eos_id is not None:
-            stop_B = ~done_B & (next_B == eos_id)
-            done_B |= stop_B
-        live_B = ~done_B
-        new_BN[live_B, step] = next_B[live_B] + 1
-        ids_BT[arange_B[live_B], lengths_B[live_B]] = next_B[live_B]
-        mask_BT[arange_B[live_B], lengths_B[live_B]] = 1
-        lengths_B = lengths_B + live_B.long()
-    return new_BN
-
-
-def _greedy_batch_cached(
-    engine: Engine,
-    rows: list[list[int]],
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int | None,
-    active: bool,
-) -> torch.Tensor:
-    """`_greedy_batch` with the model's KV cache: one new token per row per forward.
-
-    The prompt is prefilled right-padded, as `_greedy_batch` runs it. Every later step
-    appends one cache slot to every row: a live row's new token, with its own position
-    id (its length so far); a stopped row's padding, masked out. The padding between a
-    short prompt and its first generated token stays in the cache, masked, so each row
-    attends to exactly the tokens `_greedy_batch` would show it, at the same
-    positions. Same forward count and early exit as `_greedy_batch`.
-    """
-    device = device_of(engine)
-    width = max(len(r) for r in rows)
-    ids_BT, mask_BT, lengths_B, done_B, new_BN, arange_B = _decode_state(
-        rows, width, max_new_tokens, pad_id, active, device)
-    batch: dict[str, Any] = {"input_ids": ids_BT, "attention_mask": mask_BT, "use_cache": True}
-    for step in range(max_new_tokens):
-        if not _any_rank_running(engine, done_B, device):
-            break
-        output = engine.forward(batch)
-        logits_BTV = _logits(output)
-        # Prefill: each row's last prompt token; later: the one token fed.
-        last_B = lengths_B - 1 if step == 0 else torch.zeros_like(lengths_B)
-        next_B = logits_BTV[arange_B, last_B].argmax(-1)
-        if eos_id is not None:
-            done_B |= ~done_B & (next_B == eos_id)
-        live_B = ~done_B
-        new_BN[live_B, step] = next_B[live_B] + 1
-        mask_BT = torch.cat([mask_BT, live_B.long().unsqueeze(1)], dim=1)
-        batch = {"input_ids": torch.where(live_B, next_B, pad_id).unsqueeze(1),
-                 "attention_mask": mask_BT, "position_ids": lengths_B.unsqueeze(1),
-                 "past_key_values": output.past_key_values, "use_cache": True}
-        lengths_B = lengths_B + live_B.long()
-    return new_BN
-
-
-def generate_greedy(
-    engine: Engine,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    max_prompt_length: int | None = None,
-    use_cache: bool = True,
-) -> list[str]:
-    """Greedy continuations of `prompts`, decoded, identical on every rank.
-
-    With `use_cache` each step feeds one token per row and reuses the model's KV cache
-    (`_greedy_batch_cached`); without it, each step re-runs the whole sequence (the
-    reference path, quadratic in the output length). A row stops at EOS (not included
-    in the text); the batch stops when all rows on all ranks have stopped, or after
-    `max_new_tokens`.
-
-    Args:
-        engine: The model (runs under `no_grad`, in eval mode).
-        tokenizer: The HF tokenizer used for training.
-        prompts: Prompt texts, tokenized as `encode` tokenizes prompts.
-        max_new_tokens: Generation length limit.
-        batch_size: Prompts per forward on each rank.
-        max_prompt_length: Token limit of a prompt; longer prompts are cut from the
-            left (BOS kept), as `encode` cuts them. None: no limit.
-        use_cache: Decode with the model's KV cache (same tokens, linear cost).
-
-    Returns:
-        One stripped string per prompt, in order (every rank gets all of them).
-    """
-    if not prompts:
-        raise ValueError("prompts must not be empty")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got "
-                         f"{max_new_tokens}, {batch_size}")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    limit = max_prompt_length
-    span = share(len(prompts), engine.rank, engine.world_size)
-    mine = [_prompt_ids(tokenizer, prompts[i], limit) for i in span]
-    dummy = [_prompt_ids(tokenizer, prompts[0], limit)]
-    largest = -(-len(prompts) // engine.world_size)
-    num_batches = -(-largest // batch_size)
-    device, pad_id = device_of(engine), _pad_id(tokenizer)
-    # Each rank writes its own rows into a zero tensor; summing over ranks gathers them
-    # (the Engine protocol offers all-reduce only).
-    new_NT = torch.zeros((len(prompts), max_new_tokens), dtype=torch.long, device=device)
-    decode = _greedy_batch_cached if use_cache else _greedy_batch
-    with torch.no_grad(), eval_mode(engine.module):
-        for b in range(num_batches):
-            rows = mine[b * batch_size : (b + 1) * batch_size]
-            out = decode(engine, rows or dummy, max_new_tokens, pad_id,
-                         tokenizer.eos_token_id, active=bool(rows))
-            if rows:
-                lo = span.start + b * batch_size
-                new_NT[lo : lo + len(rows)] = out
-    engine.all_reduce_(new_NT)
-    texts = []
-    for row in new_NT.cpu():
-        ids = (row[row > 0] - 1).tolist()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return texts
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, ASCII punctuation removed, whitespace runs collapsed to one space.
-
-    O-LoRA's exact match (`src/compute_metrics.py`, taken from Super-NaturalInstructions:
-    SQuAD v1.1's normalisation without removing articles).
-    """
-    return " ".join(_PUNCTUATION.sub("", text.lower()).split())
-
-
-def generated_accuracy(
-    engine: Engine, tokenizer, examples: Sequence[Example], max_new_tokens: int,
-    batch_size: int, max_prompt_length: int | None = None,
-) -> tuple[float, list[str]]:
-    """Greedy-decode each prompt and compare it with its label (`normalize_answer`).
-
-    Returns:
-        The fraction of exact matches (the same on every rank) and the decoded texts.
-    """
-    texts = generate_greedy(engine, tokenizer, [ex.prompt for ex in examples], max_new_tokens,
-                            batch_size, max_prompt_length)
-    hits = [normalize_answer(t) == normalize_answer(ex.answer) for t, ex in zip(texts, examples)]
-    return sum(hits) / len(hits), texts
-
 
 def text_scores(
     hypotheses: Sequence[str], references: Sequence[str], metrics: Sequence[str]
@@ -467,8 +216,8 @@ def evaluate_task(
         max_length: The task's token limit (prompt + answer); generation prompts are
             cut to `max_length - 1` tokens, as `encode` cuts them for a 1-token answer.
         max_new_tokens: Generation length limit.
-        classification: "rank" (`classification_accuracy`) or "generate"
-            (`generated_accuracy`; the generation length is `max_new_tokens`).
+        classification: "rank" (`label_scores`, `rank_records`) or "generate"
+            (`generated_records`; the generation length is `max_new_tokens`).
 
     Returns:
         `{"accuracy", "score", "predictions", "correct"}` (rank mode adds "margins",
@@ -480,12 +229,8 @@ def evaluate_task(
         if not labels:
             raise ValueError("format=classification needs labels")
         if classification == "generate":
-            acc, texts = generated_accuracy(engine, tokenizer, examples, max_new_tokens,
-                                            batch_size, max(1, max_length - 1))
-            gold = [normalize_answer(ex.answer) for ex in examples]
-            said = [normalize_answer(t) for t in texts]
-            scores = {"accuracy": acc, "predictions": [t[:_PREDICTION_CHARS] for t in said],
-                      "correct": [int(a == b) for a, b in zip(said, gold)]}
+            scores = generated_records(engine, tokenizer, examples, max_new_tokens,
+                                       batch_size, max(1, max_length - 1))
         elif classification == "rank":
             scores = rank_records(
                 label_scores(engine, tokenizer, examples, labels, batch_size, max_length),

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from ncft.continual.metrics import average_forgetting, average_performance, backward_transfer
-from ncft.evaluate import normalize_answer
+from ncft.generation import normalize_answer
 from ncft.run_layout import RunLayout
 
 OTHER = "(other)"

@@ -36,7 +36,7 @@ from ncft.continual import routing, wncft
 from ncft.continual.methods import LORA_METHODS, NEURON_METHODS, method
 from ncft.continual.metrics import cl_summary
 from ncft.data.examples import batches as share_batches
-from ncft.data.examples import collate, encode
+from ncft.data.examples import collate, encode, pad_id
 from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
 from ncft.masks.plan import freeze_unselected, install
@@ -165,7 +165,7 @@ def stage_steps(
     encoded = encode(task.train, tokenizer, task.max_length)
     # The order depends on seed and stage only, so a resumed stage repeats itself.
     gen = torch.Generator().manual_seed(seed * 1000 + stage)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     micro = []
     while True:  # epochs until the caller stops taking steps
         order = torch.randperm(len(encoded), generator=gen).tolist()

@@ -31,7 +31,8 @@ import torch
 
 from ncft.continual import wncft
 from ncft.engine import Engine
-from ncft.evaluate import generate_greedy, task_score, text_scores
+from ncft.evaluate import task_score, text_scores
+from ncft.generation import generate_greedy
 
 EvalFn = Callable[[Sequence[Any]], dict[str, Any]]
 

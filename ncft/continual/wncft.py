@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ncft.data.examples import IGNORE, batches, collate
+from ncft.data.examples import IGNORE, batches, collate, pad_id, prompt_ids
 from ncft.engine import Engine, device_of, eval_mode
 from ncft.io import atomic_file, write_text
 from ncft.neuron_set import NeuronSet
@@ -80,14 +80,10 @@ def prompt_batches(
         raise ValueError("prompts must not be empty")
     encoded = []
     for prompt in prompts:
-        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if len(ids) > max_length:
-            head = ids[:1] if ids[0] == tokenizer.bos_token_id else []
-            ids = head + ids[len(ids) - (max_length - len(head)) :]
-        t = torch.tensor(ids, dtype=torch.long)
+        t = torch.tensor(prompt_ids(tokenizer, prompt, max_length), dtype=torch.long)
         encoded.append({"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [collate(share, pad_id)
+    pad = pad_id(tokenizer)
+    return [collate(share, pad)
             for share in batches(encoded, batch_size, rank, world_size, last="pad")]
 
 

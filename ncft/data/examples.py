@@ -166,6 +166,31 @@ def encode(
     return [_encode_one(ex, tokenizer, max_length, add_eos) for ex in examples]
 
 
+def pad_id(tokenizer) -> int:
+    """The id `collate` pads with: the tokenizer's pad token, else its EOS token.
+
+    Raises:
+        ValueError: If the tokenizer has neither.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+    return pad
+
+
+def prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
+    """Prompt tokens as `encode` makes them, cut from the left (BOS kept) to `limit`.
+
+    Generation and task vectors feed prompts without answers; cutting them the way
+    `encode` cuts a training prompt keeps the text right before the answer.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if limit is None or len(ids) <= limit:
+        return ids
+    head = ids[:1] if ids and ids[0] == tokenizer.bos_token_id else []
+    return head + ids[len(ids) - (limit - len(head)) :]
+
+
 def collate(encoded: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded examples into one batch: ids `pad_id`, mask 0, labels -100."""
     if not encoded:

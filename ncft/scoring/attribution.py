@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate, data_hash
-from ncft.engine import Engine, device_of, eval_mode
+from ncft.engine import Engine, device_of, eval_mode, logits_of
 from ncft.selection import Group, Scores
 
 AGGREGATION = "sum_abs_act_x_grad over tokens"
@@ -145,11 +145,6 @@ def answer_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tens
     ).view(target.shape)
     counts = (target != IGNORE).sum(dim=1).clamp(min=1)
     return (token_loss.sum(dim=1) / counts).sum()
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a HF model output (or the tensor itself)."""
-    return output.logits if hasattr(output, "logits") else output
 
 
 

@@ -12,6 +12,7 @@ set; the checksum is verified across ranks before it is used.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -93,9 +94,8 @@ def exclude_owned(scores: Scores, groups: Sequence[Group], owned: Sequence[Neuro
         indices per group, to check that the choice stayed clear of them.
     """
     excluded = {g.name: torch.zeros(0, dtype=torch.long) for g in groups}
-    for nset in owned:
-        for name, idx in selected_of(nset, groups).items():
-            excluded[name] = torch.unique(torch.cat([excluded[name], idx]))
+    if owned:
+        excluded |= selected_of(functools.reduce(NeuronSet.union, owned), groups)
     worst = float("inf") if reverse else float("-inf")
     out = {}
     for g in groups:

@@ -1,7 +1,7 @@
 """One launched job: greedy generation with and without the KV cache, sharded.
 
 Run under torchrun by tests/ncft/test_evaluate_dist.py. Per backend, the
-position-sensitive tiny Llama (tests/ncft/test_evaluate.py `sharp_model`) generates
+position-sensitive tiny Llama (tests/support/review_lm.py `sharp_model`) generates
 for prompts of mixed lengths, cached and uncached; each rank records the token texts
 and how many forwards it ran (every rank must run the same number under sharding).
 """
@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from launcher.engines import OptimConfig, build_engine
-from ncft.evaluate import generate_greedy
-from tests.ncft.test_evaluate import MIXED, WORDS, sharp_model
+from ncft.generation import generate_greedy
+from tests.support.review_lm import MIXED, WORDS, sharp_model
 from tests.support.spawn import backends_main
 from tests.support.tiny import word_tokenizer
 

@@ -56,8 +56,8 @@ EXPECTED_ORIGINS = {
                     "launcher/run/backend.py:save_stage", "launcher/run/studies.py"],
     "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                        "launcher/run/progress.py", "launcher/run/checkpoint.py"],
-    "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/evaluate.py:_any_rank_running",
-                         "ncft/evaluate.py:generate_greedy"],
+    "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/generation.py:_any_rank_running",
+                         "ncft/generation.py:generate_greedy"],
 }
 
 

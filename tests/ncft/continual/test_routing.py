@@ -118,7 +118,8 @@ def test_example_weights_same_on_every_rank_with_equal_forwards():
 
 
 def test_generation_scores_all_hypotheses_together():
-    from ncft.evaluate import generate_greedy, text_scores
+    from ncft.evaluate import text_scores
+    from ncft.generation import generate_greedy
 
     tok = word_tokenizer(WORDS)
     engine = FakeEngine(tiny_llama(seed=2))
