@@ -233,12 +233,40 @@ def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEnt
         w_idx = w_sel.indices if w_sel is not None else None
         b_idx = b_sel.indices if b_sel is not None else None
         delta = SparseDelta(weight, axis, w_idx, bias, b_idx, isinstance(module, Conv1D))
-        module.add_module(DELTA_ATTR, delta)
-        module.forward = types.MethodType(_delta_forward, module)
-        entries.append(
-            DeltaEntry(module_fqn, axis if w_sel is not None else None, w_idx, b_idx, delta)
-        )
+        entries.append(_attach(module, module_fqn, delta))
     return entries
+
+
+def _attach(module: nn.Module, module_fqn: str, delta: SparseDelta) -> DeltaEntry:
+    module.add_module(DELTA_ATTR, delta)
+    module.forward = types.MethodType(_delta_forward, module)
+    axis = delta.axis if delta.weight_idx is not None else None
+    return DeltaEntry(module_fqn, axis, delta.weight_idx, delta.bias_idx, delta)
+
+
+def mirror(model: nn.Module, entries: Iterable[DeltaEntry]) -> list[DeltaEntry]:
+    """Give `model` deltas like `entries`' (same projections and indices), values unset.
+
+    For an engine that builds its own copy of a model's structure and then fills every
+    parameter from the files: ZeRO-3's twin is made under `deepspeed.zero.Init`, which
+    partitions each parameter as its module is constructed, so the deltas must be made
+    there too (`launcher.engines.loading.zero3_model`). Their values come from the
+    files with the rest (`launcher.run.delta_weights`). Freezes nothing: the caller
+    copies `requires_grad` from the model it mirrors.
+
+    Returns:
+        The new entries, in the order given.
+    """
+    out = []
+    for entry in entries:
+        src = entry.delta
+        # No dtype: under zero.Init new tensors take the engine's compute dtype.
+        weight = torch.empty(src.weight.shape) if src.weight is not None else None
+        bias = torch.empty(src.bias.shape) if src.bias is not None else None
+        delta = SparseDelta(weight, src.axis, src.weight_idx, bias, src.bias_idx,
+                            src.transposed)
+        out.append(_attach(model.get_submodule(entry.module_fqn), entry.module_fqn, delta))
+    return out
 
 
 def installed(model: nn.Module) -> list[DeltaEntry]:
@@ -246,9 +274,9 @@ def installed(model: nn.Module) -> list[DeltaEntry]:
     out = []
     for name, module in model.named_modules():
         if isinstance(module, SparseDelta):
-            module_fqn = name.rsplit(".", 1)[0]
             axis = module.axis if module.weight_idx is not None else None
-            out.append(DeltaEntry(module_fqn, axis, module.weight_idx, module.bias_idx, module))
+            out.append(DeltaEntry(name.rsplit(".", 1)[0], axis, module.weight_idx,
+                                  module.bias_idx, module))
     return out
 
 

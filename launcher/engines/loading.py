@@ -35,6 +35,7 @@ from torch import nn
 from launcher.engines.weights import Replay, SafetensorsWeights, Weights
 
 __all__ = ["Replay", "SafetensorsWeights", "Weights", "fill_rows", "zero3_model"]
+from ncft import sparse_delta
 from ncft.engine import local_tensor
 from ncft.masks.layout import chunk_rows, flat_partition
 
@@ -196,6 +197,9 @@ def zero3_model(meta: nn.Module, ds_cfg: dict, weights: Weights, world_size: int
     with no_init_weights(), keep_arange(), \
             _partition_only(deepspeed.zero.Init)(config_dict_or_path=ds_cfg):
         model = type(meta)._from_config(meta.config, dtype=dtype)
+        # Sparse deltas (training.update=sparse_delta) are on the meta model only; the
+        # twin gets the same ones here, partitioned like the rest and filled below.
+        sparse_delta.mirror(model, sparse_delta.installed(meta))
     if prevent_arange_dtype_change is None:
         # Without it zero.Init built the rotary tables in the compute dtype: rebuild
         # them in fp32, as the newer transformers keeps them.
@@ -302,7 +306,9 @@ def report(engine: str, rank: int, peak: PeakMemory, weights: Weights) -> dict[s
         "engine": engine, "rank": rank, "rss_before_mib": round(peak.before / 1024, 1),
         "peak_added_mib": round(peak.added_mib, 1),
         "read_mib": round(weights.bytes_read / 2**20, 1),
-        "source": "files" if isinstance(weights, SafetensorsWeights) else "memory",
+        # A wrapper (sparse deltas: launcher.run.delta_weights) reads through `base`.
+        "source": "files" if isinstance(getattr(weights, "base", weights), SafetensorsWeights)
+        else "memory",
         "seconds": round(peak.seconds, 2),
     }
     print(f"[rank {rank}] {engine} load from {out['source']}: read "

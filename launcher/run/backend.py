@@ -102,6 +102,9 @@ class LauncherBackend:
             return model
         if self._fsdp1_from_rank0 and not self.info.is_main_process:
             return self._meta_model()
+        if self.info.world_size > 1:  # worth a line: host memory is one model per rank
+            print(f"[rank {self.info.rank}] whole model loaded on this rank "
+                  "(from_pretrained)", flush=True)
         return self.load_full_model(stage)
 
     def load_full_model(self, stage: int | None) -> torch.nn.Module:
@@ -156,12 +159,7 @@ class LauncherBackend:
     @property
     def _sharded(self) -> bool:
         # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
-        # So do ZeRO-3 sparse-delta runs: the ZeRO-3 twin is rebuilt from the config
-        # under zero.Init (launcher/engines/loading.py) and would lack the deltas.
-        backend = self.spec.engine.backend
-        if backend == "deepspeed" and self.spec.training.update == "sparse_delta":
-            return False
-        return (backend in ("single", "fsdp2", "deepspeed")
+        return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
                 and self.spec.method not in LORA_METHODS)
 
     @property

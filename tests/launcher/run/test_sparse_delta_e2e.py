@@ -21,12 +21,19 @@ pytestmark = pytest.mark.dist
 @pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
 def test_sparse_delta_run_equals_masked_run(tmp_path, backend):
     cache = tmp_path / "cache"
-    runs = {}
+    runs, loads = {}, {}
     for update in ("masked", "sparse_delta"):
         runs[update] = tmp_path / update
-        _ncft(["run", str(SPEC), f"output.dir={runs[update]}", f"engine.backend={backend}",
-               *SMALL, "training.steps=2", "training.weight_decay=0.1",
-               f"training.update={update}"], cache)
+        proc = _ncft(["run", str(SPEC), f"output.dir={runs[update]}", f"engine.backend={backend}",
+                      *SMALL, "training.steps=2", "training.weight_decay=0.1",
+                      f"training.update={update}"], cache)
+        # A sharded build prints one load line per rank (`loading.report`); a rank that
+        # loads the whole model says so (`RunBackend.load_model`).
+        lines = proc.stdout.splitlines()
+        loads[update] = (sum(line.startswith(f"[rank 1] {backend} load from") for line in lines),
+                         sum("whole model loaded" in line for line in lines))
+    for sharded, whole in loads.values():
+        assert sharded >= 3 and whole == 0, loads  # at least one build per stage
     stages = sorted(p.name for p in (runs["masked"] / "checkpoints").iterdir())
     assert len(stages) == 3
     for rel in [f"checkpoints/{s}/model.safetensors" for s in stages] + ["final/model.safetensors"]:
