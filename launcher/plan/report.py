@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan.layout import ENGINES
 from launcher.plan.memory import (
-    ENGINES,
     TERMS,
     Batch,
     DsTuning,
