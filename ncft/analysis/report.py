@@ -31,92 +31,23 @@ from typing import Any
 
 from ncft.analysis import plots
 from ncft.analysis.overlap import iou_matrix
+from ncft.analysis.report_run import (
+    Lines,
+    ReportRun,
+    correlation_table,
+    fmt,
+    matrix_table,
+    require_keys,
+    table,
+)
 from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_matrix
 from ncft.analysis.similarity import correlation
 from ncft.continual.metrics import average_forgetting
 from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
-from ncft.run_layout import RunLayout
-
-Lines = list[str]
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
-def _fmt_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.2g}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Lines:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return out + [""]
-
-
-def _matrix_table(corner: str, rows: Sequence[str], cols: Sequence[str], m: Any) -> Lines:
-    return _table([corner, *cols], [[r, *vals] for r, vals in zip(rows, m)])
-
-
-def _correlation_table(title: str, corr: dict[str, Any]) -> Lines:
-    """Pearson and Spearman rows (r, p, pairs) of a `correlation(...)` result."""
-    return _table([title, "r", "p", "pairs"],
-                  [[name, corr[name]["r"], _fmt_p(corr[name]["p"]), corr["n"]]
-                   for name in ("pearson", "spearman")])
-
-
-def _require_keys(data: dict[str, Any], keys: Sequence[str], where: str) -> None:
-    """Raise a ValueError naming `where` and the first of `keys` that `data` lacks."""
-    for key in keys:
-        if key not in data:
-            raise ValueError(f"{where} is missing `{key}`")
-
-
-class _Run:
-    """One run directory's layout and the results.json it holds (if any)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.layout = RunLayout(root)
-        path = self.layout.results
-        self.results: dict[str, Any] | None = None
-        self.results_error: str | None = None
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                self.results_error = f"results.json is not valid JSON ({e})"
-            else:
-                if isinstance(data, dict):
-                    self.results = data
-                else:
-                    self.results_error = "results.json must hold a JSON object"
-
-    def save(self, name: str, data: Any) -> None:
-        self.layout.analysis.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        write_text(self.layout.analysis / f"{name}.json", text)
-
-    def figure(self, name: str, alt: str, draw: Callable[[Path], Any]) -> str:
-        path = self.layout.plots / f"{name}.png"
-        draw(path)
-        return f"![{alt}]({path.relative_to(self.root).as_posix()})\n"
-
-    def need_results(self, key: str | None = None) -> dict[str, Any] | str:
-        """The results dict, or the note explaining why a section is skipped."""
-        if self.results is None:
-            return self.results_error or "no results.json in the run directory"
-        if key is not None and self.results.get(key) is None:
-            return f"results.json has no `{key}`"
-        return self.results
-
-
-def _continual(run: _Run) -> Lines | str:
+def _continual(run: ReportRun) -> Lines | str:
     res = run.need_results("matrix")
     if isinstance(res, str):
         return res
@@ -124,8 +55,8 @@ def _continual(run: _Run) -> Lines | str:
     run.save("continual", cm)
     tasks = cm["tasks"]
     out = ["Score `a[i][j]` on task i (row) after training task j (column).", ""]
-    out += _matrix_table("task \\ after", tasks, tasks, cm["matrix"])
-    out += _table(
+    out += matrix_table("task \\ after", tasks, tasks, cm["matrix"])
+    out += table(
         ["metric", "value"],
         [
             ["AP (mean final score)", cm["average_performance"]],
@@ -144,7 +75,7 @@ def _continual(run: _Run) -> Lines | str:
     summary = res.get("summary")
     if isinstance(summary, dict) and summary:
         out += ["Runner summary (`results.json` `summary`):", ""]
-        out += _table(["key", "value"], [[k, _summary_value(v)] for k, v in summary.items()])
+        out += table(["key", "value"], [[k, _summary_value(v)] for k, v in summary.items()])
     out.append(
         run.figure("accuracy_matrix", "score matrix", lambda p: plots.plot_accuracy_matrix(cm, p))
     )
@@ -156,12 +87,12 @@ def _continual(run: _Run) -> Lines | str:
 
 def _summary_value(v: Any) -> str:
     if v is None or isinstance(v, (bool, int, float, str)):
-        return _fmt(v)
+        return fmt(v)
     text = json.dumps(v)
     return f"`{text if len(text) <= 80 else text[:77] + '...'}`"
 
 
-def _deactivation(run: _Run) -> Lines | str:
+def _deactivation(run: ReportRun) -> Lines | str:
     res = run.need_results("deactivation")
     if isinstance(res, str):
         return res
@@ -173,8 +104,8 @@ def _deactivation(run: _Run) -> Lines | str:
            "weights zeroed: gate/up rows and biases, down column")
     out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
            f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]
-    out += _matrix_table("off \\ on", tasks, tasks, d["drop"])
-    out += _table(
+    out += matrix_table("off \\ on", tasks, tasks, d["drop"])
+    out += table(
         ["mean relative drop", "task neurons", "random neurons"],
         [
             ["own task (diagonal)", s["diag"], s["random_diag"]],
@@ -189,15 +120,15 @@ def _deactivation(run: _Run) -> Lines | str:
     return out
 
 
-def _finetune(run: _Run, raw: dict[str, Any]) -> Lines:
+def _finetune(run: ReportRun, raw: dict[str, Any]) -> Lines:
     f = finetune_matrix(raw)
     run.save("finetune_matrix", f)
     s, tasks = f["summary"], f["tasks"]
     out = ["### Fine-tuning matrix (Leng & Xiong Fig. 5, right)", "",
            f"Change `score - zero-shot` on task j (column) after training only task i's "
            f"neurons (row) from the base model, {raw.get('steps')} steps.", ""]
-    out += _matrix_table("trained \\ on", tasks, tasks, f["change"])
-    out += _table(["mean change", "task neurons", "random neurons"],
+    out += matrix_table("trained \\ on", tasks, tasks, f["change"])
+    out += table(["mean change", "task neurons", "random neurons"],
                   [["own task (diagonal)", s["diag"], s["random_diag"]],
                    ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]]])
     out.append(run.figure("finetune_matrix", "fine-tuning matrix",
@@ -205,7 +136,7 @@ def _finetune(run: _Run, raw: dict[str, Any]) -> Lines:
     return out
 
 
-def _neuron_sets(run: _Run) -> dict[str, NeuronSet]:
+def _neuron_sets(run: ReportRun) -> dict[str, NeuronSet]:
     files = sorted(run.layout.neurons.glob("*.safetensors"))
     sets = {f.stem: NeuronSet.load(f) for f in files}
     order = (run.results or {}).get("tasks") or []
@@ -215,23 +146,23 @@ def _neuron_sets(run: _Run) -> dict[str, NeuronSet]:
     return {n: sets[n] for n in names}
 
 
-def _overlap(run: _Run) -> Lines | str:
+def _overlap(run: ReportRun) -> Lines | str:
     sets = _neuron_sets(run)
     if not sets:
         return "no NeuronSets in neurons/"
     iou = iou_matrix(sets)
     run.save("overlap", iou)
     tasks = iou["tasks"]
-    out = _table(
+    out = table(
         ["set", "selected (fqn, axis, index)", "scorer", "fraction"],
         [[n, s.num_selected(), s.meta.get("scorer"), s.meta.get("fraction")]
          for n, s in sets.items()],
     )
     out += ["Whole-model IoU:", ""]
-    out += _matrix_table("task", tasks, tasks, iou["whole"])
-    out += [f"Mean IoU between different tasks: {_fmt(iou['mean_offdiag'])}", ""]
+    out += matrix_table("task", tasks, tasks, iou["whole"])
+    out += [f"Mean IoU between different tasks: {fmt(iou['mean_offdiag'])}", ""]
     if iou["layers"]:
-        out += _table(
+        out += table(
             ["layer", "mean off-diagonal IoU"],
             list(zip(iou["layers"], iou["mean_offdiag_per_layer"])),
         )
@@ -239,7 +170,7 @@ def _overlap(run: _Run) -> Lines | str:
     return out
 
 
-def _similarity(run: _Run) -> Lines | str:
+def _similarity(run: ReportRun) -> Lines | str:
     res = run.need_results()
     if isinstance(res, str):
         return res
@@ -253,24 +184,24 @@ def _similarity(run: _Run) -> Lines | str:
     return out
 
 
-def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
-    _require_keys(sim, ("tasks", "layers", "per_layer", "mean", "performance"),
+def _similarity_paper(run: ReportRun, sim: dict[str, Any]) -> Lines:
+    require_keys(sim, ("tasks", "layers", "per_layer", "mean", "performance"),
                   "results.similarity")
     tasks = sim["tasks"]
     out = ["### Leng & Xiong's protocol (§5.2, Fig. 3, Table 4)", "",
            f"M_i: the base model fully fine-tuned on task i ({sim.get('steps')} steps). Cosine "
            "(method `mean`) between task i's and task j's neuron parameters, both selected "
            "and read inside M_i, mean over layers (row: M_i, column: T_j):", ""]
-    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["mean"])
+    out += matrix_table("M_i \\ T_j", tasks, tasks, sim["mean"])
     out += [f"M_i's score on T_j ({sim.get('metric', 'score')}):", ""]
-    out += _matrix_table("M_i \\ T_j", tasks, tasks, sim["performance"])
+    out += matrix_table("M_i \\ T_j", tasks, tasks, sim["performance"])
     corr = correlation(sim["mean"], sim["performance"])
     per_layer = []
     for k, layer in enumerate(sim["layers"]):
         layer_sim = [[None if c is None else c[k] for c in row] for row in sim["per_layer"]]
         per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
-    out += _correlation_table("correlation with M_i's score on T_j (i != j)", corr)
-    out += _table(["layer", "Pearson r of that layer's similarity"], per_layer)
+    out += correlation_table("correlation with M_i's score on T_j (i != j)", corr)
+    out += table(["layer", "Pearson r of that layer's similarity"], per_layer)
     out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
                           lambda p: plots.plot_paper_similarity(sim, p)))
     out.append(run.figure("similarity_paper_correlation", "similarity vs performance",
@@ -279,21 +210,21 @@ def _similarity_paper(run: _Run, sim: dict[str, Any]) -> Lines:
     return out + [""]
 
 
-def _similarity_final(run: _Run, sim: dict[str, Any]) -> Lines:
-    _require_keys(sim, ("tasks", "layers", "method", "per_layer", "mean"),
+def _similarity_final(run: ReportRun, sim: dict[str, Any]) -> Lines:
+    require_keys(sim, ("tasks", "layers", "method", "per_layer", "mean"),
                   "results.similarity_final_model")
     tasks = sim["tasks"]
     out = ["### Final-model variant (ours, not the paper's protocol)", "",
            f"Cosine similarity of task-neuron parameters (method `{sim['method']}`) read in "
            "the final model of the sequence, mean over layers:", ""]
-    out += _matrix_table("task", tasks, tasks, sim["mean"])
+    out += matrix_table("task", tasks, tasks, sim["mean"])
     out.append(run.figure("similarity_layers", "similarity per layer",
                           lambda p: plots.plot_layer_similarity(sim, p)))
     data = dict(sim)
     if sim.get("generalization") is not None:
         corr = correlation(sim["mean"], sim["generalization"])
         data["correlation"] = corr
-        out += [""] + _correlation_table("correlation with generalization", corr)
+        out += [""] + correlation_table("correlation with generalization", corr)
         out.append(run.figure("similarity_correlation", "similarity vs generalization",
                               lambda p: plots.plot_correlation(corr, p, tasks)))
     else:
@@ -307,7 +238,7 @@ def _per_task(data: dict[str, Any], marker: str) -> dict[str, Any]:
     return {"": data} if marker in data else data
 
 
-def _per_task_results(run: _Run, key: str, marker: str,
+def _per_task_results(run: ReportRun, key: str, marker: str,
                       required: Sequence[str]) -> dict[str, Any] | str:
     """`results[key]` per task, each checked for `required` and saved; or a skip note.
 
@@ -319,12 +250,12 @@ def _per_task_results(run: _Run, key: str, marker: str,
     data = res[key]
     per_task = _per_task(data, marker)
     for task, shift in per_task.items():
-        _require_keys(shift, required, f"results.{key}" + ("." + task if task else ""))
+        require_keys(shift, required, f"results.{key}" + ("." + task if task else ""))
     run.save(key, data)
     return per_task
 
 
-def _neft(run: _Run) -> Lines | str:
+def _neft(run: ReportRun) -> Lines | str:
     per_task = _per_task_results(run, "neft", "buckets", (
         "counts", "buckets", "avg_abs_delta_rank", "strong_threshold", "num_neurons"))
     if isinstance(per_task, str):
@@ -341,7 +272,7 @@ def _neft(run: _Run) -> Lines | str:
                 f"Avg(|ΔRank|) {shift['avg_abs_delta_rank']:.1f} "
                 f"({shift['avg_abs_delta_rank_normalized']:.4f} of N), strongly affected "
                 f"threshold {shift['strong_threshold']:.1f} ranks.", ""]
-        out += _table(["category", "neurons"],
+        out += table(["category", "neurons"],
                       [[k, c[k]] for k in ("strongly_affected", "suppressed",
                                             "indirectly_affected")])
         out.append(run.figure(name, f"NeFT utilization {task}".strip(),
@@ -349,7 +280,7 @@ def _neft(run: _Run) -> Lines | str:
     return out
 
 
-def _weight_movement(run: _Run) -> Lines | str:
+def _weight_movement(run: ReportRun) -> Lines | str:
     per_task = _per_task_results(run, "weight_movement_rank_shift", "counts",
                                  ("counts", "hist", "shift_threshold", "scope"))
     if isinstance(per_task, str):
@@ -361,7 +292,7 @@ def _weight_movement(run: _Run) -> Lines | str:
         if task:
             out += [f"Task `{task}`: {shift['num_selected']} of {shift['num_rows']} candidates "
                     f"trained, threshold {shift['shift_threshold']}.", ""]
-        out += _table(
+        out += table(
             ["category", "selected", "not selected"],
             [[c, v["selected"], v["unselected"]] for c, v in shift["counts"].items()],
         )
@@ -370,7 +301,7 @@ def _weight_movement(run: _Run) -> Lines | str:
     return out
 
 
-SECTIONS: tuple[tuple[str, Callable[[_Run], Lines | str]], ...] = (
+SECTIONS: tuple[tuple[str, Callable[[ReportRun], Lines | str]], ...] = (
     ("Accuracy matrix and continual metrics", _continual),
     ("Deactivation", _deactivation),
     ("Neuron overlap (IoU)", _overlap),
@@ -396,7 +327,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(f"run_dir {str(root)!r} is not a directory")
-    run = _Run(root)
+    run = ReportRun(root)
     lines = [f"# Report: {root.resolve().name}", ""]
     for title, build in SECTIONS:
         lines += [f"## {title}", ""]
