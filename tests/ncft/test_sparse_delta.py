@@ -99,6 +99,30 @@ def test_install_on_meta_model_gives_meta_deltas():
     assert all(p.device.type == "meta" for e in entries for p in e.delta.parameters())
 
 
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_mirror_gives_a_fresh_copy_the_same_deltas(arch):
+    """ZeRO-3's twin path: same parameter names and shapes, values set afterwards."""
+    build, attn = MODELS[arch]
+    model, twin = build(), build()
+    entries = sparse_delta.install(model, _nset(model, attn).entries)
+    mirrored = sparse_delta.mirror(twin, sparse_delta.installed(model))
+    assert [e.pairs[0][0] for e in mirrored] == [e.pairs[0][0] for e in entries]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert {n: p.shape for n, p in twin.named_parameters()} == shapes
+    with torch.no_grad():
+        for entry in entries:  # deltas unlike their base slices: the forward must use them
+            for param in entry.delta.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+        for name, param in twin.named_parameters():  # as the loader fills it from files
+            param.copy_(dict(model.named_parameters())[name])
+    ids = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    for a, b in zip(mirrored, entries):
+        assert a.delta is not b.delta and a.delta.transposed == b.delta.transposed
+        for (_, _, axis_a, idx_a), (_, _, axis_b, idx_b) in zip(a.pairs, b.pairs):
+            assert axis_a == axis_b and torch.equal(idx_a, idx_b)
+
+
 def test_refuses_non_projection_selection():
     model = tiny_llama(0)
     bad = {"model.layers.0.input_layernorm.weight": Selection(0, torch.tensor([1]))}
