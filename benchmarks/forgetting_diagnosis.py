@@ -23,9 +23,19 @@ results and checkpoints and reports, after every stage:
    (does the old read-out still work?) and refit at the end (is the information still
    there?), with 2-fold cross-fitting.
 
+4. **Content-free calibration** (`--calibrate`; Zhao et al. 2021, "Calibrate Before
+   Use", ICML, §4): the variant the margins point to. After each stage the model scores
+   the task's labels for the task's own template filled with content-free texts
+   ("N/A", "", "[MASK]"); the label probabilities, normalised over the labels and
+   averaged over those inputs, are the model's prior, and each example's label scores
+   are divided by it (for two labels: `s - s_cf`). It needs no test inputs and no
+   gold labels, so it is a read-out any run could apply.
+
 Run (after `benchmarks/evidence.py run` made the diagnosis runs):
 
     python benchmarks/forgetting_diagnosis.py runs/evidence/diag_ncft --out diag_ncft.json
+    python benchmarks/forgetting_diagnosis.py runs/evidence/diag_ncft --margins-only \
+        --calibrate --out diag_ncft_calibrated.json
 """
 
 from __future__ import annotations
@@ -40,12 +50,15 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from launcher.dist import DistInfo
+from launcher.engines import OptimConfig, build_engine
 from launcher.run.models import resolve_model
 from launcher.run.task_data import load_task
 from launcher.spec.schema import load_spec
 from ncft.analysis.bootstrap import prediction_counts
 from ncft.arch import get_adapter
-from ncft.data.examples import prompt_ids
+from ncft.data.examples import Example, prompt_ids
+from ncft.evaluate import label_scores
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import RunLayout
 
@@ -75,12 +88,46 @@ def margin_report(results: dict, task: str, gold: list[str], labels: list[str]) 
             # Thresholding s at its own median instead of 0 removes a shift of the
             # label prior without using labels: what a calibrated read-out could reach.
             median_cut = np.where(s > np.median(s), 1.0, -1.0)
-            row.update({"auc": auc(s, sign > 0), "median_s": float(np.median(s)),
+            row.update({"_s": s.tolist(), "auc": auc(s, sign > 0), "median_s": float(np.median(s)),
                         "accuracy_at_median_threshold": float((median_cut == sign).mean()),
                         "mean_s_by_gold": {labels[0]: float(s[sign > 0].mean()),
                                            labels[1]: float(s[sign < 0].mean())}})
         out.append(row)
     return out
+
+
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs
+ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
+                    device=torch.device("cpu"))
+
+
+def content_free_s(model, tokenizer, task) -> float:
+    """`log p_cf(label 0) - log p_cf(label 1)`: the model's label prior on empty inputs.
+
+    Scored as evaluation scores (`ncft.evaluate.label_scores`: the label's tokens and
+    EOS after the prompt), normalised over the labels per input, averaged over the
+    content-free inputs.
+    """
+    engine = build_engine("single", model, OptimConfig(), ONE_RANK)
+    examples = [Example(task.render(text), task.labels[0]) for text in CONTENT_FREE]
+    scores_NK = label_scores(engine, tokenizer, examples, task.labels, len(examples) * 2,
+                             task.max_length)
+    prior_K = scores_NK.softmax(dim=1).mean(dim=0)
+    return float(prior_K[0].log() - prior_K[1].log())
+
+
+def calibrated(margins: list[dict | None], s_cf: dict[int, float], gold: list[str],
+               labels: list[str]) -> None:
+    """Add each stage's content-free shift and calibrated accuracy to its margin row."""
+    sign = np.asarray([1.0 if g == labels[0] else -1.0 for g in gold])
+    for row in margins:
+        if row is None or row["stage"] not in s_cf:
+            continue
+        s = np.asarray(row["_s"])
+        shifted = s - s_cf[row["stage"]]
+        row.update({"content_free_s": s_cf[row["stage"]],
+                    "accuracy_calibrated": float((np.where(shifted > 0, 1.0, -1.0) == sign)
+                                                 .mean())})
 
 
 def activations(model, tokenizer, prompts: list[str], max_length: int) -> dict[int, torch.Tensor]:
@@ -188,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
                         help="only prediction counts and margins (no model forwards)")
     parser.add_argument("--examples", type=int, default=None,
                         help="first-task prompts to forward (default: all evaluated)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="content-free calibration after every stage (two-label tasks)")
     args = parser.parse_args(argv)
     layout = RunLayout(Path(args.run))
     results = json.loads(layout.results.read_text())
@@ -196,22 +245,35 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     data = load_task(first, spec.data_root)
     examples = data.test[: spec.eval.max_examples or len(data.test)][: args.examples]
     gold = [ex.answer for ex in examples]
+    scored = gold[: len(results["details"][first.name][0]["correct"])]  # what was evaluated
     report: dict = {"run": str(args.run), "method": results["method"], "task": first.name,
                     "prediction_counts": prediction_counts(
                         results, {first.name: first.labels})[first.name],
-                    "margins": margin_report(results, first.name, gold[: len(
-                        results["details"][first.name][0]["correct"])], first.labels)}
+                    "margins": margin_report(results, first.name, scored, first.labels)}
+    path = resolve_model(spec.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    scale = spec.lora.alpha / spec.lora.r
+    if args.calibrate:
+        if len(first.labels) != 2:
+            raise ValueError(f"--calibrate: {first.name} has {len(first.labels)} labels; "
+                             "the diagnosis calibrates two-label tasks")
+        s_cf = {}
+        for stage, task in enumerate(spec.tasks):
+            weights = layout.stage_dir(stage, task.name) / "model.safetensors"
+            s_cf[stage] = content_free_s(_model(path, weights, scale), tokenizer, first)
+        calibrated(report["margins"], s_cf, scored, first.labels)
+    for row in report["margins"]:
+        if row is not None:
+            row.pop("_s", None)
     if args.margins_only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(yaml.safe_dump(report["margins"], sort_keys=False))
         return
     positive = np.asarray([g == first.labels[0] for g in gold])
-    path = resolve_model(spec.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [ex.prompt for ex in examples]
     stages = {"base": None, "stage1": layout.stage_dir(0, first.name) / "model.safetensors",
               "end": layout.stage_dir(len(spec.tasks) - 1, last.name) / "model.safetensors"}
-    scale = spec.lora.alpha / spec.lora.r
     acts = {k: activations(_model(path, w, scale), tokenizer, prompts, first.max_length)
             for k, w in stages.items()}
     model = _model(path, None)

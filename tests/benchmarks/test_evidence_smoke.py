@@ -9,6 +9,7 @@ the plumbing and the reports' arithmetic, never the (meaningless) scores.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,11 @@ def test_grid_runs_table_and_diagnosis(tmp_path):
     assert 0 <= diag["margins"][1]["accuracy_at_median_threshold"] <= 1
     units = diag["units"]["sst2 units"]["stage1_to_end"]
     assert units["units"] > 0 and units["relative_change"] > 0
+    _run(DIAGNOSIS, out / "d_ncft", "--margins-only", "--calibrate", "--out", tmp_path / "cal.json")
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    for row in cal["margins"]:
+        assert math.isfinite(row["content_free_s"]) and 0 <= row["accuracy_calibrated"] <= 1
+        assert "_s" not in row
 
 
 @pytest.mark.timeout(600)
