@@ -25,6 +25,8 @@ $EV run examples/evidence_sst2_agnews.yaml --prefix diag_excl_ --grid "$G" --out
   --methods ncft --set selection.exclude_previous=true
 for r in diag_seqft diag_ncft diag_excl_ncft diag_olora diag_wncft; do
   $PY benchmarks/forgetting_diagnosis.py "$OUT/$r" --out "$OUT/$r/diagnosis.json"
+  $PY benchmarks/forgetting_diagnosis.py "$OUT/$r" --margins-only --calibrate \
+    --out "$OUT/$r/diagnosis_calibrated.json"
 done
 # 4. NeFT vs LoRA on EN -> ES at matched trainable parameters (3% / r=10, 6% / r=21).
 S=examples/evidence_neft_lora.yaml
