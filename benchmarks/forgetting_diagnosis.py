@@ -29,7 +29,7 @@ results and checkpoints and reports, after every stage:
    ("N/A", "", "[MASK]"); the label probabilities, normalised over the labels and
    averaged over those inputs, are the model's prior, and each example's label scores
    are divided by it (for two labels: `s - s_cf`). It needs no test inputs and no
-   gold labels, so it is a read-out any run could apply.
+   gold labels; `eval.calibration: content_free` applies it inside a run.
 
 Run (after `benchmarks/evidence.py run` made the diagnosis runs):
 
@@ -57,8 +57,8 @@ from launcher.run.task_data import load_task
 from launcher.spec.schema import load_spec
 from ncft.analysis.bootstrap import prediction_counts
 from ncft.arch import get_adapter
-from ncft.data.examples import Example, prompt_ids
-from ncft.evaluate import label_scores
+from ncft.data.examples import prompt_ids
+from ncft.evaluate import CONTENT_FREE, label_prior
 from ncft.neuron_set import NeuronSet
 from ncft.run_layout import RunLayout
 
@@ -96,7 +96,6 @@ def margin_report(results: dict, task: str, gold: list[str], labels: list[str]) 
     return out
 
 
-CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs
 ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
                     device=torch.device("cpu"))
 
@@ -104,16 +103,13 @@ ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
 def content_free_s(model, tokenizer, task) -> float:
     """`log p_cf(label 0) - log p_cf(label 1)`: the model's label prior on empty inputs.
 
-    Scored as evaluation scores (`ncft.evaluate.label_scores`: the label's tokens and
-    EOS after the prompt), normalised over the labels per input, averaged over the
-    content-free inputs.
+    What `eval.calibration: content_free` divides by (`ncft.evaluate.label_prior` over
+    the template filled with `CONTENT_FREE`).
     """
     engine = build_engine("single", model, OptimConfig(), ONE_RANK)
-    examples = [Example(task.render(text), task.labels[0]) for text in CONTENT_FREE]
-    scores_NK = label_scores(engine, tokenizer, examples, task.labels, len(examples) * 2,
-                             task.max_length)
-    prior_K = scores_NK.softmax(dim=1).mean(dim=0)
-    return float(prior_K[0].log() - prior_K[1].log())
+    prompts = [task.render(text) for text in CONTENT_FREE]
+    prior_K = label_prior(engine, tokenizer, prompts, task.labels, 8, task.max_length)
+    return float(prior_K[0] - prior_K[1])
 
 
 def calibrated(margins: list[dict | None], s_cf: dict[int, float], gold: list[str],

@@ -37,6 +37,9 @@ from ncft.generation import generate_greedy, generated_records
 
 METRICS = ("bleu", "rougeL")
 CLASSIFICATION = ("rank", "generate")
+# Content-free inputs of Zhao et al. 2021 ("Calibrate Before Use", ICML, §4): a task's
+# template filled with each of these shows the model's label prior without content.
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 # --- classification ----------------------------------------------------------------------
@@ -122,6 +125,25 @@ def label_scores(
         all_NK[span.start : span.stop] = torch.cat(scores).view(len(mine), len(labels))
     return engine.all_reduce_(all_NK).cpu()
 
+def label_prior(
+    engine: Engine, tokenizer, prompts: Sequence[str], labels: Sequence[str],
+    batch_size: int, max_length: int,
+) -> torch.Tensor:
+    """The model's log prior over `labels` on content-free `prompts`, float64 [K].
+
+    Each prompt's label scores (`label_scores`) are normalised over the labels, the
+    probabilities averaged over the prompts, and the log taken: Zhao et al. 2021's
+    `p_cf`. Subtracting it from every example's label scores divides each label's
+    probability by its prior (their `W = diag(p_cf)^-1`, `b = 0`). A collective, like
+    `label_scores`; every rank passes the same prompts.
+    """
+    if not prompts:
+        raise ValueError("content-free calibration needs at least one prompt")
+    cf = [Example(prompt, labels[0]) for prompt in prompts]
+    scores_PK = label_scores(engine, tokenizer, cf, labels, batch_size, max_length)
+    return scores_PK.softmax(dim=1).mean(dim=0).log()
+
+
 def rank_records(
     scores_NK: torch.Tensor, examples: Sequence[Example], labels: Sequence[str]
 ) -> dict[str, Any]:
@@ -202,6 +224,7 @@ def evaluate_task(
     max_length: int = 256,
     max_new_tokens: int = 64,
     classification: str = "rank",
+    calibration_prompts: Sequence[str] = (),
 ) -> dict[str, float]:
     """Evaluate one task; the result carries its metrics and `"score"` (`task_score`).
 
@@ -218,6 +241,10 @@ def evaluate_task(
         max_new_tokens: Generation length limit.
         classification: "rank" (`label_scores`, `rank_records`) or "generate"
             (`generated_records`; the generation length is `max_new_tokens`).
+        calibration_prompts: Rank mode only: content-free prompts (the task's template
+            filled with `CONTENT_FREE`); if given, each label's score is divided by the
+            model's prior on them (`label_prior`) before the best label is taken, and
+            the result carries `"label_prior"` (log, per label).
 
     Returns:
         `{"accuracy", "score", "predictions", "correct"}` (rank mode adds "margins",
@@ -228,13 +255,22 @@ def evaluate_task(
     if format == "classification":
         if not labels:
             raise ValueError("format=classification needs labels")
+        if calibration_prompts and classification != "rank":
+            raise ValueError("eval.calibration needs eval.classification: rank (generated "
+                             "text has no label scores to calibrate)")
         if classification == "generate":
             scores = generated_records(engine, tokenizer, examples, max_new_tokens,
                                        batch_size, max(1, max_length - 1))
         elif classification == "rank":
-            scores = rank_records(
-                label_scores(engine, tokenizer, examples, labels, batch_size, max_length),
-                examples, labels)
+            scores_NK = label_scores(engine, tokenizer, examples, labels, batch_size, max_length)
+            prior_K = None
+            if calibration_prompts:
+                prior_K = label_prior(engine, tokenizer, calibration_prompts, labels,
+                                      batch_size, max_length)
+                scores_NK = scores_NK - prior_K
+            scores = rank_records(scores_NK, examples, labels)
+            if prior_K is not None:
+                scores["label_prior"] = [round(float(v), 6) for v in prior_K]
         else:
             raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
                              f"got {classification!r}")

@@ -71,6 +71,8 @@ def _protocol(res: dict) -> str:
     """How the run scored: classification mode, and W-NCFT's query where it mixes."""
     proto = res.get("protocol") or {}
     text = proto.get("classification", "rank")
+    if proto.get("calibration") not in (None, "none"):
+        text += f", calibration={proto['calibration']}"
     if proto.get("wncft_query"):
         text += f", query={proto['wncft_query']}"
     return text

@@ -50,6 +50,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
         metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
         wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
         wncft_query=spec.wncft.query, classification=ev.classification, eval_tasks=ev.tasks,
+        calibration=ev.calibration,
         lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
         olora_lambda_l2=spec.olora.lambda_l2, update=t.update,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from launcher.spec.tasks import TaskSpec, data_files
 from ncft.continual.loop import TaskData
 from ncft.data.examples import Example, classification_examples, generation_examples
+from ncft.evaluate import CONTENT_FREE
 
 
 def _load_split(task: TaskSpec, data_root: Path | None, split: str, limit: int) -> list[dict]:
@@ -92,7 +93,9 @@ def load_task(task: TaskSpec, data_root: Path | None) -> TaskData:
         test = _examples(task, _load_split(task, data_root, "test", task.eval_size))
     if not train or not test:
         raise ValueError(f"tasks[{task.name}]: empty train or test split")
+    content_free = (tuple(task.render(text) for text in CONTENT_FREE)
+                    if task.format == "classification" else ())
     return TaskData(
         name=task.name, format=task.format, labels=task.labels, train=train, test=test,
-        max_length=task.max_length,
+        max_length=task.max_length, content_free=content_free,
     )

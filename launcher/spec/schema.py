@@ -141,6 +141,15 @@ class Spec(_Section):
             # carries adapters, whose module names the FFN-unit readers do not know.
             problems.append(("study.similarity", f"paper needs a method without LoRA "
                              f"adapters, not {self.method}; use final_model"))
+        if self.eval.calibration != "none":
+            if self.eval.classification != "rank":
+                problems.append(("eval.calibration", "content_free calibrates label scores, "
+                                 "which eval.classification: generate has none of; set "
+                                 "eval.classification: rank or eval.calibration: none"))
+            if method(self.method).mixes and self.wncft.query == "example":
+                problems.append(("eval.calibration", "wncft.query: example gives each "
+                                 "example its own mixture, so there is no one prior to "
+                                 "divide by; use wncft.query: task or eval.calibration: none"))
         if problems:
             raise Problems(problems)
         return self

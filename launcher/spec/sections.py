@@ -329,6 +329,14 @@ class EvalSpec(_Section):
         "decoding, exact match after O-LoRA's normalisation (lower case, no punctuation, "
         "single spaces).",
     )
+    calibration: Literal["none", "content_free"] = Field(
+        "none",
+        description="content_free: divide each label's probability by the model's prior "
+        "on the task's template filled with content-free texts ('N/A', '', '[MASK]'; Zhao "
+        "et al. 2021), measured after every stage with the model evaluated. Removes a "
+        "shift of the label prior, the main part of the forgetting benchmarks/EVIDENCE.md "
+        "section 3 found; needs classification: rank.",
+    )
     metrics: list[Literal["bleu", "rougeL"]] = Field(
         ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
     )

@@ -68,7 +68,9 @@ def _continual(run: ReportRun) -> Lines | str:
            for j, (t, f) in enumerate(zip(tasks, average_forgetting(cm["matrix"])))],
     )
     proto = res.get("protocol") or {}
+    calibration = proto.get("calibration") or "none"
     out.append(f"Classification scored by `{proto.get('classification', 'rank')}`"
+               + (f", calibration `{calibration}`" if calibration != "none" else "")
                + (f"; W-NCFT query `{proto['wncft_query']}`" if proto.get("wncft_query")
                   else "") + ".")
     out.append("")

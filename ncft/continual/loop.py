@@ -57,6 +57,8 @@ class TaskData:
     train: list[Any]
     test: list[Any]
     max_length: int
+    # The template filled with `ncft.evaluate.CONTENT_FREE` (`eval.calibration`).
+    content_free: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class LoopConfig:
     olora_lambda_l2: float = 0.0
     update: str = "masked"
     eval_tasks: str = "all"  # all | seen | current (`_evaluated`)
+    calibration: str = "none"  # none | content_free (rank-mode classification)
 
 
 class Selector(Protocol):
@@ -215,6 +218,7 @@ class ContinualLoop:
             "summary": cl_summary(matrix, names), "details": state.details,
             # How scores were obtained: `ncft compare` and the report show it.
             "protocol": {"classification": self.cfg.classification,
+                         "calibration": self.cfg.calibration,
                          "wncft_query": self.cfg.wncft_query if self.row.mixes else None},
         }
 
@@ -365,6 +369,8 @@ class ContinualLoop:
             metrics=self.cfg.metrics, batch_size=self.cfg.eval_batch_size,
             max_length=task.max_length, max_new_tokens=self.cfg.max_new_tokens,
             classification=self.cfg.classification,
+            calibration_prompts=task.content_free if self.cfg.calibration == "content_free"
+            else (),
         )
 
     def _eval_routed(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:

@@ -29,7 +29,7 @@ RUNS = {
     "random_rows": ["method=random_neurons", "selection.scorer=weight_cosine",
                     "selection.unit=row", "selection.cosine_steps=2",
                     "selection.modules=[gate,up,down,attention]"],
-    "seqft": ["method=seqft"],
+    "seqft": ["method=seqft", "eval.calibration=content_free"],
     "seqlora": ["method=seqlora"],
     "wncft": ["method=wncft", "wncft.num_samples=4", "output.tensorboard=true",
               # the studies: deactivation (by weights) with the fine-tuning matrix, and

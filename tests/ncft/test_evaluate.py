@@ -7,7 +7,14 @@ from torch import nn
 
 from ncft.data.examples import Example
 from ncft.engine import share
-from ncft.evaluate import evaluate_task, label_scores, rank_records, task_score, text_scores
+from ncft.evaluate import (
+    evaluate_task,
+    label_prior,
+    label_scores,
+    rank_records,
+    task_score,
+    text_scores,
+)
 from tests.support.fake_engine import FakeEngine, ThreadWorld
 from tests.support.review_lm import LABELS, PROMPTS, WORDS
 from tests.support.tiny import tiny_llama, word_tokenizer
@@ -166,3 +173,37 @@ def test_per_example_records_are_the_same_on_every_rank(model, tok, world_size):
                         labels=LABELS, max_new_tokens=3, classification="generate")
     assert len(gen["predictions"]) == len(gen["correct"]) == len(examples)
     assert gen["accuracy"] == sum(gen["correct"]) / len(examples)
+
+
+CONTENT_FREE_PROMPTS = ["review : . Answer :", "review : the . Answer :"]
+
+
+def test_content_free_calibration_divides_by_the_prior(model, tok):
+    examples = [Example(p, LABELS[i % 3]) for i, p in enumerate(PROMPTS)]
+    engine = FakeEngine(model)
+    got = evaluate_task(engine, tok, examples, format="classification", labels=LABELS,
+                        batch_size=2, calibration_prompts=CONTENT_FREE_PROMPTS)
+    # By hand: each content-free prompt's label probabilities normalised over the
+    # labels, averaged, logged; subtracted from every example's label scores.
+    cf = [Example(p, LABELS[0]) for p in CONTENT_FREE_PROMPTS]
+    probs = label_scores(engine, tok, cf, LABELS, 2, 256).softmax(dim=1)
+    prior = [math.log(sum(float(probs[i, k]) for i in range(2)) / 2) for k in range(3)]
+    assert got["label_prior"] == pytest.approx(prior, abs=1e-6)
+    assert label_prior(engine, tok, CONTENT_FREE_PROMPTS, LABELS, 2, 256).tolist() == \
+        pytest.approx(prior, abs=1e-12)
+    raw = label_scores(engine, tok, examples, LABELS, 2, 256)
+    expected = rank_records(raw - torch.tensor(prior, dtype=torch.float64), examples, LABELS)
+    assert got["predictions"] == expected["predictions"]
+    assert got["margins"] == pytest.approx(expected["margins"], abs=1e-4)
+    # The prior is not uniform, so the calibrated margins differ from the raw ones.
+    uncalibrated = rank_records(raw, examples, LABELS)
+    assert got["margins"] != pytest.approx(uncalibrated["margins"], abs=1e-3)
+    world = ThreadWorld(2)  # a collective like label_scores: the same on every rank
+    for other in world.run(model, lambda e: evaluate_task(
+            e, tok, examples, format="classification", labels=LABELS, batch_size=2,
+            calibration_prompts=CONTENT_FREE_PROMPTS)):
+        assert other["predictions"] == got["predictions"]
+        assert other["label_prior"] == pytest.approx(got["label_prior"], abs=1e-9)
+    with pytest.raises(ValueError, match="eval.calibration needs eval.classification: rank"):
+        evaluate_task(engine, tok, examples, format="classification", labels=LABELS,
+                      classification="generate", calibration_prompts=CONTENT_FREE_PROMPTS)

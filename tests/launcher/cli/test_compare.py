@@ -26,5 +26,9 @@ def test_compare_shows_fg_as_retention_and_forgetting_beside_it(tmp_path):
     # FG = 0.6 / 0.8 = 0.75, forgetting = 0.8 - 0.6 = 0.2; the other run lost nothing.
     assert rows["old"][-3:] == ["0.750", "0.200", "rank |"]
     assert rows["new"][-3:] == ["1.000", "0.000", "generate, query=example |"]
+    calibrated = _run(tmp_path / "cal", "ncft", [[0.8, 0.6], [0.1, 0.9]],
+                      {"classification": "rank", "calibration": "content_free"})
+    assert compare_table([calibrated]).splitlines()[-1].endswith(
+        "rank, calibration=content_free |")
     with pytest.raises(ValueError, match="no results.json"):
         compare_table([str(tmp_path)])

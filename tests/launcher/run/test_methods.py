@@ -40,6 +40,12 @@ def test_method_run_directory(runs, name):
     assert "lora" not in " ".join(final), "LoRA must be merged into the exported model"
     if name == "per_task":  # each column its own model: only the diagonal counts
         assert results["summary"]["backward_transfer"] is None
+    if name == "seqft":  # eval.calibration: content_free, after every stage
+        assert results["protocol"]["calibration"] == "content_free"
+        for task, labels in (("sst2", 2), ("rte", 2)):
+            for detail in results["details"][task]:
+                prior = torch.tensor(detail["label_prior"], dtype=torch.float64)
+                assert len(prior) == labels and float(prior.exp().sum()) == pytest.approx(1)
     if name == "wncft":
         weights = results["details"]["sst2"][1]["mixing_weights"]
         assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
@@ -190,7 +196,8 @@ def test_olora_keeps_earlier_adapters_and_exports_their_sum(runs, cache):
 
 def test_wncft_example_query_and_generate_protocol_recorded(runs):
     results = json.loads((runs / "wncft_example" / "results.json").read_text())
-    assert results["protocol"] == {"classification": "generate", "wncft_query": "example"}
+    assert results["protocol"] == {"classification": "generate", "calibration": "none",
+                                   "wncft_query": "example"}
     detail = results["details"]["sst2"][1]
     assert detail["query"] == "example" and sum(detail["top_task_share"]) == pytest.approx(1)
     assert sum(detail["mixing_weights"]) == pytest.approx(1.0)

@@ -1,10 +1,11 @@
-"""Spec task -> examples: the held-out evaluation split."""
+"""Spec task -> examples: the held-out evaluation split, content-free prompts."""
 
 import pytest
 
 from launcher.run.task_data import load_task, read_jsonl
 from launcher.spec.schema import validate_spec
 from launcher.spec.tasks import data_files
+from ncft.evaluate import CONTENT_FREE
 
 
 def _task(tmp_path, **fields):
@@ -30,3 +31,10 @@ def test_heldout_refuses_overlap_naming_the_fields(tmp_path):
     with pytest.raises(ValueError, match=r"tasks\[sst2\].eval_split: heldout needs "
                        r"train_size \+ eval_size <= the 1000 training rows"):
         load_task(task, root)
+
+
+def test_classification_tasks_carry_their_content_free_prompts(tmp_path):
+    task, root = _task(tmp_path, train_size=4, eval_size=2)
+    data = load_task(task, root)
+    assert data.content_free == tuple(task.render(text) for text in CONTENT_FREE)
+    assert "N/A" in data.content_free[0] and task.labels[0] in data.content_free[0]

@@ -1,17 +1,18 @@
-"""Which tasks the loop evaluates after each stage (`eval.tasks`)."""
+"""What the loop evaluates after each stage (`eval.tasks`), and how (`eval.calibration`)."""
 
 import pytest
 
+import ncft.continual.loop as loop_module
 from ncft.continual.loop import ContinualLoop, LoopConfig, TaskData
 
 TASKS = [TaskData(n, "classification", ["a", "b"], [], [], 16) for n in "wxyz"]
 
 
-def _loop(eval_tasks: str) -> ContinualLoop:
+def _loop(eval_tasks: str = "all", **cfg) -> ContinualLoop:
     cfg = LoopConfig(method="ncft", steps_per_task=1, epochs=None, micro_batch_size=1,
                      grad_accum=1, seed=0, warmup_steps=0, lr=1e-3, eval_batch_size=1,
                      eval_max_examples=None, max_new_tokens=1, metrics=("bleu",),
-                     wncft_samples=1, wncft_temperature=1.0, eval_tasks=eval_tasks)
+                     wncft_samples=1, wncft_temperature=1.0, eval_tasks=eval_tasks, **cfg)
     return ContinualLoop(cfg, TASKS, backend=None)
 
 
@@ -23,3 +24,17 @@ def _loop(eval_tasks: str) -> ContinualLoop:
 def test_evaluated_tasks_per_stage(mode, expected):
     loop = _loop(mode)
     assert [list(loop._evaluated(stage)) for stage in range(4)] == expected
+
+
+@pytest.mark.parametrize(("calibration", "expected"), [("none", ()),
+                                                      ("content_free", ("w: N/A", "w: "))])
+def test_content_free_prompts_reach_the_evaluation(monkeypatch, calibration, expected):
+    seen = {}
+    monkeypatch.setattr(loop_module, "evaluate_task",
+                        lambda *a, **kw: seen.update(kw) or {"score": 0.0})
+    loop = _loop(calibration=calibration)
+    loop.backend = type("B", (), {"tokenizer": None})()
+    task = TaskData("w", "classification", ["a", "b"], [], [], 16,
+                    content_free=("w: N/A", "w: "))
+    loop._eval_one(engine=None, task=task, examples=[])
+    assert seen["calibration_prompts"] == expected
