@@ -54,7 +54,7 @@ demo: install
 	$(BIN)/ncft compare runs/demo_smollm2 runs/demo_smollm2_seqft runs/demo_smollm2_wncft
 	@echo "report: runs/demo_smollm2/report.md"
 	@echo "the demo's budget is small; results at a budget that can show effects, with"
-	@echo "intervals: benchmarks/EVIDENCE.md (make evidence, ~4.5 h on 2 cores)"
+	@echo "intervals: benchmarks/EVIDENCE.md (make evidence, ~5 h on 2 cores)"
 
 # The evidence runs of benchmarks/EVIDENCE.md (#14): learning-rate grid, Standard CL O1,
 # the forgetting diagnosis, Leng & Xiong's matrices, NeFT vs LoRA; ~3 h on 2 CPU cores,

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every evidence run of benchmarks/EVIDENCE.md, in the order they ran (`make evidence`).
-# About 4.5 hours on 2 CPU cores; each step is resumable (a finished run is skipped), so
+# About 5 hours on 2 CPU cores; each step is resumable (a finished run is skipped), so
 # an interrupted call picks up where it stopped. OUT defaults to runs/evidence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,19 @@ $EV run examples/evidence_o1_smollm2.yaml --grid "$G2" --out "$OUT" --prefix o1_
 # 8. A second seed for the three main methods.
 $EV run examples/evidence_o1_smollm2.yaml --grid "$G2" --out "$OUT" --prefix o1s1_ \
   --methods seqft,ncft,wncft --set training.seed=1
-# 9. Tables (benchmarks/results/evidence_*.json and .md).
+# 9. Checks the results asked for: LoRA at 1e-3 on EN -> ES (a sensitivity check of
+#    r 21's degenerate decoding, not a selection), the product's eval.calibration on the
+#    diagnosis's NCFT run (must match step 3's read-out), W-NCFT at temperature 0.1.
+S=examples/evidence_neft_lora.yaml
+$EV run $S --grid "$G" --out "$OUT" --prefix lora21_lr1e-3_ --methods lora --set lora.r=21 \
+  --set lora.alpha=42 --set training.lr=0.001
+$EV run $S --grid "$G" --out "$OUT" --prefix lora10_lr1e-3_ --methods lora --set lora.r=10 \
+  --set lora.alpha=20 --set training.lr=0.001
+$EV run examples/evidence_sst2_agnews.yaml --prefix diag_cal_ --grid "$G" --out "$OUT" \
+  --methods ncft --set eval.calibration=content_free
+$EV run examples/evidence_o1_smollm2.yaml --grid "$G2" --out "$OUT" --prefix o1_t0.1_ \
+  --methods wncft --set wncft.temperature=0.1
+# 10. Tables (benchmarks/results/evidence_*.json and .md).
 R=benchmarks/results
 $EV table "$OUT"/o1_seqft "$OUT"/o1_ncft "$OUT"/o1_wncft "$OUT"/o1_olora "$OUT"/o1_seqlora "$OUT"/o1_per_task \
   "$OUT"/o1_lr9e-3_olora "$OUT"/o1_lr9e-3_seqlora --out $R/evidence_o1.json
@@ -57,3 +69,5 @@ $EV table "$OUT"/diag_seqft "$OUT"/diag_ncft "$OUT"/diag_excl_ncft "$OUT"/diag_w
   --out $R/evidence_diag.json
 $EV bleu "$OUT"/lora10_lora "$OUT"/neft3_neurons --out $R/evidence_bleu_3pct.json
 $EV bleu "$OUT"/lora21_lora "$OUT"/neft6_neurons --out $R/evidence_bleu_6pct.json
+$EV bleu "$OUT"/lora21_lr1e-3_lora "$OUT"/lora10_lr1e-3_lora "$OUT"/neft6_neurons \
+  --out $R/evidence_bleu_lora_1e-3.json
