@@ -65,8 +65,10 @@ R=benchmarks/results
 $EV table "$OUT"/o1_seqft "$OUT"/o1_ncft "$OUT"/o1_wncft "$OUT"/o1_olora "$OUT"/o1_seqlora "$OUT"/o1_per_task \
   "$OUT"/o1_lr9e-3_olora "$OUT"/o1_lr9e-3_seqlora --out $R/evidence_o1.json
 $EV table "$OUT"/o1s1_seqft "$OUT"/o1s1_ncft "$OUT"/o1s1_wncft --out $R/evidence_o1_seed1.json
+$EV table "$OUT"/o1_wncft "$OUT"/o1_t0.1_wncft --out $R/evidence_o1_wncft_temperature.json
 $EV table "$OUT"/diag_seqft "$OUT"/diag_ncft "$OUT"/diag_excl_ncft "$OUT"/diag_wncft "$OUT"/diag_olora \
   --out $R/evidence_diag.json
+$EV table "$OUT"/diag_ncft "$OUT"/diag_cal_ncft "$OUT"/diag_olora --out $R/evidence_diag_calibrated.json
 $EV bleu "$OUT"/lora10_lora "$OUT"/neft3_neurons --out $R/evidence_bleu_3pct.json
 $EV bleu "$OUT"/lora21_lora "$OUT"/neft6_neurons --out $R/evidence_bleu_6pct.json
 $EV bleu "$OUT"/lora21_lr1e-3_lora "$OUT"/lora10_lr1e-3_lora "$OUT"/neft6_neurons \
