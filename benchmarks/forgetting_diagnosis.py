@@ -72,6 +72,13 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
+def signed_scores(detail: dict, gold: list[str], labels: list[str]) -> tuple[np.ndarray, ...]:
+    """`(s, sign)` of a two-label evaluation: `s = score(label 0) - score(label 1)` per
+    example (from the stored margins), `sign` +1 where the gold label is label 0."""
+    sign = np.asarray([1.0 if g == labels[0] else -1.0 for g in gold])
+    return np.asarray(detail["margins"]) * sign, sign
+
+
 def margin_report(results: dict, task: str, gold: list[str], labels: list[str]) -> list[dict]:
     """Per stage: accuracy, mean margin, and for two labels the AUC and bias of s."""
     out = []
@@ -83,12 +90,11 @@ def margin_report(results: dict, task: str, gold: list[str], labels: list[str]) 
         row = {"stage": stage, "after": results["tasks"][stage], "accuracy": detail["accuracy"],
                "mean_margin": float(margins.mean())}
         if len(labels) == 2:
-            sign = np.asarray([1.0 if g == labels[0] else -1.0 for g in gold])
-            s = margins * sign  # score(label 0) - score(label 1)
+            s, sign = signed_scores(detail, gold, labels)
             # Thresholding s at its own median instead of 0 removes a shift of the
             # label prior without using labels: what a calibrated read-out could reach.
             median_cut = np.where(s > np.median(s), 1.0, -1.0)
-            row.update({"_s": s.tolist(), "auc": auc(s, sign > 0), "median_s": float(np.median(s)),
+            row.update({"auc": auc(s, sign > 0), "median_s": float(np.median(s)),
                         "accuracy_at_median_threshold": float((median_cut == sign).mean()),
                         "mean_s_by_gold": {labels[0]: float(s[sign > 0].mean()),
                                            labels[1]: float(s[sign < 0].mean())}})
@@ -112,14 +118,17 @@ def content_free_s(model, tokenizer, task) -> float:
     return float(prior_K[0] - prior_K[1])
 
 
-def calibrated(margins: list[dict | None], s_cf: dict[int, float], gold: list[str],
-               labels: list[str]) -> None:
-    """Add each stage's content-free shift and calibrated accuracy to its margin row."""
-    sign = np.asarray([1.0 if g == labels[0] else -1.0 for g in gold])
+def calibrated(margins: list[dict | None], details: list[dict | None], s_cf: dict[int, float],
+               gold: list[str], labels: list[str]) -> None:
+    """Add each stage's content-free shift and calibrated accuracy to its margin row.
+
+    `details` are the task's per-stage evaluations (`results["details"][task]`), which
+    the rows of `margins` were made from.
+    """
     for row in margins:
         if row is None or row["stage"] not in s_cf:
             continue
-        s = np.asarray(row["_s"])
+        s, sign = signed_scores(details[row["stage"]], gold, labels)
         shifted = s - s_cf[row["stage"]]
         row.update({"content_free_s": s_cf[row["stage"]],
                     "accuracy_calibrated": float((np.where(shifted > 0, 1.0, -1.0) == sign)
@@ -257,10 +266,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         for stage, task in enumerate(spec.tasks):
             weights = layout.stage_dir(stage, task.name) / "model.safetensors"
             s_cf[stage] = content_free_s(_model(path, weights, scale), tokenizer, first)
-        calibrated(report["margins"], s_cf, scored, first.labels)
-    for row in report["margins"]:
-        if row is not None:
-            row.pop("_s", None)
+        calibrated(report["margins"], results["details"][first.name], s_cf, scored,
+                   first.labels)
     if args.margins_only:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -125,6 +125,7 @@ def label_scores(
         all_NK[span.start : span.stop] = torch.cat(scores).view(len(mine), len(labels))
     return engine.all_reduce_(all_NK).cpu()
 
+
 def label_prior(
     engine: Engine, tokenizer, prompts: Sequence[str], labels: Sequence[str],
     batch_size: int, max_length: int,

@@ -237,11 +237,15 @@ def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEnt
     return entries
 
 
+def _entry(module_fqn: str, delta: SparseDelta) -> DeltaEntry:
+    axis = delta.axis if delta.weight_idx is not None else None  # None: bias only
+    return DeltaEntry(module_fqn, axis, delta.weight_idx, delta.bias_idx, delta)
+
+
 def _attach(module: nn.Module, module_fqn: str, delta: SparseDelta) -> DeltaEntry:
     module.add_module(DELTA_ATTR, delta)
     module.forward = types.MethodType(_delta_forward, module)
-    axis = delta.axis if delta.weight_idx is not None else None
-    return DeltaEntry(module_fqn, axis, delta.weight_idx, delta.bias_idx, delta)
+    return _entry(module_fqn, delta)
 
 
 def mirror(model: nn.Module, entries: Iterable[DeltaEntry]) -> list[DeltaEntry]:
@@ -271,13 +275,8 @@ def mirror(model: nn.Module, entries: Iterable[DeltaEntry]) -> list[DeltaEntry]:
 
 def installed(model: nn.Module) -> list[DeltaEntry]:
     """The deltas `install` put on `model` (unwrapped), in model order."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, SparseDelta):
-            axis = module.axis if module.weight_idx is not None else None
-            out.append(DeltaEntry(name.rsplit(".", 1)[0], axis, module.weight_idx,
-                                  module.bias_idx, module))
-    return out
+    return [_entry(name.rsplit(".", 1)[0], module) for name, module in model.named_modules()
+            if isinstance(module, SparseDelta)]
 
 
 def write_back(engine: Engine, entries: Iterable[DeltaEntry]) -> None:
