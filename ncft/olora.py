@@ -27,20 +27,11 @@ adapters into the base weights for export.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class LoraOptions:
-    """The spec's `lora` section as plain values (`ncft.lora.apply_lora`'s arguments)."""
-
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
+from ncft.continual.config import LoraOptions
 
 
 def adapter_name(stage: int) -> str:

@@ -21,12 +21,12 @@ from launcher.run import preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
+from launcher.spec.sections import section_config
 from ncft import olora, sparse_delta
 from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.lora import apply_lora
 from ncft.neuron_set import NeuronSet
-from ncft.olora import LoraOptions
 from ncft.run_layout import STAGE_STATE
 from ncft.train import StepLog
 
@@ -42,19 +42,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def optim_config(spec: Spec) -> OptimConfig:
     """The engine's optimizer settings from the spec's training section."""
-    t = spec.training
-    return OptimConfig(
-        lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip, grad_accum=t.grad_accum, micro_batch_size=t.micro_batch_size,
-        compute_dtype=_DTYPES[spec.model.dtype],
-        activation_checkpointing=t.activation_checkpointing,
-    )
-
-
-def lora_options(spec: Spec):
-    """The spec's `lora` section as `ncft.olora.LoraOptions`."""
-    lora = spec.lora
-    return LoraOptions(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
+    return section_config(OptimConfig, spec.training, compute_dtype=_DTYPES[spec.model.dtype])
 
 
 class LauncherBackend:
@@ -119,7 +107,7 @@ class LauncherBackend:
         if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
 
             model = olora.freeze_all(olora.with_adapters(
-                model, stage + 1, lora_options(self.spec), self.spec.training.seed))
+                model, stage + 1, self.spec.lora.to_config(), self.spec.training.seed))
         elif row.lora and not row.adapter_per_task:
 
             lora = self.spec.lora

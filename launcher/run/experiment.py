@@ -19,7 +19,7 @@ from typing import Any
 
 from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
 from launcher.run import preempt, rundir, studies
-from launcher.run.backend import LauncherBackend, lora_options
+from launcher.run.backend import LauncherBackend
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
 from launcher.run.selector import run_selector
@@ -30,7 +30,6 @@ from launcher.spec.plan import records_neft_utilization
 from ncft.continual.loop import (
     LORA_METHODS,
     ContinualLoop,
-    LoopConfig,
     LoopState,
     Selector,
     TaskData,
@@ -41,20 +40,7 @@ from ncft.lora import merge_lora
 
 def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
           selector: Selector) -> ContinualLoop:
-    t, ev = spec.training, spec.eval
-    cfg = LoopConfig(
-        method=spec.method, steps_per_task=t.steps, epochs=t.epochs,
-        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-        warmup_steps=t.warmup_steps, lr=t.lr, eval_batch_size=ev.batch_size,
-        eval_max_examples=ev.max_examples, max_new_tokens=ev.max_new_tokens,
-        metrics=tuple(ev.metrics), wncft_samples=spec.wncft.num_samples,
-        wncft_temperature=spec.wncft.temperature, log_every=spec.output.log_every,
-        wncft_query=spec.wncft.query, classification=ev.classification, eval_tasks=ev.tasks,
-        calibration=ev.calibration,
-        lora=lora_options(spec), olora_lambda_orth=spec.olora.lambda_orth,
-        olora_lambda_l2=spec.olora.lambda_l2, update=t.update,
-    )
-    return ContinualLoop(cfg, tasks, backend, store_dir=backend.run.wncft,
+    return ContinualLoop(spec.loop_config(), tasks, backend, store_dir=backend.run.wncft,
                          selector=selector)
 
 

@@ -19,23 +19,10 @@ from launcher.spec.plan import records_rank_shift
 from ncft.continual.loop import TaskData, stage_steps
 from ncft.neuron_set import NeuronSet
 from ncft.selection import Scores
-from ncft.selection.pipeline import SelectConfig, SelectionPipeline
+from ncft.selection.pipeline import SelectionPipeline
 
 if TYPE_CHECKING:
     from launcher.run.backend import LauncherBackend
-
-
-def select_config(spec: Spec) -> SelectConfig:
-    """The spec's selection section as the pipeline's plain values."""
-    s = spec.selection
-    return SelectConfig(
-        scorer=s.scorer, fraction=s.fraction, count=s.count, per_layer=s.per_layer,
-        modules=tuple(s.modules), unit=s.unit, positions=s.positions,
-        num_examples=s.num_examples, batch_size=s.batch_size, cosine_steps=s.cosine_steps,
-        union_with_previous=s.union_with_previous, seed=s.seed,
-        exclude_previous=s.exclude_previous,
-        model_id=spec.model.name_or_path, reversed_fraction=s.reversed_fraction,
-    )
 
 
 def spec_selector(spec: Spec, tokenizer: Any, **options: Any) -> SelectionPipeline:
@@ -50,7 +37,7 @@ def spec_selector(spec: Spec, tokenizer: Any, **options: Any) -> SelectionPipeli
     t = spec.training
     steps = partial(stage_steps, tokenizer, seed=t.seed, micro_batch_size=t.micro_batch_size,
                     grad_accum=t.grad_accum)
-    return SelectionPipeline(select_config(spec), tokenizer, steps, spec.method, **options)
+    return SelectionPipeline(spec.select_config(), tokenizer, steps, spec.method, **options)
 
 
 def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) -> SelectionPipeline:

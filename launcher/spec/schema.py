@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -57,6 +57,10 @@ from launcher.spec.tasks import (
     method,
     resolve_task_data,
 )
+
+if TYPE_CHECKING:
+    from ncft.continual.config import LoopConfig
+    from ncft.selection.pipeline import SelectConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,6 +158,20 @@ class Spec(_Section):
             raise Problems(problems)
         return self
 
+    def loop_config(self) -> LoopConfig:
+        """What `ncft.continual.loop.ContinualLoop` reads, built from the sections."""
+        from ncft.continual.config import LoopConfig
+
+        return LoopConfig(
+            method=self.method, training=self.training.to_config(),
+            eval=self.eval.to_config(), wncft=self.wncft.to_config(),
+            olora=self.olora.to_config(), lora=self.lora.to_config(),
+            log_every=self.output.log_every,
+        )
+
+    def select_config(self) -> SelectConfig:
+        """What `ncft.selection.pipeline.SelectionPipeline` reads."""
+        return self.selection.to_config(model_id=self.model.name_or_path)
 
 
 def method_problems(method: str, num_tasks: int) -> list[tuple[str, str]]:

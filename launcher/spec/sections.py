@@ -7,19 +7,38 @@ across sections live on `launcher.spec.schema.Spec`. Every section forbids unkno
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from launcher.spec.tasks import Problems, absolute, base_dir
+
+if TYPE_CHECKING:
+    from ncft.continual import config
+    from ncft.selection.pipeline import SelectConfig
 
 MODULES = ("gate", "up", "down", "fc_in", "fc_out", "attention")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def section_config(cls: type, section: BaseModel, **given: Any) -> Any:
+    """The dataclass `cls` filled from `section`'s fields of the same names, plus `given`.
+
+    This is how an option reaches the code that reads it: defined once on the section,
+    copied by name (lists become tuples, the configs are frozen). A dataclass field
+    the section lacks is an AttributeError here, never a silent default;
+    tests/launcher/spec/test_to_config.py checks that every section field arrives.
+    """
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
+    values = {n: getattr(section, n) for n in names}
+    return cls(**{n: tuple(v) if isinstance(v, list) else v for n, v in values.items()},
+               **given)
 
 
 class ModelSpec(_Section):
@@ -166,6 +185,12 @@ class SelectionSpec(_Section):
             raise Problems(problems)
         return self
 
+    def to_config(self, model_id: str) -> SelectConfig:
+        """The selection pipeline's values; `model_id` is recorded in each NeuronSet."""
+        from ncft.selection.pipeline import SelectConfig
+
+        return section_config(SelectConfig, self, model_id=model_id)
+
 
 class TrainingSpec(_Section):
     """Optimizer and schedule, per task."""
@@ -218,6 +243,12 @@ class TrainingSpec(_Section):
             raise Problems(problems)
         return self
 
+    def to_config(self) -> config.TrainConfig:
+        """The options the continual loop reads (the optimizer's go to the engine)."""
+        from ncft.continual.config import TrainConfig
+
+        return section_config(TrainConfig, self)
+
 
 class LoraSpec(_Section):
     """LoRA adapters (methods lora, seqlora and olora)."""
@@ -229,6 +260,12 @@ class LoraSpec(_Section):
         ["q_proj", "v_proj"], min_length=1, description="Module names that get adapters."
     )
 
+    def to_config(self) -> config.LoraOptions:
+        """The adapters' options (`ncft.lora.apply_lora`, `ncft.olora`)."""
+        from ncft.continual.config import LoraOptions
+
+        return section_config(LoraOptions, self)
+
 
 class OloraSpec(_Section):
     """O-LoRA's loss weights (Wang et al. 2023; defaults of cmnfriend/O-LoRA's scripts)."""
@@ -239,6 +276,12 @@ class OloraSpec(_Section):
     lambda_l2: float = Field(
         0.0, ge=0, description="lamda_2: weight of the L2 norms of the new adapter's A and B."
     )
+
+    def to_config(self) -> config.OloraConfig:
+        """O-LoRA's loss weights for the loop."""
+        from ncft.continual.config import OloraConfig
+
+        return section_config(OloraConfig, self)
 
 
 class WncftSpec(_Section):
@@ -252,6 +295,12 @@ class WncftSpec(_Section):
         "App. A.2, needs task identity); example: each example is routed by its own prompt "
         "vector, no task identity (see ncft/continual/wncft.py).",
     )
+
+    def to_config(self) -> config.WncftConfig:
+        """W-NCFT's mixing options for the loop."""
+        from ncft.continual.config import WncftConfig
+
+        return section_config(WncftConfig, self)
 
 
 class StudySpec(_Section):
@@ -347,6 +396,12 @@ class EvalSpec(_Section):
         "AP, BWT and forgetting need, at about half the cost) or current (the diagonal: "
         "enough for per_task).",
     )
+
+    def to_config(self) -> config.EvalConfig:
+        """What the loop evaluates after each stage, and how."""
+        from ncft.continual.config import EvalConfig
+
+        return section_config(EvalConfig, self)
 
 
 class OutputSpec(_Section):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ncft import olora, sparse_delta
 from ncft.continual import routing, wncft
+from ncft.continual.config import LoopConfig
 from ncft.continual.methods import LORA_METHODS, NEURON_METHODS, method
 from ncft.continual.metrics import cl_summary
 from ncft.data.examples import batches as share_batches
@@ -59,35 +60,6 @@ class TaskData:
     max_length: int
     # The template filled with `ncft.evaluate.CONTENT_FREE` (`eval.calibration`).
     content_free: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """What the loop needs from the spec, as plain values."""
-
-    method: str
-    steps_per_task: int | None
-    epochs: int | None
-    micro_batch_size: int
-    grad_accum: int
-    seed: int
-    warmup_steps: int
-    lr: float
-    eval_batch_size: int
-    eval_max_examples: int | None
-    max_new_tokens: int
-    metrics: tuple[str, ...]
-    wncft_samples: int
-    wncft_temperature: float
-    log_every: int = 1
-    wncft_query: str = "task"
-    classification: str = "rank"
-    lora: olora.LoraOptions | None = None
-    olora_lambda_orth: float = 0.5
-    olora_lambda_l2: float = 0.0
-    update: str = "masked"
-    eval_tasks: str = "all"  # all | seen | current (`_evaluated`)
-    calibration: str = "none"  # none | content_free (rank-mode classification)
 
 
 class Selector(Protocol):
@@ -217,9 +189,9 @@ class ContinualLoop:
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
             "summary": cl_summary(matrix, names), "details": state.details,
             # How scores were obtained: `ncft compare` and the report show it.
-            "protocol": {"classification": self.cfg.classification,
-                         "calibration": self.cfg.calibration,
-                         "wncft_query": self.cfg.wncft_query if self.row.mixes else None},
+            "protocol": {"classification": self.cfg.eval.classification,
+                         "calibration": self.cfg.eval.calibration,
+                         "wncft_query": self.cfg.wncft.query if self.row.mixes else None},
         }
 
     def _stage(self, stage: int, state: LoopState) -> None:
@@ -238,13 +210,13 @@ class ContinualLoop:
             nset = self._select(self.backend.load_model(source), task, stage)
         model = self.backend.load_model(source)
         penalty, deltas = None, None
-        if nset is not None and self.cfg.update == "sparse_delta":
+        if nset is not None and self.cfg.training.update == "sparse_delta":
             # This stage's selection becomes small parameters holding its start values.
             deltas = sparse_delta.install(model, nset.entries)
         elif nset is not None:
             freeze_unselected(model, nset.entries)
         elif row.adapter_per_task:  # O-LoRA: this stage's new adapter, earlier ones frozen
-            model = olora.with_adapters(model, stage + 1, self.cfg.lora, self.cfg.seed)
+            model = olora.with_adapters(model, stage + 1, self.cfg.lora, self.cfg.training.seed)
             penalty = self._olora_penalty(model, stage)
         elif not row.lora:  # LoRA marked its own trainables
             for p in model.parameters():
@@ -273,7 +245,7 @@ class ContinualLoop:
         engine.close()
 
     def _olora_penalty(self, model: nn.Module, stage: int):
-        lambdas = self.cfg.olora_lambda_orth, self.cfg.olora_lambda_l2
+        lambdas = self.cfg.olora.lambda_orth, self.cfg.olora.lambda_l2
         return lambda: olora.penalty(model, stage, *lambdas)
 
     def _select(self, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
@@ -287,15 +259,15 @@ class ContinualLoop:
 
     # ---- training -------------------------------------------------------------
     def _num_steps(self, task: TaskData, world_size: int) -> int:
-        if self.cfg.steps_per_task is not None:
-            return self.cfg.steps_per_task
-        per_step = self.cfg.micro_batch_size * world_size * self.cfg.grad_accum
-        return max(1, self.cfg.epochs * -(-len(task.train) // per_step))
+        if self.cfg.training.steps is not None:
+            return self.cfg.training.steps
+        per_step = self.cfg.training.micro_batch_size * world_size * self.cfg.training.grad_accum
+        return max(1, self.cfg.training.epochs * -(-len(task.train) // per_step))
 
     def train_steps(self, engine: Engine, task: TaskData, stage: int) -> Iterator[list[dict]]:
         """Endless micro-batch lists for `task` on this rank (callers take what they need)."""
-        return stage_steps(self.backend.tokenizer, engine, task, stage, self.cfg.seed,
-                           self.cfg.micro_batch_size, self.cfg.grad_accum)
+        return stage_steps(self.backend.tokenizer, engine, task, stage, self.cfg.training.seed,
+                           self.cfg.training.micro_batch_size, self.cfg.training.grad_accum)
 
     def _logger(
         self, engine: Engine, stage: int, task: TaskData, total: int, bar: tqdm
@@ -312,8 +284,8 @@ class ContinualLoop:
 
     def _lr(self, step: int) -> float:
         """Linear warm-up over `warmup_steps` (1-based steps), then constant."""
-        warm = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, step / warm) if warm else self.cfg.lr
+        warm = self.cfg.training.warmup_steps
+        return self.cfg.training.lr * min(1.0, step / warm) if warm else self.cfg.training.lr
 
     def _set_lr(self, engine: Engine, step: int) -> None:
         for group in engine.optimizer.param_groups:
@@ -321,8 +293,8 @@ class ContinualLoop:
 
     # ---- W-NCFT ----------------------------------------------------------------
     def _vector(self, engine: Engine, examples: Sequence[Any], max_length: int) -> torch.Tensor:
-        prompts = [ex.prompt for ex in examples[: self.cfg.wncft_samples]]
-        batches = wncft.prompt_batches(self.backend.tokenizer, prompts, self.cfg.eval_batch_size,
+        prompts = [ex.prompt for ex in examples[: self.cfg.wncft.num_samples]]
+        batches = wncft.prompt_batches(self.backend.tokenizer, prompts, self.cfg.eval.batch_size,
                                        max_length, engine.rank, engine.world_size)
         return wncft.task_vector(engine, batches)
 
@@ -336,21 +308,21 @@ class ContinualLoop:
     # ---- evaluation -----------------------------------------------------------
     def _evaluated(self, stage: int) -> range:
         """Indices of the tasks evaluated after `stage` (`eval.tasks`); others stay None."""
-        if self.cfg.eval_tasks == "current":
+        if self.cfg.eval.tasks == "current":
             return range(stage, stage + 1)
-        if self.cfg.eval_tasks == "seen":
+        if self.cfg.eval.tasks == "seen":
             return range(stage + 1)
         return range(len(self.tasks))
 
     def _evaluate(self, engine: Engine, stage: int, state: LoopState) -> None:
         for i in self._evaluated(stage):
             task = self.tasks[i]
-            examples = task.test[: self.cfg.eval_max_examples or len(task.test)]
-            if self.row.mixes and len(self.store) and self.cfg.wncft_query == "example":
+            examples = task.test[: self.cfg.eval.max_examples or len(task.test)]
+            if self.row.mixes and len(self.store) and self.cfg.wncft.query == "example":
                 result = self._eval_routed(engine, task, examples)
             elif self.row.mixes and len(self.store):
                 query = self._vector(engine, examples, task.max_length)
-                weights = self.store.weights(query, self.cfg.wncft_temperature)
+                weights = self.store.weights(query, self.cfg.wncft.temperature)
                 with wncft.mixed(engine, self.store, weights):
                     result = self._eval_one(engine, task, examples)
                 result["mixing_weights"] = weights.tolist()
@@ -366,10 +338,10 @@ class ContinualLoop:
     def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
         return evaluate_task(
             engine, self.backend.tokenizer, examples, format=task.format, labels=task.labels,
-            metrics=self.cfg.metrics, batch_size=self.cfg.eval_batch_size,
-            max_length=task.max_length, max_new_tokens=self.cfg.max_new_tokens,
-            classification=self.cfg.classification,
-            calibration_prompts=task.content_free if self.cfg.calibration == "content_free"
+            metrics=self.cfg.eval.metrics, batch_size=self.cfg.eval.batch_size,
+            max_length=task.max_length, max_new_tokens=self.cfg.eval.max_new_tokens,
+            classification=self.cfg.eval.classification,
+            calibration_prompts=task.content_free if self.cfg.eval.calibration == "content_free"
             else (),
         )
 
@@ -377,13 +349,13 @@ class ContinualLoop:
         """`wncft.query: example`: each example under its own mixture (`routing`)."""
         prompts = [ex.prompt for ex in examples]
         weights_NK = routing.example_weights(
-            engine, self.backend.tokenizer, self.store, prompts, self.cfg.eval_batch_size,
-            task.max_length, self.cfg.wncft_temperature)
+            engine, self.backend.tokenizer, self.store, prompts, self.cfg.eval.batch_size,
+            task.max_length, self.cfg.wncft.temperature)
         generation = None
         if task.format == "generation":
-            generation = {"tokenizer": self.backend.tokenizer, "metrics": self.cfg.metrics,
-                          "max_new_tokens": self.cfg.max_new_tokens,
-                          "batch_size": self.cfg.eval_batch_size,
+            generation = {"tokenizer": self.backend.tokenizer, "metrics": self.cfg.eval.metrics,
+                          "max_new_tokens": self.cfg.eval.max_new_tokens,
+                          "batch_size": self.cfg.eval.batch_size,
                           "max_prompt_length": max(1, task.max_length - 1)}
         return routing.evaluate_routed(
             engine, self.store, examples, weights_NK,

@@ -48,7 +48,10 @@ StepsProvider = Callable[[Engine, "TaskData", int], Iterable[Sequence[dict]]]
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """The spec's `selection` section as plain values (see `launcher.spec.SelectionSpec`)."""
+    """The spec's `selection` section as plain values, same names, no defaults.
+
+    Built by `launcher.spec.SelectionSpec.to_config` (see `ncft.continual.config`).
+    """
 
     scorer: str
     fraction: float | None
@@ -62,9 +65,9 @@ class SelectConfig:
     cosine_steps: int
     union_with_previous: bool
     seed: int
-    exclude_previous: bool = False
-    model_id: str = ""
-    reversed_fraction: float | None = None
+    exclude_previous: bool
+    model_id: str
+    reversed_fraction: float | None
 
 
 def candidate_groups(model: nn.Module, cfg: SelectConfig) -> list[Group]:

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from ncft import olora
+from ncft.continual.config import LoraOptions
 from ncft.lora import merge_lora
 from tests.support.tiny import tiny_llama
 
-OPTS = olora.LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
+OPTS = LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
 IDS = torch.tensor([[1, 5, 9, 14, 3, 7]])
 
 

@@ -173,6 +173,7 @@ def test_olora_keeps_earlier_adapters_and_exports_their_sum(runs, cache):
     from transformers import AutoModelForCausalLM
 
     from ncft import olora
+    from ncft.continual.config import LoraOptions
 
     run = runs / "olora"
     first = load_file(run / "checkpoints" / "01-sst2" / "model.safetensors")
@@ -182,7 +183,7 @@ def test_olora_keeps_earlier_adapters_and_exports_their_sum(runs, cache):
     assert any(".lora_B.task1." in k and v.abs().sum() > 0 for k, v in second.items())
     # The exported model is a plain HF model computing what both adapters compute.
     base = AutoModelForCausalLM.from_pretrained(cache / "tiny-random-llama")
-    opts = olora.LoraOptions(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    opts = LoraOptions(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))
     adapted = olora.with_adapters(base, 2, opts, seed=0)
     missing, unexpected = adapted.load_state_dict(second, strict=False)
     assert not unexpected and not [m for m in missing if "lora_" in m]

@@ -3,16 +3,32 @@
 import pytest
 
 import ncft.continual.loop as loop_module
-from ncft.continual.loop import ContinualLoop, LoopConfig, TaskData
+from ncft.continual.config import (
+    EvalConfig,
+    LoopConfig,
+    LoraOptions,
+    OloraConfig,
+    TrainConfig,
+    WncftConfig,
+)
+from ncft.continual.loop import ContinualLoop, TaskData
 
 TASKS = [TaskData(n, "classification", ["a", "b"], [], [], 16) for n in "wxyz"]
 
 
-def _loop(eval_tasks: str = "all", **cfg) -> ContinualLoop:
-    cfg = LoopConfig(method="ncft", steps_per_task=1, epochs=None, micro_batch_size=1,
-                     grad_accum=1, seed=0, warmup_steps=0, lr=1e-3, eval_batch_size=1,
-                     eval_max_examples=None, max_new_tokens=1, metrics=("bleu",),
-                     wncft_samples=1, wncft_temperature=1.0, eval_tasks=eval_tasks, **cfg)
+def _loop(eval_tasks: str = "all", calibration: str = "none") -> ContinualLoop:
+    cfg = LoopConfig(
+        method="ncft",
+        training=TrainConfig(lr=1e-3, steps=1, epochs=None, micro_batch_size=1, grad_accum=1,
+                             seed=0, warmup_steps=0, update="masked"),
+        eval=EvalConfig(batch_size=1, max_examples=None, max_new_tokens=1,
+                        classification="rank", calibration=calibration, metrics=("bleu",),
+                        tasks=eval_tasks),
+        wncft=WncftConfig(num_samples=1, temperature=1.0, query="task"),
+        olora=OloraConfig(lambda_orth=0.5, lambda_l2=0.0),
+        lora=LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)),
+        log_every=1,
+    )
     return ContinualLoop(cfg, TASKS, backend=None)
 
 

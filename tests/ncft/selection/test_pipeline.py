@@ -26,7 +26,8 @@ IDS = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0
 def _cfg(**changes) -> SelectConfig:
     base = dict(scorer="weight_cosine", fraction=None, count=4, per_layer=False,
                 modules=("up", "attention"), unit="row", positions="answer", num_examples=8,
-                batch_size=4, cosine_steps=2, union_with_previous=False, seed=3)
+                batch_size=4, cosine_steps=2, union_with_previous=False, seed=3,
+                exclude_previous=False, model_id="", reversed_fraction=None)
     return SelectConfig(**{**base, **changes})
 
 

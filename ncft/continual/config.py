@@ -1,0 +1,81 @@
+"""What the continual loop reads from an experiment, as plain frozen values.
+
+One dataclass per spec section the loop reads, with the section's own field names:
+the launcher builds each with `to_config()` on the matching pydantic section
+(`launcher.spec.sections`), which copies the fields by name. So an option is
+defined once, in the spec, and reaches the loop under the same name; a field
+that is added to one side only fails loudly (a missing attribute or argument)
+instead of falling back to a default here. No defaults, for the same reason.
+Torch-free: the spec imports it while validating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `training` options of a stage's loop (the engine takes the optimizer's)."""
+
+    lr: float
+    steps: int | None
+    epochs: int | None
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    warmup_steps: int
+    update: str  # masked | sparse_delta
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` section: what is evaluated after each stage, and how."""
+
+    batch_size: int
+    max_examples: int | None
+    max_new_tokens: int
+    classification: str  # rank | generate
+    calibration: str  # none | content_free (rank-mode classification)
+    metrics: tuple[str, ...]
+    tasks: str  # all | seen | current (`ContinualLoop._evaluated`)
+
+
+@dataclass(frozen=True)
+class WncftConfig:
+    """The `wncft` section: W-NCFT's inference-time mixing."""
+
+    num_samples: int
+    temperature: float
+    query: str  # task | example
+
+
+@dataclass(frozen=True)
+class OloraConfig:
+    """The `olora` section: O-LoRA's loss weights."""
+
+    lambda_orth: float
+    lambda_l2: float
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The `lora` section: the adapters of lora, seqlora and olora (`ncft.olora`)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything `ncft.continual.loop.ContinualLoop` reads, section by section."""
+
+    method: str
+    training: TrainConfig
+    eval: EvalConfig
+    wncft: WncftConfig
+    olora: OloraConfig
+    lora: LoraOptions
+    log_every: int  # output.log_every
