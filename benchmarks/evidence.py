@@ -53,7 +53,7 @@ from pathlib import Path
 
 import yaml
 
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 
 FAMILY = {"seqft": "full", "per_task": "full", "full": "full",
           "seqlora": "lora", "olora": "lora", "lora": "lora",
@@ -62,7 +62,7 @@ FAMILY = {"seqft": "full", "per_task": "full", "full": "full",
 
 def _ncft_run(spec: dict, out: Path, overrides: list[str]) -> float:
     """Write `spec` beside the run and run it; returns wall seconds (0 if it was done)."""
-    if RunLayout(out).results.is_file():
+    if RunPaths(out).results.is_file():
         return 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = copy.deepcopy(spec)
@@ -114,7 +114,7 @@ def grid(args: argparse.Namespace) -> None:
         spec["eval"] = {**spec.get("eval", {}), "tasks": "all"}
         run_dir = out / f"{family}_lr{rate}"
         wall = _ncft_run(spec, run_dir, [])
-        result = json.loads(RunLayout(run_dir).results.read_text())
+        result = json.loads(RunPaths(run_dir).results.read_text())
         scores.setdefault(family, {})[rate] = result["matrix"][0][0]
         walls.setdefault(family, {})[rate] = wall or float(
             (run_dir / "wall_seconds.txt").read_text())
@@ -181,14 +181,14 @@ def trainable_elements(run_dir: Path) -> int | None:
 
     from ncft.neuron_set import NeuronSet
 
-    spec = yaml.safe_load(RunLayout(run_dir).spec.read_text())
-    with safe_open(str(RunLayout(run_dir).final / "model.safetensors"), "pt") as f:
+    spec = yaml.safe_load(RunPaths(run_dir).spec.read_text())
+    with safe_open(str(RunPaths(run_dir).final / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     if spec["method"] == "lora":
         targets = tuple(spec["lora"]["target_modules"])
         return sum(spec["lora"]["r"] * (shape[0] + shape[1]) for name, shape in shapes.items()
                    if name.endswith(".weight") and name[: -len(".weight")].endswith(targets))
-    neuron_files = sorted(RunLayout(run_dir).neurons.glob("*.safetensors"))
+    neuron_files = sorted(RunPaths(run_dir).neurons.glob("*.safetensors"))
     if not neuron_files:
         return None
     nset = NeuronSet.load(neuron_files[0])
@@ -203,15 +203,15 @@ def bleu(args: argparse.Namespace) -> None:
 
     rows, reference = [], None
     for run in map(Path, args.runs):
-        results = json.loads(RunLayout(run).results.read_text())
-        spec = load_spec(RunLayout(run).spec)
+        results = json.loads(RunPaths(run).results.read_text())
+        spec = load_spec(RunPaths(run).spec)
         task = spec.tasks[0]
         refs = [ex.answer for ex in load_task(task, spec.data_root).test]
         detail = results["details"][task.name][0]
         hyps = detail["hypotheses"]
         reps = bleu_replicates(hyps, refs[: len(hyps)], args.samples, args.seed)
         reference = reps if reference is None else reference
-        utilization = RunLayout(run).neft_utilization(task.name)
+        utilization = RunPaths(run).neft_utilization(task.name)
         rows.append({"run": str(run), "method": results["method"], "lr": spec.training.lr,
                      "trainable_elements": trainable_elements(run), "bleu": detail["bleu"],
                      "ci95": interval(reps),

@@ -60,7 +60,7 @@ from ncft.arch import get_adapter
 from ncft.data.examples import prompt_ids
 from ncft.evaluate import CONTENT_FREE, label_prior
 from ncft.neuron_set import NeuronSet
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     parser.add_argument("--calibrate", action="store_true",
                         help="content-free calibration after every stage (two-label tasks)")
     args = parser.parse_args(argv)
-    layout = RunLayout(Path(args.run))
+    layout = RunPaths(Path(args.run))
     results = json.loads(layout.results.read_text())
     spec = load_spec(layout.spec)
     first, last = spec.tasks[0], spec.tasks[-1]

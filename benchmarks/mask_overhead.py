@@ -162,7 +162,7 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int,
     import torch.distributed as dist
 
     from launcher.engines import OptimConfig, build_engine
-    from ncft.masks.plan import freeze_unselected, install
+    from ncft.masks.install import freeze_unselected, install
     from ncft.train import train_step
 
     spec = CONFIGS[config]

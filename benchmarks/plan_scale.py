@@ -5,12 +5,12 @@ a 10% NeuronSet (10% of the FFN units of every layer, gate/up/down), on every
 sharded engine and at world sizes 8, 64, 512 and 1024, report for rank 0:
 
 - the planner's parameter bytes (every copy of the weights the rank holds) and mask
-  bookkeeping bytes (what `MaskPlan` allocates, `ncft.masks.structured`: int16
+  bookkeeping bytes (what `RankMasks` allocates, `ncft.masks.structured`: int16
   positions of the selected rows per segment and of the selected columns per
   parameter, a bool per element only for segments under 4096 elements), and their
   ratio (issue #9's goal: <= 1%);
 - the same bookkeeping counted exactly for a real random 10% NeuronSet
-  (`selections=`: the masks built on the meta device by `MaskPlan`'s code);
+  (`selections=`: the masks built on the meta device by `RankMasks`'s code);
 - the NeuronSet itself (int64 indices, whole on every rank, host memory), which the
   planner's `masks` term adds, and the ratio with it;
 - the seconds each plan took (goal: seconds), after the one-off model build.
@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launcher.plan.memory import Batch, DsTuning, neuronset_bytes, per_rank_bytes  # noqa: E402
 from launcher.plan.model import describe, meta_model, resolve_config, with_trainable  # noqa: E402
 from ncft.arch import get_adapter  # noqa: E402
-from ncft.selection import to_neuron_set, top_k, unit_groups  # noqa: E402
+from ncft.scoring.groups import unit_groups
+from ncft.selection import to_neuron_set, top_k  # noqa: E402
 
 WORLDS = (8, 64, 512, 1024)
 ENGINES = ("deepspeed", "fsdp2", "fsdp1")

@@ -144,7 +144,7 @@ def time_ratio(engine, model, blocks, groups, encoded, cfg: dict, info) -> dict:
 
 def neft_memory(engine, model) -> dict:
     from ncft.scoring.cosine import LocalSnapshot, WeightCosine
-    from ncft.selection import row_groups
+    from ncft.scoring.groups import row_groups
 
     groups = row_groups(model, ["gate", "up", "down", "fc_in", "fc_out", "attention"])
     gathers = []
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
     from launcher.dist import init_distributed, print0, shutdown
     from launcher.engines import OptimConfig, build_engine
     from ncft.arch import get_adapter
-    from ncft.selection import unit_groups
+    from ncft.scoring.groups import unit_groups
 
     torch.set_num_threads(args.threads)
     info = init_distributed()

@@ -5,7 +5,7 @@ ZeRO-3 and FSDP2:
 
 * full:         every parameter trains (no masks);
 * masked:       `training.update: masked`, 5% of the FFN units of every layer
-                (`freeze_unselected` + `ncft.masks.plan.install`);
+                (`freeze_unselected` + `ncft.masks.install.install`);
 * sparse_delta: `training.update: sparse_delta`, the same units (`ncft.sparse_delta`);
 * lora:         peft LoRA on gate/up/down with the rank that matches sparse_delta's
                 trainable elements (r = 0.05 h d_ff / (h + d_ff), rounded).
@@ -105,7 +105,7 @@ def prepare(arm: str, config: str, device: str = "cpu"):
     """The model with this arm's trainables marked; (model, neuron set or None)."""
     from ncft import sparse_delta
     from ncft.lora import apply_lora
-    from ncft.masks.plan import freeze_unselected
+    from ncft.masks.install import freeze_unselected
 
     model = build(config, device)
     nset = random_neuron_set(model, FRACTION)
@@ -141,7 +141,7 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     torch.set_num_threads(1)
     from launcher.dist import init_distributed, shutdown
     from launcher.engines import OptimConfig, build_engine
-    from ncft.masks.plan import install
+    from ncft.masks.install import install
     from ncft.train import train_step
 
     info = init_distributed()
@@ -258,7 +258,7 @@ def gpu_arm(arm: str, config: str) -> dict:
 
     from launcher.dist import DistInfo
     from launcher.engines import OptimConfig, build_engine
-    from ncft.masks.plan import install
+    from ncft.masks.install import install
     from ncft.train import train_step
 
     gc.collect()

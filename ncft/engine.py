@@ -7,6 +7,7 @@ elements of which full parameter this rank owns, and where) and the methods belo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ def local_flat(t: torch.Tensor) -> torch.Tensor:
     local = local_tensor(t)
     assert local.is_contiguous(), "optimizer tensors must be contiguous to be masked flat"
     return local.view(-1)
+
+
+def local_view(seg: Segment) -> torch.Tensor:
+    """The segment's elements in the optimizer-held local storage (a writable view)."""
+    return local_flat(seg.opt_param).narrow(0, seg.opt_offset, seg.numel)
 
 
 def share(num: int, rank: int, world_size: int) -> range:
@@ -179,3 +185,33 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release engine resources; the process group stays up."""
+
+
+# Wrapper prefixes that engines and tools insert into module names.
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def unwrapped_name(name: str) -> str:
+    """`name` with FSDP1/checkpoint/compile wrapper segments removed."""
+    return _WRAPPERS.sub("", name).lstrip(".")
+
+
+def find_module(root: nn.Module, fqn: str) -> nn.Module:
+    """The module called `fqn` in the unwrapped model, found inside a wrapped `root`.
+
+    FSDP1 renames `a.b` to `a._fsdp_wrapped_module.b` and keeps both the wrapper and
+    the original module; the innermost match (the module that really runs) is
+    returned, so hooks see exactly the original forward.
+    """
+    found = None
+    for name, module in root.named_modules():
+        if unwrapped_name(name) == fqn:
+            found = module
+    if found is None:
+        raise ValueError(f"module {fqn!r} not found in {type(root).__name__}")
+    return found
+
+
+def engine_module(engine_or_model: Engine | nn.Module) -> nn.Module:
+    """The (possibly wrapped) root module of an engine, or the model itself."""
+    return engine_or_model if isinstance(engine_or_model, nn.Module) else engine_or_model.module

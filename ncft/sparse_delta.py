@@ -195,8 +195,8 @@ def _full(param: torch.Tensor, fqn: str) -> torch.Tensor:
 def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEntry]:
     """Freeze `model` and give every selected projection a trainable `ncft_delta`.
 
-    Call on the unwrapped model instead of `ncft.masks.plan.freeze_unselected`, before
-    the engine is built; then train with no mask plan. A model on the meta device (an
+    Call on the unwrapped model instead of `ncft.masks.install.freeze_unselected`, before
+    the engine is built; then train with no masks. A model on the meta device (an
     FSDP2 rank that receives rank 0's weights) gets meta deltas, which the engine
     fills like any other parameter.
 

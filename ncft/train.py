@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ncft.engine import Engine
-from ncft.masks.plan import MaskPlan
+from ncft.masks.install import RankMasks
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ Penalty = Callable[[], torch.Tensor]
 
 
 def train_step(
-    engine: Engine, micro_batches: Sequence[dict[str, torch.Tensor]], plan: MaskPlan | None,
+    engine: Engine, micro_batches: Sequence[dict[str, torch.Tensor]], masks: RankMasks | None,
     penalty: Penalty | None = None,
 ) -> tuple[float, float]:
     """Run one optimizer step over `micro_batches`; return (mean loss, grad norm).
@@ -54,8 +54,8 @@ def train_step(
             loss = loss + penalty()
         engine.backward(loss)
         total += float(loss.detach())
-    if plan is not None:
-        plan.apply_to_grads()
+    if masks is not None:
+        masks.apply_to_grads()
     stats = engine.step()
     return total / len(micro_batches), stats.grad_norm
 
@@ -63,7 +63,7 @@ def train_step(
 def train(
     engine: Engine,
     steps: Iterable[Sequence[dict[str, torch.Tensor]]],
-    plan: MaskPlan | None,
+    masks: RankMasks | None,
     on_step: Callable[[StepLog], None] | None = None,
     start_step: int = 0,
     penalty: Penalty | None = None,
@@ -73,7 +73,7 @@ def train(
     Args:
         engine: The engine to drive.
         steps: Micro-batch lists, one per optimizer step (already this rank's slice).
-        plan: Masks from `ncft.masks.plan.install`, or None to train all trainable
+        masks: Masks from `ncft.masks.install.install`, or None to train all trainable
             elements.
         on_step: Called after every step (logging, checkpoints, progress bars).
         start_step: Steps already done (for resumed runs' numbering).
@@ -84,7 +84,7 @@ def train(
     """
     logs = []
     for i, micro_batches in enumerate(steps, start=start_step + 1):
-        loss, norm = train_step(engine, micro_batches, plan, penalty)
+        loss, norm = train_step(engine, micro_batches, masks, penalty)
         log = StepLog(step=i, loss=loss, grad_norm=norm)
         logs.append(log)
         if on_step is not None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ncft.continual.metrics import average_forgetting, forgetting
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 
 HEADER_NOTE = ("FG: Leng & Xiong eq. 5 after the last task, a retention ratio (higher = more "
                "retained). Forgetting: mean over earlier tasks of best earlier score minus "
@@ -27,7 +27,7 @@ def compare_table(run_dirs: list[str]) -> str:
     """
     rows, header_tasks = [], None
     for run in map(Path, run_dirs):
-        path = RunLayout(run).results
+        path = RunPaths(run).results
         if not path.is_file():
             raise ValueError(f"{run}: no results.json (is the run finished?)")
         res = json.loads(path.read_text())
@@ -46,7 +46,7 @@ def compare_table(run_dirs: list[str]) -> str:
     lines = [HEADER_NOTE, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     for run in map(Path, run_dirs):
-        study = json.loads(RunLayout(run).results.read_text()).get("deactivation")
+        study = json.loads(RunPaths(run).results.read_text()).get("deactivation")
         if study:
             lines += ["", f"Deactivation study ({run.name}, {study['metric']}):", "",
                       "| units off | " + " | ".join(study["tasks"]) + " |",

@@ -76,7 +76,7 @@ def _add_validate(sub) -> None:
 
 def _validate(ns: argparse.Namespace) -> int:
     from launcher.run.preflight import check_model, check_output
-    from launcher.spec import SpecError, dump_resolved, load_spec, plan_stages
+    from launcher.spec import SpecError, describe_stages, dump_resolved, load_spec
 
     try:
         spec = load_spec(ns.spec, ns.overrides)
@@ -85,7 +85,7 @@ def _validate(ns: argparse.Namespace) -> int:
     check_model(spec.model.name_or_path)
     print(dump_resolved(spec))
     print("# planned stages")
-    for line in plan_stages(spec):
+    for line in describe_stages(spec):
         print(f"# - {line}")
     try:  # the directory's state is not the spec's fault: `ncft run` will refuse it
         check_output(spec)

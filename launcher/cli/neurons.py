@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.spec.plan import COSINE_SCORERS
+from launcher.spec.stages import COSINE_SCORERS
 
 _LAYER = re.compile(r"\.(\d+)\.")
 

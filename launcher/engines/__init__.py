@@ -26,7 +26,7 @@ def build_engine(
 ):
     """Wrap `model` for `backend` and build its optimizer over trainable params.
 
-    Call after `ncft.masks.plan.freeze_unselected`, then `ncft.masks.plan.install`.
+    Call after `ncft.masks.install.freeze_unselected`, then `ncft.masks.install.install`.
 
     Args:
         backend: A key of `BACKENDS`.

@@ -24,7 +24,7 @@ trailing ranks get the short chunks and the padding):
   fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local shard, a parameter):
   `exp_avg` and `exp_avg_sq` in fp32 (8 bytes per element) and a 4-byte step. Frozen
   whole matrices have none (DESIGN rule 5).
-- **masks** (neuron methods only), what `ncft.masks.plan.MaskPlan` allocates
+- **masks** (neuron methods only), what `ncft.masks.install.RankMasks` allocates
   (`ncft.masks.structured`; `MaskedAdamW` shares the plan's tensors): per segment
   with a row selection, the positions of the selected rows among its whole rows; per
   parameter with a column selection, its selected columns once (shared by all its
@@ -67,7 +67,7 @@ trailing ranks get the short chunks and the padding):
 Not counted: the CUDA context, NCCL and allocator fragmentation (keep ~10% free), the
 scoring pass of neuron methods (its batch is `selection.batch_size`), evaluation.
 
-Where each parameter's elements sit on a rank is `launcher.plan.layout`'s.
+Where each parameter's elements sit on a rank is `launcher.plan.shards`'s.
 `tests/launcher/plan/test_real_alloc.py` compares parameters, gradients, optimizer
 state and masks with the tensors the real CPU engines allocate at 1 and 2 ranks.
 """
@@ -79,8 +79,8 @@ from dataclasses import dataclass
 
 import torch
 
-from launcher.plan.layout import DsTuning, Held, Layout, layer_of, layout
 from launcher.plan.model import ModelInfo
+from launcher.plan.shards import DsTuning, Held, Layout, layer_of, layout
 from ncft.masks.structured import DENSE_MAX_NUMEL, MaskBuilder, index_dtype
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -120,7 +120,7 @@ def mask_bytes(lay: Layout, selections: Mapping | None = None) -> float:
     """Bytes of mask bookkeeping on the rank (0 if no parameter is masked).
 
     With `selections` (a real NeuronSet's entries), builds the rank's masks on the meta
-    device with the code `MaskPlan.build` runs and counts their tensors exactly.
+    device with the code `RankMasks.build` runs and counts their tensors exactly.
     """
     if not any(h.param.selected is not None for h in lay.held):
         return 0.0

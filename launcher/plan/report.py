@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.plan.layout import ENGINES
 from launcher.plan.memory import (
     TERMS,
     Batch,
@@ -16,6 +15,7 @@ from launcher.plan.memory import (
     per_rank_bytes,
 )
 from launcher.plan.model import describe, meta_model, resolve_config
+from launcher.plan.shards import ENGINES
 from launcher.plan.stage import stage_for
 
 GIB = 1 << 30

@@ -27,7 +27,7 @@ from ncft.continual.methods import LORA_METHODS, method
 from ncft.io import atomic_dir, write_json
 from ncft.lora import apply_lora
 from ncft.neuron_set import NeuronSet
-from ncft.run_layout import STAGE_STATE
+from ncft.run_paths import STAGE_STATE, RunPaths
 from ncft.train import StepLog
 
 # Fault injection for the resume tests: SIGKILL rank KILL_RANK right after the
@@ -48,7 +48,7 @@ def optim_config(spec: Spec) -> OptimConfig:
 class LauncherBackend:
     """The services `ContinualLoop` needs: models, engines, files and logs."""
 
-    def __init__(self, spec: Spec, info: DistInfo, run: rundir.RunDir, model_dir: str) -> None:
+    def __init__(self, spec: Spec, info: DistInfo, run: RunPaths, model_dir: str) -> None:
         from transformers import AutoTokenizer
 
         self.spec, self.info, self.run, self.model_dir = spec, info, run, model_dir
@@ -264,3 +264,11 @@ class LauncherBackend:
 
     def log_line(self, text: str) -> None:  # noqa: D102
         print0(text)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0, which writes the run directory's files."""
+        return self.info.is_main_process
+
+    def barrier(self) -> None:  # noqa: D102
+        barrier()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
-from launcher.run import preempt, rundir, studies
+from launcher.run import preempt, rundir
 from launcher.run.backend import LauncherBackend
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
@@ -26,7 +26,7 @@ from launcher.run.selector import run_selector
 from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
-from launcher.spec.plan import records_neft_utilization
+from launcher.spec.stages import records_neft_utilization
 from ncft.continual.loop import (
     LORA_METHODS,
     ContinualLoop,
@@ -36,6 +36,8 @@ from ncft.continual.loop import (
 )
 from ncft.io import atomic_dir
 from ncft.lora import merge_lora
+from ncft.run_paths import RunPaths
+from ncft.studies.run import RunStudies
 
 
 def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
@@ -55,22 +57,21 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
         backend.tokenizer.save_pretrained(tmp)
 
 
-def _after_studies(spec, backend, selector, tasks) -> dict[str, Any]:
+def _after_studies(spec: Spec, studies: RunStudies) -> dict[str, Any]:
     """The studies run after the sequence (all ranks); rank 0 gets their results keys."""
     out: dict[str, Any] = {}
     if records_neft_utilization(spec):
-        out["neft"] = studies.neft_utilization(spec, backend, selector, tasks)
-    out["weight_movement_rank_shift"] = studies.weight_movement_rank_shift(backend, selector,
-                                                                           tasks)
+        out["neft"] = studies.neft_utilization()
+    out["weight_movement_rank_shift"] = studies.rank_shift()
     if spec.study.similarity in ("paper", "both"):
-        out["similarity"] = studies.paper_similarity(spec, backend, selector, tasks)
+        out["similarity"] = studies.per_task_model_similarity()
     return {k: v for k, v in out.items() if v}
 
 
 def run_rank(run_root: str, model_dir: str) -> None:
     """One rank of an experiment whose run directory is prepared."""
     preempt.install()  # before the slow setup: a SIGTERM then stops at the first step
-    run = rundir.RunDir(Path(run_root))
+    run = RunPaths(Path(run_root))
     spec = load_spec(run.spec)
     info = init_distributed()
     if info.world_size != spec.engine.world_size:
@@ -89,13 +90,15 @@ def run_rank(run_root: str, model_dir: str) -> None:
     raise SystemExit(preempt.EXIT_PREEMPTED)
 
 
-def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
+def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
     selector = run_selector(spec, backend, tasks)
     loop = _loop(spec, backend, tasks, selector)
+    studies = RunStudies(spec.study.to_config(), backend, selector, tasks, spec.method,
+                         seed=spec.training.seed, batch_size=spec.eval.batch_size)
     if spec.study.deactivation:
-        studies.deactivation_study(spec, backend, selector, tasks)
+        studies.deactivation()
     done = rundir.last_complete_stage(run)
     start, state = 0, None
     if done is not None:
@@ -103,13 +106,13 @@ def _run_stages(spec: Spec, info, run: rundir.RunDir, model_dir: str) -> None:
         start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
-    extra = _after_studies(spec, backend, selector, tasks)
+    extra = _after_studies(spec, studies)
     if info.is_main_process:
         results = {**loop.summary(state), **extra}
         if run.deactivation.is_file():
             results["deactivation"] = json.loads(run.deactivation.read_text())
         if spec.study.similarity in ("final_model", "both"):
-            similarity = studies.similarity(backend, tasks, state.matrix)
+            similarity = studies.final_model_similarity(state.matrix)
             if similarity is not None:
                 results["similarity_final_model"] = similarity
         rundir.write_results(run, results)
@@ -150,13 +153,13 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
     created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
         root, model_dir = prepare(spec)
-        with rundir.removed_unless_started(rundir.RunDir(out.dir), created):
+        with rundir.removed_unless_started(RunPaths(out.dir), created):
             _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
     prepared = broadcast_object(prepare(spec) if info.is_main_process else None)
     # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
-    with rundir.removed_unless_started(rundir.RunDir(out.dir), created and info.is_main_process):
+    with rundir.removed_unless_started(RunPaths(out.dir), created and info.is_main_process):
         run_rank(*prepared)
 
 

@@ -24,7 +24,7 @@ from ncft import sparse_delta
 from ncft.arch import get_adapter
 from ncft.data.text import lm_steps, token_blocks
 from ncft.io import write_json
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from launcher.dist import barrier
-from launcher.run.rundir import RunDir
 from ncft.io import atomic_file, write_json
+from ncft.run_paths import RunPaths
 
 _RNG = "rng.torch"
 _CUDA_RNG = "rng.cuda"
@@ -57,7 +57,7 @@ def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def stage_root(run: RunDir, stage: int, task: str) -> Path:
+def stage_root(run: RunPaths, stage: int, task: str) -> Path:
     """Directory holding the mid-task checkpoints of stage `stage` (0-based)."""
     return run.in_progress_dir(stage, task)
 
@@ -66,7 +66,7 @@ def _rank_file(step_dir: Path, rank: int, world_size: int) -> Path:
     return step_dir / f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def latest(run: RunDir, stage: int, task: str) -> tuple[int, Path] | None:
+def latest(run: RunPaths, stage: int, task: str) -> tuple[int, Path] | None:
     """(step, dir) of the newest complete mid-task checkpoint of a stage, else None."""
     best = None
     for path in sorted(stage_root(run, stage, task).glob("step-*")):
@@ -75,7 +75,7 @@ def latest(run: RunDir, stage: int, task: str) -> tuple[int, Path] | None:
     return best
 
 
-def save(engine, run: RunDir, stage: int, task: str, step: int, backend: str) -> Path:
+def save(engine, run: RunPaths, stage: int, task: str, step: int, backend: str) -> Path:
     """Write this rank's shard for `step`; rank 0 seals the directory (collective).
 
     Args:
@@ -135,7 +135,7 @@ def _device(engine) -> torch.device:
     return torch.device(getattr(engine, "device", "cpu"))
 
 
-def clear(run: RunDir, stage: int, task: str) -> None:
+def clear(run: RunPaths, stage: int, task: str) -> None:
     """Drop a stage's mid-task checkpoints once its stage checkpoint is committed."""
     root = stage_root(run, stage, task)
     shutil.rmtree(root, ignore_errors=True)

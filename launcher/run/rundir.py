@@ -1,6 +1,6 @@
 """The run directory's life cycle (DESIGN section 6): create, refuse, resume, clean up.
 
-Its paths are named once, in `ncft.run_layout.RunLayout` (`RunDir` here), because
+Its paths are named once, in `ncft.run_paths.RunPaths`, because
 `ncft.analysis.report` reads the same directory and ncft must not import the
 launcher; this module owns what happens to the directory. An existing run is never
 overwritten unless the spec says `output.overwrite` (start over) or `output.resume`
@@ -22,9 +22,8 @@ import yaml
 
 from launcher.errors import UserError
 from ncft.io import write_json, write_text
-from ncft.run_layout import STAGE_STATE, RunLayout
+from ncft.run_paths import STAGE_STATE, RunPaths
 
-RunDir = RunLayout  # the launcher's name for one run directory's paths
 _POLICY_KEYS = ("resume", "overwrite")
 
 
@@ -47,7 +46,7 @@ def check_policy(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) 
         UserError: If `root` is not a directory, or holds a run and neither policy is
             set, or if a resumed run's spec differs from the one it started with.
     """
-    run = RunDir(Path(root))
+    run = RunPaths(Path(root))
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"output.dir: {run.root} is a file, not a directory; "
                         "set output.dir to a new or existing directory")
@@ -68,14 +67,14 @@ def check_policy(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) 
             )
 
 
-def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> RunDir:
+def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> RunPaths:
     """Create or reopen a run directory according to the output policy (rank 0 only).
 
     Raises:
         UserError: As `check_policy`.
     """
     check_policy(root, resolved_yaml, resume, overwrite)
-    run = RunDir(Path(root))
+    run = RunPaths(Path(root))
     if overwrite and holds_run(run.root):
         shutil.rmtree(run.root)
     for path in (run.root, run.neurons, run.checkpoints, run.plots):
@@ -84,13 +83,13 @@ def prepare(root: Path, resolved_yaml: str, resume: bool, overwrite: bool) -> Ru
     return run
 
 
-def started(run: RunDir) -> bool:
+def started(run: RunPaths) -> bool:
     """True once a run has something to resume: a stage or a mid-task checkpoint."""
     return run.checkpoints.is_dir() and any(run.checkpoints.iterdir())
 
 
 @contextmanager
-def removed_unless_started(run: RunDir, created: bool) -> Iterator[None]:
+def removed_unless_started(run: RunPaths, created: bool) -> Iterator[None]:
     """Remove a run directory this invocation created if the body fails before it started.
 
     A failure before the first checkpoint (a model that does not load, a bad data row,
@@ -106,7 +105,7 @@ def removed_unless_started(run: RunDir, created: bool) -> Iterator[None]:
         raise
 
 
-def last_complete_stage(run: RunDir) -> tuple[int, Path] | None:
+def last_complete_stage(run: RunPaths) -> tuple[int, Path] | None:
     """(index, dir) of the newest checkpoint whose state.json exists, else None."""
     best = None
     for index, path in run.stage_dirs():
@@ -150,6 +149,6 @@ def _before(record: dict[str, Any], until: tuple[int, int]) -> bool:
     return stage < until[0] or (stage == until[0] and step <= until[1])
 
 
-def write_results(run: RunDir, payload: dict[str, Any]) -> None:
+def write_results(run: RunPaths, payload: dict[str, Any]) -> None:
     """results.json, atomically."""
     write_json(run.results, payload)

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from launcher.run import neft
 from launcher.spec import Spec
-from launcher.spec.plan import records_rank_shift
+from launcher.spec.stages import records_rank_shift
 from ncft.continual.loop import TaskData, stage_steps
 from ncft.neuron_set import NeuronSet
-from ncft.selection import Scores
+from ncft.scoring.groups import Scores
 from ncft.selection.pipeline import SelectionPipeline
+from ncft.studies import score_files
 
 if TYPE_CHECKING:
     from launcher.run.backend import LauncherBackend
@@ -44,7 +44,7 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
     """The run's pipeline, reading and writing the run directory.
 
     The previous task's set comes from `neurons/`; when NeFT's rank-shift study runs
-    (`launcher.run.studies.weight_movement_rank_shift`), rank 0 keeps each selection's probe
+    (`ncft.studies.run.RunStudies.rank_shift`), rank 0 keeps each selection's probe
     scores in `neft/<task>.before.safetensors`.
     """
 
@@ -61,7 +61,7 @@ def run_selector(spec: Spec, backend: LauncherBackend, tasks: list[TaskData]) ->
 
         def save_probe(task: str, scores: Scores) -> None:
             if backend.info.is_main_process:
-                neft.save_scores(backend.run.neft_scores(task, "before"), scores)
+                score_files.save_scores(backend.run.neft_scores(task, "before"), scores)
 
     return spec_selector(spec, backend.tokenizer, previous=previous, earlier=earlier,
                          save_probe=save_probe)

@@ -20,14 +20,14 @@ from launcher.spec.schema import (
     TrainingSpec,
     WncftSpec,
     default_data_root,
+    describe_stages,
     dump_resolved,
     load_spec,
-    plan_stages,
     validate_spec,
 )
 
 __all__ = [
     "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OutputSpec", "SelectionSpec", "Spec",
     "SpecError", "TaskSpec", "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved",
-    "load_spec", "plan_stages", "validate_spec",
+    "load_spec", "describe_stages", "validate_spec",
 ]

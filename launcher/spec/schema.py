@@ -32,7 +32,6 @@ from pydantic import (
 )
 
 from launcher.spec.overrides import apply_override, problem_lines
-from launcher.spec.plan import plan_stages
 from launcher.spec.sections import (
     MODULES,
     EngineSpec,
@@ -47,6 +46,7 @@ from launcher.spec.sections import (
     WncftSpec,
     _Section,
 )
+from launcher.spec.stages import describe_stages
 from launcher.spec.tasks import (
     CONTINUAL_METHODS,
     SINGLE_TASK_METHODS,
@@ -251,5 +251,5 @@ __all__ = [
     "MODULES", "REPO_ROOT", "EngineSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OloraSpec",
     "OutputSpec", "SelectionSpec", "Spec", "SpecError", "StudySpec", "TaskSpec",
     "TrainingSpec", "WncftSpec", "default_data_root", "dump_resolved", "load_spec",
-    "plan_stages", "validate_spec",
+    "describe_stages", "validate_spec",
 ]

@@ -356,6 +356,12 @@ class StudySpec(_Section):
         "both: the two.",
     )
 
+    def to_config(self) -> config.StudyConfig:
+        """The studies' options (`ncft.studies.run.RunStudies`)."""
+        from ncft.continual.config import StudyConfig
+
+        return section_config(StudyConfig, self)
+
     @model_validator(mode="after")
     def _finetune_needs_deactivation(self) -> StudySpec:
         if self.finetune_matrix and not self.deactivation:

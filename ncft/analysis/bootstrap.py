@@ -31,7 +31,7 @@ import yaml
 
 from ncft.continual.metrics import average_forgetting, average_performance, backward_transfer
 from ncft.generation import normalize_answer
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 
 OTHER = "(other)"
 METRICS = ("average_performance", "backward_transfer", "average_forgetting", "diagonal_mean")
@@ -148,7 +148,7 @@ def prediction_counts(results: dict[str, Any], labels: dict[str, Sequence[str]] 
 
 def run_table(run_dir: Path, samples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """One run's matrix, metrics with 95% bootstrap intervals, and prediction counts."""
-    layout = RunLayout(Path(run_dir))
+    layout = RunPaths(Path(run_dir))
     results = json.loads(layout.results.read_text())
     cells = outcomes(results)
     num = len(results["tasks"])
@@ -239,7 +239,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], reference: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _spec_value(layout: RunLayout, keys: tuple[str, ...]) -> Any:
+def _spec_value(layout: RunPaths, keys: tuple[str, ...]) -> Any:
     if not layout.spec.is_file():
         return None
     node: Any = yaml.safe_load(layout.spec.read_text())
@@ -248,7 +248,7 @@ def _spec_value(layout: RunLayout, keys: tuple[str, ...]) -> Any:
     return node
 
 
-def _labels(layout: RunLayout) -> dict[str, list[str]]:
+def _labels(layout: RunPaths) -> dict[str, list[str]]:
     """Each classification task's labels, from the resolved spec."""
     if not layout.spec.is_file():
         return {}

@@ -40,7 +40,7 @@ from ncft.analysis.report_run import (
     require_keys,
     table,
 )
-from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_matrix
+from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_summary
 from ncft.analysis.similarity import correlation
 from ncft.continual.metrics import average_forgetting
 from ncft.io import write_text
@@ -123,7 +123,7 @@ def _deactivation(run: ReportRun) -> Lines | str:
 
 
 def _finetune(run: ReportRun, raw: dict[str, Any]) -> Lines:
-    f = finetune_matrix(raw)
+    f = finetune_summary(raw)
     run.save("finetune_matrix", f)
     s, tasks = f["summary"], f["tasks"]
     out = ["### Fine-tuning matrix (Leng & Xiong Fig. 5, right)", "",

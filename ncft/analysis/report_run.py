@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ncft.io import write_text
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 
 Lines = list[str]
 
@@ -58,7 +58,7 @@ class ReportRun:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.layout = RunLayout(root)
+        self.layout = RunPaths(root)
         path = self.layout.results
         self.results: dict[str, Any] | None = None
         self.results_error: str | None = None

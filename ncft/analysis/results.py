@@ -156,7 +156,7 @@ def deactivation_matrix(deact: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def finetune_matrix(ft: dict[str, Any]) -> dict[str, Any]:
+def finetune_summary(ft: dict[str, Any]) -> dict[str, Any]:
     """Leng & Xiong Fig. 5 right half: the change on task j after training task i's neurons.
 
     Args:

@@ -1,10 +1,10 @@
-"""What the continual loop reads from an experiment, as plain frozen values.
+"""What a run's loop and studies read from an experiment, as plain frozen values.
 
-One dataclass per spec section the loop reads, with the section's own field names:
-the launcher builds each with `to_config()` on the matching pydantic section
-(`launcher.spec.sections`), which copies the fields by name. So an option is
-defined once, in the spec, and reaches the loop under the same name; a field
-that is added to one side only fails loudly (a missing attribute or argument)
+One dataclass per spec section the loop (or `ncft.studies.run`) reads, with the
+section's own field names: the launcher builds each with `to_config()` on the
+matching pydantic section (`launcher.spec.sections`), which copies the fields by
+name. So an option is defined once, in the spec, and reaches the code under the same
+name; a field added to one side only fails loudly (a missing attribute or argument)
 instead of falling back to a default here. No defaults, for the same reason.
 Torch-free: the spec imports it while validating.
 """
@@ -79,3 +79,19 @@ class LoopConfig:
     olora: OloraConfig
     lora: LoraOptions
     log_every: int  # output.log_every
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The `study` section: which neuron studies a run adds, and their sizes."""
+
+    deactivation: bool
+    deactivation_mode: str  # activation | weights
+    finetune_matrix: bool
+    finetune_steps: int
+    finetune_lr: float | None
+    eval_examples: int
+    neft_utilization: bool | None  # None: decided by the scorer (launcher.spec.stages)
+    neft_strong_fraction: float
+    weight_movement_rank_shift: bool
+    similarity: str  # final_model | paper | both

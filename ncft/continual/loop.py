@@ -40,7 +40,7 @@ from ncft.data.examples import batches as share_batches
 from ncft.data.examples import collate, encode, pad_id
 from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 
@@ -222,7 +222,7 @@ class ContinualLoop:
             for p in model.parameters():
                 p.requires_grad_(True)
         engine = self.backend.build_engine(model)
-        plan = install(engine, nset.entries) if nset is not None and deltas is None else None
+        masks = install(engine, nset.entries) if nset is not None and deltas is None else None
         # Taken on the stage's starting weights, before a mid-task restore moves them.
         before = wncft.snapshot(engine, nset) if row.mixes else None
         num_steps = self._num_steps(task, engine.world_size)
@@ -234,7 +234,7 @@ class ContinualLoop:
         steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
         with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
                   disable=not engine.is_main_process) as bar:
-            train(engine, steps, plan, start_step=resume_at, penalty=penalty,
+            train(engine, steps, masks, start_step=resume_at, penalty=penalty,
                   on_step=self._logger(engine, stage, task, num_steps, bar))
         if deltas is not None:  # from here on the full matrices hold the trained values
             sparse_delta.write_back(engine, deltas)

@@ -1,6 +1,6 @@
 """Every training method, described once as data.
 
-The spec's allowed values (`launcher.spec.tasks`), the stage plan `ncft validate`
+The spec's allowed values (`launcher.spec.tasks`), the stages `ncft validate`
 prints, the launcher's model loading and the continual loop all read `METHODS`, so a
 new method is one row here plus its own module (O-LoRA: `ncft.olora`), not string
 checks spread over the code base.

@@ -10,7 +10,7 @@ Masks are laid out on the rank-local flat storage of each tensor the optimizer
 steps (a ZeRO-3 fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local
 shard or a plain parameter); the optimizer never communicates.
 
-A mask is either structured (`ncft.masks.structured.TensorMask`, what `MaskPlan`
+A mask is either structured (`ncft.masks.structured.TensorMask`, what `RankMasks`
 installs: per segment, the selected rows or columns) or a dense bool per element.
 Structured masks compute the update only on the trainable rows/columns, gathered
 with `index_select` from `[rows, width]` views one block at a time and written back
@@ -113,7 +113,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
         Args:
             masks: `{id(t): (t, mask)}` where `mask` is a `TensorMask`
-                (`MaskPlan.tensor_masks`) or a bool over `local_flat(t)`, True =
+                (`RankMasks.tensor_masks`) or a bool over `local_flat(t)`, True =
                 frozen; an empty mapping removes all masks.
         """
         indices = {}

@@ -30,7 +30,7 @@ from ncft.engine import Engine
 from ncft.scoring.attribution import GradAttribution
 from ncft.scoring.controls import RandomScorer
 from ncft.scoring.cosine import CheckpointReference, NeftProbe, WeightCosine
-from ncft.selection import Group, Scores
+from ncft.scoring.groups import Group, Scores
 
 
 class Scorer(Protocol):

@@ -32,7 +32,6 @@ answer tokens (the last prompt token through the second-to-last answer token).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,40 +44,10 @@ from tqdm.auto import tqdm
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate, data_hash
-from ncft.engine import Engine, device_of, eval_mode, logits_of
-from ncft.selection import Group, Scores
+from ncft.engine import Engine, device_of, engine_module, eval_mode, find_module, logits_of
+from ncft.scoring.groups import Group, Scores
 
 AGGREGATION = "sum_abs_act_x_grad over tokens"
-# Wrapper prefixes that engines and tools insert into module names.
-_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
-
-
-def unwrapped_name(name: str) -> str:
-    """`name` with FSDP1/checkpoint/compile wrapper segments removed."""
-    return _WRAPPERS.sub("", name).lstrip(".")
-
-
-def find_module(root: nn.Module, fqn: str) -> nn.Module:
-    """The module called `fqn` in the unwrapped model, found inside a wrapped `root`.
-
-    FSDP1 renames `a.b` to `a._fsdp_wrapped_module.b` and keeps both the wrapper and
-    the original module; the innermost match (the module that really runs) is
-    returned, so hooks see exactly the original forward.
-    """
-    found = None
-    for name, module in root.named_modules():
-        if unwrapped_name(name) == fqn:
-            found = module
-    if found is None:
-        raise ValueError(f"module {fqn!r} not found in {type(root).__name__}")
-    return found
-
-
-def engine_module(engine_or_model: Engine | nn.Module) -> nn.Module:
-    """The (possibly wrapped) root module of an engine, or the model itself."""
-    return engine_or_model if isinstance(engine_or_model, nn.Module) else engine_or_model.module
-
-
 class ActivationProbe:
     """Forward pre-hooks that keep the input of each down projection, in call order."""
 

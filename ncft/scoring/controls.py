@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ncft.engine import Engine
-from ncft.selection import Group, Scores
+from ncft.scoring.groups import Group, Scores
 
 
 def group_generator(seed: int, name: str) -> torch.Generator:

@@ -34,8 +34,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ncft.engine import Engine, Segment, local_flat
-from ncft.selection import Group, Scores
+from ncft.engine import Engine, Segment, local_view
+from ncft.scoring.groups import Group, Scores
 from ncft.train import train
 
 CHUNK_ELEMENTS = 1 << 18  # elements scored at once: temporaries <= 8 MiB
@@ -47,11 +47,6 @@ class Reference(Protocol):
     def read(self, fqn: str, start: int, stop: int) -> torch.Tensor:
         """Return a 1-D tensor of `stop - start` elements."""
         ...
-
-
-def local_view(seg: Segment) -> torch.Tensor:
-    """The segment's elements in the optimizer-held local storage (a writable view)."""
-    return local_flat(seg.opt_param).narrow(0, seg.opt_offset, seg.numel)
 
 
 @dataclass

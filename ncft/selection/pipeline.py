@@ -26,17 +26,14 @@ from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
 from ncft.scoring import ScoringInputs, make_scorer
 from ncft.scoring.cosine import finetune_and_score
+from ncft.scoring.groups import Group, Scores, row_groups, unit_groups
 from ncft.selection.topk import (
-    Group,
-    Scores,
     check_identical_across_ranks,
-    row_groups,
     selected_of,
     to_neuron_set,
     top_and_bottom,
     top_k,
     union_with_previous,
-    unit_groups,
 )
 
 if TYPE_CHECKING:

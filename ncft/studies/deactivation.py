@@ -11,7 +11,7 @@ papers deactivate neurons of a model first fine-tuned on the tasks. The study he
    the activation value of these neurons to zero or by directly setting the
    corresponding parameter to zero"; `mode` picks one:
    - "activation": a forward pre-hook zeroes the unit's activation where it enters
-     the down projection (`ncft.deactivate.deactivate_activations`), no weight edit;
+     the down projection (`ncft.studies.deactivate.deactivate_activations`), no weight edit;
    - "weights": zero every parameter the unit owns (`ncft.arch.unit_entries`): its
      gate_proj and up_proj ROWS and their bias elements, and its down_proj COLUMN
      (fc_in row and bias, fc_out column for a plain MLP); restored bit for bit after.
@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from ncft.arch import MlpBlock
-from ncft.deactivate import (
+from ncft.engine import Engine
+from ncft.neuron_set import NeuronSet
+from ncft.studies.deactivate import (
     deactivate_activations,
     deactivate_weights,
     random_units,
     task_scores,
 )
-from ncft.engine import Engine
-from ncft.neuron_set import NeuronSet
 
 MODES = ("activation", "weights")
 

@@ -26,15 +26,15 @@ from typing import Any
 import torch
 
 from ncft.arch import MlpBlock
-from ncft.deactivate import random_units, task_scores
 from ncft.engine import Engine
-from ncft.masks.plan import MaskPlan
+from ncft.masks.install import RankMasks
 from ncft.neuron_set import NeuronSet
+from ncft.studies.deactivate import random_units, task_scores
 from ncft.train import train
 
 # NeuronSet -> a fresh engine over the base model with only the set's parameters
-# trainable and its mask plan; None -> the base model only to evaluate (plan None).
-MakeEngine = Callable[[NeuronSet | None], tuple[Engine, MaskPlan | None]]
+# trainable and its masks; None -> the base model only to evaluate (masks None).
+MakeEngine = Callable[[NeuronSet | None], tuple[Engine, RankMasks | None]]
 # (engine, task index) -> endless micro-batch lists of that task's training data.
 StepsOf = Callable[[Engine, int], Iterable[Sequence[dict[str, torch.Tensor]]]]
 
@@ -80,8 +80,8 @@ def finetune_matrix(
         units = sets[name].units(blocks)
         control = NeuronSet.from_units(list(blocks), random_units(units, blocks, seed + i))
         for nset, acc_key, loss_key in ((sets[name], "acc", "loss"), (control, "racc", "rloss")):
-            engine, plan = make_engine(nset)
-            train(engine, islice(steps_of(engine, i), num_steps), plan)
+            engine, masks = make_engine(nset)
+            train(engine, islice(steps_of(engine, i), num_steps), masks)
             acc, loss = task_scores(engine, tasks, encoded_eval, batch_size, pad_id)
             engine.close()
             rows[acc_key].append(acc)

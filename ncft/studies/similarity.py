@@ -35,9 +35,9 @@ from torch import nn
 
 from ncft.analysis.similarity import layer_similarity
 from ncft.arch import get_adapter
-from ncft.deactivate import task_scores
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
+from ncft.studies.deactivate import task_scores
 from ncft.train import train
 
 # () -> a fresh engine over the base model with every parameter trainable, and the model.

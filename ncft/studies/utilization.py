@@ -20,9 +20,8 @@ from torch import nn
 
 from ncft.analysis.neft_utilization import max_pearson
 from ncft.data.examples import IGNORE, batches, collate
-from ncft.engine import Engine, device_of, eval_mode
-from ncft.scoring.attribution import engine_module, find_module
-from ncft.selection.topk import Group, Scores
+from ncft.engine import Engine, device_of, engine_module, eval_mode, find_module
+from ncft.scoring.groups import Group, Scores
 
 
 def hidden_state_site(group: Group) -> tuple[str, str]:

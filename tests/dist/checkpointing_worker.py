@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter
-from ncft.masks.plan import freeze_unselected, install
-from ncft.scoring.attribution import GradAttribution, find_module
-from ncft.selection import unit_groups
+from ncft.masks.install import freeze_unselected, install
+from ncft.engine import find_module
+from ncft.scoring.attribution import GradAttribution
+from ncft.scoring.groups import unit_groups
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, batches, gather_all, neuron_sets
 from tests.dist.scoring_worker import encoded_examples
 from tests.support.spawn import backends_main

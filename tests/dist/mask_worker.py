@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from launcher.dist import init_distributed, shutdown
 from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter, make_projection, row_entries
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet, Selection
 from tests.support.spawn import save_outputs, worker_parser, worker_start
 from tests.support.tiny import VOCAB, tiny_llama

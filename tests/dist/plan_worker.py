@@ -24,8 +24,9 @@ from launcher.plan.model import describe, with_trainable
 from launcher.plan.report import ds_tuning
 from ncft.arch import get_adapter
 from ncft.engine import local_tensor
-from ncft.masks.plan import freeze_unselected, install
-from ncft.selection import to_neuron_set, top_k, unit_groups
+from ncft.masks.install import freeze_unselected, install
+from ncft.selection import to_neuron_set, top_k
+from ncft.scoring.groups import unit_groups
 from tests.support.spawn import backends_main
 
 VOCAB, SEQ, MICRO = 97, 16, 2
@@ -86,7 +87,7 @@ def _mask_tensors(engine, plan, nset) -> list[torch.Tensor]:
     if plan is None:
         return []
     # The plan's index and bool tensors (the optimizer steps with the same ones) and
-    # any dense-mask index the optimizer built (none when MaskPlan installs).
+    # any dense-mask index the optimizer built (none when RankMasks installs).
     out = list(plan.owned) + list(engine.optimizer._trainable_index.values())
     return out + [sel.indices for sel in nset.entries.values()]
 

@@ -23,7 +23,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.run.checkpoint import export_hf
 from ncft.engine import local_flat
 from ncft.masks.layout import segment_mask
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, batches, gather_all, neuron_sets
 from tests.support.spawn import save_outputs, worker_parser, worker_start
 from tests.support.tiny import tiny_llama

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from launcher.run import progress
 from launcher.engines import OptimConfig, build_engine
-from launcher.run.rundir import RunDir
+from ncft.run_paths import RunPaths
 from ncft import sparse_delta
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, gather_all, neuron_sets, one_step
 from tests.support.spawn import backends_main
 from tests.support.tiny import tiny_llama
@@ -48,7 +48,7 @@ def run_backend(backend: str, info, out: Path) -> None:
 
 def run_update(backend: str, info, out: Path, update: str) -> None:
     tag = backend if update == "masked" else f"{backend}_{update}"
-    run = RunDir(out / tag)
+    run = RunPaths(out / tag)
     engine, plan = fresh(backend, info, update)
     init = gather_all(engine)
     for step in range(STEPS):

@@ -26,18 +26,13 @@ from safetensors.torch import save_file
 from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
-from ncft.deactivate import deactivate_activations, deactivate_weights
+from ncft.studies.deactivate import deactivate_activations, deactivate_weights
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.attribution import GradAttribution
 from ncft.scoring.cosine import CheckpointReference, WeightCosine, finetune_and_score
 from ncft.studies.utilization import pearson_scores
-from ncft.selection import (
-    check_identical_across_ranks,
-    row_groups,
-    to_neuron_set,
-    top_k,
-    unit_groups,
-)
+from ncft.selection import check_identical_across_ranks, to_neuron_set, top_k
+from ncft.scoring.groups import row_groups, unit_groups
 from tests.support.spawn import backends_main
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
 

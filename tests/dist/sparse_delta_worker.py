@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from launcher.engines import OptimConfig, build_engine
 from ncft import sparse_delta
 from ncft.arch import get_adapter, make_projection, row_entries
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet, Selection
 from tests.dist.mask_worker import ACCUM, GLOBAL_MICRO, batches
 from tests.support.spawn import backends_main

@@ -52,8 +52,9 @@ RUNS = {
 # engine issues none of its own since every rank reads its shard from the files.
 EXPECTED_ORIGINS = {
     "fsdp2_wncft": ["ncft/scoring/attribution.py", "ncft/selection/topk.py", "ncft/evaluate.py",
-                    "ncft/continual/wncft.py", "ncft/deactivate.py", "launcher/run/progress.py",
-                    "launcher/run/backend.py:save_stage", "launcher/run/studies.py"],
+                    "ncft/continual/wncft.py", "ncft/studies/deactivate.py",
+                    "launcher/run/progress.py", "launcher/run/backend.py:save_stage",
+                    "ncft/studies/run.py"],
     "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                        "launcher/run/progress.py", "launcher/run/checkpoint.py"],
     "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/generation.py:_any_rank_running",

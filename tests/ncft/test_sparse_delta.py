@@ -11,7 +11,7 @@ from launcher.engines import OptimConfig, build_engine
 from launcher.run.checkpoint import gather_state_dict
 from ncft import sparse_delta
 from ncft.arch import get_adapter, make_projection, row_entries
-from ncft.masks.plan import freeze_unselected
+from ncft.masks.install import freeze_unselected
 from ncft.neuron_set import NeuronSet, Selection
 from tests.support.tiny import ARCH_CONFIGS, tiny_llama
 

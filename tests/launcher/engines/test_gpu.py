@@ -53,14 +53,14 @@ def test_cuda_rng_state_round_trip(tmp_path):
     from launcher.dist import DistInfo
     from launcher.engines import OptimConfig, build_engine
     from launcher.run import progress
-    from launcher.run.rundir import RunDir
+    from ncft.run_paths import RunPaths
     from tests.support.tiny import tiny_llama
 
     device = torch.device("cuda", 0)
     info = DistInfo(rank=0, world_size=1, local_rank=0, backend="nccl", device=device)
     engine = build_engine("single", tiny_llama(), OptimConfig(), info)
     torch.cuda.manual_seed(1234)
-    step_dir = progress.save(engine, RunDir(tmp_path), 0, "task", 1, "single")
+    step_dir = progress.save(engine, RunPaths(tmp_path), 0, "task", 1, "single")
     saved = load_file(step_dir / "rank-00000-of-00001.safetensors")
     assert "rng.cuda" in saved
     expected = torch.rand(8, device=device)

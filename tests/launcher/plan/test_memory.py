@@ -110,12 +110,12 @@ def test_structured_mask_rule_matches_ncft_masks():
 
 @pytest.mark.parametrize("engine,world", [("deepspeed", 3), ("fsdp2", 2), ("fsdp1", 3)])
 def test_exact_mask_bytes_equal_mask_plan(engine, world):
-    # The planner's exact count (meta device) against MaskPlan.build on real tensors
+    # The planner's exact count (meta device) against RankMasks.build on real tensors
     # for the same pieces: ZeRO-3 and FSDP1 cut rows mid-way, FSDP2 chunks whole rows.
     import torch
 
     from ncft.engine import Segment
-    from ncft.masks.plan import MaskPlan
+    from ncft.masks.install import RankMasks
     from ncft.neuron_set import Selection
 
     shapes = {"l.0.w": (300, 77), "l.0.v": (77, 300), "l.0.b": (300,)}
@@ -138,7 +138,7 @@ def test_exact_mask_bytes_equal_mask_plan(engine, world):
             segs.append(Segment(h.param.fqn, h.param.shape, h.start, h.stop, opt[h.opt], at,
                                 grad=lambda: None))
             offsets[h.opt] = at + h.stop - h.start
-        plan = MaskPlan.build(sel, segs)
+        plan = RankMasks.build(sel, segs)
         assert mask_bytes(lay, sel) == plan.nbytes() > 0, (engine, rank)
         assert mask_bytes(lay) == pytest.approx(plan.nbytes(), rel=0.2), (engine, rank)
 

@@ -88,11 +88,11 @@ def test_local_state_refuses_a_different_engine():
 
 def test_rng_state_has_no_cuda_key_without_cuda(tmp_path):
     from launcher.run import progress
-    from launcher.run.rundir import RunDir
+    from ncft.run_paths import RunPaths
 
     engine = _single()
     assert set(progress.rng_state(torch.device("cpu"))) == {"rng.torch"}
-    step_dir = progress.save(engine, RunDir(tmp_path), 0, "task", 1, "single")
+    step_dir = progress.save(engine, RunPaths(tmp_path), 0, "task", 1, "single")
     saved = load_file(step_dir / "rank-00000-of-00001.safetensors")
     assert "rng.torch" in saved and "rng.cuda" not in saved
     expected = torch.rand(4)  # what the CPU generator draws right after the save

@@ -13,9 +13,9 @@ from launcher.spec import (
     Spec,
     SpecError,
     default_data_root,
+    describe_stages,
     dump_resolved,
     load_spec,
-    plan_stages,
     validate_spec,
 )
 
@@ -83,7 +83,7 @@ def test_examples_exist():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_loads_and_round_trips(path: Path, tmp_path: Path):
     spec = load_spec(path)
-    assert plan_stages(spec)
+    assert describe_stages(spec)
     again = load_spec(_write(tmp_path, dump_resolved(spec), "resolved.yaml"))
     assert again == spec
 
@@ -94,32 +94,32 @@ def test_tiny_ncft_shape():
     assert spec.engine.backend == "fsdp2" and spec.engine.world_size == 2
     assert all(t.train_size == 32 and t.eval_size == 16 for t in spec.tasks)
     assert spec.training.steps == 4 and spec.method == "ncft"
-    stages = plan_stages(spec)
+    stages = describe_stages(spec)
     assert stages[0].startswith("task 1/3 sst2: score neurons (grad_attribution, 10%")
     assert "4 steps on 2 ranks (fsdp2)" in stages[0]
     assert "eval after task 1 on all 3 tasks" in stages
     assert "checkpoint after task 1" in stages
     assert not any(s.startswith(("study:", "weight-movement", "NeFT utilization"))
                    for s in stages)  # attribution selection: NeFT's study is off by default
-    forced = plan_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml",
+    forced = describe_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml",
                                    ["study.neft_utilization=true"]))
     assert any(s.startswith("NeFT utilization (§6.1)") for s in forced)
 
 
 def test_plan_names_study_mid_task_checkpoints_and_rank_shift():
-    demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
+    demo = describe_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
                                  ["output.checkpoint_every=5"]))
     assert demo[0].startswith("study: tune every parameter 10 steps on all tasks")
     assert "checkpoint after task 2 (and every 5 steps within it, per-rank shards)" in demo
-    neft = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
+    neft = describe_stages(load_spec(REPO / "examples" / "neft_translation.yaml"))
     assert ("weight-movement rank shift: repeat the 20-step probe on each task's trained "
             "model") in neft
-    off = plan_stages(load_spec(REPO / "examples" / "neft_translation.yaml",
+    off = describe_stages(load_spec(REPO / "examples" / "neft_translation.yaml",
                                 ["study.weight_movement_rank_shift=false",
                                  "study.neft_utilization=false", "study.similarity=paper"]))
     assert not any(s.startswith(("weight-movement", "NeFT utilization")) for s in off)
     assert any(s.startswith("similarity (Leng & Xiong Fig. 3)") for s in off)
-    demo = plan_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
+    demo = describe_stages(load_spec(REPO / "examples" / "demo_smollm2.yaml",
                                  ["study.deactivation_mode=weights",
                                   "study.finetune_matrix=true"]))
     assert "switch them off (weights)" in demo[0] and "fine-tuning matrix" in demo[1]
@@ -455,11 +455,11 @@ def test_validate_spec_from_dict(tmp_path: Path):
 def test_plan_stages_methods(tmp_path: Path):
     single = load_spec(_write(tmp_path, _patched({"method": "lora", "tasks": BASE["tasks"][:1]})))
     assert single.engine.world_size == 1
-    assert plan_stages(single)[0].startswith("task 1/1 sst2: train LoRA r=8 on q_proj/v_proj")
-    assert plan_stages(single)[1] == "eval on sst2"
+    assert describe_stages(single)[0].startswith("task 1/1 sst2: train LoRA r=8 on q_proj/v_proj")
+    assert describe_stages(single)[1] == "eval on sst2"
     cont = load_spec(_write(tmp_path, _patched({"method": "wncft", "selection.count": 9,
                                                 "engine.nproc_per_node": 2})))
-    stages = plan_stages(cont)
+    stages = describe_stages(cont)
     assert "top 9 per layer" in stages[0] and "on 2 ranks (fsdp2)" in stages[0]
     assert any("mixing earlier tasks' neurons" in s for s in stages)
 
@@ -508,9 +508,9 @@ def test_methods_table_drives_allowed_values_and_plan(tmp_path: Path):
     assert "olora" in CONTINUAL_METHODS and set(METHODS) == set(
         Spec.model_fields["method"].annotation.__args__)
     spec = load_spec(_write(tmp_path, _patched({"method": "olora", "engine.backend": "single"})))
-    plan = "\n".join(plan_stages(spec))
+    plan = "\n".join(describe_stages(spec))
     assert "train a new LoRA r=8" in plan and "orthogonality weight 0.5" in plan
     spec = load_spec(_write(tmp_path, _patched({"method": "wncft", "wncft.query": "example"})))
-    assert "query: each example's own prompt vector" in "\n".join(plan_stages(spec))
+    assert "query: each example's own prompt vector" in "\n".join(describe_stages(spec))
     with pytest.raises(SpecError, match="inferred from the model config"):
         load_spec(_write(tmp_path, _patched({"model.architecture": "llama"})))

@@ -2,7 +2,8 @@
 
 Each field of every section is changed on its own; the test finds the changed value in
 the continual loop's config (`Spec.loop_config`), the selection pipeline's
-(`Spec.select_config`) or the engine's optimizer config (`optim_config`). A field that
+(`Spec.select_config`), the studies' (`StudySpec.to_config`) or the engine's optimizer
+config (`optim_config`). A field that
 no consumer receives, or that a new section adds without a line below, fails here.
 """
 
@@ -50,14 +51,20 @@ CHANGES = {
     "olora": {"lambda_orth": 0.25, "lambda_l2": 0.125},
     "lora": {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj"]},
     "model": {"name_or_path": "tiny-random-llama", "dtype": "bfloat16"},
+    "study": {
+        "deactivation": True, "deactivation_mode": "weights",
+        "finetune_matrix": (True, {"deactivation": True}), "finetune_steps": 7,
+        "finetune_lr": 0.01, "eval_examples": 5, "neft_utilization": True,
+        "neft_strong_fraction": 0.2, "weight_movement_rank_shift": False, "similarity": "both",
+    },
     "output": {"log_every": 3},
 }
 
 # Read elsewhere, each by one owner: the engine and processes (launcher.run.spawn,
-# launcher.engines), the studies (launcher.run.studies), the run directory and logs
-# (launcher.run.rundir, launcher.run.backend), the tasks' data (launcher.run.task_data).
+# launcher.engines), the run directory and logs (launcher.run.rundir,
+# launcher.run.backend), the tasks' data (launcher.run.task_data).
 ELSEWHERE = {
-    "engine": "all", "study": "all", "tasks": "all", "data_root": "all",
+    "engine": "all", "tasks": "all", "data_root": "all",
     "output": {"dir", "resume", "overwrite", "checkpoint_every", "tensorboard", "report"},
 }
 # Where a field arrives under another name than its own.
@@ -80,7 +87,7 @@ def _spec(section: str, field: str) -> Spec:
 def _arrived(spec: Spec, section: str, field: str) -> list:
     """The values `field` takes in every consumer config that has a field of its name."""
     consumers = {"loop": spec.loop_config(), "select": spec.select_config(),
-                 "optim": optim_config(spec)}
+                 "optim": optim_config(spec), "study": spec.study.to_config()}
     if (section, field) in RENAMED:
         where, name = RENAMED[(section, field)]
         return [getattr(consumers[where], name)]
@@ -88,8 +95,9 @@ def _arrived(spec: Spec, section: str, field: str) -> list:
     loop_section = getattr(consumers["loop"], section, None)
     if dataclasses.is_dataclass(loop_section) and hasattr(loop_section, field):
         found.append(getattr(loop_section, field))
-    if section == "selection":
-        found.append(getattr(consumers["select"], field, _MISSING))
+    if section in ("selection", "study"):
+        found.append(getattr(consumers["select" if section == "selection" else section],
+                             field, _MISSING))
     if section == "training" and hasattr(consumers["optim"], field):
         found.append(getattr(consumers["optim"], field))
     return [v for v in found if v is not _MISSING]

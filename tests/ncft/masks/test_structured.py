@@ -5,9 +5,9 @@ import torch
 
 import ncft.masks.structured as structured
 from ncft.engine import Segment
+from ncft.masks.install import RankMasks
 from ncft.masks.layout import segment_mask
 from ncft.masks.optim import MaskedAdamW
-from ncft.masks.plan import MaskPlan
 from ncft.masks.structured import ALL, MaskBuilder
 from ncft.neuron_set import Selection
 
@@ -155,7 +155,7 @@ def test_structured_step_bit_identical_to_dense_bool(wd, device):
     for phase in (None, 0, 1):
         if phase is not None:
             sel = _selection(gen, phase)
-            plan = MaskPlan.build(sel, ours_segs)
+            plan = RankMasks.build(sel, ours_segs)
             assert any(m.blocks for m in plan.masks), "structured path not exercised"
             assert all(t.device == ours.device for t in plan.owned)
             frozen = plan.frozen[id(ours)][1]
@@ -187,7 +187,7 @@ def test_structured_step_bit_identical_to_dense_bool(wd, device):
 def test_plan_bytes_are_per_row_and_column():
     _, segs = _packed(0)
     sel = {"a": Selection(1, torch.arange(0, COLS, 10)), "b": Selection(0, torch.tensor([5, 90]))}
-    plan = MaskPlan.build(sel, segs)
+    plan = RankMasks.build(sel, segs)
     # a: its 14 columns in int16; b: 2 row positions in int16; c: unselected, nothing.
     assert plan.nbytes() == 2 * 14 + 2 * 2
     assert plan.num_trainable_local() == int((~plan.frozen[id(segs[0].opt_param)][1]).sum())

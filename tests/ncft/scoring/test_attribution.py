@@ -17,10 +17,11 @@ from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import IGNORE, Example, collate, encode
-from ncft.deactivate import deactivate_activations
+from ncft.engine import find_module
 from ncft.scoring import ScoringInputs, make_scorer
-from ncft.scoring.attribution import AGGREGATION, GradAttribution, answer_loss, find_module
-from ncft.selection import row_groups, unit_groups
+from ncft.scoring.attribution import AGGREGATION, GradAttribution, answer_loss
+from ncft.scoring.groups import row_groups, unit_groups
+from ncft.studies.deactivate import deactivate_activations
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer
 
 WORDS = SAMPLE_TEXT.split()

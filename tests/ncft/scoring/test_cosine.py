@@ -15,7 +15,8 @@ from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.scoring import cosine
 from ncft.scoring.cosine import CheckpointReference, LocalSnapshot, WeightCosine, finetune_and_score
-from ncft.selection import row_groups, top_k, unit_groups
+from ncft.scoring.groups import row_groups, unit_groups
+from ncft.selection import top_k
 from tests.support.tiny import VOCAB, tiny_llama
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))

@@ -6,16 +6,14 @@ import torch
 from ncft.arch import get_adapter
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.controls import RandomScorer
+from ncft.scoring.groups import Group, row_groups, unit_groups
 from ncft.selection import (
-    Group,
     check_identical_across_ranks,
     resolve_count,
-    row_groups,
     selected_of,
     to_neuron_set,
     top_k,
     union_with_previous,
-    unit_groups,
 )
 from tests.support.tiny import tiny_llama
 

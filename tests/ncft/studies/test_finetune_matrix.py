@@ -7,7 +7,7 @@ from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, collate, encode
-from ncft.masks.plan import freeze_unselected, install
+from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.studies.finetune_matrix import finetune_matrix
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer

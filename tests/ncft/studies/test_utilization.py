@@ -4,7 +4,7 @@ import torch
 
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
-from ncft.selection.topk import row_groups, unit_groups
+from ncft.scoring.groups import row_groups, unit_groups
 from ncft.studies.utilization import hidden_state_site, pearson_scores
 from tests.support.fake_engine import FakeEngine, ThreadWorld
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer

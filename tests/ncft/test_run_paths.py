@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from launcher.run import rundir
-from ncft.run_layout import RunLayout
+from ncft.run_paths import RunPaths
 from tests.support.spawn import REPO
 
 
 def test_layout_is_the_documented_contract():
-    run = RunLayout(Path("RUN"))
+    run = RunPaths(Path("RUN"))
     got = {name: str(getattr(run, name)) for name in (
         "spec", "neurons", "metrics", "results", "deactivation", "checkpoints", "in_progress",
         "neft", "wncft", "tensorboard", "final", "plots", "analysis", "report")}
@@ -28,11 +27,11 @@ def test_layout_is_the_documented_contract():
     assert str(run.neuron_file("sst2")) == "RUN/neurons/sst2.safetensors"
     assert str(run.neft_scores("sst2", "before")) == "RUN/neft/sst2.before.safetensors"
     assert str(run.neft_shift("sst2")) == "RUN/neft/sst2.rank_shift.json"
-    assert rundir.RunDir is RunLayout, "the launcher builds on the same layout"
+    assert RunPaths is RunPaths, "the launcher builds on the same layout"
 
 
 def test_stage_dirs_lists_checkpoints_in_order(tmp_path):
-    run = RunLayout(tmp_path)
+    run = RunPaths(tmp_path)
     for index, task in ((1, "agnews"), (0, "sst2")):
         run.stage_dir(index, task).mkdir(parents=True)
     run.in_progress_dir(2, "rte").mkdir(parents=True)
@@ -44,7 +43,7 @@ def test_no_other_module_spells_the_run_directory_names():
     names = ("spec.resolved.yaml", "metrics.jsonl", "results.json", "deactivation.json",
              "report.md", "state.json", "in-progress")
     pattern = re.compile("|".join(rf"[\"']{re.escape(n)}[\"']" for n in names))
-    owners = {REPO / "ncft" / "run_layout.py"}
+    owners = {REPO / "ncft" / "run_paths.py"}
     offenders = [
         f"{path.relative_to(REPO)}: {match.group(0)}"
         for package in ("launcher", "ncft")

@@ -1,8 +1,9 @@
-"""The stages a spec plans, in words (`ncft validate`, the run's log), and which studies run.
+"""A spec's stages in words (`ncft validate`, the run's log), and which studies run.
 
-Read by `launcher.spec.schema` (the plan printed under a resolved spec) and by the run
-(`records_rank_shift`, `records_neft_utilization` decide whether a study runs), so the
-plan a user reads before submitting is the one the run follows.
+Read by `ncft validate` (the lines printed under a resolved spec) and by the run
+(`records_rank_shift`, `records_neft_utilization` decide whether a study runs), so
+what a user reads before submitting is what the run does. ("Plan" in this project
+means the memory planner, `launcher.plan`; this module only describes.)
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def records_neft_utilization(spec: Spec) -> bool:
     return on and method(spec.method).selects
 
 
-def study_plan(spec: Spec) -> list[str]:
-    """Plan lines of the studies run after the sequence (NeFT utilization, similarity)."""
+def describe_studies(spec: Spec) -> list[str]:
+    """Lines of the studies run after the sequence (NeFT utilization, similarity)."""
     st, out = spec.study, []
     if records_neft_utilization(spec):
         out.append(f"NeFT utilization (§6.1): max Pearson scores on {st.eval_examples} "
@@ -47,7 +48,7 @@ def study_plan(spec: Spec) -> list[str]:
     return out
 
 
-def plan_stages(spec: Spec) -> list[str]:
+def describe_stages(spec: Spec) -> list[str]:
     """Human-readable stages a run of `spec` will go through (for `ncft validate`).
 
     Returns:
@@ -90,7 +91,7 @@ def plan_stages(spec: Spec) -> list[str]:
     if records_rank_shift(spec, spec.method):
         stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
                       "step probe on each task's trained model")
-    stages += study_plan(spec)
+    stages += describe_studies(spec)
     stages.append(f"write {spec.output.dir}/results.json"
                   + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
                      if n > 1 else ""))

@@ -1,4 +1,4 @@
-"""The run directory's layout (DESIGN section 6): every path in it is named here.
+"""The run directory's paths (DESIGN section 6): every path in it is named here.
 
 ```
 RUN/spec.resolved.yaml          the spec after defaults and overrides
@@ -22,7 +22,7 @@ RUN/report.md                   the Markdown report
 Why here and not in the launcher: the launcher writes a run directory and
 `ncft.analysis.report` reads one, and ncft must not import the launcher. So the
 names live in this small dependency-free module, and `launcher.run.rundir` builds
-the directory's life cycle (create, refuse, resume, clean up) on it. `RunLayout`
+the directory's life cycle (create, refuse, resume, clean up) on it. `RunPaths`
 only computes paths; it never touches the disk except to list stage directories.
 """
 
@@ -36,7 +36,7 @@ STAGE_STATE = "state.json"  # written last into a stage checkpoint: marks it com
 
 
 @dataclass(frozen=True)
-class RunLayout:
+class RunPaths:
     """Paths of one run directory."""
 
     root: Path

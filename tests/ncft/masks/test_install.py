@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ncft.engine import Segment
-from ncft.masks.plan import MaskPlan, freeze_unselected
+from ncft.masks.install import RankMasks, freeze_unselected
 from ncft.neuron_set import NeuronSet, Selection
 
 
@@ -18,7 +18,7 @@ def _segments():
 def test_plan_layout_and_grad_masking():
     flat, segs = _segments()
     sel = NeuronSet({"w": Selection(1, torch.tensor([2])), "b": Selection(0, torch.tensor([3]))})
-    plan = MaskPlan.build(sel.entries, segs)
+    plan = RankMasks.build(sel.entries, segs)
     frozen = plan.frozen[id(flat)][1]
     # w elements 5..11 -> columns 2,0,1,2,0,1,2 ; selected col 2 at positions 0, 3, 6
     expected_w = torch.tensor([False, True, True, False, True, True, False])
@@ -35,20 +35,20 @@ def test_masks_live_on_the_optimizer_tensor_device():
     # step's select (a device mismatch the GPU-marked tests would only see on a GPU).
     flat = torch.zeros(20, device="meta")
     segs = [Segment("w", (4, 3), 5, 12, flat, 0, grad=lambda: None)]
-    plan = MaskPlan.build(NeuronSet({"w": Selection(1, torch.tensor([2]))}).entries, segs)
+    plan = RankMasks.build(NeuronSet({"w": Selection(1, torch.tensor([2]))}).entries, segs)
     assert plan.frozen[id(flat)][1].device.type == "meta"
 
 
 def test_unselected_parameter_is_fully_frozen():
     flat, segs = _segments()
-    plan = MaskPlan.build(NeuronSet({"w": Selection(0, torch.tensor([1]))}).entries, segs)
+    plan = RankMasks.build(NeuronSet({"w": Selection(0, torch.tensor([1]))}).entries, segs)
     assert plan.frozen[id(flat)][1][7:10].all()
 
 
 def test_selection_of_untrained_parameter_is_an_error():
     _, segs = _segments()
     with pytest.raises(ValueError, match="does not train"):
-        MaskPlan.build({"other.weight": Selection(0, torch.tensor([0]))}, segs)
+        RankMasks.build({"other.weight": Selection(0, torch.tensor([0]))}, segs)
 
 
 def test_freeze_unselected():
@@ -72,7 +72,7 @@ def test_sparse_segments_mask_grads_by_index_like_masked_fill():
         "w": Selection(1, torch.tensor([0, 17, 200])),
         "b": Selection(0, torch.tensor([0, 1, 3])),
     }
-    plan = MaskPlan.build(sel, [w, b])
+    plan = RankMasks.build(sel, [w, b])
     assert plan.grad_index[0] is not None and plan.grad_index[1] is None
     frozen = plan.frozen[id(flat)][1]
     bad = frozen.clone()

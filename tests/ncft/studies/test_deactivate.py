@@ -8,15 +8,16 @@ from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
-from ncft.deactivate import (
+from ncft.neuron_set import NeuronSet
+from ncft.scoring.attribution import GradAttribution
+from ncft.scoring.groups import unit_groups
+from ncft.selection import to_neuron_set, top_k
+from ncft.studies.deactivate import (
     deactivate_activations,
     deactivate_weights,
     evaluate_deactivation,
     random_units,
 )
-from ncft.neuron_set import NeuronSet
-from ncft.scoring.attribution import GradAttribution
-from ncft.selection import to_neuron_set, top_k, unit_groups
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))

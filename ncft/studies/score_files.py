@@ -3,7 +3,7 @@
 `RUN/neft/<task>.before.safetensors` holds the scores the task's rows were selected
 from, `<task>.after.safetensors` the same probe on the trained model, and
 `<task>.rank_shift.json` their `ncft.analysis.neft_stats.weight_movement_rank_shift` (paths:
-`ncft.run_layout.RunLayout.neft_scores` and `neft_shift`).
+`ncft.run_paths.RunPaths.neft_scores` and `neft_shift`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn a NeuronSet into rank-local masks and apply them between backward and step.
 
-A `MaskPlan` holds, per segment this rank owns, a `SegmentMask`
+A `RankMasks` holds, per segment this rank owns, a `SegmentMask`
 (`ncft.masks.structured`): the positions of the selected rows or columns the segment
 touches, or a dense bool for small segments. Building it is arithmetic on the
 segments the engine reports; applying it touches local memory only, so a masked step
@@ -28,7 +28,7 @@ class SelectionLike(Protocol):
 
 
 @dataclass
-class MaskPlan:
+class RankMasks:
     """Rank-local frozen masks for every segment of every trainable tensor.
 
     Attributes:
@@ -49,7 +49,7 @@ class MaskPlan:
     @classmethod
     def build(
         cls, selections: Mapping[str, SelectionLike], segments: Iterable[Segment]
-    ) -> MaskPlan:
+    ) -> RankMasks:
         """Lay `selections` (fqn -> axis/indices, full storage coords) on `segments`.
 
         Args:
@@ -57,7 +57,7 @@ class MaskPlan:
             segments: What this rank owns, from `Engine.segments()`.
 
         Returns:
-            The plan. Parameters in `segments` but not in `selections` are fully frozen.
+            The masks. Parameters in `segments` but not in `selections` are fully frozen.
 
         Raises:
             ValueError: If a selected parameter is not trainable in this engine (it
@@ -137,7 +137,7 @@ class MaskPlan:
 
         None where the segment keeps a dense bool, positions where it is masked
         structurally (by row/column index). Built on access, for inspection;
-        applying the plan never builds it.
+        applying the masks never builds it.
         """
         out = []
         for seg, m in zip(self.segments, self.masks):
@@ -164,11 +164,11 @@ def _check_trainable(
         )
 
 
-def install(engine: Engine, selections: Mapping[str, SelectionLike]) -> MaskPlan:
-    """Build a plan for `engine` and register its update masks with the optimizer."""
-    plan = MaskPlan.build(selections, engine.segments())
-    engine.optimizer.set_frozen(plan.tensor_masks)
-    return plan
+def install(engine: Engine, selections: Mapping[str, SelectionLike]) -> RankMasks:
+    """Build the masks of `engine` and register its update masks with the optimizer."""
+    masks = RankMasks.build(selections, engine.segments())
+    engine.optimizer.set_frozen(masks.tensor_masks)
+    return masks
 
 
 def freeze_unselected(model: torch.nn.Module, fqns: Iterable[str]) -> list[str]:

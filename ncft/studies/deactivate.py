@@ -33,12 +33,20 @@ from torch import nn
 
 from ncft.arch import MlpBlock
 from ncft.data.examples import IGNORE, batches, collate
-from ncft.engine import Engine, Segment, device_of, eval_mode, logits_of
+from ncft.engine import (
+    Engine,
+    Segment,
+    device_of,
+    engine_module,
+    eval_mode,
+    find_module,
+    local_view,
+    logits_of,
+)
 from ncft.masks.layout import segment_mask
 from ncft.neuron_set import NeuronSet
-from ncft.scoring.attribution import answer_loss, engine_module, find_module
+from ncft.scoring.attribution import answer_loss
 from ncft.scoring.controls import group_generator
-from ncft.scoring.cosine import local_view
 
 
 @contextmanager
