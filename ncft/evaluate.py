@@ -26,6 +26,7 @@ Shapes: B batch rows, T tokens, V vocabulary, K labels.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,104 @@ def _answer_logprobs(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch
     return out_B.index_add_(0, rows_M, token_lp_M.double())
 
 
+def _shared_prefix(pairs: Sequence[Mapping[str, torch.Tensor]]) -> int:
+    """How many leading tokens all of one example's K encoded label rows share.
+
+    The prefix stops at the first answer token (or earlier, where the rows first
+    differ), so every scored token lies after it. `label_scores` gives every label the
+    same prompt budget, so the prefix is normally the whole prompt.
+
+    Raises:
+        ValueError: If the rows share no first token (an empty prompt without BOS).
+    """
+    ids = [p["input_ids"] for p in pairs]
+    width = min(int(i.numel()) for i in ids)
+    same = torch.stack([i[:width] for i in ids]).eq(ids[0][:width]).all(dim=0)
+    common = int(same.long().cumprod(0).sum())
+    prompt = min(int((p["labels"] == IGNORE).sum()) for p in pairs)
+    # A row's token 0 is never scored (nothing predicts it), so it may join the prefix.
+    length = max(min(common, prompt), min(common, 1))
+    if length < 1:
+        raise ValueError("a prompt encodes to no tokens and the labels share no first "
+                         "token: there is no prefix to score the labels from")
+    return length
+
+
+def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of a HF KV cache holding batch rows `rows` (repeats allowed).
+
+    Layers are copied shallowly and their key/value tensors re-indexed, so the
+    caller's cache is untouched when the model appends the label tokens to the copy.
+    """
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.batch_select_indices(rows)
+    return out
+
+
+def _group_scores(
+    engine: Engine, group: Sequence[Sequence[Mapping[str, torch.Tensor]]], pad: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Scores of one group of examples' label rows: two forwards, float64 [G * K].
+
+    Prefill: each example's shared prefix (`_shared_prefix`), right-padded, with the
+    KV cache on. Labels: every (example, label) row's remaining tokens in one forward
+    over a copy of the cache with each prefix repeated K times; the position ids
+    continue each prefix and the prefix padding stays masked, so each row sees exactly
+    the tokens the full sequence would show it, at the same positions. The first
+    remaining token is scored from the prefill's last logit, the rest from the label
+    forward.
+    """
+    starts = [_shared_prefix(pairs) for pairs in group]
+    prefill = collate([{"input_ids": pairs[0]["input_ids"][:n],
+                        "attention_mask": torch.ones(n, dtype=torch.long),
+                        "labels": torch.full((n,), IGNORE)}
+                       for pairs, n in zip(group, starts)], pad)
+    # Only each prefix's last position is scored: HF's `logits_to_keep` (these
+    # positions, shared by all rows) skips the LM head elsewhere, which at a 49k
+    # vocabulary costs as much as a 135M model's layers.
+    keep_U = torch.tensor(sorted({n - 1 for n in starts}), device=device)
+    out = engine.forward({"input_ids": prefill["input_ids"].to(device),
+                          "attention_mask": prefill["attention_mask"].to(device),
+                          "logits_to_keep": keep_U, "use_cache": True})
+    num_labels = len(group[0])
+    rows_R = torch.arange(len(group), device=device).repeat_interleave(num_labels)
+    starts_R = torch.tensor(starts, device=device).repeat_interleave(num_labels)
+    last_RV = logits_of(out)[rows_R, torch.searchsorted(keep_U, starts_R - 1)]
+    rest = collate([{k: pair[k][n:] for k in ("input_ids", "attention_mask", "labels")}
+                    for pairs, n in zip(group, starts) for pair in pairs], pad)
+    rest = {k: v.to(device) for k, v in rest.items()}
+    mask_RT = torch.cat([prefill["attention_mask"].to(device)[rows_R],
+                         rest["attention_mask"]], dim=1)
+    width = rest["input_ids"].shape[1]
+    positions_RL = starts_R.unsqueeze(1) + torch.arange(width, device=device)
+    tail = engine.forward({"input_ids": rest["input_ids"], "attention_mask": mask_RT,
+                           "position_ids": positions_RL,
+                           "past_key_values": _cache_rows(out.past_key_values, rows_R),
+                           "use_cache": True})
+    # Column 0 of the joined logits predicts the first remaining token (label column 1).
+    logits_RLV = torch.cat([last_RV.unsqueeze(1), logits_of(tail)], dim=1)
+    labels_RL = torch.cat([torch.full_like(rest["labels"][:, :1], IGNORE), rest["labels"]], 1)
+    return _answer_logprobs(logits_RLV, labels_RL)
+
+
+def _label_limits(
+    tokenizer, prompt: str, labels: Sequence[str], max_length: int, add_eos: bool
+) -> list[int]:
+    """Each label's token limit such that every label leaves the prompt the same room.
+
+    `encode` fits the prompt into `max_length` minus the answer's tokens; giving label
+    k the limit `max_length - (longest answer - answer k)` leaves every label the room
+    the longest one leaves, so one example's label rows share their whole prompt (cut,
+    if at all, as for the longest label) and it is encoded and run once.
+    """
+    answers = [int((encode([Example(prompt, label)], tokenizer, max_length, add_eos)[0]
+                    ["labels"] != IGNORE).sum()) for label in labels]
+    return [max_length - (max(answers) - n) for n in answers]
+
+
 def label_scores(
     engine: Engine,
     tokenizer,
@@ -79,13 +178,24 @@ def label_scores(
     and writes it into a zero [N, K] tensor; one all-reduce gives every rank all rows
     (the scores, not only a count, so margins and per-example bootstraps can be read).
 
+    The prompt is encoded once per example, not once per label: a group of
+    `batch_size` examples costs two forwards (`_group_scores`): their prompts with the
+    KV cache on, then all K label continuations at once over K copies of that cache.
+    The scores equal scoring each full (prompt, label) sequence on its own up to float
+    rounding (|difference| < 1e-4 nats in fp32; tests/ncft/test_evaluate.py and
+    test_evaluate_dist.py). Every label is scored on the same prompt: one that does not
+    fit `max_length` with the longest label is cut as for that label
+    (`_label_limits`), for the shorter labels too. The label forward holds the group's
+    prompt cache K times: lower the evaluation batch size if it runs out of memory.
+
     Args:
         engine: The model to evaluate (runs under `no_grad`, in eval mode).
         tokenizer: The HF tokenizer used for training.
         examples: Examples whose `answer` is the gold label.
         labels: The label set, in a fixed order.
-        batch_size: (example, label) sequences per forward on each rank.
-        max_length: Token limit of prompt + label, as in training.
+        batch_size: Examples per prefill forward on each rank (the label forward
+            carries `batch_size * K` short rows).
+        max_length: Token limit of prompt + longest label, as in training.
         add_eos: Score the EOS token after each label too.
 
     Raises:
@@ -103,26 +213,23 @@ def label_scores(
         if ex.answer not in index:
             raise ValueError(f"examples[{i}].answer {ex.answer!r} is not one of labels {labels}")
     span = share(len(examples), engine.rank, engine.world_size)
-    mine = [examples[i] for i in span]
-    pairs = encode([Example(ex.prompt, label) for ex in mine for label in labels],
-                   tokenizer, max_length, add_eos)
-    dummy = encode([Example(examples[0].prompt, labels[0])], tokenizer, max_length, add_eos)
-    largest = -(-len(examples) // engine.world_size) * len(labels)
-    num_forwards = -(-largest // batch_size)
+    # Every rank runs the forwards of the largest share (a forward is a collective on
+    # sharded engines); a smaller share is topped up with copies of example 0 whose
+    # scores are dropped.
+    largest = -(-len(examples) // engine.world_size)
+    mine = [examples[i] for i in span] + [examples[0]] * (largest - len(span))
+    limits = _label_limits(tokenizer, examples[0].prompt, labels, max_length, add_eos)
     device, pad = device_of(engine), pad_id(tokenizer)
     scores: list[torch.Tensor] = []
     with torch.no_grad(), eval_mode(engine.module):
-        for b in range(num_forwards):
-            chunk = pairs[b * batch_size : (b + 1) * batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk or dummy, pad).items()}
-            output = engine.forward({"input_ids": batch["input_ids"],
-                                     "attention_mask": batch["attention_mask"],
-                                     "use_cache": False})
-            if chunk:
-                scores.append(_answer_logprobs(logits_of(output), batch["labels"]))
+        for b in range(0, largest, batch_size):
+            chunk = mine[b : b + batch_size]
+            group = [[encode([Example(ex.prompt, label)], tokenizer, limit, add_eos)[0]
+                      for label, limit in zip(labels, limits)] for ex in chunk]
+            scores.append(_group_scores(engine, group, pad, device))
     all_NK = torch.zeros((len(examples), len(labels)), dtype=torch.float64, device=device)
-    if mine:
-        all_NK[span.start : span.stop] = torch.cat(scores).view(len(mine), len(labels))
+    if len(span):
+        all_NK[span.start : span.stop] = torch.cat(scores).view(largest, len(labels))[: len(span)]
     return engine.all_reduce_(all_NK).cpu()
 
 

@@ -4,7 +4,10 @@ import pytest
 import sacrebleu
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from launcher.dist import DistInfo
+from launcher.engines import OptimConfig, build_engine
 from ncft.data.examples import Example
 from ncft.engine import share
 from ncft.evaluate import (
@@ -16,8 +19,18 @@ from ncft.evaluate import (
     text_scores,
 )
 from tests.support.fake_engine import FakeEngine, ThreadWorld
-from tests.support.review_lm import LABELS, PROMPTS, WORDS
+from tests.support.review_lm import (
+    LABELS,
+    MIXED,
+    PROMPTS,
+    SHARED,
+    WORDS,
+    per_pair_scores,
+    sharp_model,
+)
 from tests.support.tiny import tiny_llama, word_tokenizer
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +62,26 @@ def reference_label_logprobs(model, tok, prompt: str) -> list[float]:
     return out
 
 
+@pytest.mark.parametrize("max_length", [64, 9])  # 9: prompts cut, differently per label
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shared_prefix_scores_equal_per_label_scores(tok, max_length, batch_size):
+    model = sharp_model()
+    examples = [Example(p, SHARED[i % 4]) for i, p in enumerate(MIXED)]
+    want = per_pair_scores(model, tok, examples, SHARED, max_length)
+    got = label_scores(FakeEngine(model), tok, examples, SHARED, batch_size, max_length)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    assert (want.max(1).values - want.min(1).values).min() > 0.1  # the labels differ
+
+
+def test_shared_prefix_scores_on_the_single_engine(tok):
+    examples = [Example(p, SHARED[i % 4]) for i, p in enumerate(MIXED)]
+    want = per_pair_scores(sharp_model(), tok, examples, SHARED, 64)
+    engine = build_engine("single", sharp_model(), OptimConfig(), CPU)
+    got = label_scores(engine, tok, examples, SHARED, 4, 64)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_share_splits_contiguously_and_evenly():
     parts = [share(5, r, 3) for r in range(3)]
     assert [list(p) for p in parts] == [[0], [1, 2], [3, 4]]
@@ -78,8 +111,9 @@ class ConstantLM(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 96) + self.w})()
+    def forward(self, input_ids, attention_mask=None, use_cache=None, **cache):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 96) + self.w,
+                                "past_key_values": DynamicCache()})()
 
 
 def test_ties_go_to_the_first_label(tok):
@@ -97,7 +131,8 @@ def test_accuracy_same_on_every_world_size_with_equal_forward_counts(model, tok,
     assert results == [pytest.approx(expected, abs=1e-12)] * world_size
     counts = {e.forwards for e in world.engines}
     largest_share = math.ceil(5 / world_size)
-    assert counts == {math.ceil(largest_share * len(LABELS) / 2)}
+    # Two forwards (prompts, then every label at once) per group of 2 examples.
+    assert counts == {2 * math.ceil(largest_share / 2)}
 
 
 def test_accuracy_rejects_unknown_gold_label(model, tok):

@@ -1,4 +1,5 @@
-"""KV-cache generation under sharding: same tokens as re-running the prefix (gloo).
+"""KV-cache evaluation under sharding (gloo): cached generation gives the same tokens as
+re-running the prefix, and shared-prefix label scores equal per-label scores.
 
 (The single-process equality of the two paths is tests/ncft/test_evaluate.py's.)
 
@@ -13,8 +14,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from ncft.data.examples import Example
+from tests.support.review_lm import MIXED, SHARED, WORDS, per_pair_scores, sharp_model
 from tests.support.spawn import REPO, torchrun_backends
+from tests.support.tiny import word_tokenizer
 
 pytestmark = pytest.mark.dist
 
@@ -37,3 +42,17 @@ def test_cached_generation_matches_uncached_on_two_ranks(results, backend):
     assert ranks[0]["cache1"]["forwards"] == ranks[1]["cache1"]["forwards"]
     assert ranks[0]["cache0"]["forwards"] == ranks[1]["cache0"]["forwards"]
     assert any(ref["cache1"]["texts"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_prefix_scores_equal_per_label_scores_on_two_ranks(results, backend):
+    tok, model = word_tokenizer(WORDS), sharp_model()
+    examples = [Example(p, SHARED[i % len(SHARED)]) for i, p in enumerate(MIXED)]
+    ranks = [json.loads((results / f"{backend}_ws2_rank{r}.json").read_text()) for r in (0, 1)]
+    for max_length in (64, 9):  # 9 cuts the prompts, differently per label
+        want = per_pair_scores(model, tok, examples, SHARED, max_length)
+        for report in ranks:
+            got = torch.tensor(report[f"labels{max_length}"], dtype=torch.float64)
+            assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    # 7 prompts: shares of 3 and 4, so 2 groups of 3 examples x 2 forwards per length.
+    assert ranks[0]["label_forwards"] == ranks[1]["label_forwards"] == 2 * 2 * 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ncft.data.examples import Example, encode
+from ncft.evaluate import _answer_logprobs
 from tests.support.tiny import tiny_llama
 
 WORDS = "review : the film was great bad fine dull movie plot acting good poor . Answer".split()
@@ -19,6 +21,9 @@ PROMPTS = [
     "review : the movie was fine . Answer :",
     "review : great film great plot . Answer :",
 ]
+# Labels that share first tokens ("good" / "good film"), a label that is a whole prompt
+# phrase, and lengths 1-3, so the label rows have different widths.
+SHARED = ["good", "good film", "bad", "the plot was"]
 MIXED = ["review : great . Answer :", *PROMPTS,
          "review : the film was great but the plot was dull and the acting poor . Answer :"]
 
@@ -35,3 +40,22 @@ def sharp_model():
             if "q_proj" in name or "k_proj" in name:
                 param.mul_(30)
     return model
+
+
+def per_pair_scores(model, tok, examples, labels, max_length) -> torch.Tensor:
+    """The per-label reference: every (prompt, label) sequence encoded as training
+    encodes it and run on its own, unpadded, without a cache; float64 [N, K].
+
+    Every label gets the prompt room the longest label leaves (`max_length` minus its
+    tokens and EOS), as rank classification scores all labels on one prompt."""
+    answer = [len(tok(" " + label, add_special_tokens=False)["input_ids"]) + 1
+              for label in labels]
+    out = torch.zeros(len(examples), len(labels), dtype=torch.float64)
+    for i, ex in enumerate(examples):
+        for k, label in enumerate(labels):
+            limit = max_length - max(answer) + answer[k]
+            enc = encode([Example(ex.prompt, label)], tok, limit)[0]
+            with torch.no_grad():
+                logits = model(input_ids=enc["input_ids"][None]).logits
+            out[i, k] = _answer_logprobs(logits, enc["labels"][None])[0]
+    return out
