@@ -42,14 +42,14 @@ mask-demo: install
 		print('parameters with changes outside the NeuronSet:', bad or 'none'); assert not bad"
 
 # The default demo (README "Results"): SmolLM2-135M on real tasks, 2 CPU ranks.
-# NCFT with the deactivation study, then SeqFT and W-NCFT on the same tasks, then one
-# table.
+# NCFT with the deactivation study, then SeqFT on the same tasks, then W-NCFT evaluated
+# from the NCFT run's weights (`ncft eval`: W-NCFT trains as NCFT does), then one table.
 DEMO_SPEC := examples/demo_smollm2.yaml
 demo: install
 	$(BIN)/ncft run $(DEMO_SPEC) output.overwrite=true
 	$(BIN)/ncft run $(DEMO_SPEC) method=seqft study.deactivation=false \
 		output.dir=$(CURDIR)/runs/demo_smollm2_seqft output.overwrite=true output.report=false
-	$(BIN)/ncft run $(DEMO_SPEC) method=wncft study.deactivation=false wncft.num_samples=16 \
+	$(BIN)/ncft eval $(CURDIR)/runs/demo_smollm2 method=wncft wncft.num_samples=16 \
 		output.dir=$(CURDIR)/runs/demo_smollm2_wncft output.overwrite=true output.report=false
 	$(BIN)/ncft compare runs/demo_smollm2 runs/demo_smollm2_seqft runs/demo_smollm2_wncft
 	@echo "report: runs/demo_smollm2/report.md"

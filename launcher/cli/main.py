@@ -110,6 +110,26 @@ def _run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a finished run again under changed inference settings "
+        "(W-NCFT temperature/query, eval.*), into a new output.dir; trains nothing")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="key.sub=value (inference keys only)")
+    p.set_defaults(func=_eval)
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from launcher.run.reevaluate import main_eval
+    from launcher.spec import SpecError
+
+    try:
+        main_eval(ns.run_dir, ns.overrides)
+    except SpecError as err:
+        return _invalid_spec(ns.run_dir, err)
+    return 0
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write analyses, plots and report.md for a run dir")
     p.add_argument("run_dir")
@@ -162,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"show tracebacks instead of one-line errors (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_eval(sub)
     _add_validate(sub)
     _add_plan(sub)
     _add_report(sub)

@@ -48,10 +48,17 @@ def optim_config(spec: Spec) -> OptimConfig:
 class LauncherBackend:
     """The services `ContinualLoop` needs: models, engines, files and logs."""
 
-    def __init__(self, spec: Spec, info: DistInfo, run: RunPaths, model_dir: str) -> None:
+    def __init__(self, spec: Spec, info: DistInfo, run: RunPaths, model_dir: str,
+                 trained: RunPaths | None = None) -> None:
+        """Services over run directory `run`.
+
+        `trained` is the run whose stage weights and NeuronSets are read (default
+        `run`; `ncft eval` reads a finished run and writes into a new one).
+        """
         from transformers import AutoTokenizer
 
         self.spec, self.info, self.run, self.model_dir = spec, info, run, model_dir
+        self.trained = trained or run
         # Models `load_model` built on meta -> (stage, where build_engine reads them).
         self._weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._kept: tuple[int | None, Replay] | None = None
@@ -204,17 +211,17 @@ class LauncherBackend:
             nset.save(self.run.neuron_file(task))
 
     def load_neurons(self, task: str) -> NeuronSet:  # noqa: D102
-        return NeuronSet.load(self.run.neuron_file(task))
+        return NeuronSet.load(self.trained.neuron_file(task))
 
     def _stage_dir(self, stage: int) -> Path:
-        return self.run.stage_dir(stage, self.spec.tasks[stage].name)
+        return self.trained.stage_dir(stage, self.spec.tasks[stage].name)
 
     def save_stage(self, engine, stage: int, state: dict[str, Any]) -> None:  # noqa: D102
         from safetensors.torch import save_file
 
         weights = gather_state_dict(engine)
         if self.info.is_main_process:
-            target = self._stage_dir(stage)
+            target = self.run.stage_dir(stage, self.spec.tasks[stage].name)
             with atomic_dir(target) as tmp:
                 save_file({k: v.contiguous() for k, v in weights.items()},
                           tmp / "model.safetensors")

@@ -178,6 +178,52 @@ class ContinualLoop:
             self._stage(stage, state)
         return state
 
+    def reevaluate(self) -> LoopState:
+        """Evaluate every stage of a finished run again; train nothing.
+
+        Each stage's engine is built from the stage's saved weights and NeuronSet
+        (`Backend.load_model(stage)`, `Backend.load_neurons`), marked trainable as its
+        training engine was, and evaluated as `run` evaluates it under this loop's
+        settings. W-NCFT's store is captured as in `run`: task i's values after
+        training are stage i's weights, its values before are stage i - 1's (the base
+        model's for i = 0), its vector comes from stage i's model. So a W-NCFT
+        evaluation of an NCFT run (the two train identically) gives what a full W-NCFT
+        run gives (`ncft eval`, tests/launcher/run/test_reevaluate.py).
+        """
+        n = len(self.tasks)
+        state = LoopState(matrix=[[None] * n for _ in range(n)])
+        sets = [self.backend.load_neurons(t.name) if self.row.selects else None
+                for t in self.tasks]
+        before = None
+        if self.row.mixes:
+            assert not self.row.from_base, "W-NCFT stages continue the previous one"
+            engine = self._eval_engine(None, sets[0])
+            before = wncft.snapshot(engine, sets[0])
+            engine.close()
+        for stage, task in enumerate(self.tasks):
+            self.backend.log_line(f"stage {stage + 1}/{n}: {task.name} (evaluation only)")
+            engine = self._eval_engine(stage, sets[stage])
+            if self.row.mixes:
+                self._capture(engine, task, sets[stage], before)
+                if stage + 1 < n:  # the next task's neurons before its training
+                    before = wncft.snapshot(engine, sets[stage + 1])
+            self._evaluate(engine, stage, state)
+            engine.close()
+        return state
+
+    def _eval_engine(self, stage: int | None, nset: NeuronSet | None) -> Engine:
+        """An engine over the weights after `stage` (None: the base model).
+
+        Its trainable parameters are those a training engine of this method has.
+        """
+        model = self.backend.load_model(stage)
+        if nset is not None:
+            freeze_unselected(model, nset.entries)
+        elif not self.row.lora:  # LoRA models come with their adapters marked
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return self.backend.build_engine(model)
+
     def summary(self, state: LoopState) -> dict[str, Any]:
         """results.json payload: tasks, matrix, CL summary, per-task details."""
         names = [t.name for t in self.tasks]

@@ -20,30 +20,47 @@ from pathlib import Path
 
 import pytest
 
+from launcher.run.reevaluate import check_inference_only
 from launcher.spec import load_spec
 from tests.support.spawn import REPO, worker_env
 
 SPEC = REPO / "examples" / "demo_smollm2.yaml"
 
 
+def _demo_target() -> str:
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    return text.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+
+
+def _args(line: str, after: str) -> list[str]:
+    args = shlex.split(line.split(after, 1)[1])
+    return [a.replace("$(CURDIR)", str(REPO)) for a in args]
+
+
 def _demo_runs() -> list[list[str]]:
     """The override lists of each `ncft run $(DEMO_SPEC) ...` in the demo target."""
-    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
-    target = text.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    runs = []
-    for line in target.splitlines():
-        if "ncft run $(DEMO_SPEC)" in line:
-            args = shlex.split(line.split("$(DEMO_SPEC)", 1)[1])
-            runs.append([a.replace("$(CURDIR)", str(REPO)) for a in args])
-    return runs
+    return [_args(line, "$(DEMO_SPEC)") for line in _demo_target().splitlines()
+            if "ncft run $(DEMO_SPEC)" in line]
+
+
+def _demo_evals() -> list[list[str]]:
+    """RUN_DIR and overrides of each `ncft eval ...` in the demo target."""
+    return [_args(line, "ncft eval") for line in _demo_target().splitlines()
+            if "ncft eval" in line]
 
 
 def test_makefile_demo_commands_are_valid_specs():
-    runs = _demo_runs()
-    assert len(runs) == 3, runs
-    methods = [load_spec(SPEC, args).method for args in runs]
-    assert methods == ["ncft", "seqft", "wncft"]
-    dirs = {str(load_spec(SPEC, args).output.dir) for args in runs}
+    runs, evals = _demo_runs(), _demo_evals()
+    assert len(runs) == 2 and len(evals) == 1, (runs, evals)
+    assert [load_spec(SPEC, args).method for args in runs] == ["ncft", "seqft"]
+    # W-NCFT: evaluated from the NCFT run, with inference settings only.
+    trained, *overrides = evals[0]
+    ncft = load_spec(SPEC, runs[0])
+    assert Path(trained) == Path(ncft.output.dir)
+    wncft = load_spec(SPEC, [*runs[0], *overrides])
+    check_inference_only(ncft, wncft)
+    assert wncft.method == "wncft"
+    dirs = {str(load_spec(SPEC, args).output.dir) for args in runs} | {str(wncft.output.dir)}
     assert len(dirs) == 3, "each demo run needs its own output.dir"
     compare = re.search(r"ncft compare (.+)", (REPO / "Makefile").read_text()).group(1)
     assert [Path(d).name for d in sorted(dirs)] == sorted(Path(c).name for c in compare.split())
@@ -89,3 +106,14 @@ def test_demo_spec_shape_runs_on_the_tiny_model(tmp_path):
     for png in ("deactivation", "accuracy_matrix", "iou"):
         assert (run / "plots" / f"{png}.png").is_file(), png
         assert f"plots/{png}.png" in report
+    # The demo's W-NCFT step: evaluated from this run on 2 FSDP2 ranks, trained nothing.
+    wncft = tmp_path / "demo_wncft"
+    (trained, *overrides), = _demo_evals()
+    overrides = [a for a in overrides if not a.startswith(("output.dir=", "wncft.num"))]
+    proc = subprocess.run([sys.executable, "-m", "launcher", "eval", str(run), *overrides,
+                           "wncft.num_samples=4", f"output.dir={wncft}"], env=env, cwd=clone,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    mixed = json.loads((wncft / "results.json").read_text())
+    assert mixed["method"] == "wncft" and mixed["evaluated_from"] == str(run)
+    assert len(mixed["details"]["agnews"][1]["mixing_weights"]) == 2
