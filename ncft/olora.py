@@ -17,8 +17,15 @@ the new A and B). Defaults are O-LoRA's `lamda_1 = 0.5`, `lamda_2 = 0` (its scri
 and its TRACE port use these; the spec's `olora` section changes them).
 
 The penalty is added to every micro-batch's loss, so it weighs as much in the step's
-gradient as the task loss does (O-LoRA adds it per batch too). It reads whole A
-matrices, so the method runs on the `single` engine (the spec enforces this).
+gradient as the task loss does (O-LoRA adds it per batch too). `penalty` is that
+definition on a whole (unsharded) peft model. Training uses `add_penalty_grad`, which
+runs on every engine: per LoRA module it gathers the new A and B and the earlier A
+matrices (`Engine.gathered`, a few parameters at a time), differentiates the same
+terms on those copies, and adds the gradient once per step to this rank's local
+gradient shards (`Engine.segments`). The per-micro-batch penalty's gradient is the
+same: each of the G micro-batch losses is divided by G, and the weights do not move
+within a step. The penalty is the same on every rank, so the data-parallel mean of
+the gradients leaves it as is.
 
 Everything here works on a peft model; `merge_lora` (`ncft.lora`) folds all active
 adapters into the base weights for export.
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from ncft.continual.config import LoraOptions
+from ncft.engine import Engine
 
 
 def adapter_name(stage: int) -> str:
@@ -138,3 +146,58 @@ def penalty(model: nn.Module, stage: int, lambda_orth: float, lambda_l2: float) 
     if not found:
         raise ValueError(f"the model has no LoRA adapter {new!r} (stage {stage})")
     return lambda_orth * orth + lambda_l2 * norm
+
+
+def add_penalty_grad(engine: Engine, stage: int, lambda_orth: float, lambda_l2: float) -> float:
+    """Add the gradient of `penalty` to this rank's gradient shards; return its value.
+
+    Call once per optimizer step, after every micro-batch's backward and before the
+    step (where `ncft.train.train_step` calls it): the gradients then hold the
+    data-parallel mean of the task loss, and the penalty's gradient (the same on every
+    rank) is added to the new adapter's local elements. A collective on sharded
+    engines: every rank must call it.
+
+    Args:
+        engine: An engine over a peft model with adapters `task0..task{stage}`, the
+            last one trainable.
+        stage: The stage being trained (its adapter is the new one).
+        lambda_orth: Weight of the orthogonality term.
+        lambda_l2: Weight of the L2 term.
+
+    Returns:
+        The penalty's value (what `penalty` returns), as a float.
+
+    Raises:
+        ValueError: If the model has no adapter of `stage`, or a new adapter matrix has
+            no gradient on this rank yet.
+    """
+    new = adapter_name(stage)
+    suffix = f".lora_A.{new}.weight"
+    prefixes = [name[: -len(suffix)] for name, _ in engine.named_parameter_shapes()
+                if name.endswith(suffix)]
+    if not prefixes:
+        raise ValueError(f"the model has no LoRA adapter {new!r} (stage {stage})")
+    local: dict[str, list] = {}
+    for seg in engine.segments():
+        local.setdefault(seg.fqn, []).append(seg)
+    total = 0.0
+    for prefix in prefixes:
+        a_name, b_name = f"{prefix}.lora_A.{new}.weight", f"{prefix}.lora_B.{new}.weight"
+        old = [f"{prefix}.lora_A.{adapter_name(j)}.weight" for j in range(stage)]
+        with engine.gathered([a_name, b_name, *old]) as full:
+            a_new = full[a_name].detach().float().clone().requires_grad_(True)
+            b_new = full[b_name].detach().float().clone().requires_grad_(True)
+            with torch.enable_grad():
+                value = (lambda_orth * orthogonality([full[o].float() for o in old], a_new)
+                         + lambda_l2 * l2(a_new, b_new))
+                grads = torch.autograd.grad(value, [a_new, b_new])
+        total += float(value.detach())
+        for name, grad in zip((a_name, b_name), grads):
+            flat = grad.reshape(-1)
+            for seg in local.get(name, []):
+                target = seg.grad()
+                if target is None:
+                    raise ValueError(f"{name} has no gradient on rank {engine.rank}: call "
+                                     "add_penalty_grad after the micro-batches' backward")
+                target.add_(flat[seg.start : seg.stop].to(target))
+    return total

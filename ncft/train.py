@@ -35,7 +35,9 @@ def _loss(output) -> torch.Tensor:
     return output.loss if hasattr(output, "loss") else output
 
 
-Penalty = Callable[[], torch.Tensor]
+# A regulariser applied once per step: adds its gradient to the engine's local gradient
+# shards and returns its value (`ncft.olora.add_penalty_grad`).
+Penalty = Callable[[Engine], float]
 
 
 def train_step(
@@ -44,16 +46,18 @@ def train_step(
 ) -> tuple[float, float]:
     """Run one optimizer step over `micro_batches`; return (mean loss, grad norm).
 
-    `penalty()`, when given, is added to every micro-batch's loss (a regulariser such
-    as O-LoRA's, `ncft.olora.penalty`); the logged loss includes it.
+    `penalty(engine)`, when given, runs after the last backward: it adds a
+    regulariser's gradient to the local gradient shards (as if the regulariser were
+    added to every micro-batch's loss) and returns its value, which the logged loss
+    includes (O-LoRA's, `ncft.olora.add_penalty_grad`).
     """
     total = 0.0
     for batch in micro_batches:
         loss = _loss(engine.forward(batch))
-        if penalty is not None:
-            loss = loss + penalty()
         engine.backward(loss)
         total += float(loss.detach())
+    if penalty is not None:
+        total += penalty(engine) * len(micro_batches)
     if masks is not None:
         masks.apply_to_grads()
     stats = engine.step()
@@ -77,7 +81,7 @@ def train(
             elements.
         on_step: Called after every step (logging, checkpoints, progress bars).
         start_step: Steps already done (for resumed runs' numbering).
-        penalty: A regulariser added to every micro-batch's loss (`train_step`).
+        penalty: A regulariser applied once per step (`train_step`).
 
     Returns:
         One `StepLog` per step taken.

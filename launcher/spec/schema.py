@@ -120,10 +120,6 @@ class Spec(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         problems = method_problems(self.method, len(self.tasks))
-        if method(self.method).adapter_per_task and self.engine.backend != "single":
-            # O-LoRA's penalty reads whole A matrices, which sharded engines split.
-            problems.append(("engine.backend", f"method {self.method} runs on backend single "
-                             f"only, got {self.engine.backend}; set engine.backend: single"))
         if self.training.update == "sparse_delta" and not method(self.method).selects:
             problems.append(("training.update", f"sparse_delta trains a NeuronSet's selected "
                              f"rows/columns, and method {self.method} selects none (full or "

@@ -263,7 +263,7 @@ class ContinualLoop:
             freeze_unselected(model, nset.entries)
         elif row.adapter_per_task:  # O-LoRA: this stage's new adapter, earlier ones frozen
             model = olora.with_adapters(model, stage + 1, self.cfg.lora, self.cfg.training.seed)
-            penalty = self._olora_penalty(model, stage)
+            penalty = self._olora_penalty(stage)
         elif not row.lora:  # LoRA marked its own trainables
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -290,9 +290,9 @@ class ContinualLoop:
         self.backend.save_stage(engine, stage, state.to_json())
         engine.close()
 
-    def _olora_penalty(self, model: nn.Module, stage: int):
+    def _olora_penalty(self, stage: int):
         lambdas = self.cfg.olora.lambda_orth, self.cfg.olora.lambda_l2
-        return lambda: olora.penalty(model, stage, *lambdas)
+        return lambda engine: olora.add_penalty_grad(engine, stage, *lambdas)
 
     def _select(self, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
         # Scoring runs on its own engine over the candidate matrices (NeFT's probe

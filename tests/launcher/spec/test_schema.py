@@ -215,7 +215,6 @@ MALFORMED = [
     ("calibration_example_routing", {"eval.calibration": "content_free", "method": "wncft",
                                      "wncft.query": "example"}, "eval.calibration"),
     ("olora_lambda", {"method": "olora", "olora.lambda_orth": -1}, "olora.lambda_orth"),
-    ("olora_sharded", {"method": "olora"}, "engine.backend"),
     ("model_architecture", {"model.architecture": "llama"}, "model.architecture"),
     ("model_gguf_file", {"model.gguf_file": "m.gguf"}, "model.gguf_file"),
     ("eval_metric", {"eval.metrics": ["accuracy"]}, "eval.metrics[0]"),
@@ -507,7 +506,7 @@ def test_methods_table_drives_allowed_values_and_plan(tmp_path: Path):
 
     assert "olora" in CONTINUAL_METHODS and set(METHODS) == set(
         Spec.model_fields["method"].annotation.__args__)
-    spec = load_spec(_write(tmp_path, _patched({"method": "olora", "engine.backend": "single"})))
+    spec = load_spec(_write(tmp_path, _patched({"method": "olora"})))  # fsdp2: any engine
     plan = "\n".join(describe_stages(spec))
     assert "train a new LoRA r=8" in plan and "orthogonality weight 0.5" in plan
     spec = load_spec(_write(tmp_path, _patched({"method": "wncft", "wncft.query": "example"})))
