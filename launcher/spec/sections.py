@@ -133,6 +133,13 @@ class SelectionSpec(_Section):
     )
     count: int | None = Field(None, gt=0, description="Number selected, instead of fraction.")
     per_layer: bool = Field(True, description="Top-k within each layer; false = global top-k.")
+    fraction_of: Literal["candidates", "parameters"] = Field(
+        "candidates", description="What `fraction` (and `reversed_fraction`) count. "
+        "candidates: that share of the candidate units/rows (of each layer with per_layer). "
+        "parameters: NeFT's x% (Xu et al. 2025): candidates ranked globally and taken in "
+        "score order until they own that share of the model's parameters (needs "
+        "per_layer: false and fraction).",
+    )
     modules: list[Literal[MODULES]] = Field(  # type: ignore[valid-type]
         ["gate", "up", "down"],
         min_length=1,
@@ -179,6 +186,13 @@ class SelectionSpec(_Section):
         if (self.scorer == "neft_plus_reversed") != (self.reversed_fraction is not None):
             problems.append(("reversed_fraction", "give selection.reversed_fraction exactly "
                              "when selection.scorer is neft_plus_reversed"))
+        if self.fraction_of == "parameters" and self.per_layer:
+            problems.append(("per_layer", "fraction_of: parameters ranks all candidates "
+                             "together (NeFT's x% of the model's parameters); set "
+                             "selection.per_layer: false"))
+        if self.fraction_of == "parameters" and self.fraction is None:
+            problems.append(("fraction_of", "fraction_of: parameters needs selection.fraction "
+                             "(a share of the model's parameters), not selection.count"))
         if "attention" in self.modules and self.unit != "row":
             problems.append(("modules", "attention has no FFN neuron units; use unit: row"))
         if problems:

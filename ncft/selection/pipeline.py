@@ -13,6 +13,7 @@ set; the checksum is verified across ranks before it is used.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,10 +29,12 @@ from ncft.scoring import ScoringInputs, make_scorer
 from ncft.scoring.cosine import finetune_and_score
 from ncft.scoring.groups import Group, Scores, row_groups, unit_groups
 from ncft.selection.topk import (
+    candidate_parameters,
     check_identical_across_ranks,
     selected_of,
     to_neuron_set,
     top_and_bottom,
+    top_by_parameters,
     top_k,
     union_with_previous,
 )
@@ -65,6 +68,7 @@ class SelectConfig:
     exclude_previous: bool
     model_id: str
     reversed_fraction: float | None
+    fraction_of: str = "candidates"  # or "parameters": NeFT's x% of the model's parameters
 
 
 def candidate_groups(model: nn.Module, cfg: SelectConfig) -> list[Group]:
@@ -181,7 +185,19 @@ class SelectionPipeline:
             # disjoint-sets variant of NCFT (#14's forgetting diagnosis).
             ranked, excluded = exclude_owned(scores, groups, self.earlier(stage), reverse)
             extra = {"excluded_units": int(sum(v.numel() for v in excluded.values()))}
-        if name == "neft_plus_reversed":  # NeFT §6.2's NeFT_x%+Reversed_y%
+        if c.fraction_of == "parameters":  # NeFT's x%: of the model's parameters, globally
+            shapes = dict(engine.named_parameter_shapes())
+            sizes = candidate_parameters(groups, shapes)
+            total = sum(math.prod(shape) for shape in shapes.values())
+            chosen = top_by_parameters(
+                ranked, groups, c.fraction, sizes, total, reverse=reverse,
+                reversed_fraction=c.reversed_fraction if name == "neft_plus_reversed" else None)
+            owned = sum(int(chosen[g.name].numel()) * sizes[g.name] for g in groups)
+            extra = {**extra, "fraction_of": "parameters", "model_parameters": total,
+                     "selected_parameters": owned}
+            if name == "neft_plus_reversed":
+                extra["reversed_fraction"] = c.reversed_fraction
+        elif name == "neft_plus_reversed":  # NeFT §6.2's NeFT_x%+Reversed_y%
             if c.reversed_fraction is None:
                 raise ValueError("selection.reversed_fraction: scorer neft_plus_reversed needs "
                                  "the fraction of least-changed candidates to add (y of "

@@ -127,11 +127,12 @@ def top_and_bottom(
     With NeFT's score `1 - cos(w_org, w_ft)` (higher = moved more, `WeightCosine`),
     the top `fraction`/`count` are NeFT_x% (the lowest cosine similarity, §4.2) and
     the bottom `reversed_fraction` are Reversed_y%, "neurons with high similarity
-    scores" (§6.2). The paper states x and y as percentages of the model's parameters;
-    here both are fractions of the candidates of each pool (each layer with
-    `per_layer`, else all), like every other selection. The Reversed part is taken
-    from the candidates NeFT_x% left, so the two never overlap (x% + y% in all, capped
-    at the pool); ties are broken as in `top_k` (ascending score, then index).
+    scores" (§6.2). The paper states x and y as percentages of the model's parameters
+    (`top_by_parameters`, `selection.fraction_of: parameters`); here both are fractions
+    of the candidates of each pool (each layer with `per_layer`, else all). The
+    Reversed part is taken from the candidates NeFT_x% left, so the two never overlap
+    (x% + y% in all, capped at the pool); ties are broken as in `top_k` (ascending
+    score, then index).
 
     Returns:
         `group name -> sorted int64 indices` (every group present, maybe empty).
@@ -151,6 +152,88 @@ def top_and_bottom(
         return torch.sort(torch.cat([top, bottom])).values
 
     return _pick_per_pool(scores, groups, per_layer, pick)
+
+
+def candidate_parameters(
+    groups: Sequence[Group], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """Parameters one candidate of each group owns: `group name -> elements`.
+
+    A candidate owns index i along `axis` of each of its group's pieces, so a piece
+    contributes `numel / shape[axis]` elements (a row of a [out, in] matrix: `in`).
+    """
+    out = {}
+    for g in groups:
+        total = 0
+        for fqn, axis in g.pieces:
+            shape = tuple(shapes[fqn])
+            total += math.prod(shape) // shape[axis]
+        out[g.name] = total
+    return out
+
+
+def _within(order: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
+    """The longest prefix of `order` whose candidates own at most `budget` parameters.
+
+    At least one candidate: a positive fraction always selects something.
+    """
+    fits = int((sizes[order].cumsum(0) <= budget).sum())
+    return order[: max(1, fits)]
+
+
+def top_by_parameters(
+    scores: Mapping[str, torch.Tensor],
+    groups: Sequence[Group],
+    fraction: float,
+    sizes: Mapping[str, int],
+    model_parameters: int,
+    reverse: bool = False,
+    reversed_fraction: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """NeFT's NeFT_x% as the paper counts it: x% of the MODEL's parameters.
+
+    All candidates are ranked together (no per-layer pools) and taken in score order
+    while the parameters they own stay within `fraction * model_parameters`
+    (NeFT §5: "when a certain percentage x% of the model parameters were trained, we
+    denoted this as NeFT_x%"; e.g. NeFT_3% trains 204.8M of Llama-2-7b's 6.7B). With
+    `reversed_fraction` (NeFT_x%+Reversed_y%), the lowest-scoring of the remaining
+    candidates are added up to `reversed_fraction * model_parameters` more. `top_k`'s
+    `fraction` is instead a fraction of the candidates (of each layer with per_layer).
+
+    Args:
+        scores: `group name -> [size]` scores, higher = selected first.
+        groups: The candidate groups, in model order (this order breaks ties).
+        fraction: x, a fraction of `model_parameters` in (0, 1].
+        sizes: Parameters one candidate of each group owns (`candidate_parameters`).
+        model_parameters: The model's parameter count.
+        reverse: Take the LOWEST scores instead (NeFT's "reversed" control).
+        reversed_fraction: y of NeFT_x%+Reversed_y%, or None.
+
+    Returns:
+        `group name -> sorted int64 indices` (every group present, maybe empty).
+    """
+    _check_scores(scores, groups)
+    for name, value in (("fraction", fraction), ("reversed_fraction", reversed_fraction)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    flat_sizes = torch.cat([torch.full((g.size,), sizes[g.name], dtype=torch.int64)
+                            for g in groups])
+
+    def budget(f: float) -> int:
+        return math.floor(f * model_parameters + 0.5)
+
+    def pick(flat: torch.Tensor) -> torch.Tensor:
+        top = _within(_order(flat, reverse), flat_sizes, budget(fraction))
+        if reversed_fraction is None:
+            return torch.sort(top).values
+        taken = torch.zeros(flat.numel(), dtype=torch.bool)
+        taken[top] = True
+        rest = _order(flat, True)
+        rest = rest[~taken[rest]]
+        bottom = _within(rest, flat_sizes, budget(reversed_fraction)) if rest.numel() else rest
+        return torch.sort(torch.cat([top, bottom])).values
+
+    return _pick_per_pool(scores, groups, False, pick)
 
 
 def to_neuron_set(
@@ -225,6 +308,6 @@ def check_identical_across_ranks(engine: Engine, nset: NeuronSet) -> str:
 
 
 __all__ = [
-    "check_identical_across_ranks", "resolve_count", "selected_of", "to_neuron_set",
-    "top_and_bottom", "top_k", "union_with_previous",
+    "candidate_parameters", "check_identical_across_ranks", "resolve_count", "selected_of",
+    "to_neuron_set", "top_and_bottom", "top_by_parameters", "top_k", "union_with_previous",
 ]

@@ -14,7 +14,7 @@ from ncft.neuron_set import NeuronSet
 from ncft.scoring import SCORERS, ScoringInputs, make_scorer
 from ncft.scoring.controls import RandomScorer
 from ncft.scoring.cosine import finetune_and_score
-from ncft.selection import to_neuron_set, top_k
+from ncft.selection import candidate_parameters, to_neuron_set, top_by_parameters, top_k
 from ncft.selection.pipeline import SelectConfig, SelectionPipeline
 from tests.support.tiny import VOCAB, tiny_llama, word_tokenizer
 
@@ -161,3 +161,18 @@ def test_exclude_previous_refuses_when_a_layer_runs_out_of_free_units():
     with pytest.raises(ValueError, match="selection.exclude_previous: .* too few units"):
         _pipeline(_unit_cfg(exclude_previous=True), earlier=lambda s: [everything]).select(
             engine, model, TASK, 1)
+
+
+def test_fraction_of_parameters_counts_the_model_and_ranks_globally():
+    cfg = _cfg(fraction=0.02, count=None, fraction_of="parameters")
+    groups, scores = _probe(cfg)
+    engine, model = _engine()
+    nset = _pipeline(cfg).select(engine, model, TASK, 0)
+    total = sum(p.numel() for p in model.parameters())
+    sizes = candidate_parameters(groups, {n: p.shape for n, p in model.named_parameters()})
+    expected = to_neuron_set(top_by_parameters(scores, groups, 0.02, sizes, total), groups, {})
+    assert nset.checksum() == expected.checksum()
+    assert nset.meta["model_parameters"] == total
+    assert 0 < nset.meta["selected_parameters"] <= round(0.02 * total)
+    per_candidate = _pipeline(_cfg(fraction=0.02, count=None)).select(*_engine(), TASK, 0)
+    assert per_candidate.checksum() != nset.checksum()

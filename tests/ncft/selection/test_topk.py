@@ -8,10 +8,12 @@ from ncft.neuron_set import NeuronSet
 from ncft.scoring.controls import RandomScorer
 from ncft.scoring.groups import Group, row_groups, unit_groups
 from ncft.selection import (
+    candidate_parameters,
     check_identical_across_ranks,
     resolve_count,
     selected_of,
     to_neuron_set,
+    top_by_parameters,
     top_k,
     union_with_previous,
 )
@@ -160,3 +162,39 @@ def test_top_and_bottom_is_neft_plus_reversed_by_hand():
     assert every["g0"].tolist() == [0, 1, 2, 3] and every["g2"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="reversed_fraction"):
         top_and_bottom(scores, groups, 0.2, None, 0.0)
+
+
+def test_top_by_parameters_is_neft_x_percent_of_the_model_by_hand():
+    # g0: 3 rows of a [3, 10] matrix (10 parameters each), layer 0; g1: 2 columns of a
+    # [4, 2] matrix plus a 2-element bias (4 + 1 = 5 parameters each), layer 1.
+    groups = [Group("g0", 0, 3, (("w0", 0),)), Group("g1", 1, 2, (("w1", 1), ("b1", 0)))]
+    sizes = candidate_parameters(groups, {"w0": (3, 10), "w1": (4, 2), "b1": (2,)})
+    assert sizes == {"g0": 10, "g1": 5}
+    scores = {"g0": torch.tensor([0.9, 0.1, 0.5]), "g1": torch.tensor([0.8, 0.7])}
+    # Global order: g0[0] (10), g1[0] (5), g1[1] (5), g0[2] (10), g0[1] (10).
+    # Of 100 model parameters, 20% = 20: g0[0] + g1[0] + g1[1] = 20 fits, + g0[2] does not.
+    got = top_by_parameters(scores, groups, 0.2, sizes, 100)
+    assert _lists(got) == {"g0": [0], "g1": [0, 1]}
+    # 0.24 -> 24: still those three (the next one would make 30), never a partial row.
+    assert _lists(top_by_parameters(scores, groups, 0.24, sizes, 100)) == _lists(got)
+    # A fraction of candidates per layer picks differently: 1 of 3 and 1 of 2 (rounded).
+    assert _lists(top_k(scores, groups, fraction=0.4)) == {"g0": [0], "g1": [0]}
+    # Too small a budget still takes the best candidate.
+    assert _lists(top_by_parameters(scores, groups, 0.01, sizes, 100)) == {"g0": [0], "g1": []}
+    # NeFT_x%+Reversed_y%: then the lowest scores, up to y% more: g0[1] (10 of 10).
+    both = top_by_parameters(scores, groups, 0.2, sizes, 100, reversed_fraction=0.1)
+    assert _lists(both) == {"g0": [0, 1], "g1": [0, 1]}
+    assert _lists(top_by_parameters(scores, groups, 0.1, sizes, 100, reverse=True)) == \
+        {"g0": [1], "g1": []}
+
+
+def test_candidate_parameters_of_the_tiny_llama_units_and_rows():
+    model = tiny_llama(seed=0)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    units = unit_groups(get_adapter(model).mlp_blocks(model))
+    # A gated-MLP unit: a gate row, an up row (24 each), a down column (24), and the
+    # gate/up bias elements of this biased tiny model.
+    assert set(candidate_parameters(units, shapes).values()) == {24 * 3 + 2}
+    # A row: up's (24 inputs) or down's (37), each with its output's bias element.
+    rows = row_groups(model, ["up", "down"])
+    assert sorted(set(candidate_parameters(rows, shapes).values())) == [24 + 1, 37 + 1]
