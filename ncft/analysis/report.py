@@ -36,12 +36,13 @@ from ncft.analysis.report_run import (
     ReportRun,
     correlation_table,
     fmt,
+    fmt_p,
     matrix_table,
     require_keys,
     table,
 )
 from ncft.analysis.results import continual_metrics, deactivation_matrix, finetune_summary
-from ncft.analysis.similarity import correlation
+from ncft.analysis.similarity import correlation, correlation_per_task
 from ncft.continual.metrics import average_forgetting
 from ncft.io import write_text
 from ncft.neuron_set import NeuronSet
@@ -203,12 +204,18 @@ def _similarity_paper(run: ReportRun, sim: dict[str, Any]) -> Lines:
         layer_sim = [[None if c is None else c[k] for c in row] for row in sim["per_layer"]]
         per_layer.append([layer, correlation(layer_sim, sim["performance"])["pearson"]["r"]])
     out += correlation_table("correlation with M_i's score on T_j (i != j)", corr)
+    # Table 4 correlates per test task (over the models M_i), the pooled r above pools all.
+    per_task = correlation_per_task(sim["mean"], sim["performance"])
+    out += table(["test task T_j (Table 4)", "Pearson r over M_i, i != j", "p", "models"],
+                 [[t, c["pearson"]["r"], fmt_p(c["pearson"]["p"]), c["n"]]
+                  for t, c in zip(tasks, per_task)])
     out += table(["layer", "Pearson r of that layer's similarity"], per_layer)
     out.append(run.figure("similarity_paper_layers", "similarity per layer (paper protocol)",
                           lambda p: plots.plot_paper_similarity(sim, p)))
     out.append(run.figure("similarity_paper_correlation", "similarity vs performance",
                           lambda p: plots.plot_correlation(corr, p, tasks)))
-    run.save("similarity", {**sim, "correlation": corr, "per_layer_pearson": per_layer})
+    run.save("similarity", {**sim, "correlation": corr, "per_layer_pearson": per_layer,
+                            "correlation_per_task": per_task})
     return out + [""]
 
 

@@ -162,7 +162,8 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 
 
 def correlation(
-    similarity: Any, generalization: Any, exclude_diagonal: bool = True
+    similarity: Any, generalization: Any, exclude_diagonal: bool = True,
+    column: int | None = None,
 ) -> dict[str, Any]:
     """Pearson and Spearman correlation between pairwise similarity and generalization.
 
@@ -173,6 +174,9 @@ def correlation(
             score on task j of a model trained on task i paired with `s[i][j]`.
         exclude_diagonal: Drop `i == j` pairs (a task with itself says nothing about
             transfer).
+        column: Only the pairs of test task `j = column` (across the models i):
+            Leng & Xiong's Table 4 correlates per test task (`correlation_per_task`);
+            None pools every pair.
 
     Returns:
         `{"n", "pairs": [[i, j]], "x", "y", "pearson": {"r", "p"}, "spearman": {"r", "p"}}`;
@@ -192,6 +196,8 @@ def correlation(
         for j in range(n):
             if (exclude_diagonal and i == j) or s[i][j] is None or g[i][j] is None:
                 continue
+            if column is not None and j != column:
+                continue
             pairs.append([i, j])
             x.append(s[i][j])
             y.append(g[i][j])
@@ -205,3 +211,15 @@ def correlation(
         else:
             out[name] = {"r": None, "p": None}
     return out
+
+
+def correlation_per_task(similarity: Any, generalization: Any) -> list[dict[str, Any]]:
+    """Leng & Xiong's Table 4: one correlation per test task j, over the models i != j.
+
+    Table 4 reports, per test task T_j, Pearson r between the similarity of the
+    training task's and T_j's neurons inside each M_i and M_i's score on T_j. Each
+    entry is `correlation(similarity, generalization, column=j)`; r is None with fewer
+    than 3 models (fewer than 4 tasks here, where the tasks play both roles).
+    """
+    n = len(similarity)
+    return [correlation(similarity, generalization, column=j) for j in range(n)]

@@ -111,6 +111,9 @@ def test_full_report(run):
     paper = json.loads((run / "analysis" / "similarity.json").read_text())
     assert paper["correlation"]["pearson"]["r"] == pytest.approx(0.94298, abs=1e-4)
     assert paper["correlation"]["n"] == 6 and len(paper["per_layer_pearson"]) == 2
+    # Table 4's per-test-task r: 3 tasks leave 2 models per test task, too few for r.
+    assert [c["n"] for c in paper["correlation_per_task"]] == [2, 2, 2]
+    assert "| test task T_j (Table 4) |" in md and "| sst2 | n/a | n/a | 2 |" in md
     # IoU sst2/rte = 4/8; rows follow results.tasks, not file names
     assert "| sst2 | 1.000 | 0.500 | 0.000 |" in md
     assert "| cl | 0.750 |" in md and "| method | ncft |" in md

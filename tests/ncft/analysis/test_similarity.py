@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncft.analysis.similarity import correlation, layer_similarity
+from ncft.analysis.similarity import correlation, correlation_per_task, layer_similarity
 from ncft.arch import MlpBlock, Projection, get_adapter
 from tests.support.tiny import tiny_llama
 
@@ -100,6 +100,26 @@ def test_correlation_monotone():
     xs = np.arange(1, 7)
     assert out["pearson"]["r"] == pytest.approx(np.corrcoef(xs, xs**2)[0, 1])
     assert 0.0 <= out["pearson"]["p"] < 0.05
+
+
+def test_correlation_per_test_task_is_table_4_by_hand():
+    # 4 models x 4 test tasks; column j pairs model i's similarity and score on T_j.
+    sim = [[1.0, 0.2, 0.9, 0.1], [0.3, 1.0, 0.8, 0.4], [0.5, 0.6, 1.0, 0.7], [0.9, 0.1, 0.2, 1.0]]
+    perf = [[0.9, 0.5, 0.7, 0.3], [0.2, 0.8, 0.6, 0.9], [0.4, 0.6, 0.9, 0.5], [0.8, 0.1, 0.3, 0.7]]
+    per_task = correlation_per_task(sim, perf)
+    assert len(per_task) == 4
+    for j, got in enumerate(per_task):
+        rows = [i for i in range(4) if i != j]
+        assert got["n"] == 3 and got["pairs"] == [[i, j] for i in rows]
+        want = np.corrcoef([sim[i][j] for i in rows], [perf[i][j] for i in rows])[0, 1]
+        assert got["pearson"]["r"] == pytest.approx(want)
+    # Not the pooled r over all 12 pairs.
+    assert correlation(sim, perf)["n"] == 12
+    assert all(c["pearson"]["r"] != pytest.approx(correlation(sim, perf)["pearson"]["r"])
+               for c in per_task)
+    # Two tasks: one model per test task, no r.
+    assert [c["pearson"]["r"] for c in correlation_per_task([[1, 2], [2, 1]],
+                                                            [[0, 1], [1, 0]])] == [None, None]
 
 
 def test_correlation_undefined_cases():
