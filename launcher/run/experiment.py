@@ -96,7 +96,8 @@ def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     selector = run_selector(spec, backend, tasks)
     loop = _loop(spec, backend, tasks, selector)
     studies = RunStudies(spec.study.to_config(), backend, selector, tasks, spec.method,
-                         seed=spec.training.seed, batch_size=spec.eval.batch_size)
+                         seed=spec.training.seed, batch_size=spec.eval.batch_size,
+                         evaluate=loop.evaluate_one)
     if spec.study.deactivation:
         studies.deactivation()
     done = rundir.last_complete_stage(run)

@@ -344,6 +344,11 @@ class StudySpec(_Section):
         "of the study); default training.lr.",
     )
     eval_examples: int = Field(48, gt=0, description="Evaluation examples per task.")
+    task_metric: bool = Field(
+        True, description="Also score the deactivation and fine-tuning matrices by each "
+        "task's own evaluation measure (eval.classification, eval.metrics: what the accuracy "
+        "matrix stores, as Leng & Xiong score), beside teacher-forced answer accuracy.",
+    )
     neft_utilization: bool | None = Field(
         None, description="NeFT §6.1: after the run, for each task with a neuron set, the "
         "max Pearson score of every candidate's hidden state on the model before and after "

@@ -108,7 +108,22 @@ def _deactivation(run: ReportRun) -> Lines | str:
     out = ["Relative drop `(baseline - off) / baseline` on task j (column) with task i's "
            f"neurons (row) switched off ({how}; Leng & Xiong 4.1).", ""]
     out += matrix_table("off \\ on", tasks, tasks, d["drop"])
-    out += table(
+    out += _summary_rows(s)
+    out.append(run.figure("deactivation", "deactivation", lambda p: plots.plot_deactivation(d, p)))
+    if res["deactivation"].get("task_metric") is not None:  # the paper's scoring
+        own = deactivation_matrix(res["deactivation"]["task_metric"])
+        run.save("deactivation_task_metric", own)
+        out += ["", "Scored by each task's own evaluation measure (what the accuracy matrix "
+                "stores; Leng & Xiong's scoring), the same relative drop:", ""]
+        out += matrix_table("off \\ on", tasks, tasks, own["drop"])
+        out += _summary_rows(own["summary"])
+    if res["deactivation"].get("finetune_matrix") is not None:
+        out += _finetune(run, res["deactivation"]["finetune_matrix"])
+    return out
+
+
+def _summary_rows(s: dict[str, Any]) -> Lines:
+    return table(
         ["mean relative drop", "task neurons", "random neurons"],
         [
             ["own task (diagonal)", s["diag"], s["random_diag"]],
@@ -117,10 +132,6 @@ def _deactivation(run: ReportRun) -> Lines | str:
             ["all cells", None, s["random_mean"]],
         ],
     )
-    out.append(run.figure("deactivation", "deactivation", lambda p: plots.plot_deactivation(d, p)))
-    if res["deactivation"].get("finetune_matrix") is not None:
-        out += _finetune(run, res["deactivation"]["finetune_matrix"])
-    return out
 
 
 def _finetune(run: ReportRun, raw: dict[str, Any]) -> Lines:
@@ -136,6 +147,11 @@ def _finetune(run: ReportRun, raw: dict[str, Any]) -> Lines:
                    ["other tasks (off-diagonal)", s["offdiag"], s["random_offdiag"]]])
     out.append(run.figure("finetune_matrix", "fine-tuning matrix",
                           lambda p: plots.plot_finetune_matrix(f, p)))
+    if raw.get("task_metric") is not None:  # the paper's scoring
+        own = finetune_summary(raw["task_metric"])
+        run.save("finetune_matrix_task_metric", own)
+        out += ["", "Scored by each task's own evaluation measure, the same change:", ""]
+        out += matrix_table("trained \\ on", tasks, tasks, own["change"])
     return out
 
 

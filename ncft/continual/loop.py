@@ -370,18 +370,24 @@ class ContinualLoop:
                 query = self._vector(engine, examples, task.max_length)
                 weights = self.store.weights(query, self.cfg.wncft.temperature)
                 with wncft.mixed(engine, self.store, weights):
-                    result = self._eval_one(engine, task, examples)
+                    result = self.evaluate_one(engine, task, examples)
                 result["mixing_weights"] = weights.tolist()
                 result["query"] = "task"
             else:
-                result = self._eval_one(engine, task, examples)
+                result = self.evaluate_one(engine, task, examples)
             state.matrix[i][stage] = result["score"]
             state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
             self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
                                   f"{result['score']:.4f}")
             self.backend.after_eval(stage, i)
 
-    def _eval_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
+    def evaluate_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
+        """`evaluate_task` of `task` on `examples` under this run's evaluation settings.
+
+        Plain evaluation (no W-NCFT mixing): what the accuracy matrix stores for a
+        method that does not mix, and the studies' per-task measure
+        (`study.task_metric`).
+        """
         return evaluate_task(
             engine, self.backend.tokenizer, examples, format=task.format, labels=task.labels,
             metrics=self.cfg.eval.metrics, batch_size=self.cfg.eval.batch_size,
@@ -405,4 +411,4 @@ class ContinualLoop:
                           "max_prompt_length": max(1, task.max_length - 1)}
         return routing.evaluate_routed(
             engine, self.store, examples, weights_NK,
-            lambda subset: self._eval_one(engine, task, subset), generation)
+            lambda subset: self.evaluate_one(engine, task, subset), generation)

@@ -19,6 +19,7 @@ imports the launcher.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any, Protocol
@@ -42,11 +43,14 @@ from ncft.scoring.groups import MLP_ROLES
 from ncft.selection.pipeline import SelectionPipeline
 from ncft.selection.topk import selected_of
 from ncft.studies import score_files
-from ncft.studies.deactivation import deactivation_grid
+from ncft.studies.deactivation import TaskMetric, deactivation_grid
 from ncft.studies.finetune_matrix import finetune_matrix
 from ncft.studies.similarity import paper_similarity
 from ncft.studies.utilization import pearson_scores
 from ncft.train import train
+
+# (engine, task, examples) -> `evaluate_task`'s result under the run's settings.
+Evaluate = Callable[[Engine, TaskData, list], dict[str, Any]]
 
 
 class StudyBackend(Protocol):
@@ -87,6 +91,9 @@ class RunStudies:
         method: The run's method (where each stage started).
         seed: `training.seed` (the random controls).
         batch_size: `eval.batch_size` (every study's forward passes).
+        evaluate: A task's score by its own evaluation measure under the run's
+            settings (`ContinualLoop.evaluate_one`); with `study.task_metric` the
+            deactivation and fine-tuning matrices are also scored by it.
     """
 
     study: StudyConfig
@@ -96,12 +103,15 @@ class RunStudies:
     method: str
     seed: int
     batch_size: int
+    evaluate: Evaluate | None = None
 
     def deactivation(self) -> None:
         """Tune on all tasks, select each task's units, switch them off (rank-0 JSON).
 
         Each task's units are chosen as method ncft would, on their own: not united with
         an earlier task's (whose set does not exist yet) and with no probe scores kept.
+        With `evaluate` and `study.task_metric`, every cell is also scored by each
+        task's own evaluation measure on its first `study.eval_examples` test examples.
         """
         backend, selector, tasks, study = self.backend, self.selector, self.tasks, self.study
         out = backend.run.deactivation
@@ -126,17 +136,26 @@ class RunStudies:
             backend.save_neurons(f"study-{task.name}", sets[task.name])
         encoded = {t.name: encode(t.test[: study.eval_examples], tok, t.max_length)
                    for t in tasks}
+        metric = self._task_metric()
         grid = deactivation_grid(engine, blocks, sets, encoded, self.seed, self.batch_size,
                                  tok.pad_token_id, log=backend.log_line,
-                                 mode=study.deactivation_mode)
+                                 mode=study.deactivation_mode, task_metric=metric)
         engine.close()
         if study.finetune_matrix:
-            grid["finetune_matrix"] = self._finetune_matrix(sets, encoded)
+            grid["finetune_matrix"] = self._finetune_matrix(sets, encoded, metric)
         if backend.is_main_process:
             write_json(out, grid)
         backend.barrier()
 
-    def _finetune_matrix(self, sets: dict[str, NeuronSet], encoded) -> dict:
+    def _task_metric(self) -> TaskMetric | None:
+        """Every task's score by its own measure on an engine, or None (`task_metric`)."""
+        evaluate, tasks, n = self.evaluate, self.tasks, self.study.eval_examples
+        if evaluate is None or not self.study.task_metric:
+            return None
+        return lambda engine: [evaluate(engine, t, t.test[:n])["score"] for t in tasks]
+
+    def _finetune_matrix(self, sets: dict[str, NeuronSet], encoded,
+                         metric: TaskMetric | None = None) -> dict:
         """Leng & Xiong Fig. 5 right half (`ncft.studies.finetune_matrix`), all ranks."""
         backend, study = self.backend, self.study
         rates: set[float] = set()  # what the rows' optimizers really used (recorded)
@@ -161,7 +180,7 @@ class RunStudies:
         matrix = finetune_matrix(
             make_engine, lambda eng, i: self.selector.train_steps(eng, self.tasks[i], i),
             blocks, sets, encoded, study.finetune_steps, self.seed, self.batch_size,
-            backend.tokenizer.pad_token_id, log=backend.log_line)
+            backend.tokenizer.pad_token_id, log=backend.log_line, task_metric=metric)
         return {**matrix, "lr": sorted(rates)}
 
     def _source(self, stage: int) -> int | None:

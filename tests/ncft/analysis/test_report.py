@@ -36,10 +36,21 @@ def _results():
             "task_neurons_off": [[0.4, 0.45, 0.9], [0.8, 0.25, 1.0], [0.72, 0.5, 0.1]],
             "random_off": [[0.76, 0.475, 0.95]] * 3,
             "mode": "weights",
+            "task_metric": {  # each task's own measure: sst2's own units halve it
+                "tasks": TASKS, "baseline": [0.6, 0.5, 1.0],
+                "task_neurons_off": [[0.3, 0.5, 1.0], [0.6, 0.5, 1.0], [0.6, 0.5, 1.0]],
+                "random_off": [[0.6, 0.5, 1.0]] * 3,
+            },
             "finetune_matrix": {
                 "tasks": TASKS, "steps": 5, "baseline": [0.5, 0.25, 0.5],
                 "task_neurons_trained": [[0.75, 0.25, 0.5], [0.5, 0.5, 0.5], [0.5, 0.0, 1.0]],
                 "random_trained": [[0.5, 0.25, 0.5]] * 3,
+                "task_metric": {
+                    "tasks": TASKS, "baseline": [0.4, 0.2, 0.5],
+                    "task_neurons_trained": [[0.6, 0.2, 0.5], [0.4, 0.2, 0.5],
+                                             [0.4, 0.2, 0.5]],
+                    "random_trained": [[0.4, 0.2, 0.5]] * 3,
+                },
             },
         },
         "similarity": {
@@ -111,6 +122,13 @@ def test_full_report(run):
     paper = json.loads((run / "analysis" / "similarity.json").read_text())
     assert paper["correlation"]["pearson"]["r"] == pytest.approx(0.94298, abs=1e-4)
     assert paper["correlation"]["n"] == 6 and len(paper["per_layer_pearson"]) == 2
+    # the matrices by each task's own measure, beside teacher-forced accuracy
+    own = json.loads((run / "analysis" / "deactivation_task_metric.json").read_text())
+    assert own["drop"][0] == pytest.approx([0.5, 0.0, 0.0])
+    assert "Scored by each task's own evaluation measure" in md
+    assert "| sst2 | 0.500 | 0.000 | 0.000 |" in md
+    ft_own = json.loads((run / "analysis" / "finetune_matrix_task_metric.json").read_text())
+    assert ft_own["change"][0] == pytest.approx([0.2, 0.0, 0.0])
     # Table 4's per-test-task r: 3 tasks leave 2 models per test task, too few for r.
     assert [c["n"] for c in paper["correlation_per_task"]] == [2, 2, 2]
     assert "| test task T_j (Table 4) |" in md and "| sst2 | n/a | n/a | 2 |" in md

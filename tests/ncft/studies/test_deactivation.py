@@ -6,7 +6,9 @@ from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, encode
+from ncft.evaluate import evaluate_task
 from ncft.neuron_set import NeuronSet
+from ncft.studies.deactivate import deactivate_activations
 from ncft.studies.deactivation import deactivation_grid
 from tests.support.fake_engine import FakeEngine
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer
@@ -68,3 +70,40 @@ def test_activation_and_weights_modes_give_the_same_grid():
 
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
+
+
+def test_task_metric_scores_every_cell_by_the_tasks_own_measure():
+    # The paper scores by each task's own measure; here a continuous stand-in that
+    # `evaluate_task` computes: the mean rank-classification margin over the answers.
+    model, tok, blocks = _tiny(seed=0, mlp_bias=False)
+    words = SAMPLE_TEXT.split()
+    raw = {name: [Example(" ".join(words[i : i + 6]), words[i + 6]) for i in starts]
+           for name, starts in (("a", range(0, 40, 7)), ("b", range(3, 40, 6)))}
+    encoded = {name: encode(ex, tok, 32) for name, ex in raw.items()}
+
+    def measure(engine):
+        out = []
+        for t in ("a", "b"):
+            labels = sorted({ex.answer for ex in raw[t]})
+            margins = evaluate_task(engine, tok, raw[t], format="classification",
+                                    labels=labels, batch_size=4, max_length=32)["margins"]
+            out.append(sum(margins) / len(margins))
+        return out
+
+    every = {b.layer: torch.arange(b.d_ff) for b in blocks}
+    sets = {"a": NeuronSet.from_units(blocks, every),
+            "b": NeuronSet.from_units(blocks, {1: torch.tensor([0, 3])})}
+    engine = FakeEngine(model)
+    grid = deactivation_grid(engine, blocks, sets, encoded, 0, 4, 0, log=lambda *_: None,
+                             task_metric=measure)
+    own = grid["task_metric"]
+    assert own["tasks"] == ["a", "b"] and "own evaluation measure" in own["metric"]
+    assert own["baseline"] == measure(engine)
+    assert len(own["task_neurons_off"]) == len(own["random_off"]) == 2
+    with deactivate_activations(engine, blocks, every):
+        assert own["task_neurons_off"][0] == measure(engine)
+    assert own["task_neurons_off"][0] != own["baseline"]  # every MLP unit off: changed
+    # beside it, unchanged: teacher-forced accuracy
+    assert grid["metric"] == "teacher-forced answer accuracy"
+    assert "task_metric" not in deactivation_grid(engine, blocks, sets, encoded, 0, 4, 0,
+                                                  log=lambda *_: None)

@@ -21,7 +21,7 @@ def _task(offset, tok):
     return encode(ex, tok, 32)
 
 
-def _study(trained):
+def _study(trained, task_metric=None):
     tok = word_tokenizer(WORDS)
     data = {"a": _task(0, tok), "b": _task(3, tok)}
     blocks = get_adapter(tiny_llama(seed=0)).mlp_blocks(tiny_llama(seed=0))
@@ -42,7 +42,8 @@ def _study(trained):
         return ([collate(enc[k : k + 4], 0)] for k in itertools.cycle(range(0, len(enc), 4)))
 
     return finetune_matrix(make_engine, steps_of, blocks, sets, data, num_steps=3, seed=0,
-                           batch_size=4, pad_id=0, log=lambda *_: None), sets
+                           batch_size=4, pad_id=0, log=lambda *_: None,
+                           task_metric=task_metric), sets
 
 
 def test_finetune_matrix_shape_diagonal_determinism():
@@ -71,3 +72,24 @@ def test_finetune_matrix_shape_diagonal_determinism():
         assert not (changed & ~allowed).any(), name
     assert any((p.detach() != base[n].detach()).any() for n, p in moved.items())
 
+
+
+def test_task_metric_scores_the_zero_shot_and_every_trained_model():
+    # Each call returns a distinct, engine-derived number, so the cells show which
+    # model each came from: the sum of a down column that set b trains.
+    seen = []
+
+    def measure(engine):
+        value = float(engine.module.model.layers[1].mlp.down_proj.weight[:, 30].sum())
+        seen.append(engine)
+        return [value, -value]
+
+    out, _ = _study([], task_metric=measure)
+    own = out["task_metric"]
+    assert own["tasks"] == ["a", "b"] and len(seen) == 1 + 2 * 2
+    assert own["baseline"] == measure(SingleEngine(tiny_llama(seed=0), OptimConfig(), INFO))
+    # row b trains layer 1's unit 30 (down column 30), row a (units 0-4) does not
+    assert own["task_neurons_trained"][1] != own["baseline"]
+    assert own["task_neurons_trained"][0] == own["baseline"]
+    assert len(own["random_trained"]) == 2
+    assert out["baseline"] != own["baseline"]  # beside teacher-forced accuracy
