@@ -72,9 +72,16 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=2, help="measured A/B pairs")
+    parser.add_argument("--model", default=None, help="model.name_or_path (default: the "
+                        "evidence spec's, SmolLM2-135M-Instruct)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="dbpedia's max_length (default: the evidence spec's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec = load_spec(SPEC)
+    overrides = [f"model.name_or_path={args.model}"] if args.model else []
+    if args.max_length:
+        overrides.append(f"tasks.0.max_length={args.max_length}")
+    spec = load_spec(SPEC, overrides)
     task = load_task(spec.tasks[0], spec.data_root)
     examples, labels, max_length = task.test[: args.examples], task.labels, task.max_length
     from transformers import AutoModelForCausalLM, AutoTokenizer
