@@ -95,4 +95,4 @@ class StudyConfig:
     neft_strong_fraction: float
     weight_movement_rank_shift: bool
     similarity: str  # final_model | paper | both
-    task_metric: bool = True  # also score the matrices by each task's own measure
+    task_metric: bool  # also score the matrices by each task's own measure

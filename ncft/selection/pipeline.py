@@ -68,7 +68,7 @@ class SelectConfig:
     exclude_previous: bool
     model_id: str
     reversed_fraction: float | None
-    fraction_of: str = "candidates"  # or "parameters": NeFT's x% of the model's parameters
+    fraction_of: str  # candidates | parameters (NeFT's x% of the model's parameters)
 
 
 def candidate_groups(model: nn.Module, cfg: SelectConfig) -> list[Group]:

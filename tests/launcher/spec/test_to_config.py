@@ -36,6 +36,7 @@ CHANGES = {
         "positions": "all", "num_examples": 5, "batch_size": 3, "cosine_steps": 7,
         "union_with_previous": True, "exclude_previous": True, "seed": 11,
         "reversed_fraction": (0.1, {"scorer": "neft_plus_reversed"}),
+        "fraction_of": ("parameters", {"per_layer": False}),
     },
     "training": {
         "lr": 3e-3, "steps": 6, "epochs": (2, {"steps": None}), "micro_batch_size": 3,
@@ -56,6 +57,7 @@ CHANGES = {
         "finetune_matrix": (True, {"deactivation": True}), "finetune_steps": 7,
         "finetune_lr": 0.01, "eval_examples": 5, "neft_utilization": True,
         "neft_strong_fraction": 0.2, "weight_movement_rank_shift": False, "similarity": "both",
+        "task_metric": False,
     },
     "output": {"log_every": 3},
 }

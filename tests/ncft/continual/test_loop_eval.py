@@ -52,5 +52,5 @@ def test_content_free_prompts_reach_the_evaluation(monkeypatch, calibration, exp
     loop.backend = type("B", (), {"tokenizer": None})()
     task = TaskData("w", "classification", ["a", "b"], [], [], 16,
                     content_free=("w: N/A", "w: "))
-    loop._eval_one(engine=None, task=task, examples=[])
+    loop.evaluate_one(engine=None, task=task, examples=[])
     assert seen["calibration_prompts"] == expected

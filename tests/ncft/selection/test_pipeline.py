@@ -27,7 +27,8 @@ def _cfg(**changes) -> SelectConfig:
     base = dict(scorer="weight_cosine", fraction=None, count=4, per_layer=False,
                 modules=("up", "attention"), unit="row", positions="answer", num_examples=8,
                 batch_size=4, cosine_steps=2, union_with_previous=False, seed=3,
-                exclude_previous=False, model_id="", reversed_fraction=None)
+                exclude_previous=False, model_id="", reversed_fraction=None,
+                fraction_of="candidates")
     return SelectConfig(**{**base, **changes})
 
 

@@ -19,7 +19,8 @@ WORDS = SAMPLE_TEXT.split()
 CFG = SelectConfig(scorer="grad_attribution", fraction=0.2, count=None, per_layer=True,
                    modules=("gate", "up", "down"), unit="neuron", positions="answer",
                    num_examples=6, batch_size=3, cosine_steps=1, union_with_previous=False,
-                   seed=0, exclude_previous=False, model_id="", reversed_fraction=None)
+                   seed=0, exclude_previous=False, model_id="", reversed_fraction=None,
+                   fraction_of="candidates")
 
 
 def test_paper_similarity_reads_each_tasks_own_model():
