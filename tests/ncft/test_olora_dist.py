@@ -17,17 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.dist import DistInfo
 from launcher.engines import OptimConfig, build_engine
 from ncft import olora
 from tests.dist import olora_worker
 from tests.support.olora import LAMBDAS, STEPS, batch_rows, two_adapter_model
-from tests.support.spawn import REPO, torchrun
+from tests.support.spawn import CPU_RANK as CPU
+from tests.support.spawn import REPO, run_single_here, torchrun
 
 pytestmark = pytest.mark.dist
 
 WORKER = REPO / "tests" / "dist" / "olora_worker.py"
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
 RUNS = [("single", 1)] + [(b, w) for w in (2, 3) for b in ("fsdp2", "deepspeed", "fsdp1")]
 
 
@@ -50,12 +49,7 @@ def results(tmp_path_factory) -> Path:
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (out / "ds_partitioned.json").write_text(json.dumps(config))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        olora_worker.run_backend("single", CPU, out)
-    finally:
-        torch.set_num_threads(threads)
+    run_single_here(olora_worker.run_backend, out)
     torchrun(WORKER, 2, ["--out", str(out)])
     torchrun(WORKER, 3, ["--out", str(out)])
     return out

@@ -126,3 +126,21 @@ def backends_main(run_backend) -> None:
     for backend in args.backends.split(","):
         run_backend(backend, info, args.out)
     shutdown()
+
+
+CPU_RANK = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
+                    device=torch.device("cpu"))
+
+
+def run_single_here(run_backend, out: Path) -> None:
+    """A launched worker's `run_backend("single", ...)` in this process, one thread.
+
+    The 1-rank reference needs no process group, and a launch costs ~25 s of imports
+    on 2 busy cores; torch's thread count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_backend("single", CPU_RANK, out)
+    finally:
+        torch.set_num_threads(threads)

@@ -23,9 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.dist import DistInfo
 from tests.dist import scoring_worker
-from tests.support.spawn import REPO, torchrun
+from tests.support.spawn import REPO, run_single_here, torchrun
 from tests.support.tiny import tiny_llama
 
 pytestmark = pytest.mark.dist
@@ -67,17 +66,8 @@ def _write_checkpoints(out: Path) -> None:
 def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scoring")
     _write_checkpoints(out)
-    # The 1-rank reference runs in this process (the single engine needs no process
-    # group); each launch costs ~25 s of imports on 2 busy cores, so only 2 and 3
-    # ranks are launched.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        info = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo",
-                        device=torch.device("cpu"))
-        scoring_worker.run_backend("single", info, out)
-    finally:
-        torch.set_num_threads(threads)
+    # The 1-rank reference runs in this process; only 2 and 3 ranks are launched.
+    run_single_here(scoring_worker.run_backend, out)
     torchrun(WORKER, 2, ["--out", str(out)])
     torchrun(WORKER, 3, ["--out", str(out)])
     return out
