@@ -35,7 +35,7 @@ gather it by their usual module hooks).
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -183,16 +183,23 @@ def _group_by_module(
     return grouped
 
 
-def _full(param: torch.Tensor, fqn: str) -> torch.Tensor:
+# `(fqn, parameter, axis, indices) -> the selected slice of the full parameter`.
+SliceReader = Callable[[str, torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def read_full(fqn: str, param: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """The selected slice of an unsharded (or meta) parameter; `install`'s default reader."""
     if getattr(param, "ds_shape", None) is not None:
         raise ValueError(
             f"{fqn}: parameter is already partitioned by ZeRO-3; install sparse deltas "
             "on the unwrapped model, before the engine is built"
         )
-    return param.detach()
+    base = param.detach()
+    return base.index_select(axis, idx.to(base.device)).clone()
 
 
-def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEntry]:
+def install(model: nn.Module, selections: Mapping[str, object],
+            read: SliceReader = read_full) -> list[DeltaEntry]:
     """Freeze `model` and give every selected projection a trainable `ncft_delta`.
 
     Call on the unwrapped model instead of `ncft.masks.install.freeze_unselected`, before
@@ -203,6 +210,8 @@ def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEnt
     Args:
         model: The model (plain, unsharded).
         selections: `fqn -> Selection` (a NeuronSet's entries, storage coordinates).
+        read: Returns the selected slice of one full parameter (the deltas' start
+            values); `ncft.adapter` passes one that reads a ZeRO-3 rank's partition.
 
     Returns:
         One `DeltaEntry` per projection, in model order; pass it to `write_back`.
@@ -224,11 +233,9 @@ def install(model: nn.Module, selections: Mapping[str, object]) -> list[DeltaEnt
         w_sel, b_sel = sels.get("weight"), sels.get("bias")
         weight = bias = None
         if w_sel is not None:
-            base = _full(module.weight, f"{module_fqn}.weight")
-            weight = base.index_select(w_sel.axis, w_sel.indices.to(base.device)).clone()
+            weight = read(f"{module_fqn}.weight", module.weight, w_sel.axis, w_sel.indices)
         if b_sel is not None:
-            base = _full(module.bias, f"{module_fqn}.bias")
-            bias = base.index_select(0, b_sel.indices.to(base.device)).clone()
+            bias = read(f"{module_fqn}.bias", module.bias, 0, b_sel.indices)
         axis = w_sel.axis if w_sel is not None else 0
         w_idx = w_sel.indices if w_sel is not None else None
         b_idx = b_sel.indices if b_sel is not None else None
@@ -312,3 +319,14 @@ def trainable_numel(entries: Iterable[DeltaEntry], shapes: Mapping[str, tuple[in
                     other *= s
             total += other * idx.numel()
     return total
+
+
+def remove(model: nn.Module, entries: Iterable[DeltaEntry]) -> None:
+    """Take the deltas of `entries` off `model`: the projections run their own forward.
+
+    Their values are dropped; copy them into the base first (`ncft.adapter.merge`).
+    """
+    for entry in entries:
+        module = model.get_submodule(entry.module_fqn)
+        del module._modules[DELTA_ATTR]
+        module.__dict__.pop("forward", None)  # the bound `_delta_forward`

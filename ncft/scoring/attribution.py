@@ -32,7 +32,7 @@ answer tokens (the last prompt token through the second-to-last answer token).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +48,8 @@ from ncft.engine import Engine, device_of, engine_module, eval_mode, find_module
 from ncft.scoring.groups import Group, Scores
 
 AGGREGATION = "sum_abs_act_x_grad over tokens"
+
+
 class ActivationProbe:
     """Forward pre-hooks that keep the input of each down projection, in call order."""
 
@@ -116,6 +118,31 @@ def answer_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tens
     return (token_loss.sum(dim=1) / counts).sum()
 
 
+def accumulate(
+    forward: Callable[[dict[str, torch.Tensor]], Any],
+    batch: Mapping[str, torch.Tensor],
+    blocks: Sequence[MlpBlock],
+    probe: ActivationProbe,
+    sums: Sequence[torch.Tensor],
+    positions: str,
+) -> None:
+    """Add one batch's `|a * dL/da|` per unit to `sums` (one float64 vector per block).
+
+    `forward` runs the model (an engine's, or a user's wrapped model) on `input_ids`
+    and `attention_mask`; `probe` must be capturing the blocks' activations.
+    """
+    probe.captured.clear()
+    output = forward({"input_ids": batch["input_ids"],
+                      "attention_mask": batch["attention_mask"]})
+    loss = answer_loss(logits_of(output), batch["labels"])
+    acts = [probe.captured[b.layer] for b in blocks]
+    grads = torch.autograd.grad(loss, acts)
+    mask_BT1 = position_mask(batch, positions).unsqueeze(-1)
+    for total, a_BTF, g_BTF in zip(sums, acts, grads):
+        contrib = (a_BTF.detach().float() * g_BTF.float()).abs() * mask_BT1
+        total += contrib.sum(dim=(0, 1)).to(total.device, torch.float64)
+    probe.captured.clear()
+
 
 @dataclass(frozen=True)
 class GradAttribution:
@@ -162,17 +189,7 @@ class GradAttribution:
         return {g.name: s.cpu() for g, s in zip(groups, flat.split([b.d_ff for b in blocks]))}
 
     def _accumulate(self, engine, batch, blocks, probe, sums) -> None:
-        probe.captured.clear()
-        output = engine.forward({"input_ids": batch["input_ids"],
-                                 "attention_mask": batch["attention_mask"]})
-        loss = answer_loss(logits_of(output), batch["labels"])
-        acts = [probe.captured[b.layer] for b in blocks]
-        grads = torch.autograd.grad(loss, acts)
-        mask_BT1 = position_mask(batch, self.positions).unsqueeze(-1)
-        for total, a_BTF, g_BTF in zip(sums, acts, grads):
-            contrib = (a_BTF.detach().float() * g_BTF.float()).abs() * mask_BT1
-            total += contrib.sum(dim=(0, 1)).to(total.device, torch.float64)
-        probe.captured.clear()
+        accumulate(engine.forward, batch, blocks, probe, sums, self.positions)
 
     def _blocks_for(self, groups: Sequence[Group]) -> list[MlpBlock]:
         by_name = {b.mlp_fqn: b for b in self.blocks}
