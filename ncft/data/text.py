@@ -62,14 +62,24 @@ def lm_steps(
     a seeded permutation (cycled), and each rank takes its contiguous share.
     """
     global_micro = micro_batch_size * world_size
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(blocks.shape[0], generator=gen)
-    cursor = 0
-    for _ in range(num_steps):
+    order = lm_order(blocks.shape[0], num_steps * grad_accum * global_micro, seed)
+    for step in range(num_steps):
         micro_batches = []
-        for _ in range(grad_accum):
-            idx = order[(torch.arange(global_micro) + cursor) % blocks.shape[0]]
-            cursor += global_micro
-            ids = rank_slice(blocks[idx], rank, world_size)
+        for m in range(grad_accum):
+            start = (step * grad_accum + m) * global_micro
+            ids = rank_slice(blocks[order[start : start + global_micro]], rank, world_size)
             micro_batches.append({"input_ids": ids, "labels": ids})
         yield micro_batches
+
+
+def lm_order(num_blocks: int, num_rows: int, seed: int) -> torch.Tensor:
+    """The global sequence of block indices `lm_steps` trains on: a seeded permutation,
+    cycled, cut to `num_rows`.
+
+    Global micro-batch `b` is rows `[b G, (b + 1) G)` (`G = micro_batch_size *
+    world_size`), each rank taking its contiguous share: so a sequential sampler
+    whose batches are dealt to ranks in turn (accelerate's sharded loaders, HF
+    `Trainer`) sees exactly `lm_steps`' batches.
+    """
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    return order[torch.arange(num_rows) % num_blocks]
