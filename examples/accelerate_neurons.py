@@ -1,4 +1,4 @@
-"""Train selected neurons in a plain accelerate loop (FSDP2, or any accelerate backend).
+r"""Train selected neurons in a plain accelerate loop (FSDP2, or any accelerate backend).
 
 The user's own loop, with ncft's lines marked (see docs/library.md):
 
@@ -9,7 +9,7 @@ The user's own loop, with ncft's lines marked (see docs/library.md):
 
 Launch as users do:
 
-    accelerate launch --config_file examples/accelerate_fsdp2.yaml \\
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml \
         examples/accelerate_neurons.py --out out/acc_fsdp2
 
 `--fsdp2` asks for the same plugin without a config file (`torchrun` launches).
@@ -84,6 +84,7 @@ def state_bytes(model, optimizer) -> tuple[tuple[int, int], int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, train, and write OUT (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
     parser.add_argument("--fsdp2", action="store_true",

@@ -1,4 +1,4 @@
-"""Train selected neurons with the HF `Trainer`: DeepSpeed ZeRO-3 or FSDP2.
+r"""Train selected neurons with the HF `Trainer`: DeepSpeed ZeRO-3 or FSDP2.
 
 The user's own training script, with four ncft lines (see docs/library.md):
 
@@ -11,13 +11,13 @@ ZeRO-3 (runs on CPU too, DeepSpeed's CPU accelerator; `TrainingArguments` is bui
 before `from_pretrained`, so the weights are partitioned at load and `attach` builds
 the deltas from each rank's partition):
 
-    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/hf_trainer_neurons.py \\
+    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/hf_trainer_neurons.py \
         --engine zero3 --neurons sst2.safetensors --out out/hf_zero3
 
 FSDP2 (GPU: `Trainer` refuses FSDP on CPU, "Using fsdp only works in distributed
 training"; on CPU use examples/accelerate_neurons.py):
 
-    torchrun --nproc-per-node 8 examples/hf_trainer_neurons.py --engine fsdp2 --bf16 \\
+    torchrun --nproc-per-node 8 examples/hf_trainer_neurons.py --engine fsdp2 --bf16 \
         --neurons sst2.safetensors --out out/hf_fsdp2
 
 Without `--neurons`, FSDP2 runs select 5% of every layer's units with `ncft.score`
@@ -112,6 +112,7 @@ def state_bytes(trainer, model, engine: str) -> tuple[tuple[int, int], int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, train, and write OUT (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
     parser.add_argument("--engine", choices=("zero3", "fsdp2"), default="zero3")

@@ -96,9 +96,11 @@ def score_loader(tokenizer, rows: int, rank: int, world: int, batch_size: int = 
 
 def grad_opt_bytes(trainable: list[torch.Tensor], optimizer_state: dict,
                    local_numel) -> tuple[int, int]:
-    """Gradient + optimizer-state bytes this rank holds, counted as
-    benchmarks/sparse_delta.py does: fp32 gradients of the trainable elements it owns,
-    plus the real sizes of the optimizer's state tensors. Returns (gradient, optimizer)."""
+    """(gradient, optimizer-state) bytes this rank holds.
+
+    Counted as benchmarks/sparse_delta.py does: fp32 gradients of the trainable
+    elements it owns, plus the real sizes of the optimizer's state tensors.
+    """
     grad = 4 * sum(local_numel(p) for p in trainable)
     opt = 0
     for state in optimizer_state.values():

@@ -48,7 +48,8 @@ from ncft.neuron_set import NeuronSet
 
 FORMAT = "ncft.adapter/1"
 STATE_ATTR = "ncft_adapter"  # the attached model's `_Attached` record
-DELTAS_FILE, NEURONS_FILE, CONFIG_FILE = "adapter.safetensors", "neurons.safetensors", "adapter.json"
+DELTAS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
+NEURONS_FILE = "neurons.safetensors"
 # Elements of different dtypes (an fp32-trained adapter loaded into a bf16 base) can
 # only be compared approximately: bf16 keeps 8 significant bits.
 CROSS_DTYPE_RTOL = 1e-2

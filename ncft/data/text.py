@@ -73,9 +73,9 @@ def lm_steps(
 
 
 def lm_order(num_blocks: int, num_rows: int, seed: int) -> torch.Tensor:
-    """The global sequence of block indices `lm_steps` trains on: a seeded permutation,
-    cycled, cut to `num_rows`.
+    """The global sequence of block indices `lm_steps` trains on, `num_rows` long.
 
+    A seeded permutation of the blocks, cycled.
     Global micro-batch `b` is rows `[b G, (b + 1) G)` (`G = micro_batch_size *
     world_size`), each rank taking its contiguous share: so a sequential sampler
     whose batches are dealt to ranks in turn (accelerate's sharded loaders, HF
