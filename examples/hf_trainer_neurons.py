@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                              fraction=args.fraction)
     ncft.attach(model, neurons)
 
-    text = common.train_text(args.out, args.rows) if rank == 0 else args.out / "train.txt"
-    targs.main_process_first  # noqa: B018  (the text is written before anyone reads it)
-    torch.distributed.barrier()
+    with targs.main_process_first(desc="write the training text"):
+        text = common.train_text(args.out, args.rows) if rank == 0 else args.out / "train.txt"
     data = common.LmRows(text, tokenizer, args.seq_len, args.steps,
                          args.micro_batch_size * world, args.seed)
     trainer = in_order_trainer()(model=model, args=targs, train_dataset=data)

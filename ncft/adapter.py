@@ -133,13 +133,26 @@ def _reader(fqn: str, param: torch.Tensor, axis: int, idx: torch.Tensor) -> torc
     return sparse_delta.read_full(fqn, param, axis, idx)
 
 
-def _delta_values(entries: Iterable[sparse_delta.DeltaEntry]) -> dict[str, torch.Tensor]:
-    """`delta fqn -> full value` on the CPU (collective when the deltas are sharded)."""
+def _delta_values(state: _Attached) -> dict[str, torch.Tensor]:
+    """`delta fqn -> full value` on the CPU (collective when the deltas are sharded).
+
+    Raises:
+        ValueError: If a gathered delta lacks its shape: an engine whose shards this
+            module cannot read (FSDP1 keeps flat shards of several parameters).
+    """
     out = {}
-    for entry in entries:
-        for delta_fqn, _, _, _ in entry.pairs:
+    for entry in state.entries:
+        for delta_fqn, base_fqn, axis, idx in entry.pairs:
             name = delta_fqn.rsplit(".", 1)[1]
-            out[delta_fqn] = param_shards.full_value(getattr(entry.delta, name)).contiguous()
+            value = param_shards.full_value(getattr(entry.delta, name)).contiguous()
+            shape = list(state.base["shapes"][base_fqn])
+            shape[axis] = idx.numel()
+            if list(value.shape) != shape:
+                raise ValueError(
+                    f"save_adapter: {delta_fqn} reads as shape {tuple(value.shape)}, not "
+                    f"{tuple(shape)}: its engine shards it in a way ncft cannot gather "
+                    "(FSDP1 flat parameters). Use FSDP2 or DeepSpeed ZeRO-3")
+            out[delta_fqn] = value
     return out
 
 
@@ -236,7 +249,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> None:
         ValueError: If the model has no adapter attached.
     """
     state = _attached(model, "save_adapter")
-    values = _delta_values(state.entries)
+    values = _delta_values(state)
     if not _distributed() or dist.get_rank() == 0:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

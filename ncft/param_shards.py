@@ -91,6 +91,26 @@ def _rank_world(param: torch.Tensor) -> tuple[int, int]:
     return rank, world
 
 
+def run_sizes(shape: tuple[int, ...], axis: int, idx: torch.Tensor, world: int) -> list[int]:
+    """How many selected elements each rank's ZeRO-3 partition holds."""
+    numel = math.prod(shape)
+    bounds = [flat_partition(numel, world, r)[:2] for r in range(world)]
+    return [_selected_before(shape, axis, idx, stop) - _selected_before(shape, axis, idx, start)
+            for start, stop in bounds]
+
+
+def local_run(shape: tuple[int, ...], axis: int, idx: torch.Tensor, part: torch.Tensor,
+              rank: int, world: int, fqn: str = "parameter") -> torch.Tensor:
+    """The selected elements in rank `rank`'s flat partition `part`, in slice order.
+
+    Concatenated over ranks in rank order they are `full.index_select(axis, idx)`,
+    flattened (module docstring).
+    """
+    start, stop, _ = flat_partition(math.prod(shape), world, rank)
+    local = part.reshape(-1)[: stop - start]
+    return local[segment_mask(shape, start, stop, axis, idx, fqn).to(local.device)]
+
+
 def zero3_slice(fqn: str, param: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
     """`full(param).index_select(axis, idx)` from ZeRO-3 partitions (collective).
 
@@ -99,14 +119,8 @@ def zero3_slice(fqn: str, param: torch.Tensor, axis: int, idx: torch.Tensor) -> 
     """
     shape = full_shape(param)
     rank, world = _rank_world(param)
-    numel = math.prod(shape)
-    bounds = [flat_partition(numel, world, r)[:2] for r in range(world)]
-    sizes = [_selected_before(shape, axis, idx, stop) - _selected_before(shape, axis, idx, start)
-             for start, stop in bounds]
-    start, stop = bounds[rank]
-    part = param.ds_tensor.detach().reshape(-1)[: stop - start]
-    mask = segment_mask(shape, start, stop, axis, idx, fqn).to(part.device)
-    values = _gather_runs(part[mask], sizes, _group_of(param))
+    run = local_run(shape, axis, idx, param.ds_tensor.detach(), rank, world, fqn)
+    values = _gather_runs(run, run_sizes(shape, axis, idx, world), _group_of(param))
     sliced = list(shape)
     sliced[axis] = idx.numel()
     return values.view(sliced).to(param.ds_tensor.device)
