@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ncft.param_shards import full_shape
+    from ncft.param_shards import full_shape, is_zero3
 
     targs = training_args(args)  # first: under ZeRO-3, from_pretrained now partitions
     rank, world = targs.process_index, targs.world_size
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     shapes = {n: full_shape(p) for n, p in model.named_parameters()}
+    # Under ZeRO-3 every weight is already a partition here; attach reads those.
+    partitioned = all(is_zero3(p) for p in model.parameters())
     if args.neurons is not None:
         neurons = ncft.NeuronSet.load(args.neurons)
     elif args.engine == "zero3":
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     measured, full = state_bytes(trainer, model, args.engine)
     total = sum(math.prod(s) for n, s in shapes.items())
     common.write_report(args.out, rank, world, args.engine, measured, full,
-                        common.selected_numel(neurons, shapes), total)
+                        common.selected_numel(neurons, shapes), total,
+                        partitioned_at_load=partitioned)
     probe = tokenizer(common.PROBE, return_tensors="pt")["input_ids"].to(targs.device)
     trainer.model_wrapped.eval()
     with torch.no_grad():  # every rank: the engine's hooks gather collectively

@@ -112,10 +112,10 @@ def grad_opt_bytes(trainable: list[torch.Tensor], optimizer_state: dict,
 
 
 def write_report(out: Path, rank: int, world: int, engine: str, grad_opt: tuple[int, int],
-                 full: int, selected: int, total: int) -> None:
-    """Print and write this rank's memory line (OUT/memory_rank{r}.json)."""
+                 full: int, selected: int, total: int, **extra) -> None:
+    """Print and write this rank's memory line (OUT/memory_rank{r}.json), with `extra`."""
     measured = sum(grad_opt)
-    report = {"engine": engine, "rank": rank, "world_size": world,
+    report = {"engine": engine, "rank": rank, "world_size": world, **extra,
               "grad_bytes": grad_opt[0], "opt_bytes": grad_opt[1],
               "grad_opt_bytes": measured, "full_ft_grad_opt_bytes": full,
               "selected_fraction": selected / total, "ratio_to_full": measured / full}

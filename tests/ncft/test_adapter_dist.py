@@ -14,6 +14,10 @@ micro-batch 2 per rank, AdamW lr 1e-2, weight decay 0.1, clip 1.0, constant rate
   NeuronSet, order and optimizer settings (masked full matrices, not deltas).
   masked-train on the other engines equals it (tests/ncft/test_sparse_delta_dist.py).
 
+The ZeRO-3 run records that every weight was a partition when `attach` ran, and
+`load_adapter` here compares an exact digest of the base's selected elements with the
+one `attach` took from those partitions: the partition reads are bit-exact.
+
 Tolerance: merged weights equal the reference within atol 1e-6 (fp32). Three steps at
 lr 1e-2 move selected weights by up to 3e-2; the largest difference measured was
 4.7e-8 (summation order of the sparse forward and of torch's AdamW vs MaskedAdamW).
@@ -132,6 +136,8 @@ def test_grad_and_optimizer_bytes_follow_the_selection(runs, run):
     for rank in range(2):
         report = json.loads((runs / run / f"memory_rank{rank}.json").read_text())
         assert report["world_size"] == 2
+        if run == "hf_zero3":  # attach really read ZeRO-3 partitions
+            assert report["partitioned_at_load"] is True
         assert 0 < report["selected_fraction"] < 0.5
         # Selected fraction of full fine-tuning on the same engine and rank.
         assert report["grad_opt_bytes"] <= 1.2 * report["selected_fraction"] * \
