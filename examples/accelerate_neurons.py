@@ -9,7 +9,7 @@ The user's own loop, with ncft's lines marked (see docs/library.md):
 
 Launch as users do:
 
-    accelerate launch --config_file examples/accelerate_fsdp2.yaml \
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml \
         examples/accelerate_neurons.py --out out/acc_fsdp2
 
 `--fsdp2` asks for the same plugin without a config file (`torchrun` launches).

@@ -181,7 +181,7 @@ def test_accelerate_fsdp2_on_gpus(tmp_path, script, extra):
     """The accelerate-launched FSDP2 paths CPU ranks cannot take, against masked-train."""
     neurons = _score_here()
     neurons.save(tmp_path / "neurons.safetensors")
-    config = REPO / "examples" / "accelerate_fsdp2.yaml"
+    config = REPO / "examples" / "accelerate" / "fsdp2.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", "2", str(REPO / "examples" / script), *extra,
            "--neurons", str(tmp_path / "neurons.safetensors"), "--out", str(tmp_path / "run"),
