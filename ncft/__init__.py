@@ -17,7 +17,7 @@ _LAZY = {
     "save_adapter": "ncft.adapter",
     "load_adapter": "ncft.adapter",
     "merge": "ncft.adapter",
-    "score": "ncft.scoring.own_loop",
+    "score": "ncft.selection.from_loader",
 }
 __all__ = sorted(_LAZY)
 

@@ -8,7 +8,8 @@ import ncft
 from ncft.arch import get_adapter
 from ncft.data.examples import Example, collate, encode
 from ncft.scoring.attribution import GradAttribution
-from ncft.selection import to_neuron_set, top_k, unit_groups
+from ncft.scoring.groups import unit_groups
+from ncft.selection import to_neuron_set, top_k
 from tests.support.fake_engine import FakeEngine
 from tests.support.tiny import SAMPLE_TEXT, tiny_llama, word_tokenizer
 

@@ -25,7 +25,8 @@ from ncft.arch import get_adapter
 from ncft.engine import eval_mode
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.attribution import AGGREGATION, accumulate, probe_activations
-from ncft.selection.topk import to_neuron_set, top_k, unit_groups
+from ncft.scoring.groups import unit_groups
+from ncft.selection.topk import to_neuron_set, top_k
 
 SCORERS = ("grad_attribution",)
 
