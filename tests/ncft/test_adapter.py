@@ -144,8 +144,6 @@ def test_adapter_into_wrong_base_is_refused(tmp_path):
 
 
 def test_attach_after_wrapping_is_refused():
-    from torch.nn.parallel import DistributedDataParallel  # noqa: F401  (no group needed)
-
     model = tiny_llama(0)
     model.ds_inflight_param_registry = {}  # what deepspeed.initialize leaves
     with pytest.raises(ValueError, match="before the Trainer"):
