@@ -53,11 +53,17 @@ from pathlib import Path
 
 import yaml
 
+from ncft.continual.methods import method
 from ncft.run_paths import RunPaths
 
-FAMILY = {"seqft": "full", "per_task": "full", "full": "full",
-          "seqlora": "lora", "olora": "lora", "lora": "lora",
-          "ncft": "neurons", "wncft": "neurons", "neurons": "neurons"}
+# The learning-rate family of a method, from what it trains (`Method.trains`): every
+# method has one, so a new row of the method table needs nothing here.
+FAMILY_OF_TRAINS = {"all": "full", "lora": "lora", "neurons": "neurons"}
+
+
+def family_of(name: str) -> str:
+    """The grid family whose best rate method `name` uses."""
+    return FAMILY_OF_TRAINS[method(name).trains]
 
 
 def _ncft_run(spec: dict, out: Path, overrides: list[str]) -> float:
@@ -145,15 +151,16 @@ def run(args: argparse.Namespace) -> None:
     """The `run` subcommand (module docstring)."""
     base = _load(args.spec)
     best = json.loads(Path(args.grid).read_text())["best"]
-    for method in args.methods.split(","):
-        rate = best[FAMILY[method]]
-        spec = {**copy.deepcopy(base), "method": method}
+    for name in args.methods.split(","):
+        rate = best[family_of(name)]
+        spec = {**copy.deepcopy(base), "method": name}
         spec["training"] = {**spec["training"], "lr": float(rate)}
-        if method == "per_task":  # each column is its own model: only the diagonal counts
+        if method(name).from_base and method(name).continual:
+            # each column is its own model: only the diagonal counts
             spec["eval"] = {**spec.get("eval", {}), "tasks": "current"}
         rates = [f"{key}={best[family]}" for key, family in
                  (item.split("=") for item in args.rate)]
-        _ncft_run(spec, Path(args.out) / f"{args.prefix}{method}", [*rates, *args.overrides])
+        _ncft_run(spec, Path(args.out) / f"{args.prefix}{name}", [*rates, *args.overrides])
 
 
 def table(args: argparse.Namespace) -> None:
@@ -184,7 +191,7 @@ def trainable_elements(run_dir: Path) -> int | None:
     spec = yaml.safe_load(RunPaths(run_dir).spec.read_text())
     with safe_open(str(RunPaths(run_dir).final / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
-    if spec["method"] == "lora":
+    if method(spec["method"]).lora and not method(spec["method"]).adapter_per_task:
         targets = tuple(spec["lora"]["target_modules"])
         return sum(spec["lora"]["r"] * (shape[0] + shape[1]) for name, shape in shapes.items()
                    if name.endswith(".weight") and name[: -len(".weight")].endswith(targets))

@@ -81,11 +81,6 @@ def _linear_names(model: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear)})
 
 
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the adapter parameters (the trainable ones), in model order."""
-    return [n for n, _ in model.named_parameters() if "lora_" in n]
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights and return the plain base model.
 

@@ -307,20 +307,6 @@ def write_back(engine: Engine, entries: Iterable[DeltaEntry]) -> None:
         entry.delta.active = False
 
 
-def trainable_numel(entries: Iterable[DeltaEntry], shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Elements the deltas hold (the selected elements), from full parameter shapes."""
-    total = 0
-    for entry in entries:
-        for _, base, axis, idx in entry.pairs:
-            shape = shapes[base]
-            other = 1
-            for i, s in enumerate(shape):
-                if i != axis:
-                    other *= s
-            total += other * idx.numel()
-    return total
-
-
 def remove(model: nn.Module, entries: Iterable[DeltaEntry]) -> None:
     """Take the deltas of `entries` off `model`: the projections run their own forward.
 

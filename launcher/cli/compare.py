@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ncft.continual.methods import METHODS
 from ncft.continual.metrics import average_forgetting, forgetting
 from ncft.run_paths import RunPaths
 
@@ -60,9 +61,10 @@ def compare_table(run_dirs: list[str]) -> str:
 
 
 def _forgetting(res: dict) -> tuple[float | None, float | None]:
-    """Final FG and average forgetting of a run (None for one task or per_task runs)."""
+    """Final FG and average forgetting (None for one task, or stages that start from base)."""
     matrix = res["matrix"]
-    if len(matrix) < 2 or res.get("method") == "per_task":
+    row = METHODS.get(res.get("method", ""))
+    if len(matrix) < 2 or (row is not None and row.from_base):
         return None, None
     return forgetting(matrix)[-1], average_forgetting(matrix)[-1]
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.spec.stages import COSINE_SCORERS
+from ncft.continual.methods import method
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -93,7 +94,7 @@ def _score_problems(spec, ns: argparse.Namespace) -> list[str]:
         problems.append("give --previous FILE exactly when selection.union_with_previous "
                         "is true (the earlier task's set to unite with)")
     cosine = spec.selection.scorer in COSINE_SCORERS
-    if ns.finetuned is not None and (not cosine or spec.method == "random_neurons"):
+    if ns.finetuned is not None and (not cosine or method(spec.method).random):
         problems.append("--finetuned needs selection.scorer weight_cosine or reversed "
                         "(and a method other than random_neurons)")
     return problems

@@ -29,12 +29,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from launcher.plan.model import ModelInfo, ParamInfo, with_params, with_trainable
-from ncft.continual.methods import LORA_METHODS, METHODS, NEURON_METHODS
+from ncft.continual.methods import METHODS
 from ncft.selection import resolve_count
 from ncft.selection.pipeline import candidate_groups
 
-FULL_METHODS = tuple(name for name, row in METHODS.items() if row.trains == "all")
-__all__ = ["FULL_METHODS", "LORA_METHODS", "NEURON_METHODS", "Stage", "lora_params",
+__all__ = ["Stage", "lora_params",
            "neuron_fractions", "sparse_delta_params", "stage_for"]
 
 
@@ -96,18 +95,19 @@ def lora_params(
 
 def stage_for(spec: Any, method: str, base: ModelInfo, meta: Any, engine: str) -> Stage:
     """The stage `method` trains on `base` under `spec`'s selection and LoRA settings."""
-    if method in FULL_METHODS:
+    row = METHODS.get(method)
+    if row is None:
+        raise ValueError(f"method: unknown {method!r}")
+    if row.trains == "all":
         return Stage(base, f"{method}: every parameter trains ({base.numel:,} elements)", None)
-    if method in LORA_METHODS:
+    if row.lora:
         lora = spec.lora
-        earlier = len(spec.tasks) - 1 if METHODS[method].adapter_per_task else 0
+        earlier = len(spec.tasks) - 1 if row.adapter_per_task else 0
         model = with_params(base, lora_params(base, lora.r, list(lora.target_modules), earlier))
         count = sum(p.numel for p in model.params if p.trainable)
         frozen = f", {earlier} earlier adapters frozen" if earlier else ""
         return Stage(model, f"{method}: LoRA r={lora.r} on {', '.join(lora.target_modules)} "
                      f"({count:,} adapter elements train, fp32{frozen})", None)
-    if method not in NEURON_METHODS:
-        raise ValueError(f"method: unknown {method!r}")
     fractions = neuron_fractions(meta, spec)
     sparse = getattr(spec.training, "update", "masked") == "sparse_delta"
     model = with_trainable(base, fractions, fsdp1_units=engine == "fsdp1" and not sparse)

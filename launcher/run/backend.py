@@ -23,7 +23,7 @@ from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
 from launcher.spec.sections import section_config
 from ncft import olora, sparse_delta
-from ncft.continual.methods import LORA_METHODS, method
+from ncft.continual.methods import method
 from ncft.io import atomic_dir, write_json
 from ncft.lora import apply_lora
 from ncft.neuron_set import NeuronSet
@@ -155,14 +155,14 @@ class LauncherBackend:
     def _sharded(self) -> bool:
         # LoRA wraps modules after loading (peft), so its runs keep the whole-model path.
         return (self.spec.engine.backend in ("single", "fsdp2", "deepspeed")
-                and self.spec.method not in LORA_METHODS)
+                and not method(self.spec.method).lora)
 
     @property
     def _fsdp1_from_rank0(self) -> bool:
         # FSDP1's sync_module_states broadcasts rank 0's states; on gloo it refuses the
         # CPU tensors, so CPU runs load on every rank (launcher/engines/fsdp1.py).
         return (self.spec.engine.backend == "fsdp1" and self.info.backend == "nccl"
-                and self.info.world_size > 1 and self.spec.method not in LORA_METHODS)
+                and self.info.world_size > 1 and not method(self.spec.method).lora)
 
     def _meta_model(self) -> torch.nn.Module:
         """The model's structure on the meta device, set up as `from_pretrained` would."""

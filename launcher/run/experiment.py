@@ -28,12 +28,12 @@ from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
 from launcher.spec.stages import records_neft_utilization
 from ncft.continual.loop import (
-    LORA_METHODS,
     ContinualLoop,
     LoopState,
     Selector,
     TaskData,
 )
+from ncft.continual.methods import method
 from ncft.io import atomic_dir
 from ncft.lora import merge_lora
 from ncft.run_paths import RunPaths
@@ -49,7 +49,7 @@ def _loop(spec: Spec, backend: LauncherBackend, tasks: list[TaskData],
 def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None:
     """Rank 0: the last stage's weights as a plain HF directory (LoRA merged)."""
     model = backend.load_full_model(last_stage)
-    if spec.method in LORA_METHODS:
+    if method(spec.method).lora:
 
         model = merge_lora(model)
     with atomic_dir(backend.run.final) as tmp:

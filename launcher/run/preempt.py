@@ -66,11 +66,6 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
 
-def requested() -> bool:
-    """True once this rank got SIGTERM (no communication)."""
-    return _requested
-
-
 def agreed(device: torch.device) -> bool:
     """Whether any rank got SIGTERM (collective: every rank calls it at the same point).
 

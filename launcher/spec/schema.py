@@ -136,7 +136,7 @@ class Spec(_Section):
                              "use bfloat16"))
         if self.selection.seed is None:
             self.selection.seed = self.training.seed
-        if self.study.similarity in ("paper", "both") and "lora" in self.method:
+        if self.study.similarity in ("paper", "both") and method(self.method).lora:
             # Its M_i are full fine-tunes of the base model; a LoRA run's loaded model
             # carries adapters, whose module names the FFN-unit readers do not know.
             problems.append(("study.similarity", f"paper needs a method without LoRA "

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's allowed values)
     CONTINUAL_METHODS,
-    LORA_METHODS,
     SINGLE_TASK_METHODS,
     method,
 )

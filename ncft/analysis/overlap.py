@@ -123,17 +123,3 @@ def iou_matrix(
         "mean_offdiag": _mean_offdiag(whole),
         "mean_offdiag_per_layer": [_mean_offdiag(m) for m in per_layer],
     }
-
-
-def unit_counts(s: NeuronSet) -> dict[int, int]:
-    """Selected count per layer (largest entry of the layer), for size tables.
-
-    For a unit set this is the number of units per layer, since every entry of a
-    layer selects the same units.
-    """
-    out: dict[int, int] = {}
-    for fqn, sel in s.entries.items():
-        layer = layer_of(fqn)
-        if layer is not None:
-            out[layer] = max(out.get(layer, 0), len(sel))
-    return out

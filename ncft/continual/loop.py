@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ncft import olora, sparse_delta
 from ncft.continual import routing, wncft
 from ncft.continual.config import LoopConfig
-from ncft.continual.methods import LORA_METHODS, NEURON_METHODS, method
+from ncft.continual.methods import method
 from ncft.continual.metrics import cl_summary
 from ncft.data.examples import batches as share_batches
 from ncft.data.examples import collate, encode, pad_id
@@ -44,8 +44,7 @@ from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
 
-__all__ = ["LORA_METHODS", "NEURON_METHODS", "ContinualLoop", "LoopConfig", "LoopState",
-           "TaskData"]
+__all__ = ["ContinualLoop", "LoopState", "TaskData"]
 
 
 @dataclass(frozen=True)

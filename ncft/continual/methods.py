@@ -83,8 +83,6 @@ _ROWS = (
 METHODS: dict[str, Method] = {m.name: m for m in _ROWS}
 SINGLE_TASK_METHODS = tuple(m.name for m in _ROWS if not m.continual)
 CONTINUAL_METHODS = tuple(m.name for m in _ROWS if m.continual)
-LORA_METHODS = tuple(m.name for m in _ROWS if m.lora)
-NEURON_METHODS = tuple(m.name for m in _ROWS if m.selects)
 
 
 def method(name: str) -> Method:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ncft.arch import get_adapter
+from ncft.continual.methods import method
 from ncft.data.examples import encode
 from ncft.engine import Engine
 from ncft.neuron_set import NeuronSet
@@ -144,7 +145,7 @@ class SelectionPipeline:
     @property
     def scorer_name(self) -> str:
         """The registered scorer this pipeline uses (the method can force `random`)."""
-        return "random" if self.method == "random_neurons" else self.cfg.scorer
+        return "random" if method(self.method).random else self.cfg.scorer
 
     def groups(self, model: nn.Module) -> list[Group]:
         """The candidate groups of `model` (unwrapped: names and shapes)."""

@@ -130,11 +130,3 @@ def test_refuses_non_projection_selection():
         sparse_delta.install(model, bad)
 
 
-def test_trainable_numel_counts_selected_elements():
-    model = tiny_llama(0)
-    nset = _nset(model, MODELS["llama"][1])
-    entries = sparse_delta.install(model, nset.entries)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    selected = sum(int(nset.dense_mask(n, shapes[n]).sum()) for n in nset.entries)
-    assert sparse_delta.trainable_numel(entries, shapes) == selected
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == selected

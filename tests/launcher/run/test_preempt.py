@@ -116,7 +116,7 @@ if info.rank == 1:
     os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is told to stop
 after = preempt.agreed(info.device)
 print(f"flag on {info.device.type} ({info.backend})", flush=True)
-print(f"rank {info.rank}: requested={preempt.requested()} before={before} after={after}",
+print(f"rank {info.rank}: signalled={preempt._requested} before={before} after={after}",
       flush=True)
 dist.destroy_process_group()
 """
@@ -126,8 +126,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
     out = torchrun(script, 2, []).stdout
-    assert "rank 0: requested=False before=False after=True" in out
-    assert "rank 1: requested=True before=False after=True" in out
+    assert "rank 0: signalled=False before=False after=True" in out
+    assert "rank 1: signalled=True before=False after=True" in out
 
 
 @pytest.mark.gpu
@@ -139,4 +139,4 @@ def test_the_stop_flag_is_a_cuda_tensor_under_nccl(tmp_path):
     script.write_text(AGREE.replace("info.rank == 1", "info.rank == 0"))
     out = torchrun(script, 1, []).stdout
     assert "flag on cuda (nccl)" in out
-    assert "rank 0: requested=True before=False after=True" in out
+    assert "rank 0: signalled=True before=False after=True" in out

@@ -13,9 +13,9 @@ from ncft.scoring.attribution import GradAttribution
 from ncft.scoring.groups import unit_groups
 from ncft.selection import to_neuron_set, top_k
 from ncft.studies.deactivate import (
+    answer_metrics,
     deactivate_activations,
     deactivate_weights,
-    evaluate_deactivation,
     random_units,
 )
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
@@ -87,14 +87,21 @@ def test_evaluate_deactivation_against_matched_random_set():
     scores = GradAttribution(encoded, blocks, batch_size=8).score(engine, groups)
     nset = to_neuron_set(top_k(scores, groups, fraction=0.1), groups, {})
     before = _state(model)
-    by_act = evaluate_deactivation(engine, blocks, nset, encoded, seed=3, batch_size=6)
-    by_weight = evaluate_deactivation(engine, blocks, nset, encoded, seed=3, mode="weight")
-    assert by_act["num_units"] == 8
-    for key in ("base", "set", "random"):  # batch 6 vs 8: only summation order differs
-        assert by_act[key]["loss"] == pytest.approx(by_weight[key]["loss"], rel=1e-5)
+    units = nset.units(blocks)
+    control = random_units(units, blocks, seed=3)
+    assert sum(len(v) for v in units.values()) == 8
+
+    def loss_off(chosen, by_weights: bool, batch_size: int) -> float:
+        off = (deactivate_weights(engine, NeuronSet.from_units(blocks, chosen)) if by_weights
+               else deactivate_activations(engine, blocks, chosen))
+        with off:
+            return answer_metrics(engine, encoded, batch_size, 0)["loss"]
+
+    base = answer_metrics(engine, encoded, 8, 0)["loss"]
+    for chosen in (units, control):  # batch 6 vs 8: only summation order differs
+        assert loss_off(chosen, False, 6) == pytest.approx(loss_off(chosen, True, 8), rel=1e-5)
     # |a * dL/da| ranks the size of the effect, not its sign (on this untrained model
     # switching the top 10 % off even lowers the loss): it beats as many random units
-    assert abs(by_act["set_delta"]["loss"]) > 2 * abs(by_act["random_delta"]["loss"])
+    assert abs(loss_off(units, False, 8) - base) > 2 * abs(loss_off(control, False, 8) - base)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-    counts = {k: len(v) for k, v in random_units(nset.units(blocks), blocks, seed=3).items()}
-    assert counts == {k: len(v) for k, v in nset.units(blocks).items()}
+    assert {k: len(v) for k, v in control.items()} == {k: len(v) for k, v in units.items()}
