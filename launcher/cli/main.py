@@ -194,13 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `key.sub=value` overrides may stand anywhere after the spec.
+
+    argparse gives a `nargs="*"` positional only the run of words before the first
+    option, so `ncft plan S --world-size 8 a.b=1` leaves `a.b=1` unrecognized. Those
+    leftovers are the subcommand's overrides, in the order typed; anything else left
+    over is still an error.
+    """
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [w for w in rest if w.startswith("-") or "=" not in w]
+    if unknown or (rest and not hasattr(ns, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        ns.overrides = [*ns.overrides, *rest]
+    return ns
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ncft` console script.
 
     User errors (`ValueError`, `UserError`) and failed ranks print one line,
     `ncft: error: ...`, and exit 2 and 1; `--debug` raises them with their traceback.
     """
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     if ns.debug:
         os.environ[DEBUG_ENV] = "1"  # spawned ranks inherit it
     try:

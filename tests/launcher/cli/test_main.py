@@ -1,8 +1,13 @@
 """The CLI stays small: knobs go into the spec, not into new flags."""
 
+from pathlib import Path
+
 import pytest
 
 from launcher.cli import build_parser, main
+from launcher.cli.main import parse_args
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _subcommands(parser):
@@ -39,3 +44,60 @@ def test_spec_errors_name_the_spec_and_exit_2(command, tmp_path, capsys, monkeyp
     missing = str(tmp_path / "nope.yaml")
     assert main([command, missing]) == 2
     assert capsys.readouterr().err.startswith(f"invalid spec {missing}:\n")
+
+
+def _leaf_commands(parser, path=()):
+    """`(words, subparser)` of every runnable subcommand, nested ones included."""
+    for name, sub in _subcommands(parser).items():
+        if any(a.__class__.__name__ == "_SubParsersAction" for a in sub._actions):
+            yield from _leaf_commands(sub, (*path, name))
+        else:
+            yield (*path, name), sub
+
+
+def _options_between(sub) -> list[str]:
+    """Every option of `sub` with a plausible value, to put between two overrides."""
+    words = []
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        words.append(action.option_strings[-1])
+        if action.nargs != 0:  # store_true takes no value
+            words.append({int: "2", float: "1.5"}.get(action.type, "x.safetensors"))
+    return words
+
+
+TAKES_OVERRIDES = [(words, sub) for words, sub in _leaf_commands(build_parser())
+                   if any(a.dest == "overrides" for a in sub._actions)]
+
+
+def test_the_override_commands_are_the_spec_commands():
+    assert sorted(" ".join(w) for w, _ in TAKES_OVERRIDES) == [
+        "neurons score", "plan", "run", "validate"]
+
+
+@pytest.mark.parametrize("words", [w for w, _ in TAKES_OVERRIDES], ids=" ".join)
+def test_overrides_are_accepted_anywhere(words):
+    sub = dict(TAKES_OVERRIDES)[words]
+    options = _options_between(sub)
+    argv = [*words, "spec.yaml", "a.b=1", *options, "c.d=[x,y]", *options[:2], "e=3"]
+    ns = parse_args(argv)
+    assert ns.spec == "spec.yaml" and ns.overrides == ["a.b=1", "c.d=[x,y]", "e=3"]
+
+
+def test_other_leftovers_are_still_errors(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["plan", "spec.yaml", "--world-size", "2", "--bogus", "a=1"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["report", "run_dir", "a=1"])  # report takes no overrides
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err
+
+
+def test_an_override_after_an_option_reaches_the_spec(capsys):
+    """The issue's command line: the override must change what `ncft plan` plans."""
+    spec = str(REPO / "examples" / "standard_cl_o1.yaml")
+    assert main(["plan", spec, "--world-size", "1", "training.update=sparse_delta"]) == 0
+    sparse = capsys.readouterr().out
+    assert main(["plan", spec, "--world-size", "1"]) == 0
+    assert sparse != capsys.readouterr().out and "sparse_delta" in sparse
