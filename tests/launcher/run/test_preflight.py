@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,16 +88,53 @@ def test_output_policy_is_checked_before_anything_exists(tmp_path):
         preflight.check_output(_spec(tmp_path, "output.resume=true", "training.steps=9"))
 
 
-def test_output_dir_that_is_a_file_or_unwritable(tmp_path):
+def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "run").write_text("not a directory")
     with pytest.raises(UserError, match="is a file"):
         preflight.check_output(_spec(tmp_path))
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(UserError, match="not a writable directory"):
-        preflight.check_output(_spec(locked))
+
+
+# The unwritable-directory check, run by a user who cannot write the directory. Root
+# writes anywhere, and CI runs as root, so there it runs as `nobody` (setpriv); the
+# directory lives in a world-readable temporary folder that `nobody` can read.
+CHECK_AS_USER = """
+import sys
+from launcher.errors import UserError
+from launcher.run import preflight
+from launcher.spec import load_spec
+spec = load_spec(sys.argv[1], [f"output.dir={sys.argv[2]}/run"])
+try:
+    preflight.check_output(spec)
+except UserError as err:
+    print(err)
+"""
+
+
+def _check_as_nobody(locked: Path) -> str:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("running as root needs setpriv (util-linux) to check as another user")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1",
+           "HOME": str(locked.parent)}
+    cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+           "-c", CHECK_AS_USER, str(SPEC), str(locked)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_output_dir_that_is_unwritable():
+    with tempfile.TemporaryDirectory() as folder:
+        locked = Path(folder) / "locked"
+        locked.mkdir()
+        os.chmod(folder, 0o755)
+        os.chmod(locked, 0o555)  # nobody (and no user but root) may write it
+        if os.geteuid() != 0:
+            with pytest.raises(UserError, match="not a writable directory"):
+                preflight.check_output(_spec(locked))
+            return
+        out = _check_as_nobody(locked)
+    assert "output.dir: cannot create" in out and "not a writable directory" in out, out
 
 
 def test_multi_node_needs_a_launcher(tmp_path):
