@@ -5,7 +5,7 @@ place with `os.replace`, which is atomic on POSIX within one filesystem; a direc
 is filled under a temporary sibling name and renamed into place. A reader (a resumed
 run, `ncft report`, a test) therefore sees the old file or the new one, never half
 of one, and a crash leaves at most a hidden `.name.*` temporary behind. The launcher
-uses these too (DESIGN section 6: writes are atomic); ncft cannot import the
+uses these too (docs/architecture.md §7, rule 1: writes are atomic); ncft cannot import the
 launcher, so the helper lives here.
 """
 

@@ -1,4 +1,4 @@
-"""The run directory's paths (DESIGN section 6): every path in it is named here.
+"""The run directory's paths (docs/architecture.md §7): every path in it is named here.
 
 ```
 RUN/spec.resolved.yaml          the spec after defaults and overrides

@@ -1,6 +1,6 @@
 """The one training loop every method uses: micro-batches, mask, step, log.
 
-Order inside one optimizer step (DESIGN 2, rules 1-3): backward on every
+Order inside one optimizer step (docs/architecture.md §4; §3, rules 1-3): backward on every
 micro-batch, then zero the frozen gradient elements on the local shard, then let
 the engine clip (so the norm is the masked gradient's) and take the masked step.
 """

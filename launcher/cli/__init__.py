@@ -1,6 +1,7 @@
 """The `ncft` command: `main` builds the parser; each subcommand group has its module.
 
-- `main`: `run`, `validate`, `report`, `compare`, `masked-train`.
+- `main`: `run`, `validate`, `plan`, `report`, `compare`, `masked-train`, and
+  `parse_args`, which takes `key=value` overrides anywhere after the spec.
 - `neurons`: `ncft neurons score|inspect|overlap`.
 - `compare`: the table `ncft compare` prints.
 """

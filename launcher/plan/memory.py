@@ -23,7 +23,7 @@ trailing ranks get the short chunks and the padding):
 - **optimizer**: `MaskedAdamW` state of each tensor the optimizer steps (a ZeRO-3
   fp32 sub-group partition, an FSDP1 flat shard, an FSDP2 local shard, a parameter):
   `exp_avg` and `exp_avg_sq` in fp32 (8 bytes per element) and a 4-byte step. Frozen
-  whole matrices have none (DESIGN rule 5).
+  whole matrices have none (docs/architecture.md §3, rule 5).
 - **masks** (neuron methods only), what `ncft.masks.install.RankMasks` allocates
   (`ncft.masks.structured`; `MaskedAdamW` shares the plan's tensors): per segment
   with a row selection, the positions of the selected rows among its whole rows; per

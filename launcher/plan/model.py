@@ -46,7 +46,7 @@ class ParamInfo:
     Attributes:
         fqn: Name in the unwrapped model.
         shape: Full storage shape.
-        trainable: Whether it gets gradients and optimizer state (DESIGN rule 5).
+        trainable: Whether it gets gradients and optimizer state (docs/architecture.md §3, rule 5).
         selected: Fraction of its elements a mask leaves trainable, or None when no
             mask covers it (full fine-tuning, LoRA, frozen parameters).
         module: Name of the module that owns it (FSDP1 wraps by module).

@@ -1,4 +1,4 @@
-"""The run directory's life cycle (DESIGN section 6): create, refuse, resume, clean up.
+"""The run directory's life cycle (docs/architecture.md §7): create, refuse, resume, clean up.
 
 Its paths are named once, in `ncft.run_paths.RunPaths`, because
 `ncft.analysis.report` reads the same directory and ncft must not import the

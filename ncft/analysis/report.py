@@ -1,6 +1,6 @@
 """`write_report(run_dir)`: every analysis whose inputs exist in a run directory.
 
-Reads (DESIGN section 6; each input optional):
+Reads (docs/architecture.md §7; each input optional):
 
 * `RUN/results.json`: `tasks`, `matrix`, `summary`, `deactivation` as described in
   `ncft.analysis.results`, plus two optional keys the runner may fill by calling
@@ -340,7 +340,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """Run every analysis whose inputs exist in `run_dir`; write JSON, PNGs, report.md.
 
     Args:
-        run_dir: A run directory (DESIGN section 6).
+        run_dir: A run directory (docs/architecture.md §7).
 
     Returns:
         Path of `RUN/report.md`.

@@ -1,6 +1,6 @@
 """Analyses of the score matrices in `RUN/results.json`: continual metrics, deactivation.
 
-Keys read (DESIGN section 6; `None`/null marks a score that was not evaluated)::
+Keys read (docs/architecture.md §7; `None`/null marks a score that was not evaluated)::
 
     {"tasks": [name, ...],                       # T task names, training order
      "matrix": [[a_ij]],                          # T x T: score on task i after training task j

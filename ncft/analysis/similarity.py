@@ -22,7 +22,7 @@ A layer where either task has no unit gives None.
 
 Parameters come from `get_param(fqn) -> Tensor`, the FULL tensor in storage layout,
 called once per parameter (so a caller on a sharded engine can gather one parameter
-at a time, DESIGN section 2). Which model's weights to pass (base model, or after
+at a time, docs/architecture.md §2, rule 2). Which model's weights to pass (base model, or after
 training) is the caller's choice; record it with the result.
 
 Output of `layer_similarity` (JSON-ready)::

@@ -2,8 +2,8 @@
 
 Each task is a *stage* with its own engine, built from the previous stage's
 checkpoint (or the base model), so every stage freezes exactly what it does not
-train (DESIGN rule 5) and starts with a fresh optimizer, and a resumed run rebuilds
-the same state from disk. The loop needs a few services from the launcher
+train (docs/architecture.md §3, rule 5) and starts with a fresh optimizer, and a
+resumed run rebuilds the same state from disk. The loop needs a few services from the launcher
 (`Backend`), which owns engines and files, and a `Selector` that chooses each
 stage's neurons (`ncft.selection.pipeline`); it never imports an engine library.
 

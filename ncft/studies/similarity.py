@@ -21,7 +21,7 @@ of the run (its tasks play both roles; the paper's test tasks were out-of-domain
 
 The report correlates mean-over-layers similarity with performance over the pairs
 i != j (Pearson and Spearman), and per layer. Parameters are read one at a time
-through `Engine.gathered` (full tensors on every rank, DESIGN section 2).
+through `Engine.gathered` (full tensors on every rank, docs/architecture.md §2, rule 2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The run directory's paths (DESIGN section 6) are named in one module only."""
+"""The run directory's paths (docs/architecture.md §7) are named in one module only."""
 
 from __future__ import annotations
 
