@@ -47,18 +47,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from launcher.dist import DistInfo
 from launcher.engines import OptimConfig, build_engine
+from launcher.run.backend import load_stage_model
 from launcher.run.models import resolve_model
 from launcher.run.task_data import load_task
 from launcher.spec.schema import load_spec
 from ncft.analysis.bootstrap import prediction_counts
 from ncft.arch import get_adapter
+from ncft.continual.methods import method
 from ncft.data.examples import prompt_ids
 from ncft.evaluate import CONTENT_FREE, label_prior
+from ncft.lora import merge_lora
 from ncft.neuron_set import NeuronSet
 from ncft.run_paths import RunPaths
 
@@ -197,38 +199,16 @@ def unit_report(before: np.ndarray, after: np.ndarray, positive: np.ndarray) -> 
     }
 
 
-def merged_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A peft-wrapped state dict (LoRA methods' checkpoints) as plain weights.
-
-    `W = base_layer + scale * sum_k B_k @ A_k` over every adapter k (O-LoRA keeps one
-    per task, all active at inference), with `scale = alpha / r`.
-    """
-    prefix = "base_model.model."
-    if not any(k.startswith(prefix) for k in state):
-        return state
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        out[key[len(prefix):].replace(".base_layer.", ".")] = value.clone()
-    for key, a in state.items():
-        if ".lora_A." not in key:
-            continue
-        b = state[key.replace(".lora_A.", ".lora_B.")]
-        module = key[len(prefix):].split(".lora_A.")[0]
-        out[f"{module}.weight"] += scale * (b.double() @ a.double()).to(a.dtype)
-    return out
-
-
-def _model(path: str, weights: Path | None, lora_scale: float = 1.0):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if weights is not None:
-        state = merged_lora(load_file(str(weights)), lora_scale)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # A checkpoint stores tied weights once (SmolLM2 ties lm_head to the embeddings).
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"{weights}: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
+def _model(spec, path: str, run: RunPaths, stage: int | None):
+    """The run's model after `stage` (None: the base), adapters merged: the product's loader."""
+    weights = None if stage is None else \
+        run.stage_dir(stage, spec.tasks[stage].name) / "model.safetensors"
+    model = load_stage_model(spec, path, stage, weights)
+    if method(spec.method).lora:
+        model = merge_lora(model)
+        # peft froze the base weights; the engines below (evaluation only) want what
+        # from_pretrained gives, trainable parameters to build an optimizer over.
+        model.requires_grad_(True)
     return model
 
 
@@ -257,15 +237,13 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
                     "margins": margin_report(results, first.name, scored, first.labels)}
     path = resolve_model(spec.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    scale = spec.lora.alpha / spec.lora.r
     if args.calibrate:
         if len(first.labels) != 2:
             raise ValueError(f"--calibrate: {first.name} has {len(first.labels)} labels; "
                              "the diagnosis calibrates two-label tasks")
         s_cf = {}
-        for stage, task in enumerate(spec.tasks):
-            weights = layout.stage_dir(stage, task.name) / "model.safetensors"
-            s_cf[stage] = content_free_s(_model(path, weights, scale), tokenizer, first)
+        for stage in range(len(spec.tasks)):
+            s_cf[stage] = content_free_s(_model(spec, path, layout, stage), tokenizer, first)
         calibrated(report["margins"], results["details"][first.name], s_cf, scored,
                    first.labels)
     if args.margins_only:
@@ -275,11 +253,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
         return
     positive = np.asarray([g == first.labels[0] for g in gold])
     prompts = [ex.prompt for ex in examples]
-    stages = {"base": None, "stage1": layout.stage_dir(0, first.name) / "model.safetensors",
-              "end": layout.stage_dir(len(spec.tasks) - 1, last.name) / "model.safetensors"}
-    acts = {k: activations(_model(path, w, scale), tokenizer, prompts, first.max_length)
-            for k, w in stages.items()}
-    model = _model(path, None)
+    stages = {"base": None, "stage1": 0, "end": len(spec.tasks) - 1}
+    acts = {k: activations(_model(spec, path, layout, stage), tokenizer, prompts,
+                           first.max_length)
+            for k, stage in stages.items()}
+    model = _model(spec, path, layout, None)
     blocks = get_adapter(model).mlp_blocks(model)
     groups = {}
     gen = torch.Generator().manual_seed(0)

@@ -45,6 +45,41 @@ def optim_config(spec: Spec) -> OptimConfig:
     return section_config(OptimConfig, spec.training, compute_dtype=_DTYPES[spec.model.dtype])
 
 
+def load_stage_model(spec: Spec, model_dir: str, stage: int | None,
+                     weights: Path | None) -> torch.nn.Module:
+    """The whole model of a run after stage `stage` (None: the base), fp32, on this rank.
+
+    The model has the adapters the method trains (LoRA, or O-LoRA's stages 0..stage),
+    so a stage checkpoint (`weights`, its `model.safetensors`) loads into it unchanged;
+    `ncft.lora.merge_lora` folds them in. Rank 0's export and studies, and
+    benchmarks/forgetting_diagnosis.py, read checkpoints through it.
+
+    Raises:
+        AssertionError: If the checkpoint does not fit the model (a different method).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # fp32: the engine owns precision (fp32 masters, `model.dtype` is the compute
+    # dtype, see launcher/engines/common.py).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    row = method(spec.method)
+    if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
+        model = olora.freeze_all(olora.with_adapters(
+            model, stage + 1, spec.lora.to_config(), spec.training.seed))
+    elif row.lora and not row.adapter_per_task:
+        lora = spec.lora
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                           seed=spec.training.seed)
+    if weights is not None:
+        state = load_file(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected, unexpected[:5]
+        # A checkpoint stores tied weights once (SmolLM2 ties lm_head to the embeddings).
+        assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
+    return model
+
+
 class LauncherBackend:
     """The services `ContinualLoop` needs: models, engines, files and logs."""
 
@@ -104,28 +139,8 @@ class LauncherBackend:
 
     def load_full_model(self, stage: int | None) -> torch.nn.Module:
         """The whole model with real weights on this rank (export, studies on rank 0)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        # fp32: the engine owns precision (fp32 masters, `model.dtype` is the compute
-        # dtype, see launcher/engines/common.py).
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        row = method(self.spec.method)
-        if row.adapter_per_task and stage is not None:  # O-LoRA: stages 0..stage's adapters
-
-            model = olora.freeze_all(olora.with_adapters(
-                model, stage + 1, self.spec.lora.to_config(), self.spec.training.seed))
-        elif row.lora and not row.adapter_per_task:
-
-            lora = self.spec.lora
-            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
-                               seed=self.spec.training.seed)
-        if stage is not None:
-            state = load_file(self._stage_dir(stage) / "model.safetensors")
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            assert not unexpected, unexpected[:5]
-            assert not [m for m in missing if m in dict(model.named_parameters())], missing[:5]
-        return model
+        weights = None if stage is None else self._stage_dir(stage) / "model.safetensors"
+        return load_stage_model(self.spec, self.model_dir, stage, weights)
 
     def _weights_path(self, stage: int | None) -> Path:
         return self._base_weights() if stage is None else \

@@ -203,3 +203,21 @@ def test_wncft_example_query_and_generate_protocol_recorded(runs):
     assert detail["query"] == "example" and sum(detail["top_task_share"]) == pytest.approx(1)
     assert sum(detail["mixing_weights"]) == pytest.approx(1.0)
     assert "retention" in results["summary"]["forgetting"]["note"]
+
+
+@pytest.mark.parametrize("name", ["seqft", "seqlora"])
+def test_forgetting_diagnosis_reads_runs_through_the_product_loader(runs, cache, tmp_path,
+                                                                   monkeypatch, name):
+    """benchmarks/forgetting_diagnosis.py on a finished run: plain and LoRA checkpoints."""
+    from benchmarks.forgetting_diagnosis import main as diagnose
+
+    monkeypatch.setenv("NCFT_CACHE", str(cache))
+    out = tmp_path / "diagnosis.json"
+    diagnose([str(runs / name), "--out", str(out), "--calibrate", "--examples", "4"])
+    report = json.loads(out.read_text())
+    assert report["method"] == name and report["task"] == "sst2"
+    assert set(report["units"]) == {"random units"}  # no NeuronSets: random units only
+    stages = [row for row in report["margins"] if row is not None]
+    assert len(stages) == 2 and all("content_free_s" in row for row in stages)
+    end = report["units"]["random units"]["stage1_to_end"]
+    assert end["relative_change"] > 0, "the second stage changed the first task's units"
