@@ -24,23 +24,11 @@ from tests.support.review_lm import (
     MIXED,
     PROMPTS,
     SHARED,
-    WORDS,
     per_pair_scores,
     sharp_model,
 )
-from tests.support.tiny import tiny_llama, word_tokenizer
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer(WORDS)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=3).eval()
 
 
 def rank_accuracy(engine, tok, examples, labels, batch_size, max_length) -> float:

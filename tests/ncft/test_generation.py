@@ -6,18 +6,8 @@ from ncft.data.examples import Example, prompt_ids
 from ncft.evaluate import evaluate_task
 from ncft.generation import generate_greedy, generated_records, normalize_answer
 from tests.support.fake_engine import FakeEngine, ThreadWorld
-from tests.support.review_lm import MIXED, PROMPTS, WORDS, sharp_model
-from tests.support.tiny import tiny_llama, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer(WORDS)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=3).eval()
+from tests.support.review_lm import MIXED, PROMPTS, sharp_model
+from tests.support.tiny import word_tokenizer
 
 
 def hf_greedy(model, tok, prompt, max_new_tokens):
