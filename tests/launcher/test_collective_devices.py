@@ -54,7 +54,8 @@ EXPECTED_ORIGINS = {
     "fsdp2_wncft": ["ncft/scoring/attribution.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                     "ncft/continual/wncft.py", "ncft/studies/deactivate.py",
                     "launcher/run/progress.py", "launcher/run/backend.py:save_stage",
-                    "ncft/studies/run.py"],
+                    # the studies' barriers (ncft.studies.run calls StudyBackend.barrier)
+                    "launcher/run/backend.py:barrier"],
     "deepspeed_neft": ["ncft/scoring/cosine.py", "ncft/selection/topk.py", "ncft/evaluate.py",
                        "launcher/run/progress.py", "launcher/run/checkpoint.py"],
     "fsdp1_generation": ["ncft/scoring/attribution.py", "ncft/generation.py:_any_rank_running",

@@ -1,7 +1,8 @@
 """`ncft run` end to end on the tiny random Llama: real ranks, real data, real files.
 
 NCFT over sst2 -> agnews -> rte (the data root's real cl_benchmark files) on 2 ranks,
-on FSDP2 and on ZeRO-3; then a run whose rank 1 is SIGKILLed right after the first
+on FSDP2 and on ZeRO-3; the same with `training.update: sparse_delta`, compared with
+those masked runs; then a run whose rank 1 is SIGKILLed right after the first
 checkpoint, and a ZeRO-3 run whose rank 0 is SIGKILLed mid-task between two mid-task
 checkpoints, each resumed and compared with the uninterrupted run.
 """
@@ -96,6 +97,35 @@ def test_ncft_run_directory_and_untouched_weights(runs, cache, backend):
     assert _outside_union_moved(base, final, sets) == {}
     changed = sum(int((final[n] != base[n]).sum()) for n in base)
     assert changed > 0, "training changed nothing"
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
+def test_sparse_delta_run_equals_masked_run(runs, cache, tmp_path, backend):
+    """`training.update: sparse_delta` on 2 real ranks against the masked run above.
+
+    Sharded loading builds each stage's model on meta and fills every rank's shard from
+    the files; the deltas' start values come from their base rows
+    (`launcher.run.delta_weights`). Every stage checkpoint and `final/` must equal the
+    masked run's on the same engine within atol 1e-5 (fp32; see
+    tests/ncft/test_sparse_delta_dist.py for why not bit for bit). It reuses the masked
+    runs of `runs` (same spec and overrides) instead of training them again.
+    """
+    sparse = tmp_path / "sparse_delta"
+    proc = _ncft(["run", str(SPEC), f"output.dir={sparse}", f"engine.backend={backend}",
+                  *SMALL, "training.update=sparse_delta"], cache)
+    # A sharded build prints one load line per rank (`loading.report`); a rank that
+    # loads the whole model says so (`LauncherBackend.load_model`).
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith(f"[rank 1] {backend} load from") for line in lines) >= 3
+    assert not any("whole model loaded" in line for line in lines)
+    masked = runs[backend]
+    stages = sorted(p.name for p in (masked / "checkpoints").iterdir())
+    assert len(stages) == 3
+    for rel in [f"checkpoints/{s}/model.safetensors" for s in stages] + ["final/model.safetensors"]:
+        a, b = load_file(sparse / rel), load_file(masked / rel)
+        assert a.keys() == b.keys(), rel
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=f"{rel} {key}")
 
 
 def test_resume_after_sigkill_matches_uninterrupted(runs, cache, tmp_path):
