@@ -1,6 +1,6 @@
 """The `ncft` command: `main` builds the parser; each subcommand group has its module.
 
-- `main`: `run`, `validate`, `plan`, `report`, `compare`, `masked-train`, and
+- `main`: `run`, `validate`, `plan`, `eval`, `report`, `compare`, `masked-train`, and
   `parse_args`, which takes `key=value` overrides anywhere after the spec.
 - `neurons`: `ncft neurons score|inspect|overlap`.
 - `compare`: the table `ncft compare` prints.

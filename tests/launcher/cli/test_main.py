@@ -18,7 +18,7 @@ def _subcommands(parser):
 def test_subcommands_are_frozen():
     subs = _subcommands(build_parser())
     assert sorted(subs) == [
-        "compare", "masked-train", "neurons", "plan", "report", "run", "validate"
+        "compare", "eval", "masked-train", "neurons", "plan", "report", "run", "validate"
     ]
     assert sorted(_subcommands(subs["neurons"])) == ["inspect", "overlap", "score"]
     run_flags = {o for a in subs["run"]._actions for o in a.option_strings}
@@ -73,16 +73,19 @@ TAKES_OVERRIDES = [(words, sub) for words, sub in _leaf_commands(build_parser())
 
 def test_the_override_commands_are_the_spec_commands():
     assert sorted(" ".join(w) for w, _ in TAKES_OVERRIDES) == [
-        "neurons score", "plan", "run", "validate"]
+        "eval", "neurons score", "plan", "run", "validate"]
 
 
 @pytest.mark.parametrize("words", [w for w, _ in TAKES_OVERRIDES], ids=" ".join)
 def test_overrides_are_accepted_anywhere(words):
     sub = dict(TAKES_OVERRIDES)[words]
     options = _options_between(sub)
-    argv = [*words, "spec.yaml", "a.b=1", *options, "c.d=[x,y]", *options[:2], "e=3"]
+    # The positional before the overrides: a spec, or a run directory (`ncft eval`).
+    target = next(a.dest for a in sub._actions
+                  if not a.option_strings and a.dest not in ("help", "overrides"))
+    argv = [*words, "target", "a.b=1", *options, "c.d=[x,y]", *options[:2], "e=3"]
     ns = parse_args(argv)
-    assert ns.spec == "spec.yaml" and ns.overrides == ["a.b=1", "c.d=[x,y]", "e=3"]
+    assert getattr(ns, target) == "target" and ns.overrides == ["a.b=1", "c.d=[x,y]", "e=3"]
 
 
 def test_other_leftovers_are_still_errors(capsys):
