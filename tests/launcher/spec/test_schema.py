@@ -454,7 +454,7 @@ def test_validate_spec_from_dict(tmp_path: Path):
         validate_spec({**BASE, "method": "x"}, base=tmp_path)
 
 
-def test_plan_stages_methods(tmp_path: Path):
+def test_describe_stages_methods(tmp_path: Path):
     single = load_spec(_write(tmp_path, _patched({"method": "lora", "tasks": BASE["tasks"][:1]})))
     assert single.engine.world_size == 1
     assert describe_stages(single)[0].startswith("task 1/1 sst2: train LoRA r=8 on q_proj/v_proj")
