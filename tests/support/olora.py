@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ncft import olora
+from ncft.continual.config import LoraOptions
 from tests.support.tiny import VOCAB, tiny_llama
 
-OPTS = olora.LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
+OPTS = LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
 LAMBDAS = (0.5, 0.1)  # orthogonality, L2
 STEPS = 3
 
