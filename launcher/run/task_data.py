@@ -10,14 +10,17 @@ files are already shuffled).
 
 from __future__ import annotations
 
-import json
 import sys
-from itertools import islice
 from pathlib import Path
 
 from launcher.spec.tasks import TaskSpec, data_files
 from ncft.continual.loop import TaskData
-from ncft.data.examples import Example, classification_examples, generation_examples
+from ncft.data.examples import (
+    Example,
+    classification_examples,
+    generation_examples,
+    read_jsonl,
+)
 from ncft.evaluate import CONTENT_FREE
 
 
@@ -30,26 +33,6 @@ def _load_split(task: TaskSpec, data_root: Path | None, split: str, limit: int) 
         ds = datasets.load_dataset(source.path, source.name, split=name)
         return ds.select(range(min(limit, len(ds)))).to_list()
     return read_jsonl(data_files(task, data_root)[split], limit)
-
-
-def read_jsonl(path: Path, limit: int) -> list[dict]:
-    """The first `limit` objects of a JSONL file (blank lines skipped).
-
-    Raises:
-        ValueError: If a line is not a JSON object (naming the file and line).
-    """
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        lines = (line for line in handle if line.strip())
-        for number, line in enumerate(islice(lines, limit), start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: JSON line {number} does not parse: {exc}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: JSON line {number} is not an object")
-            rows.append(row)
-    return rows
 
 
 def _examples(task: TaskSpec, rows: list[dict]) -> list[Example]:

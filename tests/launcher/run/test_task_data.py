@@ -2,9 +2,10 @@
 
 import pytest
 
-from launcher.run.task_data import load_task, read_jsonl
+from launcher.run.task_data import load_task
 from launcher.spec.schema import validate_spec
 from launcher.spec.tasks import data_files
+from ncft.data.examples import read_jsonl
 from ncft.evaluate import CONTENT_FREE
 
 
