@@ -2,8 +2,10 @@
 
 `UserError` is a problem the user fixes (a spec field, a file, a model name, the
 state of the output directory); its message names the field and the fix.
-`RanksFailed` says that a spawned rank failed, in that rank's own words. Both are
-caught at the top of `launcher.cli.main`; `--debug` or `NCFT_DEBUG=1` shows the
+`RanksFailed` says that a spawned rank failed, in that rank's own words;
+`RanksDiverged` that the ranks stopped on an inf/nan loss or gradient norm
+(`ncft.train.Diverged` in a rank), which exits with its own code, `EXIT_DIVERGED`.
+All are caught at the top of `launcher.cli.main`; `--debug` or `NCFT_DEBUG=1` shows the
 tracebacks instead (the ranks inherit the variable).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 
 DEBUG_ENV = "NCFT_DEBUG"
+EXIT_DIVERGED = 76  # training stopped on an inf/nan loss or gradient norm
 
 
 class UserError(ValueError):
@@ -20,6 +23,10 @@ class UserError(ValueError):
 
 class RanksFailed(RuntimeError):
     """A spawned rank failed; the message is that rank's error on one line."""
+
+
+class RanksDiverged(RanksFailed):
+    """The ranks stopped on an inf/nan loss or gradient norm; the message says where."""
 
 
 def debugging() -> bool:

@@ -7,8 +7,10 @@ the engine clip (so the norm is the masked gradient's) and take the masked step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -29,6 +31,93 @@ class StepLog:
     step: int
     loss: float
     grad_norm: float
+    skipped: bool = False  # inf/nan loss or gradient: the update was not applied
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """What a step whose loss or gradient norm is inf/nan does (`training.on_nonfinite`).
+
+    Attributes:
+        action: "stop" raises `Diverged` at that step; "skip_step" goes on without
+            the update (the engines skip it: `launcher.engines.common.step_if_finite`).
+        limit: With "skip_step", raise `Diverged` once more than this many steps of
+            one `train` call were skipped; None: no limit.
+        loss_scaler: The engine scales fp16 losses (DeepSpeed float16): an inf/nan
+            gradient norm with a finite loss is the scaler's own overflow step, which
+            it skips and recovers from, so it is counted but never stopped on.
+    """
+
+    action: Literal["stop", "skip_step"] = "stop"
+    limit: int | None = None
+    loss_scaler: bool = False
+
+
+class Diverged(RuntimeError):
+    """Training produced an inf/nan loss or gradient norm and the policy says stop.
+
+    Nothing from the step was saved: it is raised before the step's log line and
+    checkpoint hooks run, so the last checkpoint stays the resume point.
+
+    Attributes:
+        log: The step that diverged.
+        where: Where it happened, filled in by the caller (`at`).
+    """
+
+    def __init__(self, log: StepLog, why: str, where: str = "") -> None:
+        self.log, self.why, self.where = log, why, where
+        super().__init__(
+            f"training diverged{' in ' + where if where else ''} at step {log.step}: {why} "
+            f"(loss {log.loss}, gradient norm {log.grad_norm}); nothing from this step was "
+            "saved, the last checkpoint is the resume point. Lower training.lr (or raise "
+            "training.warmup_steps), or set training.on_nonfinite: skip_step to step over "
+            "isolated bad batches"
+        )
+
+    def at(self, where: str) -> Diverged:
+        """The same divergence, its message naming `where` (task and stage)."""
+        return Diverged(self.log, self.why, where)
+
+
+def _nonfinite(engine: Engine, loss: float, norm: float) -> tuple[bool, bool]:
+    """Whether any rank saw an inf/nan (loss, norm), in one collective.
+
+    The loss is per rank, and every rank must reach the same verdict.
+    """
+    flags = torch.tensor([float(not math.isfinite(loss)), float(not math.isfinite(norm))])
+    loss_bad, norm_bad = engine.all_reduce_(flags).tolist()
+    return loss_bad > 0, norm_bad > 0
+
+
+def check_finite(
+    engine: Engine, log: StepLog, policy: NonFinite, skipped: int
+) -> StepLog:
+    """Apply `policy` to one step (collective); return its log, marked if skipped.
+
+    Args:
+        engine: The engine that took the step (its `all_reduce_` agrees the verdict).
+        log: The step's record.
+        policy: What to do about an inf/nan loss or gradient norm.
+        skipped: Steps skipped before this one in the same `train` call.
+
+    Raises:
+        Diverged: If the policy stops on this step.
+    """
+    loss_bad, norm_bad = _nonfinite(engine, log.loss, log.grad_norm)
+    if not (loss_bad or norm_bad):
+        return log
+    if not norm_bad:
+        # The engines skip an update only on a bad norm: this one was applied.
+        raise Diverged(log, "the loss is not finite (with a finite gradient norm, so the "
+                       "update was applied)")
+    scaler_step = policy.loss_scaler and not loss_bad
+    if policy.action == "stop" and not scaler_step:
+        raise Diverged(log, "the loss or gradient norm is not finite "
+                       "(training.on_nonfinite: stop)")
+    if policy.limit is not None and not scaler_step and skipped + 1 > policy.limit:
+        raise Diverged(log, f"{skipped + 1} steps skipped for an inf/nan loss or gradient, "
+                       f"more than training.max_skipped_steps={policy.limit}")
+    return replace(log, skipped=True)
 
 
 def _loss(output) -> torch.Tensor:
@@ -71,6 +160,7 @@ def train(
     on_step: Callable[[StepLog], None] | None = None,
     start_step: int = 0,
     penalty: Penalty | None = None,
+    nonfinite: NonFinite | None = None,
 ) -> list[StepLog]:
     """Train over an iterable of steps (each a list of micro-batches).
 
@@ -82,14 +172,21 @@ def train(
         on_step: Called after every step (logging, checkpoints, progress bars).
         start_step: Steps already done (for resumed runs' numbering).
         penalty: A regulariser applied once per step (`train_step`).
+        nonfinite: What an inf/nan loss or gradient norm does (`NonFinite`); default
+            stop. Checked on every rank before `on_step`, so a stop saves nothing.
 
     Returns:
-        One `StepLog` per step taken.
+        One `StepLog` per step taken (skipped steps marked).
+
+    Raises:
+        Diverged: At the step the policy stops on.
     """
-    logs = []
+    policy = nonfinite or NonFinite()
+    logs: list[StepLog] = []
     for i, micro_batches in enumerate(steps, start=start_step + 1):
         loss, norm = train_step(engine, micro_batches, masks, penalty)
-        log = StepLog(step=i, loss=loss, grad_norm=norm)
+        skipped = sum(log.skipped for log in logs)
+        log = check_finite(engine, StepLog(step=i, loss=loss, grad_norm=norm), policy, skipped)
         logs.append(log)
         if on_step is not None:
             on_step(log)

@@ -15,7 +15,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from launcher.errors import DEBUG_ENV, RanksFailed, UserError, debugging
+from launcher.errors import (
+    DEBUG_ENV,
+    EXIT_DIVERGED,
+    RanksDiverged,
+    RanksFailed,
+    UserError,
+    debugging,
+)
 
 
 def _add_masked_train(sub) -> None:
@@ -216,13 +223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ncft` console script.
 
     User errors (`ValueError`, `UserError`) and failed ranks print one line,
-    `ncft: error: ...`, and exit 2 and 1; `--debug` raises them with their traceback.
+    `ncft: error: ...`, and exit 2 and 1; a run that diverged (inf/nan loss or gradient
+    norm) exits `EXIT_DIVERGED`; `--debug` raises them with their traceback.
     """
+    from ncft.train import Diverged
+
     ns = parse_args(argv)
     if ns.debug:
         os.environ[DEBUG_ENV] = "1"  # spawned ranks inherit it
     try:
         return ns.func(ns)
+    except (Diverged, RanksDiverged) as err:
+        if debugging():
+            raise
+        print(f"ncft: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (ValueError, RanksFailed) as err:
         if debugging():
             raise

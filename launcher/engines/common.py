@@ -60,6 +60,21 @@ class OptimConfig:
         return self.grad_clip if self.grad_clip > 0 else math.inf
 
 
+def step_if_finite(optimizer, norm: float) -> None:
+    """Take the optimizer step unless the gradient norm is inf/nan; zero the grads.
+
+    A non-finite norm means inf/nan gradients, and clipping by it makes every
+    gradient nan: stepping would write nans into the masters. The step is skipped
+    instead, as DeepSpeed's ZeRO optimizer does with an invalid norm (and its loss
+    scaler with an fp16 overflow), so the weights after a bad step are the weights
+    before it on every engine; the training loop decides whether the run stops or
+    goes on (`training.on_nonfinite`). The norm is global, so every rank agrees.
+    """
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 

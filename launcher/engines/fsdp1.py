@@ -43,6 +43,7 @@ from launcher.engines.common import (
     make_optimizer,
     named_shapes,
     prepare_model,
+    step_if_finite,
     trainable,
 )
 from ncft.engine import Segment, StepStats
@@ -90,10 +91,9 @@ class Fsdp1Engine(ShardedBasics, LocalState):
     def step(self) -> StepStats:  # noqa: D102
         assert self._micro == self.cfg.grad_accum, "step() before all micro-batches ran"
         self._micro = 0
-        norm = self.module.clip_grad_norm_(self.cfg.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=float(norm))
+        norm = float(self.module.clip_grad_norm_(self.cfg.clip_norm))
+        step_if_finite(self.optimizer, norm)
+        return StepStats(grad_norm=norm)
 
     def _fsdp_units(self) -> Iterator[tuple[str, FSDP]]:
         for name, module in self.module.named_modules():

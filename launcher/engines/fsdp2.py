@@ -40,6 +40,7 @@ from launcher.engines.common import (
     make_optimizer,
     named_shapes,
     prepare_model,
+    step_if_finite,
     trainable,
 )
 from ncft.engine import Segment, StepStats, local_tensor
@@ -128,9 +129,9 @@ class Fsdp2Engine(ShardedBasics, LocalState):
         assert self._micro == self.cfg.grad_accum, "step() before all micro-batches ran"
         self._micro = 0
         norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.cfg.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=float(local_tensor(norm)))
+        norm = float(local_tensor(norm))
+        step_if_finite(self.optimizer, norm)
+        return StepStats(grad_norm=norm)
 
     def segments(self) -> list[Segment]:  # noqa: D102
         out = []

@@ -25,6 +25,7 @@ from launcher.engines.common import (
     make_optimizer,
     named_shapes,
     prepare_model,
+    step_if_finite,
     trainable,
 )
 from ncft.engine import Segment, StepStats
@@ -69,10 +70,9 @@ class SingleEngine(LocalState):
         (loss / self.cfg.grad_accum).backward()
 
     def step(self) -> StepStats:  # noqa: D102
-        norm = torch.nn.utils.clip_grad_norm_(trainable(self.module), self.cfg.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(grad_norm=float(norm))
+        norm = float(torch.nn.utils.clip_grad_norm_(trainable(self.module), self.cfg.clip_norm))
+        step_if_finite(self.optimizer, norm)
+        return StepStats(grad_norm=norm)
 
     def segments(self) -> list[Segment]:  # noqa: D102
         return [

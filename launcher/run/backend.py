@@ -278,8 +278,9 @@ class LauncherBackend:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:  # noqa: D102
+        extra = {"skipped": True} if log.skipped else {}
         self.metrics.write(stage=stage, task=task, step=log.step, loss=log.loss,
-                           grad_norm=log.grad_norm, lr=lr)
+                           grad_norm=log.grad_norm, lr=lr, **extra)
         if self.board is not None:
             for key, value in (("loss", log.loss), ("grad_norm", log.grad_norm), ("lr", lr)):
                 self.board.add_scalar(f"{task}/{key}", value, log.step)

@@ -104,7 +104,7 @@ def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     start, state = 0, None
     if done is not None:
         saved = rundir.read_state(done[1])
-        start, state = done[0] + 1, LoopState(saved["matrix"], saved.get("details", {}))
+        start, state = done[0] + 1, LoopState.from_json(saved)
         print0(f"resuming {run.root} after stage {start}")
     state = loop.run(start, state)
     extra = _after_studies(spec, studies)

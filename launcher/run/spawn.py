@@ -7,7 +7,8 @@ place; otherwise it spawns `nproc` workers on loopback and fails if any fails.
 A failing rank is reported as one line, not as the elastic agent's log of every
 rank's traceback: each rank writes its error's message to a private folder, and the
 parent raises `UserError` (a `ValueError` in a rank: a problem the user fixes) or
-`RanksFailed` with the first failing rank's message. `NCFT_DEBUG=1` keeps the agent's
+`RanksFailed` with the first failing rank's message (`RanksDiverged` for a run that
+stopped on an inf/nan loss or gradient norm). `NCFT_DEBUG=1` keeps the agent's
 full log.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.dist import free_port
-from launcher.errors import RanksFailed, UserError, debugging
+from launcher.errors import RanksDiverged, RanksFailed, UserError, debugging
 
 # The elastic agent logs each failed rank's traceback; torch.multiprocessing logs
 # the SIGTERM it sends the surviving ranks.
@@ -77,13 +78,16 @@ def _reporting(entry: Callable[..., Any], reports: str, *args: Any) -> Any:
     try:
         return entry(*args)
     except Exception as exc:
+        from ncft.train import Diverged
+
         user = isinstance(exc, ValueError)
+        kind = "user" if user else "diverged" if isinstance(exc, Diverged) else "failed"
         # A user error's message is written for the user as is; anything else is
         # squeezed onto one line (library messages often span several).
         text = str(exc).strip() if user else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         rank = os.environ.get("RANK", "0")
         (Path(reports) / f"rank-{rank}.json").write_text(
-            json.dumps({"user": user, "message": text})
+            json.dumps({"kind": kind, "message": text})
         )
         raise
 
@@ -96,8 +100,10 @@ def _first_failure(err: Exception, reports: Path) -> Exception:
     for path in files:
         if path.is_file():
             report = json.loads(path.read_text())
-            if report["user"]:
+            if report["kind"] == "user":
                 return UserError(report["message"])
+            if report["kind"] == "diverged":  # every rank stops at once: no rank prefix
+                return RanksDiverged(str(report["message"]).split(": ", 1)[1])
             return RanksFailed(f"rank {path.stem[5:]}: {report['message']}")
     if failure.exitcode < 0:
         return RanksFailed(f"rank {rank} was killed by {failure.signal_name()}")

@@ -162,7 +162,7 @@ class Spec(_Section):
             method=self.method, training=self.training.to_config(),
             eval=self.eval.to_config(), wncft=self.wncft.to_config(),
             olora=self.olora.to_config(), lora=self.lora.to_config(),
-            log_every=self.output.log_every,
+            log_every=self.output.log_every, loss_scaler=self.model.dtype == "float16",
         )
 
     def select_config(self) -> SelectConfig:

@@ -24,7 +24,9 @@ MODULES = ("gate", "up", "down", "fc_in", "fc_out", "attention")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No number in a spec may be inf or nan: `training.lr=inf` passed validation once
+    # and trained to a model of nans without a word.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def section_config(cls: type, section: BaseModel, **given: Any) -> Any:
@@ -236,6 +238,19 @@ class TrainingSpec(_Section):
         "within fp32 rounding (ncft/sparse_delta.py). Only for neuron methods.",
     )
 
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="What a step whose loss or gradient norm is inf/nan does. stop: "
+        "the run stops at that step (exit code 76, naming task, stage and step); nothing "
+        "from the step is saved, the last checkpoint stays the resume point. skip_step: the "
+        "update is skipped (DeepSpeed's loss-scaler behaviour) and counted in metrics.jsonl "
+        "and results.json; see max_skipped_steps. Under model.dtype float16 the loss "
+        "scaler's own overflow steps are always skipped, never stopped on.",
+    )
+    max_skipped_steps: int | None = Field(
+        None, gt=0, description="on_nonfinite skip_step: stop once more than this many steps "
+        "of one task were skipped; null: no limit.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _epochs_replace_steps(cls, data: Any) -> Any:
@@ -253,6 +268,9 @@ class TrainingSpec(_Section):
             problems.append(("betas", f"each beta must be in [0, 1), got {list(self.betas)}"))
         if self.steps is not None and self.warmup_steps > self.steps:
             problems.append(("warmup_steps", f"{self.warmup_steps} exceeds steps={self.steps}"))
+        if self.max_skipped_steps is not None and self.on_nonfinite != "skip_step":
+            problems.append(("max_skipped_steps", "limits skipped steps, which only "
+                             "on_nonfinite: skip_step takes; set that or remove the limit"))
         if problems:
             raise Problems(problems)
         return self

@@ -26,6 +26,8 @@ class TrainConfig:
     seed: int
     warmup_steps: int
     update: str  # masked | sparse_delta
+    on_nonfinite: str  # stop | skip_step (`ncft.train.NonFinite`)
+    max_skipped_steps: int | None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class LoopConfig:
     olora: OloraConfig
     lora: LoraOptions
     log_every: int  # output.log_every
+    loss_scaler: bool  # model.dtype float16: DeepSpeed's scaler skips its overflow steps
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
-from ncft.train import StepLog, train
+from ncft.train import Diverged, NonFinite, StepLog, train
 
 __all__ = ["ContinualLoop", "LoopState", "TaskData"]
 
@@ -122,9 +122,17 @@ class LoopState:
 
     matrix: list[list[float | None]]
     details: dict[str, list[dict | None]] = field(default_factory=dict)
+    # Steps skipped for an inf/nan loss or gradient, per task (`training.on_nonfinite`).
+    skipped_steps: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:  # noqa: D102
-        return {"matrix": self.matrix, "details": self.details}
+        return {"matrix": self.matrix, "details": self.details,
+                "skipped_steps": self.skipped_steps}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> LoopState:
+        """The state `to_json` saved (a stage checkpoint's state.json)."""
+        return cls(saved["matrix"], saved.get("details", {}), saved.get("skipped_steps", {}))
 
 
 def stage_steps(
@@ -160,6 +168,8 @@ class ContinualLoop:
         store_dir: Path | None = None, selector: Selector | None = None,
     ) -> None:
         self.cfg, self.tasks, self.backend = cfg, list(tasks), backend
+        t = cfg.training
+        self._nonfinite = NonFinite(t.on_nonfinite, t.max_skipped_steps, cfg.loss_scaler)
         self.selector = selector
         self.store_dir = store_dir
         self.store = wncft.TaskStore()
@@ -233,6 +243,7 @@ class ContinualLoop:
         return {
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
             "summary": cl_summary(matrix, names), "details": state.details,
+            "skipped_steps": state.skipped_steps,
             # How scores were obtained: `ncft compare` and the report show it.
             "protocol": {"classification": self.cfg.eval.classification,
                          "calibration": self.cfg.eval.calibration,
@@ -279,8 +290,19 @@ class ContinualLoop:
         steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
         with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
                   disable=not engine.is_main_process) as bar:
-            train(engine, steps, masks, start_step=resume_at, penalty=penalty,
-                  on_step=self._logger(engine, stage, task, num_steps, bar))
+            try:
+                logs = train(engine, steps, masks, start_step=resume_at, penalty=penalty,
+                             on_step=self._logger(engine, stage, task, num_steps, bar),
+                             nonfinite=self._nonfinite)
+            except Diverged as err:
+                engine.close()
+                raise err.at(f"task {task.name} (stage {stage + 1}/{len(self.tasks)})") \
+                    from None
+        skipped = sum(log.skipped for log in logs)
+        if skipped:
+            state.skipped_steps[task.name] = skipped
+            self.backend.log_line(f"  {task.name}: {skipped} of {num_steps} steps skipped "
+                                  "(inf/nan loss or gradient, training.on_nonfinite)")
         if deltas is not None:  # from here on the full matrices hold the trained values
             sparse_delta.write_back(engine, deltas)
         if row.mixes:

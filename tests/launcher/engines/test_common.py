@@ -55,3 +55,16 @@ def test_checkpointing_composes_with_lora():
     grads = [p.grad for p in engine.module.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
     engine.step()
+
+
+def test_a_non_finite_gradient_norm_skips_the_update_and_clears_the_gradients():
+    from launcher.engines.common import step_if_finite
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([weight], lr=0.5)
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    step_if_finite(opt, float("nan"))
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    weight.grad = torch.ones(3)
+    step_if_finite(opt, 1.0)
+    assert torch.equal(weight.detach(), torch.full((3,), 0.5)) and weight.grad is None

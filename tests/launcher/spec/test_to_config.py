@@ -43,6 +43,7 @@ CHANGES = {
         "grad_accum": 2, "weight_decay": 0.1, "grad_clip": 0.5, "seed": 5,
         "warmup_steps": 2, "betas": [0.8, 0.9], "eps": 1e-6,
         "activation_checkpointing": True, "update": "sparse_delta",
+        "on_nonfinite": "skip_step", "max_skipped_steps": (3, {"on_nonfinite": "skip_step"}),
     },
     "eval": {
         "batch_size": 3, "max_examples": 7, "max_new_tokens": 9, "classification": "generate",

@@ -20,14 +20,15 @@ def _loop(eval_tasks: str = "all", calibration: str = "none") -> ContinualLoop:
     cfg = LoopConfig(
         method="ncft",
         training=TrainConfig(lr=1e-3, steps=1, epochs=None, micro_batch_size=1, grad_accum=1,
-                             seed=0, warmup_steps=0, update="masked"),
+                             seed=0, warmup_steps=0, update="masked", on_nonfinite="stop",
+                             max_skipped_steps=None),
         eval=EvalConfig(batch_size=1, max_examples=None, max_new_tokens=1,
                         classification="rank", calibration=calibration, metrics=("bleu",),
                         tasks=eval_tasks),
         wncft=WncftConfig(num_samples=1, temperature=1.0, query="task"),
         olora=OloraConfig(lambda_orth=0.5, lambda_l2=0.0),
         lora=LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)),
-        log_every=1,
+        log_every=1, loss_scaler=False,
     )
     return ContinualLoop(cfg, TASKS, backend=None)
 
