@@ -82,7 +82,7 @@ def _add_validate(sub) -> None:
 
 
 def _validate(ns: argparse.Namespace) -> int:
-    from launcher.run.preflight import check_model, check_output
+    from launcher.run.preflight import check_data, check_model, check_output
     from launcher.spec import SpecError, describe_stages, dump_resolved, load_spec
 
     try:
@@ -90,6 +90,7 @@ def _validate(ns: argparse.Namespace) -> int:
     except SpecError as err:
         return _invalid_spec(ns.spec, err)
     check_model(spec.model.name_or_path)
+    check_data(spec)
     print(dump_resolved(spec))
     print("# planned stages")
     for line in describe_stages(spec):

@@ -2,7 +2,9 @@
 
 The spec's own validation already checks the data root, the task files and the
 DeepSpeed JSON (`launcher.spec`). What it cannot know is the state of this machine:
-whether the model resolves here, and what the output directory holds. A failure
+whether the model resolves here, what the data files hold (every row a task uses is
+read and checked here, so a bad line is named before any rank loads a model), and
+what the output directory holds. A failure
 raises `UserError` naming the field and the fix, which the CLI prints as one line;
 nothing has been written yet, so the corrected rerun starts clean.
 """
@@ -99,6 +101,18 @@ def check_output(spec: Spec) -> None:
                         "directory); choose another output.dir")
 
 
+def check_data(spec: Spec) -> None:
+    """Read and check every row each task uses, as the ranks will (`load_task`).
+
+    Raises:
+        UserError: Naming the task, split, file, physical line and field.
+    """
+    from launcher.run.task_data import load_task
+
+    for task in spec.tasks:
+        load_task(task, spec.data_root)
+
+
 def check_launch(spec: Spec, under_launcher: bool) -> None:
     """`ncft run` spawns one node; more nodes need an outer launcher."""
     if spec.engine.nnodes > 1 and not under_launcher:
@@ -120,6 +134,7 @@ def preflight(spec: Spec, under_launcher: bool) -> None:
     """
     check_launch(spec, under_launcher)
     check_model(spec.model.name_or_path)
+    check_data(spec)
     # Under a launcher every rank runs this, and rank 0 may already have created the
     # run directory by the time a slower rank looks: only rank 0 judges it.
     if not under_launcher or os.environ.get("RANK") == "0":

@@ -50,10 +50,24 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     Raises:
         ValueError: If the file is missing or a line is not a JSON object.
     """
+    return read_jsonl_lines(path, limit)[0]
+
+
+def read_jsonl_lines(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """`read_jsonl`, with each row's physical line number (1-based, blank lines counted).
+
+    So an error about a row can name the line an editor shows.
+
+    Raises:
+        ValueError: If the file is missing or a line is not a JSON object.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if limit is not None and len(rows) >= limit:
@@ -67,7 +81,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object")
             rows.append(row)
-    return rows
+            lines.append(line_no)
+    return rows, lines
 
 
 def _field(row: Mapping[str, Any], name: str, i: int) -> str:

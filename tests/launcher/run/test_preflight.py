@@ -158,3 +158,63 @@ def test_failed_run_removes_only_what_it_created(tmp_path):
     with pytest.raises(RuntimeError), rundir.removed_unless_started(run, created=False):
         raise RuntimeError("a resumed run failed again")
     assert run.root.is_dir(), "a directory that held a run before is never removed"
+
+
+# ---- data: every row a task uses is checked before any rank starts ------------------
+
+GOOD = '{"text": "fine", "label": "Sports"}\n'
+
+
+def _data_spec(tmp_path: Path, train: str, test: str = GOOD):
+    (tmp_path / "train.jsonl").write_text(train)
+    (tmp_path / "test.jsonl").write_text(test)
+    task = (f"{{name: news, source: {{type: json, train: {tmp_path / 'train.jsonl'}, "
+            f"test: {tmp_path / 'test.jsonl'}}}, labels: [Sports, World], train_size: 8}}")
+    return _spec(tmp_path, f"tasks=[{task}]", "method=neurons")
+
+
+@pytest.mark.parametrize(("train", "test", "message"), [
+    # A bad line after a blank line: the physical line (3), not the third row's number.
+    (GOOD + "\n" + '{"text": "x", "label": \n', GOOD,
+     r"tasks\[news\] train split: .*train.jsonl:3: not valid JSON"),
+    (GOOD + "\n" + '{"text": "x", "label": "Cooking"}\n', GOOD,
+     r"tasks\[news\] train split: .*train.jsonl line 3: field 'label' is 'Cooking', not one "
+     r"of the task's labels \['Sports', 'World'\]"),
+    (GOOD, GOOD + '{"label": "World"}\n',
+     r"tasks\[news\] test split: .*test.jsonl line 2: no field 'text'"),
+    (GOOD, "\n\n", r"tasks\[news\] test split: .*test.jsonl has no rows"),
+    (GOOD, GOOD + '{"text": ["a"], "label": "World"}\n',
+     r"tasks\[news\] test split: .*test.jsonl line 2: field 'text' is list, not text"),
+])
+def test_data_errors_name_task_split_file_line_and_field(tmp_path, train, test, message):
+    spec = _data_spec(tmp_path, train, test)
+    with pytest.raises(UserError, match=message):
+        preflight.preflight(spec, under_launcher=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_line_beyond_the_rows_used_does_not_matter(tmp_path):
+    spec = _data_spec(tmp_path, GOOD * 8 + '{"text": "x", "label": "Cooking"}\n')
+    preflight.check_data(spec)  # train_size 8: line 9 is never read
+
+
+def test_ncft_run_names_a_bad_line_before_any_rank_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support.spawn import worker_env
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(GOOD + "\n" + '{"text": "x", "label": "Cooking"}\n')
+    (tmp_path / "test.jsonl").write_text(GOOD)
+    task = (f"{{name: news, source: {{type: json, train: {bad}, test: {tmp_path / 'test.jsonl'}}},"
+            " labels: [Sports, World]}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", str(SPEC), f"output.dir={tmp_path / 'run'}",
+         f"tasks=[{task}, {task.replace('news', 'news2')}]"],
+        env=worker_env({"NCFT_CACHE": str(tmp_path / "cache")}), cwd=REPO, text=True,
+        capture_output=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"tasks[news] train split: {bad} line 3: field 'label' is 'Cooking'" in proc.stderr
+    assert "[rank" not in proc.stdout + proc.stderr, "no rank may have started"
+    assert not (tmp_path / "run").exists()
