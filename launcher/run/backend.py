@@ -17,7 +17,7 @@ import torch
 from launcher.dist import DistInfo, barrier, print0
 from launcher.engines import OptimConfig, build_engine
 from launcher.engines.weights import INDEX, SINGLE, Replay, SafetensorsWeights
-from launcher.run import preempt, progress, rundir
+from launcher.run import manifest, preempt, progress, rundir
 from launcher.run.checkpoint import gather_state_dict
 from launcher.run.delta_weights import DeltaWeights
 from launcher.spec import Spec
@@ -103,6 +103,14 @@ class LauncherBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         done = rundir.last_complete_stage(run)
         stage = done[0] + 1 if done else 0
+        # The mid-task checkpoint the next stage continues from, decided once, on every
+        # rank together (collective: `progress.resumable` verifies each rank's shard).
+        self._progress: tuple[int, tuple[int, Path] | None] = (stage, None)
+        if stage < len(spec.tasks):
+            e = spec.engine
+            self._progress = (stage, progress.resumable(
+                run, stage, spec.tasks[stage].name, e.backend, info.world_size, info.rank,
+                info.device))
         step = self.resume_step(stage) if stage < len(spec.tasks) else 0
         self.metrics = rundir.MetricsLog(run.metrics, info.is_main_process, (stage, step))
         self.board = None
@@ -139,12 +147,12 @@ class LauncherBackend:
 
     def load_full_model(self, stage: int | None) -> torch.nn.Module:
         """The whole model with real weights on this rank (export, studies on rank 0)."""
-        weights = None if stage is None else self._stage_dir(stage) / "model.safetensors"
+        weights = None if stage is None else self._stage_dir(stage) / rundir.STAGE_MODEL
         return load_stage_model(self.spec, self.model_dir, stage, weights)
 
     def _weights_path(self, stage: int | None) -> Path:
         return self._base_weights() if stage is None else \
-            self._stage_dir(stage) / "model.safetensors"
+            self._stage_dir(stage) / rundir.STAGE_MODEL
 
     def _base_weights(self) -> Path | None:
         """The local directory of the base model's safetensors; None if it has none.
@@ -237,10 +245,17 @@ class LauncherBackend:
         weights = gather_state_dict(engine)
         if self.info.is_main_process:
             target = self.run.stage_dir(stage, self.spec.tasks[stage].name)
+            # Which engine trained the stage: a run resumed on another world size or
+            # engine (a requeue onto fewer nodes) says so in its record.
+            trained_on = {"backend": self.spec.engine.backend,
+                          "world_size": self.info.world_size}
             with atomic_dir(target) as tmp:
                 save_file({k: v.contiguous() for k, v in weights.items()},
-                          tmp / "model.safetensors")
-                write_json(tmp / STAGE_STATE, {"stage": stage, **state})  # last: marks complete
+                          tmp / rundir.STAGE_MODEL)
+                write_json(tmp / STAGE_STATE, {"stage": stage, **state, "engine": trained_on})
+                # Last: the manifest marks the checkpoint complete and lets a resume
+                # verify every byte (`launcher.run.manifest`).
+                manifest.seal_files(tmp, [rundir.STAGE_MODEL, STAGE_STATE])
             progress.clear(self.run, stage, self.spec.tasks[stage].name)
         barrier()
         self._fault(KILL_AFTER_STAGE, str(stage + 1))
@@ -248,12 +263,12 @@ class LauncherBackend:
             preempt.stop(f"after stage {stage + 1}")
 
     def resume_step(self, stage: int) -> int:  # noqa: D102
-        found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
-        return found[0] if found else 0
+        first, found = self._progress
+        return found[0] if stage == first and found else 0
 
     def restore_progress(self, engine, stage: int) -> None:  # noqa: D102
-        found = progress.latest(self.run, stage, self.spec.tasks[stage].name)
-        assert found is not None, f"no mid-task checkpoint of stage {stage}"
+        first, found = self._progress
+        assert stage == first and found is not None, f"no mid-task checkpoint of stage {stage}"
         progress.load(engine, found[1], self.spec.engine.backend)
 
     def after_step(self, engine, stage: int, step: int, total: int) -> None:  # noqa: D102

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from launcher.dist import barrier, broadcast_object, init_distributed, print0, shutdown
 from launcher.run import preempt, rundir
 from launcher.run.backend import LauncherBackend
+from launcher.run.lock import RunLock
 from launcher.run.models import resolve_model
 from launcher.run.preflight import preflight
 from launcher.run.selector import run_selector
@@ -55,6 +57,22 @@ def _export_final(spec: Spec, backend: LauncherBackend, last_stage: int) -> None
     with atomic_dir(backend.run.final) as tmp:
         model.save_pretrained(tmp)
         backend.tokenizer.save_pretrained(tmp)
+
+
+def _engine_change(spec: Spec, info, saved: dict[str, Any]) -> str:
+    """", on N ranks (engine X) instead of ..." when the resume changed the engine."""
+    now = {"backend": spec.engine.backend, "world_size": info.world_size}
+    before = saved.get("engine")
+    if before is None or before == now:
+        return ""
+    return (f", on {now['world_size']} rank(s) with engine.backend={now['backend']} (stage "
+            f"{saved['stage'] + 1} was trained on {before['world_size']} with "
+            f"{before['backend']}; results.json records each stage's engine)")
+
+
+def _stage_engines(run: RunPaths) -> list[dict[str, Any] | None]:
+    """Backend and world size that trained each stage (the run's record of a resume)."""
+    return [rundir.read_state(path).get("engine") for _, path in run.stage_dirs()]
 
 
 def _after_studies(spec: Spec, studies: RunStudies) -> dict[str, Any]:
@@ -105,11 +123,11 @@ def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     if done is not None:
         saved = rundir.read_state(done[1])
         start, state = done[0] + 1, LoopState.from_json(saved)
-        print0(f"resuming {run.root} after stage {start}")
+        print0(f"resuming {run.root} after stage {start}{_engine_change(spec, info, saved)}")
     state = loop.run(start, state)
     extra = _after_studies(spec, studies)
     if info.is_main_process:
-        results = {**loop.summary(state), **extra}
+        results = {**loop.summary(state), **extra, "stage_engines": _stage_engines(run)}
         if run.deactivation.is_file():
             results["deactivation"] = json.loads(run.deactivation.read_text())
         if spec.study.similarity in ("final_model", "both"):
@@ -153,15 +171,19 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
     out = spec.output
     created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():
-        root, model_dir = prepare(spec)
-        with rundir.removed_unless_started(RunPaths(out.dir), created):
-            _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
+        with RunLock(out.dir):  # held until the ranks are done (`launcher.run.lock`)
+            root, model_dir = prepare(spec)
+            with rundir.removed_unless_started(RunPaths(out.dir), created):
+                _run_local_stoppable(spec.engine.nproc_per_node, root, model_dir)
         return
     info = init_distributed()
-    prepared = broadcast_object(prepare(spec) if info.is_main_process else None)
-    # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
-    with rundir.removed_unless_started(RunPaths(out.dir), created and info.is_main_process):
-        run_rank(*prepared)
+    held = RunLock(out.dir) if info.is_main_process else nullcontext()
+    with held:
+        prepared = broadcast_object(prepare(spec) if info.is_main_process else None)
+        # Only rank 0 cleans up; under a launcher the other ranks are stopped by it.
+        with rundir.removed_unless_started(RunPaths(out.dir),
+                                           created and info.is_main_process):
+            run_rank(*prepared)
 
 
 def _run_local_stoppable(nproc: int, root: str, model_dir: str) -> None:

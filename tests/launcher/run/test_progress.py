@@ -45,8 +45,13 @@ def test_restored_shards_continue_bit_identically(out, backend, update):
 def test_checkpoint_directory_holds_every_rank(out):
     step_dir = out / "deepspeed" / "checkpoints" / "in-progress" / "01-task" / "step-00000002"
     names = sorted(p.name for p in step_dir.iterdir())
-    assert names == ["progress.json", "rank-00000-of-00002.safetensors",
+    assert names == ["manifest.json", "progress.json", "rank-00000-of-00002.safetensors",
                      "rank-00001-of-00002.safetensors"]
+    # Rank 0 wrote the manifest from digests each rank took of its own file.
+    from launcher.run import manifest
+
+    assert sorted(manifest.read(step_dir)) == names[1:]
+    assert manifest.problem(step_dir) is None
 
 
 def _single(seed: int = 0):
