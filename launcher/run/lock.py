@@ -108,8 +108,14 @@ def check_free(root: Path) -> None:
         UserError: Naming the live run's host, pid and SLURM job.
     """
     found = holder_of(root)
-    if found and stale_reason(*found) is None:
+    if found is None or _mine(found[0]):  # `prepare` checks while this process holds it
+        return
+    if stale_reason(*found) is None:
         raise _busy(root, *found)
+
+
+def _mine(holder: dict[str, Any]) -> bool:
+    return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
 
 def _busy(root: Path, holder: dict[str, Any], age_s: float) -> UserError:
