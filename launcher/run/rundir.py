@@ -41,7 +41,7 @@ _POLICY_KEYS = ("resume", "overwrite")
 
 def _comparable(resolved_yaml: str) -> dict:
     data = yaml.safe_load(resolved_yaml)
-    for key in _POLICY_KEYS:
+    for key in (*_POLICY_KEYS, "dir"):  # a run directory copied or moved elsewhere resumes
         data.get("output", {}).pop(key, None)
     # How many ranks on which engine may change on resume: stage checkpoints are whole
     # models, and `progress.resumable` restarts a stage whose shards do not fit.

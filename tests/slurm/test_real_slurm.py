@@ -153,3 +153,37 @@ def test_two_nodes_stop_on_sigterm_requeue_and_resume_by_themselves(jobs, cluste
     a, b = (load_file(r / "final" / "model.safetensors") for r in (job.run, ref.run))
     for name in b:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def shrinking_job(cluster, tmp_path_factory) -> Job:
+    tmp = tmp_path_factory.mktemp("shrink")
+    return Job(cluster, tmp, "torchrun", 2, 1, {
+        preempt.PAUSE_AT_STEP: PAUSE, preempt.PAUSE_FILE: str(tmp / "paused")})
+
+
+def test_a_job_requeued_onto_fewer_nodes_resumes_by_itself(shrinking_job, cluster):
+    # Preempted on 2 nodes mid-task, requeued, and started again on 1 node (what a
+    # cluster with fewer free nodes does): no command line is edited.
+    job = shrinking_job
+    deadline = time.monotonic() + 600
+    while not job.pause.exists() and time.monotonic() < deadline:
+        assert cluster.job(job.id)["JobState"] in ("PENDING", "RUNNING"), job.log()[-6000:]
+        time.sleep(1)
+    assert job.pause.exists(), job.log()[-6000:]
+    cluster.cmd("scancel", "--signal=TERM", job.id)
+    while time.monotonic() < deadline:
+        info = cluster.job(job.id)
+        if info["Restarts"] == "1" and info["JobState"] == "PENDING":
+            break
+        assert info["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), job.log()[-6000:]
+        time.sleep(1)
+    cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1", "StartTime=now")
+    job.wait()
+    _check_run(job, 1, 1)
+    log = job.log()
+    assert "restarting stage 2 (agnews) from its boundary" in log, log[-6000:]
+    results = json.loads((job.run / "results.json").read_text())
+    assert results["stage_engines"] == [{"backend": "fsdp2", "world_size": 2},
+                                        {"backend": "fsdp2", "world_size": 1},
+                                        {"backend": "fsdp2", "world_size": 1}]
