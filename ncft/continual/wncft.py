@@ -324,10 +324,18 @@ class TaskStore:
 
     @classmethod
     def load(cls, directory: str | Path) -> TaskStore:
-        """Read a store written by `save`."""
+        """Read a store written by `save`.
+
+        Raises:
+            ValueError: If its files cannot be read, naming the file.
+        """
         d = Path(directory)
-        meta = json.loads((d / "wncft_store.json").read_text(encoding="utf-8"))
-        tensors = load_file(d / "wncft_store.safetensors")
+        try:
+            meta = json.loads((d / "wncft_store.json").read_text(encoding="utf-8"))
+            tensors = load_file(d / "wncft_store.safetensors")
+        except Exception as err:  # JSON and safetensors errors name no file
+            raise ValueError(f"{d}: the W-NCFT task store (wncft_store.json, "
+                             f"wncft_store.safetensors) is unreadable ({err})") from None
         store = cls()
         for i, name in enumerate(meta["names"]):
             nset = NeuronSet.load(d / f"task{i}_neurons.safetensors")

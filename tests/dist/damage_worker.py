@@ -15,7 +15,6 @@ from pathlib import Path
 
 from launcher.dist import shutdown
 from launcher.run.backend import KILL_AFTER_STAGE, KILL_AT_STEP
-from launcher.run.progress import PROGRESS
 from tests.dist.resume_worker import _killed, _run, overrides
 
 
@@ -32,6 +31,7 @@ def _truncate(path: Path) -> None:
 
 
 STEP = "checkpoints/in-progress/02-rte/step-00000001"
+PROGRESS = "progress.json"
 # case -> (extra overrides, kill point, file to damage, how)
 CASES = {
     "model": ([], {KILL_AFTER_STAGE: "2"}, "checkpoints/02-rte/model.safetensors", _zero_4k),

@@ -120,9 +120,8 @@ def test_one_node_two_ranks_completes(jobs, template):
     _check_run(job, 1, 2)
 
 
-@pytest.mark.parametrize("template", list(BACKEND))
-def test_two_nodes_stop_on_sigterm_requeue_and_resume_by_themselves(jobs, cluster, template):
-    job = jobs[template, 2]
+def _preempt_until_requeued(job: Job, cluster: slurm.Cluster) -> None:
+    """Wait for rank 0's pause, send SIGTERM as SLURM does, wait until requeued."""
     deadline = time.monotonic() + 600
     while not job.pause.exists() and time.monotonic() < deadline:
         assert cluster.job(job.id)["JobState"] in ("PENDING", "RUNNING"), job.log()[-6000:]
@@ -136,6 +135,12 @@ def test_two_nodes_stop_on_sigterm_requeue_and_resume_by_themselves(jobs, cluste
         assert info["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), job.log()[-6000:]
         time.sleep(1)
     assert cluster.job(job.id)["Restarts"] == "1", job.log()[-6000:]
+
+
+@pytest.mark.parametrize("template", list(BACKEND))
+def test_two_nodes_stop_on_sigterm_requeue_and_resume_by_themselves(jobs, cluster, template):
+    job = jobs[template, 2]
+    _preempt_until_requeued(job, cluster)
     step_dir = job.run / "checkpoints" / "in-progress" / "02-agnews" / "step-00000001"
     assert (step_dir / "progress.json").is_file(), job.log()[-6000:]
     # SLURM holds a requeued job for 120 s (its fixed requeue delay); start it now.
@@ -166,18 +171,7 @@ def test_a_job_requeued_onto_fewer_nodes_resumes_by_itself(shrinking_job, cluste
     # Preempted on 2 nodes mid-task, requeued, and started again on 1 node (what a
     # cluster with fewer free nodes does): no command line is edited.
     job = shrinking_job
-    deadline = time.monotonic() + 600
-    while not job.pause.exists() and time.monotonic() < deadline:
-        assert cluster.job(job.id)["JobState"] in ("PENDING", "RUNNING"), job.log()[-6000:]
-        time.sleep(1)
-    assert job.pause.exists(), job.log()[-6000:]
-    cluster.cmd("scancel", "--signal=TERM", job.id)
-    while time.monotonic() < deadline:
-        info = cluster.job(job.id)
-        if info["Restarts"] == "1" and info["JobState"] == "PENDING":
-            break
-        assert info["JobState"] in ("RUNNING", "PENDING", "COMPLETING"), job.log()[-6000:]
-        time.sleep(1)
+    _preempt_until_requeued(job, cluster)
     cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1", "StartTime=now")
     job.wait()
     _check_run(job, 1, 1)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -144,3 +145,11 @@ def run_single_here(run_backend, out: Path) -> None:
         run_backend("single", CPU_RANK, out)
     finally:
         torch.set_num_threads(threads)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Wait until `path` exists (a run held at a fault point), failing if `proc` ends."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"{path} never appeared (the run exited {proc.poll()})"

@@ -15,7 +15,7 @@ import pytest
 
 from launcher.errors import UserError
 from launcher.run import lock, preempt, rundir
-from tests.support.spawn import REPO, worker_env
+from tests.support.spawn import REPO, wait_for_file, worker_env
 
 
 def _write_lock(root: Path, age_s: float = 0.0, **holder) -> Path:
@@ -94,10 +94,7 @@ def test_overwrite_and_resume_refuse_a_live_run_and_leave_it_whole(tmp_path):
     live = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 600
-        while not pause.exists() and live.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert pause.exists(), "the live run never reached step 1 of task 2"
+        wait_for_file(pause, live)  # held after step 1 of task 2
         before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
         others = worker_env({"NCFT_CACHE": str(tmp_path / "cache")})
         for policy in ("output.overwrite=true", "output.resume=true"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from launcher.run import preempt
 from launcher.spec import load_spec
 from tests.support.rundirs import assert_same_run
-from tests.support.spawn import REPO, torchrun, worker_env
+from tests.support.spawn import REPO, torchrun, wait_for_file, worker_env
 
 pytestmark = pytest.mark.dist
 
@@ -56,10 +55,7 @@ def test_sigterm_stops_at_a_checkpoint_and_the_requeued_run_resumes_by_itself(tm
     proc = subprocess.Popen(_cmd(run), env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 600
-        while not pause.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert pause.exists(), "the run never reached step 1 of task 2"
+        wait_for_file(pause, proc)  # held after step 1 of task 2
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=600)
     finally:

@@ -198,6 +198,7 @@ def test_a_bad_line_beyond_the_rows_used_does_not_matter(tmp_path):
     preflight.check_data(spec)  # train_size 8: line 9 is never read
 
 
+@pytest.mark.dist
 def test_ncft_run_names_a_bad_line_before_any_rank_starts(tmp_path):
     import subprocess
     import sys
