@@ -7,7 +7,10 @@ each process is already a rank and rank 0 does the preparation. Every rank then
 builds the same `ContinualLoop` with a `LauncherBackend` (engines, checkpoints,
 logs) and the run's selection pipeline (`launcher.run.selector`), and runs the
 stages that are not done yet. A run that fails before its first checkpoint removes
-the directory it created, so the corrected rerun starts clean.
+the directory it created, so the corrected rerun starts clean. The launching process
+(the parent, or rank 0 under a launcher) holds the run directory's lock for the run's
+life (`launcher.run.lock`); a resume verifies the checkpoints it continues from
+(`launcher.run.rundir.verify_for_resume`, `launcher.run.progress.resumable`).
 """
 
 from __future__ import annotations

@@ -172,7 +172,10 @@ def test_a_job_requeued_onto_fewer_nodes_resumes_by_itself(shrinking_job, cluste
     # cluster with fewer free nodes does): no command line is edited.
     job = shrinking_job
     _preempt_until_requeued(job, cluster)
-    cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1", "StartTime=now")
+    cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1-1")
+    info = cluster.job(job.id)
+    assert info["NumNodes"].split("-")[0] == "1", info
+    cluster.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now")
     job.wait()
     _check_run(job, 1, 1)
     log = job.log()
