@@ -172,9 +172,9 @@ def test_a_job_requeued_onto_fewer_nodes_resumes_by_itself(shrinking_job, cluste
     # cluster with fewer free nodes does): no command line is edited.
     job = shrinking_job
     _preempt_until_requeued(job, cluster)
+    # "1-1": a bare "1" means 1 to 2 nodes, and both are free. `scontrol show` keeps
+    # showing the last allocation's 2 until the job starts; `_check_run` sees the 1.
     cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1-1")
-    info = cluster.job(job.id)
-    assert info["NumNodes"].split("-")[0] == "1", info
     cluster.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now")
     job.wait()
     _check_run(job, 1, 1)

@@ -79,6 +79,6 @@ def test_resume_on_fewer_ranks_restarts_the_task_and_records_the_engines(tmp_pat
         torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=RTOL, msg=name)
     flat = [[v for row in r["matrix"] for v in row] for r in (got, want)]
     assert flat[0] == pytest.approx(flat[1], abs=1e-6)
-    steps = [(r["stage"], r["step"]) for r in map(json.loads,
-                                                   (run / "metrics.jsonl").read_text().split())]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, lines)]
     assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)], "no step logged twice"
