@@ -168,13 +168,12 @@ def shrinking_job(cluster, tmp_path_factory) -> Job:
 
 
 def test_a_job_requeued_onto_fewer_nodes_resumes_by_itself(shrinking_job, cluster):
-    # Preempted on 2 nodes mid-task, requeued, and started again on 1 node (what a
-    # cluster with fewer free nodes does): no command line is edited.
+    # Preempted on 2 nodes mid-task, requeued, and started again on 1 node: the test
+    # plays the scheduler that has one node left ("1-1": a bare "1" means 1 to 2 nodes;
+    # one task per node, so 1 task). No ncft command line or spec is edited.
     job = shrinking_job
     _preempt_until_requeued(job, cluster)
-    # "1-1": a bare "1" means 1 to 2 nodes, and both are free. `scontrol show` keeps
-    # showing the last allocation's 2 until the job starts; `_check_run` sees the 1.
-    cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1-1")
+    cluster.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1-1", "NumTasks=1")
     cluster.cmd("scontrol", "update", f"JobId={job.id}", "StartTime=now")
     job.wait()
     _check_run(job, 1, 1)
