@@ -137,8 +137,13 @@ PAUSE_FILE = "NCFT_FAULT_PAUSE_FILE"
 
 
 def fault_pause(point: str, rank: int, timeout_s: float = 600.0) -> None:
-    """Hold rank 0 at `point` until SIGTERM when `NCFT_FAULT_PAUSE_AT_STEP` names it."""
-    if rank != 0 or os.environ.get(PAUSE_AT_STEP) != point:
+    """Hold rank 0 at `point` until SIGTERM when `NCFT_FAULT_PAUSE_AT_STEP` names it.
+
+    Once per pause file: a requeued job keeps its environment, and one that restarts
+    the task from its boundary passes the same step again.
+    """
+    if rank != 0 or os.environ.get(PAUSE_AT_STEP) != point or \
+            Path(os.environ[PAUSE_FILE]).exists():
         return
     Path(os.environ[PAUSE_FILE]).touch()
     deadline = time.monotonic() + timeout_s
