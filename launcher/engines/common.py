@@ -2,11 +2,13 @@
 
 Precision: the engine owns it. It is handed the model in fp32 and keeps the
 parameters the optimizer steps (the masters, which masks act on) and the AdamW
-moments in fp32 whatever `compute_dtype` says; `compute_dtype=bfloat16` only makes
+moments in fp32 whatever `compute_dtype` says; `compute_dtype=bfloat16` makes
 forward and backward run in bf16 (FSDP2 `MixedPrecisionPolicy`, FSDP1
 `MixedPrecision`, ZeRO-3's bf16 mode, autocast on the single engine). A learning
 rate far below bf16's resolution (2^-8 relative) therefore still moves the selected
-weights, and frozen elements stay bit-identical.
+weights. Frozen parameters need no master: ZeRO-3 holds them in bf16 on the device,
+and so do FSDP2 and single (`launcher.engines.frozen`); all three keep their exact
+values on the host, so frozen elements stay bit-identical in exports.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class OptimConfig:
             stay fp32 (module docstring).
         activation_checkpointing: Recompute each decoder layer's activations in
             backward instead of storing them (`training.activation_checkpointing`).
+        lower_frozen: Store frozen parameters in `compute_dtype` on the single and
+            FSDP2 engines, their exact values on the host (`launcher.engines.frozen`);
+            False keeps fp32 copies on the device (the reference the tests compare with).
     """
 
     lr: float = 1e-4
@@ -53,6 +58,7 @@ class OptimConfig:
     micro_batch_size: int = 1
     compute_dtype: torch.dtype = torch.float32
     activation_checkpointing: bool = False
+    lower_frozen: bool = True
 
     @property
     def clip_norm(self) -> float:

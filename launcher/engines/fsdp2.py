@@ -10,9 +10,15 @@ time, each rank keeping its rows. Buffers, including non-persistent ones that no
 checkpoint holds (rotary `inv_freq`), are broadcast too, so no rank relies on
 re-running initialisation code for them.
 
-Precision: the sharded DTensors stay fp32 (masters, and what masks act on); with
-`compute_dtype=bfloat16` a `MixedPrecisionPolicy` all-gathers them as bf16 for
-forward and backward and reduce-scatters gradients in fp32.
+Precision: the trainable sharded DTensors stay fp32 (masters, and what masks act
+on); with `compute_dtype=bfloat16` a `MixedPrecisionPolicy` all-gathers them as bf16
+for forward and backward and reduce-scatters gradients in fp32. Frozen parameters
+are sharded in bf16 (`launcher.engines.frozen`: no cast at all-gather, half the
+bytes), each rank keeping its rows' exact values on the host; `gathered` and
+`edited` all-gather those exact values, so exports keep every source bit. FSDP2
+checks one original dtype per `fully_shard` group among *trainable* parameters
+only, so a layer may mix fp32 trainables (masked projections, sparse deltas) with
+its bf16 frozen weights.
 
 Given `weights` (`launcher.engines.loading`), every rank builds on meta instead and
 reads its own rows from the safetensors files: no rank holds the full model and
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from launcher.dist import DistInfo, any_rank, broadcast_
+from launcher.dist import DistInfo, all_gather_flat, any_rank, broadcast_
 from launcher.engines import loading
 from launcher.engines.common import (
     LocalState,
@@ -43,6 +49,7 @@ from launcher.engines.common import (
     step_if_finite,
     trainable,
 )
+from launcher.engines.frozen import frozen_store
 from ncft.engine import Segment, StepStats, local_tensor
 from ncft.masks.layout import chunk_rows
 
@@ -57,6 +64,7 @@ class Fsdp2Engine(ShardedBasics, LocalState):
         self.rank, self.world_size, self.cfg = info.rank, info.world_size, cfg
         self._shapes = dict(named_shapes(model))
         prepare_model(model, cfg)
+        self.frozen = frozen_store(model, cfg.compute_dtype, cfg.lower_frozen)
         self.load_report = None
         policy = _policy(cfg.compute_dtype)
         if weights is not None:
@@ -78,7 +86,7 @@ class Fsdp2Engine(ShardedBasics, LocalState):
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
             model.to_empty(device=device)
-            loading.fill_rows(model, weights, keys, self.world_size, self.rank)
+            loading.fill_rows(model, weights, keys, self.world_size, self.rank, self.frozen)
         self.load_report = loading.report("fsdp2", self.rank, peak, weights)
 
     def _shard_in_memory(self, model: nn.Module, info: DistInfo,
@@ -99,6 +107,11 @@ class Fsdp2Engine(ShardedBasics, LocalState):
             model.to_empty(device=info.device)
         if from_rank0:
             self._broadcast_from_rank0(model, full, info.device)
+        elif self.frozen is not None:  # every rank recorded whole tensors: keep its rows
+            for name in self.frozen.names:
+                shape = self._shapes[name]
+                self.frozen.keep_rows(name, *chunk_rows(shape[0], self.world_size, self.rank),
+                                      shape)
         del full
 
     @torch.no_grad()
@@ -109,12 +122,20 @@ class Fsdp2Engine(ShardedBasics, LocalState):
         # parameter, whatever the model's size.
         for name, param in model.named_parameters():
             shape = self._shapes[name]
-            buf = full[name].detach().to(device) if self.rank == 0 else \
-                torch.empty(shape, dtype=param.dtype, device=device)
+            lowered = self._lowered(name)
+            if self.rank == 0:  # a lowered parameter travels with its exact values
+                source = self.frozen.exact(name, full[name]) if lowered else full[name]
+                buf = source.detach().to(device)
+            else:
+                buf = torch.empty(shape, dtype=torch.float32 if lowered else param.dtype,
+                                  device=device)
             broadcast_(buf, device, src=0)
             lo, hi = chunk_rows(shape[0], self.world_size, self.rank) if shape else (0, 0)
             local = local_tensor(param)
-            local.copy_(buf[lo:hi] if shape else buf)
+            mine = buf[lo:hi] if shape else buf
+            if lowered:
+                self.frozen.record(name, mine)
+            local.copy_(mine)
         for buffer in model.buffers():
             broadcast_(buffer, device, src=0)
 
@@ -151,21 +172,45 @@ class Fsdp2Engine(ShardedBasics, LocalState):
             )
         return out
 
+    def _lowered(self, name: str) -> bool:
+        return self.frozen is not None and name in self.frozen.names
+
+    def _full(self, name: str) -> torch.Tensor:
+        """The full value of `name` on every rank: exact fp32 for a lowered parameter."""
+        if not self._lowered(name):
+            return self._params[name].full_tensor()
+        shape = self._shapes[name]
+        rows, width = shape[0], math.prod(shape[1:])
+        per_rank = -(-rows // self.world_size) * width  # torch.chunk's first chunk
+        mine = self.frozen.exact(name, local_tensor(self._params[name])).reshape(-1)
+        padded = torch.zeros(per_rank, dtype=torch.float32, device=self.device)
+        padded[: mine.numel()].copy_(mine)
+        every = all_gather_flat(padded, self.device)
+        pieces = []
+        for rank in range(self.world_size):
+            lo, hi = chunk_rows(rows, self.world_size, rank)
+            pieces.append(every[rank * per_rank : rank * per_rank + (hi - lo) * width])
+        return torch.cat(pieces).view(shape)
+
     @contextmanager
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         with torch.no_grad():
-            yield {n: self._params[n].full_tensor() for n in fqns}
+            yield {n: self._full(n) for n in fqns}
 
     @contextmanager
     def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         with torch.no_grad():
-            full = {n: self._params[n].full_tensor() for n in fqns}
+            full = {n: self._full(n) for n in fqns}
             yield full
             # Every rank made the same edit, so each copies back its own chunk: no
             # collective needed.
             for name, tensor in full.items():
                 lo, hi = chunk_rows(tensor.shape[0], self.world_size, self.rank)
-                local_tensor(self._params[name]).copy_(tensor[lo:hi])
+                local = local_tensor(self._params[name])
+                if self._lowered(name):
+                    self.frozen.write(name, local, tensor[lo:hi])
+                else:
+                    local.copy_(tensor[lo:hi])
 
     def close(self) -> None:  # noqa: D102
         self.optimizer = None

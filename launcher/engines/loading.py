@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.engines.frozen import FrozenStore
 from launcher.engines.weights import Replay, SafetensorsWeights, Weights
 
 __all__ = ["Replay", "SafetensorsWeights", "Weights", "fill_rows", "zero3_model"]
@@ -130,7 +131,7 @@ def _fill_buffers(model: nn.Module, weights: Weights) -> None:
 
 @torch.no_grad()
 def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world_size: int,
-              rank: int) -> None:
+              rank: int, frozen: FrozenStore | None = None) -> None:
     """Fill this rank's rows of every parameter of a `to_empty`'d model, and its buffers.
 
     Serves FSDP2 (a `fully_shard`ed model: DTensors sharded on dim 0) and, with one
@@ -142,6 +143,8 @@ def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world
         keys: `param_keys` of the model, computed before sharding.
         world_size: Ranks the parameters are sharded over.
         rank: This rank.
+        frozen: The engine's lowered frozen parameters: their file values are
+            recorded there before the copy rounds them (`launcher.engines.frozen`).
     """
     recompute_buffers(model)  # first: `_init_weights` may also touch parameters
     for name, param in model.named_parameters():
@@ -151,6 +154,8 @@ def fill_rows(model: nn.Module, weights: Weights, keys: Mapping[str, str], world
         local = local_tensor(param)
         src = weights.rows(keys[name], lo, hi)
         assert tuple(src.shape) == tuple(local.shape), (name, src.shape, local.shape)
+        if frozen is not None and name in frozen.names:
+            frozen.record(name, src)
         local.copy_(src)
     _fill_buffers(model, weights)
 

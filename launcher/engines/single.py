@@ -1,9 +1,11 @@
 """Plain PyTorch in one process: the reference every sharded engine must match.
 
-Precision: the parameters stay fp32 (they are the masters the optimizer and the masks
-act on) and `forward` runs under autocast to `compute_dtype`. Autocast runs matmuls
-in bf16 and keeps reductions such as softmax and norms in fp32, so a bf16 single run
-is close to, not bit-equal with, the FSDP engines' bf16 parameter casts.
+Precision: trainable parameters stay fp32 (they are the masters the optimizer and the
+masks act on) and `forward` runs under autocast to `compute_dtype`. Frozen parameters
+are stored in `compute_dtype` (`launcher.engines.frozen`; their exact values on the
+host), so autocast casts only the trainable ones. Autocast runs matmuls in bf16 and
+keeps reductions such as softmax and norms in fp32, so a bf16 single run is close to,
+not bit-equal with, the FSDP engines' bf16 parameter casts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from launcher.engines.common import (
     step_if_finite,
     trainable,
 )
+from launcher.engines.frozen import frozen_store
 from ncft.engine import Segment, StepStats
 
 
@@ -45,6 +48,7 @@ class SingleEngine(LocalState):
         self.name, self.device = "single", info.device
         self.rank, self.world_size, self.cfg = 0, 1, cfg
         prepare_model(model, cfg)
+        self.frozen = frozen_store(model, cfg.compute_dtype, cfg.lower_frozen)
         self.load_report = None
         if weights is not None:  # a meta-device model: straight from the files to the device
             keys = loading.param_keys(model, weights.keys())
@@ -52,7 +56,7 @@ class SingleEngine(LocalState):
                 model.to_empty(device=info.device)
                 if hasattr(model, "tie_weights"):  # `to_empty` unties shared parameters
                     model.tie_weights()
-                loading.fill_rows(model, weights, keys, 1, 0)
+                loading.fill_rows(model, weights, keys, 1, 0, self.frozen)
             self.load_report = loading.report("single", 0, peak, weights)
         self.module = model.to(info.device)
         self._params = dict(self.module.named_parameters())
@@ -84,14 +88,27 @@ class SingleEngine(LocalState):
             if p.requires_grad
         ]
 
+    def _lowered(self, name: str) -> bool:
+        return self.frozen is not None and name in self.frozen.names
+
+    def _exact(self, name: str) -> torch.Tensor:
+        p = self._params[name]
+        return self.frozen.exact(name, p.detach()) if self._lowered(name) else p.detach()
+
     @contextmanager
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
-        yield {n: self._params[n].detach() for n in fqns}
+        yield {n: self._exact(n) for n in fqns}
 
     @contextmanager
     def edited(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102
         with torch.no_grad():
-            yield {n: self._params[n].data for n in fqns}
+            # A lowered parameter is edited in fp32 and stored back rounded + exact rest.
+            full = {n: self._exact(n).clone() if self._lowered(n) else self._params[n].data
+                    for n in fqns}
+            yield full
+            for name in fqns:
+                if self._lowered(name):
+                    self.frozen.write(name, self._params[name].data, full[name])
 
     def named_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:  # noqa: D102
         return named_shapes(self.module)
