@@ -11,9 +11,11 @@ trailing ranks get the short chunks and the padding):
   the trainable partitions (a separate copy even in fp32: DeepSpeed's sharing branch
   never fires), and parameters smaller than `stage3_param_persistence_threshold` held
   whole in the compute dtype. `fsdp2`: `ceil(rows / W)` rows of every parameter (FSDP2
-  pads its local storage to the first chunk's size) in fp32, the sharded
-  parameters being the masters. `fsdp1`: one flat shard `ceil(T / W)` per FSDP unit
-  (T = the unit's elements), fp32. `single`: every parameter, fp32.
+  pads its local storage to the first chunk's size), fp32 for trainable parameters
+  (the masters) and the compute dtype for frozen ones (`launcher.engines.frozen`;
+  their exact values sit in host memory, not counted here). `fsdp1`: one flat shard
+  `ceil(T / W)` per FSDP unit (T = the unit's elements), fp32. `single`: every
+  parameter, trainable ones fp32, frozen ones in the compute dtype.
 - **gradients**: `deepspeed`: the flat gradient partitions of the trainable
   parameters in the compute dtype (DeepSpeed's default `grad_accum_dtype`). `fsdp2`
   and `fsdp1`: the sharded gradient of the trainable local storage, fp32; with
@@ -54,7 +56,9 @@ trailing ranks get the short chunks and the padding):
   `training.activation_checkpointing` each layer keeps only its input (`e h` per
   token) and one layer's activations are live again while it is recomputed.
 - **buffers** (an estimate, not measured): transient engine buffers at their peak:
-  unsharded compute-dtype copies of the unit being computed and the one prefetched
+  `single`: autocast's compute-dtype copy of every fp32 (trainable) weight within
+  one forward. Sharded engines: unsharded compute-dtype copies of the unit being
+  computed and the one prefetched
   (2 x the largest decoder layer; FSDP1/FSDP2 also keep the root unit, embeddings
   and head, unsharded from forward to backward), the unsharded gradient of one layer
   before it is reduced, and for ZeRO-3 the reduce bucket and the fp32 copy of the
@@ -86,6 +90,8 @@ from ncft.masks.structured import DENSE_MAX_NUMEL, MaskBuilder, index_dtype
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 INDEX = 8  # int64 (the NeuronSet's indices)
+# Engines that store frozen parameters in the compute dtype (launcher/engines/frozen.py).
+LOWERS_FROZEN = ("fsdp2", "single")
 TERMS = ("parameters", "gradients", "optimizer", "masks", "activations", "buffers")
 
 def _index_size(size: int) -> int:
@@ -223,8 +229,10 @@ def buffer_bytes(
 ) -> float:
     """Transient engine buffers at their peak (an estimate; see module docstring)."""
     if engine == "single":
-        # autocast caches a compute-dtype copy of every weight within one forward
-        return float(e * model.numel) if e < FP32 else 0.0
+        # autocast caches a compute-dtype copy of every fp32 weight within one forward;
+        # frozen weights are already stored in the compute dtype (LOWERS_FROZEN)
+        trained = sum(p.numel for p in model.params if p.trainable)
+        return float(e * trained) if e < FP32 else 0.0
     per_layer: dict[str, int] = {}
     outside = 0
     for p in model.params:
@@ -293,6 +301,8 @@ def _param_bytes(engine: str, lay: Layout, e: int) -> float:
         # partition" branch compares a torch.device with a device-name string, which
         # never matches (stage3.py `_create_fp32_partitions`; measured on CPU).
         return float(e * lay.stored + FP32 * lay.stored_trainable + e * lay.whole)
+    if engine in LOWERS_FROZEN:
+        return float(e * (lay.stored - lay.stored_trainable) + FP32 * lay.stored_trainable)
     return float(FP32 * lay.stored)
 
 

@@ -1,7 +1,8 @@
 """One launched job: count what each real engine allocates, next to the planner's numbers.
 
 Run under torchrun by tests/launcher/plan/test_real_alloc.py. For every backend and
-for a masked (10% of FFN units per layer) and a full fine-tuning stage, it builds a
+for a masked (10% of FFN units per layer) and a full fine-tuning stage (and, on single
+and FSDP2, a sparse-delta stage over the same units), it builds a
 small random Llama (matrices of ~2^17 elements, so segments take the structured
 path, and ZeRO-3/FSDP1 cut rows mid-way), takes one optimizer step and one more backward, then sums the
 bytes of the distinct storages behind the rank's parameters, gradients, optimizer
@@ -20,17 +21,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from launcher.engines import OptimConfig, build_engine
 from launcher.plan.memory import Batch, DsTuning, per_rank_bytes
-from launcher.plan.model import describe, with_trainable
+from launcher.plan.model import describe, with_params, with_trainable
 from launcher.plan.report import ds_tuning
+from launcher.plan.stage import sparse_delta_params
+from ncft import sparse_delta
 from ncft.arch import get_adapter
 from ncft.engine import local_tensor
 from ncft.masks.install import freeze_unselected, install
-from ncft.selection import to_neuron_set, top_k
 from ncft.scoring.groups import unit_groups
+from ncft.selection import to_neuron_set, top_k
 from tests.support.spawn import backends_main
 
 VOCAB, SEQ, MICRO = 97, 16, 2
 FRACTION = 0.1
+# Engines whose sparse-delta stage the planner is checked on (frozen base lowered).
+DELTA_BACKENDS = ("single", "fsdp2")
 
 
 def small_llama() -> LlamaForCausalLM:
@@ -108,7 +113,8 @@ def _batch(rank: int, device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.to(device), "labels": ids.to(device)}
 
 
-def planned(backend, model, nset, world, rank, tuning: DsTuning, dtype: str) -> dict[str, dict]:
+def planned(backend, model, nset, world, rank, tuning: DsTuning, dtype: str,
+            deltas: bool = False) -> dict[str, dict]:
     info = describe(model, "small")
     out = {}
     if nset is None:
@@ -118,10 +124,12 @@ def planned(backend, model, nset, world, rank, tuning: DsTuning, dtype: str) -> 
         for fqn, sel in nset.entries.items():
             shape = dict(model.named_parameters())[fqn].shape
             fractions[fqn] = (sel.indices.numel() / shape[sel.axis], sel.axis)
-        stage = with_trainable(info, fractions, fsdp1_units=backend == "fsdp1")
+        stage = with_trainable(info, fractions, fsdp1_units=backend == "fsdp1" and not deltas)
+        if deltas:
+            stage = with_params(stage, sparse_delta_params(stage))
     batch = Batch(MICRO, SEQ)
     out["expected"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank, tuning)
-    if nset is not None:
+    if nset is not None and not deltas:
         out["exact"] = per_rank_bytes(backend, stage, dtype, world, batch, False, rank,
                                       tuning, selections=nset.entries)
     return out
@@ -151,15 +159,19 @@ def run_backend(name: str, info, out_dir: Path) -> None:
     backend, _, dtype = name.partition(":")
     dtype = dtype or "float32"
     tuning = ds_tuning(SimpleNamespace(engine=SimpleNamespace(ds_config="zero3")))
-    for stage in ("masked", "full"):
+    # sparse_delta: every matrix frozen (in bf16 where the engine lowers frozen weights).
+    stages = ("masked", "full") + (("sparse_delta",) if backend in DELTA_BACKENDS else ())
+    for stage in stages:
         cfg, model_dtype = optim_config(dtype)
         model = small_llama().to(model_dtype)
-        nset = neuron_set(model) if stage == "masked" else None
+        nset = neuron_set(model) if stage != "full" else None
         plan_input = small_llama()  # unwrapped twin: the engines rewrite `model` in place
-        if nset is not None:
+        if stage == "sparse_delta":
+            sparse_delta.install(model, nset.entries)
+        elif nset is not None:
             freeze_unselected(model, nset.entries)
         engine = build_engine(backend, model, cfg, info)
-        plan = install(engine, nset.entries) if nset is not None else None
+        plan = install(engine, nset.entries) if stage == "masked" else None
         batch = _batch(info.rank, info.device)
         engine.backward(engine.forward(batch).loss)  # step 1 creates the moments
         if plan is not None:
@@ -169,7 +181,7 @@ def run_backend(name: str, info, out_dir: Path) -> None:
         record = {
             "measured": measure(backend, engine, plan, nset),
             "planned": planned(backend, plan_input, nset, info.world_size, info.rank, tuning,
-                               dtype),
+                               dtype, deltas=stage == "sparse_delta"),
             "device": str(info.device),
         }
         path = out_dir / f"{backend}-{dtype}-{stage}-{info.rank}.json"

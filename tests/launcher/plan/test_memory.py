@@ -54,8 +54,10 @@ def test_deepspeed_partitions_masters_and_persistent_params():
 
 def test_fsdp2_pads_storage_but_steps_local_rows():
     # rows: ceil(10/3) = 4 -> 24 elements stored on every rank; rank 2 owns rows 8-9.
+    # The trainable weight is fp32; the frozen norm and embedding are stored in bf16.
     r0, r2 = _terms("fsdp2", stage(), 3, 0), _terms("fsdp2", stage(), 3, 2)
-    assert r0["parameters"] == r2["parameters"] == 4 * (24 + 2 + 12)
+    assert r0["parameters"] == r2["parameters"] == 4 * 24 + 2 * (2 + 12)
+    assert _terms("fsdp2", stage(), 3, 0, dtype="float32")["parameters"] == 4 * (24 + 2 + 12)
     assert r0["gradients"] == r2["gradients"] == 4 * 24
     assert r0["optimizer"] == 8 * 24 + 4 and r2["optimizer"] == 8 * 12 + 4
     assert r0["masks"] == 24 + 16 and r2["masks"] == 12 + 16
@@ -80,8 +82,9 @@ def test_fsdp1_units_train_whole_modules_and_pad_flat_shards():
 
 
 def test_single_and_full_fine_tuning():
+    # bf16: the trainable weight (60) fp32, the frozen norm and embedding (36) bf16.
     assert _terms("single", stage(), 1, 0) == {
-        "parameters": 4 * 96, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 16,
+        "parameters": 4 * 60 + 2 * 36, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 16,
     }
     full = _terms("single", hand_model(), 1, 0)
     assert full == {"parameters": 4 * 96, "gradients": 4 * 96, "optimizer": 8 * 96 + 3 * 4,
@@ -185,6 +188,7 @@ def test_buffer_estimate_by_hand():
     # ZeRO-3: the layers, the reduce bucket, and an fp32 copy of the 20 trainable
     # partition elements at step
     assert buffers("deepspeed", 3) - step["deepspeed"] == 2 * (3 * 66 + 100) + 4 * 20
-    # single: autocast's bf16 copy of every weight; nothing in fp32
-    assert buffers("single", 1) - step["single"] == 2 * 96
+    # single: autocast's bf16 copy of every fp32 (trainable) weight, the 60 of the
+    # selected one (frozen ones are stored in bf16 already); nothing in fp32
+    assert buffers("single", 1) - step["single"] == 2 * 60
     assert buffers("single", 1, "float32") == step["single"]

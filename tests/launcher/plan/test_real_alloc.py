@@ -7,6 +7,9 @@ masked stage (10% of FFN units per layer, segments on the structured-mask path)
 and for full fine-tuning, steps once, runs one more backward and sums the distinct
 storages behind each rank's parameters, gradients, optimizer state and masks.
 
+Single and FSDP2 also run a sparse-delta stage: fp32 deltas over a frozen base that
+bf16 compute stores in bf16 (`launcher.engines.frozen`).
+
 Tolerances: parameters, gradients and optimizer state must match to the byte, and
 so must the masks when the planner is given the real NeuronSet; the planner's
 default estimate (selected elements spread evenly over each parameter) must be
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.plan_worker import engines_own_precision
+from tests.dist.plan_worker import DELTA_BACKENDS, engines_own_precision
 from tests.support.spawn import REPO, torchrun
 
 pytestmark = pytest.mark.dist
@@ -68,6 +71,17 @@ def test_planned_bytes_equal_real_allocations(results, backend, dtype, world, st
             assert rec["measured"][term] == int(planned[term]), (backend, world, rank, term)
         if stage == "full":
             assert rec["measured"]["masks"] == 0
+
+
+@pytest.mark.parametrize("backend,dtype,world",
+                         [c for c in CASES if c[0] in DELTA_BACKENDS])
+def test_planned_bytes_equal_real_allocations_sparse_delta(results, backend, dtype, world):
+    # Deltas fp32, every matrix frozen: in bf16 the base is stored in the compute dtype.
+    for rank, rec in enumerate(_records(results, backend, dtype, world, "sparse_delta")):
+        for term in EXACT:
+            assert rec["measured"][term] == int(rec["planned"]["expected"][term]), \
+                (backend, dtype, world, rank, term)
+        assert rec["measured"]["masks"] == 0
 
 
 @pytest.mark.parametrize("backend,dtype,world", CASES)
