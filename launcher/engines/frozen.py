@@ -103,7 +103,10 @@ class FrozenStore:
         width = 1
         for size in shape[1:]:
             width *= size
-        start, stop = lo * width, hi * width
+        self.keep_range(name, lo * width, hi * width)
+
+    def keep_range(self, name: str, start: int, stop: int) -> None:
+        """Trim a whole-tensor record to flat elements `[start, stop)` (a flat shard)."""
         if name in self._dense:
             self._dense[name] = self._dense[name][start:stop].clone()
         elif name in self._patch:

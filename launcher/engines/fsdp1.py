@@ -10,10 +10,13 @@ FSDP1 refuses a FlatParameter that mixes trainable and frozen parameters, so eve
 module that owns a trainable parameter becomes its own unit and all its parameters
 train; masks then freeze the unselected ones (a down projection's bias, say).
 
-Precision: the flat parameters stay fp32 (masters, and what masks act on); with
-`compute_dtype=bfloat16` FSDP's `MixedPrecision` gathers bf16 copies for compute and
-reduces gradients in fp32. `summon_full_params` (gathered, edited, export) returns
-the fp32 values.
+Precision: the trainable flat parameters stay fp32 (masters, and what masks act on);
+with `compute_dtype=bfloat16` FSDP's `MixedPrecision` gathers bf16 copies for compute
+and reduces gradients in fp32. Frozen units (every unit holds only trainable or only
+frozen parameters, see above) are flattened in bf16 (`launcher.engines.frozen`), each
+rank keeping the exact values of its shard's pieces on the host; `gathered` and
+`edited` patch those exact pieces over what `summon_full_params` returns, so exports
+keep every source bit.
 
 With NCCL on several ranks the engine wraps with `sync_module_states`: ranks other
 than 0 may pass a meta-device model, materialised empty (`param_init_fn`) and then
@@ -24,6 +27,7 @@ states, so on CPU every rank passes real weights.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -33,7 +37,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-from launcher.dist import DistInfo
+from launcher.dist import DistInfo, all_gather_flat, broadcast_
 from launcher.engines.common import (
     LocalState,
     OptimConfig,
@@ -46,6 +50,7 @@ from launcher.engines.common import (
     step_if_finite,
     trainable,
 )
+from launcher.engines.frozen import frozen_store
 from ncft.engine import Segment, StepStats
 
 _WRAPPED = "_fsdp_wrapped_module."
@@ -73,16 +78,73 @@ class Fsdp1Engine(ShardedBasics, LocalState):
         self._shapes = dict(named_shapes(model))
         prepare_model(model, cfg)
         units = _units(model)
+        # After `_units`: it may make a frozen parameter of a trainable module train.
+        self.frozen = frozen_store(model, cfg.compute_dtype, cfg.lower_frozen)
+        sync = _from_rank0(model, info)
+        # Rank 0's lowered parameters, whose exact values it sends after wrapping.
+        kept = {n: p for n, p in model.named_parameters()
+                if self.frozen is not None and n in self.frozen.names} if sync else {}
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
         self.module = FSDP(
             model, auto_wrap_policy=policy, use_orig_params=False,
-            sharding_strategy=ShardingStrategy.FULL_SHARD, **_from_rank0(model, info),
+            sharding_strategy=ShardingStrategy.FULL_SHARD, **sync,
             mixed_precision=_policy(cfg.compute_dtype),
             # An explicit device: FSDP1 only infers accelerators and refuses to guess CPU.
             device_id=info.device,
         )
+        if self.frozen is not None:
+            self._place_frozen(kept if sync else None)
+        del kept
         self.optimizer = make_optimizer(trainable(self.module), cfg)
         self._micro = 0
+
+    def _pieces(self) -> Iterator[tuple[str, FSDP, int, int, int]]:
+        """`(fqn, unit, start, stop, offset in shard)` of every parameter's local piece."""
+        for prefix, unit in self._fsdp_units():
+            flat = unit._flat_param
+            for fqn, info in zip(flat._fqns, flat._shard_param_infos):
+                full = f"{prefix}.{fqn}" if prefix else fqn
+                if info.in_shard:
+                    yield (full, unit, info.intra_param_start_idx,
+                           info.intra_param_end_idx + 1, info.offset_in_shard)
+                else:
+                    yield full, unit, 0, 0, 0
+
+    @torch.no_grad()
+    def _place_frozen(self, from_rank0: dict[str, torch.Tensor] | None) -> None:
+        """Trim the exact records to this rank's pieces (rank 0 sends them under sync)."""
+        for name, _, start, stop, _ in self._pieces():
+            if name not in self.frozen.names:
+                continue
+            if from_rank0 is None:  # every rank recorded the whole tensor
+                self.frozen.keep_range(name, start, stop)
+                continue
+            shape = self._shapes[name]
+            if self.rank == 0:
+                buf = self.frozen.exact(name, from_rank0[name]).to(self.device).reshape(-1)
+            else:
+                buf = torch.empty(math.prod(shape), dtype=torch.float32, device=self.device)
+            broadcast_(buf, self.device, src=0)
+            self.frozen.record(name, buf[start:stop])
+
+    def _exact_full(self, name: str, summoned: torch.Tensor) -> torch.Tensor:
+        """A lowered parameter's exact fp32 value, from every rank's exact piece.
+
+        The summoned bf16 value, with each rank's piece put back over it: one
+        all-gather of shard-sized pieces and one of their bounds.
+        """
+        unit, start, stop, offset = self._piece_of[name]
+        flat = unit._flat_param
+        size = flat.numel()  # the local shard, equal on every rank (padded)
+        low = flat.detach().narrow(0, offset, stop - start)
+        piece = torch.zeros(size, dtype=torch.float32, device=self.device)
+        piece[: stop - start].copy_(self.frozen.exact(name, low))
+        every = all_gather_flat(piece, self.device).view(self.world_size, size)
+        bounds = all_gather_flat(torch.tensor([start, stop]), self.device).view(-1, 2)
+        out = summoned.detach().float().reshape(-1).clone()
+        for row, (lo, hi) in zip(every, bounds.tolist()):
+            out[lo:hi] = row[: hi - lo]
+        return out.view(summoned.shape)
 
     def backward(self, loss: torch.Tensor) -> None:  # noqa: D102
         self._micro += 1
@@ -124,6 +186,15 @@ class Fsdp1Engine(ShardedBasics, LocalState):
                 )
         return out
 
+    @property
+    def _piece_of(self) -> dict[str, tuple[FSDP, int, int, int]]:
+        if not hasattr(self, "_pieces_cache"):
+            self._pieces_cache = {n: (u, a, b, o) for n, u, a, b, o in self._pieces()}
+        return self._pieces_cache
+
+    def _lowered(self, name: str) -> bool:
+        return self.frozen is not None and name in self.frozen.names
+
     @contextmanager
     def _summoned(self, fqns: Sequence[str], writeback: bool):
         wanted = set(fqns)
@@ -140,7 +211,16 @@ class Fsdp1Engine(ShardedBasics, LocalState):
                 name.replace(_WRAPPED, ""): p for name, p in self.module.named_parameters()
             }
             with torch.no_grad():
-                yield {n: params[n].data for n in fqns}
+                full = {n: self._exact_full(n, params[n]) if self._lowered(n) else params[n].data
+                        for n in fqns}
+                yield full
+                for name in fqns:
+                    if writeback and self._lowered(name):
+                        # Rounded into the summoned bf16 copy (FSDP writes this rank's
+                        # shard back from it), the exact piece kept on the host.
+                        params[name].data.copy_(full[name])
+                        _, start, stop, _ = self._piece_of[name]
+                        self.frozen.record(name, full[name].reshape(-1)[start:stop])
 
     @contextmanager
     def gathered(self, fqns: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:  # noqa: D102

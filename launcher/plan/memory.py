@@ -14,8 +14,9 @@ trailing ranks get the short chunks and the padding):
   pads its local storage to the first chunk's size), fp32 for trainable parameters
   (the masters) and the compute dtype for frozen ones (`launcher.engines.frozen`;
   their exact values sit in host memory, not counted here). `fsdp1`: one flat shard
-  `ceil(T / W)` per FSDP unit (T = the unit's elements), fp32. `single`: every
-  parameter, trainable ones fp32, frozen ones in the compute dtype.
+  `ceil(T / W)` per FSDP unit (T = the unit's elements), fp32 for trainable units
+  and the compute dtype for frozen ones. `single`: every parameter, trainable ones
+  fp32, frozen ones in the compute dtype.
 - **gradients**: `deepspeed`: the flat gradient partitions of the trainable
   parameters in the compute dtype (DeepSpeed's default `grad_accum_dtype`). `fsdp2`
   and `fsdp1`: the sharded gradient of the trainable local storage, fp32; with
@@ -91,7 +92,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 INDEX = 8  # int64 (the NeuronSet's indices)
 # Engines that store frozen parameters in the compute dtype (launcher/engines/frozen.py).
-LOWERS_FROZEN = ("fsdp2", "single")
+LOWERS_FROZEN = ("fsdp2", "fsdp1", "single")
 TERMS = ("parameters", "gradients", "optimizer", "masks", "activations", "buffers")
 
 def _index_size(size: int) -> int:

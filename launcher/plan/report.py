@@ -136,7 +136,7 @@ def format_text(plan: dict[str, Any]) -> str:
     world, nodes = plan["world_size"], plan["nodes"]
     precision = ("bf16 compute, fp32 master weights and AdamW moments"
                  if m["dtype"] != "float32" else "fp32 weights, compute and AdamW moments")
-    if m["dtype"] != "float32" and plan["engine"] != "fsdp1":
+    if m["dtype"] != "float32":
         precision += ", frozen weights bf16"  # exact values on the host (engines/frozen.py)
     lines = [
         f"model    {m['name_or_path']} [{m['config']}]: {m['model_type']}, "

@@ -1,8 +1,8 @@
 """One launched job: count what each real engine allocates, next to the planner's numbers.
 
 Run under torchrun by tests/launcher/plan/test_real_alloc.py. For every backend and
-for a masked (10% of FFN units per layer) and a full fine-tuning stage (and, on single
-and FSDP2, a sparse-delta stage over the same units), it builds a
+for a masked (10% of FFN units per layer) and a full fine-tuning stage (and, on single,
+FSDP2 and FSDP1, a sparse-delta stage over the same units), it builds a
 small random Llama (matrices of ~2^17 elements, so segments take the structured
 path, and ZeRO-3/FSDP1 cut rows mid-way), takes one optimizer step and one more backward, then sums the
 bytes of the distinct storages behind the rank's parameters, gradients, optimizer
@@ -35,7 +35,7 @@ from tests.support.spawn import backends_main
 VOCAB, SEQ, MICRO = 97, 16, 2
 FRACTION = 0.1
 # Engines whose sparse-delta stage the planner is checked on (frozen base lowered).
-DELTA_BACKENDS = ("single", "fsdp2")
+DELTA_BACKENDS = ("single", "fsdp2", "fsdp1")
 
 
 def small_llama() -> LlamaForCausalLM:

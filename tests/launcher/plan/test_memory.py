@@ -72,9 +72,10 @@ def test_fsdp1_units_train_whole_modules_and_pad_flat_shards():
     model = stage(fsdp1=True)
     norm = next(p for p in model.params if p.fqn == "l.0.n")
     assert norm.trainable and norm.selected == 0.0  # same module as the selected weight
-    # unit l.0 = 66 elements -> shard 22; root unit (emb) = 30 -> shard 10.
+    # unit l.0 = 66 elements -> shard 22 (fp32); frozen root unit (emb) = 30 -> shard
+    # 10, stored in bf16.
     assert _terms("fsdp1", model, 3, 1) == {
-        "parameters": 4 * (22 + 10), "gradients": 4 * 22, "optimizer": 8 * 22 + 4,
+        "parameters": 4 * 22 + 2 * 10, "gradients": 4 * 22, "optimizer": 8 * 22 + 4,
         "masks": 22 + 16,
     }
     held = {h.param.fqn: (h.start, h.stop) for h in layout("fsdp1", model, 3, 2).held}

@@ -7,7 +7,7 @@ masked stage (10% of FFN units per layer, segments on the structured-mask path)
 and for full fine-tuning, steps once, runs one more backward and sums the distinct
 storages behind each rank's parameters, gradients, optimizer state and masks.
 
-Single and FSDP2 also run a sparse-delta stage: fp32 deltas over a frozen base that
+Single, FSDP2 and FSDP1 also run a sparse-delta stage: fp32 deltas over a frozen base that
 bf16 compute stores in bf16 (`launcher.engines.frozen`).
 
 Tolerances: parameters, gradients and optimizer state must match to the byte, and
