@@ -19,8 +19,10 @@ only what the low-precision copy cannot represent:
 
 `exact(name, low)` rebuilds the fp32 values; `write(name, low, values)` stores new
 values (an `edited` block): the device copy gets them rounded, the host their rest.
-A parameter's trainable set never changes within an engine (each stage builds its
-own), so the lowered set is fixed at build time; that also keeps FSDP2 clear of
+The single engine lowers only the weights that matrix products read
+(`matmul_weights`): under autocast that changes no computed value. A parameter's
+trainable set never changes within an engine (each stage builds its own), so the
+lowered set is fixed at build time; that also keeps FSDP2 clear of
 PyTorch #186998 (a module first run frozen, then unfrozen, under
 `MixedPrecisionPolicy`).
 """
@@ -61,14 +63,20 @@ class FrozenStore:
         self._dense: dict[str, torch.Tensor] = {}
         self._patch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def lower(self, model: nn.Module) -> None:
+    def lower(self, model: nn.Module, only: set[str] | None = None) -> None:
         """Store every frozen floating-point parameter of `model` in the compute dtype.
 
         Real tensors are recorded first (whole: callers that shard afterwards call
         `keep_rows`); meta tensors just change dtype and are recorded when filled.
+
+        Args:
+            model: The unwrapped model, trainables marked.
+            only: Lower only these names (None: every frozen parameter).
         """
         for name, p in model.named_parameters():
             if p.requires_grad or not p.is_floating_point():
+                continue
+            if only is not None and name not in only:
                 continue
             self.names.add(name)
             if not p.is_meta:
@@ -137,15 +145,38 @@ class FrozenStore:
         return dense + patch
 
 
-def frozen_store(model: nn.Module, compute_dtype: torch.dtype,
-                 enabled: bool = True) -> FrozenStore | None:
+def frozen_store(model: nn.Module, compute_dtype: torch.dtype, enabled: bool = True,
+                 only: set[str] | None = None) -> FrozenStore | None:
     """Lower `model`'s frozen parameters to `compute_dtype`; None when nothing is lowered.
 
     Call after the caller marked what trains (`requires_grad`) and cast the model to
-    fp32, before wrapping: FSDP2 shards what it is given.
+    fp32, before wrapping: FSDP2 shards what it is given. `only` limits the lowering
+    to those names (the single engine: `matmul_weights`).
     """
     if not (enabled and lowers(compute_dtype)):
         return None
     store = FrozenStore(compute_dtype)
-    store.lower(model)
+    store.lower(model, only)
     return store
+
+
+def matmul_weights(model: nn.Module) -> set[str]:
+    """Names of the weights only matrix products read: Linear and GPT-2 Conv1D weights.
+
+    Under autocast (the single engine) a product casts its fp32 weight to the compute
+    dtype, so storing such a weight there changes no computed value. Embeddings,
+    norms and biases are read in fp32 by other ops (the residual stream starts as the
+    embedding's fp32 output), so they stay fp32 and a bf16 single run computes what
+    it did before. A weight tied to an embedding (`tie_word_embeddings`) is left out.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    products = (nn.Linear, Conv1D)
+    other = {id(p) for m in model.modules() if not isinstance(m, products)
+             for p in m.parameters(recurse=False)}
+    out = set()
+    for prefix, module in model.named_modules():
+        weight = getattr(module, "weight", None) if isinstance(module, products) else None
+        if isinstance(weight, nn.Parameter) and id(weight) not in other:
+            out.add(f"{prefix}.weight" if prefix else "weight")
+    return out

@@ -127,19 +127,28 @@ class Fsdp1Engine(ShardedBasics, LocalState):
             broadcast_(buf, self.device, src=0)
             self.frozen.record(name, buf[start:stop])
 
-    def _exact_full(self, name: str, summoned: torch.Tensor) -> torch.Tensor:
-        """A lowered parameter's exact fp32 value, from every rank's exact piece.
+    def _exact_piece(self, name: str) -> torch.Tensor:
+        """This rank's exact piece of a lowered parameter, zero-padded to the shard size.
 
-        The summoned bf16 value, with each rank's piece put back over it: one
-        all-gather of shard-sized pieces and one of their bounds.
+        Call outside `summon_full_params`: inside it the unit's flat parameter is the
+        unsharded one, where `offset_in_shard` means nothing.
         """
         unit, start, stop, offset = self._piece_of[name]
         flat = unit._flat_param
-        size = flat.numel()  # the local shard, equal on every rank (padded)
-        low = flat.detach().narrow(0, offset, stop - start)
-        piece = torch.zeros(size, dtype=torch.float32, device=self.device)
-        piece[: stop - start].copy_(self.frozen.exact(name, low))
-        every = all_gather_flat(piece, self.device).view(self.world_size, size)
+        piece = torch.zeros(flat.numel(), dtype=torch.float32, device=self.device)
+        piece[: stop - start].copy_(
+            self.frozen.exact(name, flat.detach().narrow(0, offset, stop - start)))
+        return piece
+
+    def _exact_full(self, name: str, piece: torch.Tensor, summoned: torch.Tensor
+                    ) -> torch.Tensor:
+        """A lowered parameter's exact fp32 value, from every rank's exact piece.
+
+        The summoned bf16 value with each rank's piece put back over it (all-gathers
+        of the pieces and of their bounds).
+        """
+        _, start, stop, _ = self._piece_of[name]
+        every = all_gather_flat(piece, self.device).view(self.world_size, -1)
         bounds = all_gather_flat(torch.tensor([start, stop]), self.device).view(-1, 2)
         out = summoned.detach().float().reshape(-1).clone()
         for row, (lo, hi) in zip(every, bounds.tolist()):
@@ -202,6 +211,7 @@ class Fsdp1Engine(ShardedBasics, LocalState):
             unit for prefix, unit in self._fsdp_units()
             if any(_owner(f, prefix, unit) for f in wanted)
         ]
+        pieces = {n: self._exact_piece(n) for n in fqns if self._lowered(n)}
         with ExitStack() as stack:
             for unit in units:
                 stack.enter_context(
@@ -211,8 +221,8 @@ class Fsdp1Engine(ShardedBasics, LocalState):
                 name.replace(_WRAPPED, ""): p for name, p in self.module.named_parameters()
             }
             with torch.no_grad():
-                full = {n: self._exact_full(n, params[n]) if self._lowered(n) else params[n].data
-                        for n in fqns}
+                full = {n: self._exact_full(n, pieces.pop(n), params[n]) if self._lowered(n)
+                        else params[n].data for n in fqns}
                 yield full
                 for name in fqns:
                     if writeback and self._lowered(name):

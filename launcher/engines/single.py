@@ -1,9 +1,11 @@
 """Plain PyTorch in one process: the reference every sharded engine must match.
 
 Precision: trainable parameters stay fp32 (they are the masters the optimizer and the
-masks act on) and `forward` runs under autocast to `compute_dtype`. Frozen parameters
-are stored in `compute_dtype` (`launcher.engines.frozen`; their exact values on the
-host), so autocast casts only the trainable ones. Autocast runs matmuls in bf16 and
+masks act on) and `forward` runs under autocast to `compute_dtype`. Frozen weights of
+matrix products (Linear, Conv1D) are stored in `compute_dtype`
+(`launcher.engines.frozen`; exact values on the host): autocast would cast them to it
+anyway, so results are unchanged and it casts only the trainable ones. Frozen
+embeddings, norms and biases stay fp32. Autocast runs matmuls in bf16 and
 keeps reductions such as softmax and norms in fp32, so a bf16 single run is close to,
 not bit-equal with, the FSDP engines' bf16 parameter casts.
 """
@@ -30,7 +32,7 @@ from launcher.engines.common import (
     step_if_finite,
     trainable,
 )
-from launcher.engines.frozen import frozen_store
+from launcher.engines.frozen import frozen_store, matmul_weights
 from ncft.engine import Segment, StepStats
 
 
@@ -48,7 +50,9 @@ class SingleEngine(LocalState):
         self.name, self.device = "single", info.device
         self.rank, self.world_size, self.cfg = 0, 1, cfg
         prepare_model(model, cfg)
-        self.frozen = frozen_store(model, cfg.compute_dtype, cfg.lower_frozen)
+        # Only what autocast casts anyway: a bf16 run computes exactly as with fp32 copies.
+        self.frozen = frozen_store(model, cfg.compute_dtype, cfg.lower_frozen,
+                                   only=matmul_weights(model))
         self.load_report = None
         if weights is not None:  # a meta-device model: straight from the files to the device
             keys = loading.param_keys(model, weights.keys())

@@ -15,8 +15,8 @@ trailing ranks get the short chunks and the padding):
   (the masters) and the compute dtype for frozen ones (`launcher.engines.frozen`;
   their exact values sit in host memory, not counted here). `fsdp1`: one flat shard
   `ceil(T / W)` per FSDP unit (T = the unit's elements), fp32 for trainable units
-  and the compute dtype for frozen ones. `single`: every parameter, trainable ones
-  fp32, frozen ones in the compute dtype.
+  and the compute dtype for frozen ones. `single`: every parameter, fp32 except the
+  frozen weights of matrix products (`ParamInfo.matmul`), in the compute dtype.
 - **gradients**: `deepspeed`: the flat gradient partitions of the trainable
   parameters in the compute dtype (DeepSpeed's default `grad_accum_dtype`). `fsdp2`
   and `fsdp1`: the sharded gradient of the trainable local storage, fp32; with
@@ -302,9 +302,12 @@ def _param_bytes(engine: str, lay: Layout, e: int) -> float:
         # partition" branch compares a torch.device with a device-name string, which
         # never matches (stage3.py `_create_fp32_partitions`; measured on CPU).
         return float(e * lay.stored + FP32 * lay.stored_trainable + e * lay.whole)
-    if engine in LOWERS_FROZEN:
-        return float(e * (lay.stored - lay.stored_trainable) + FP32 * lay.stored_trainable)
-    return float(FP32 * lay.stored)
+    if e == FP32 or engine not in LOWERS_FROZEN:
+        return float(FP32 * lay.stored)
+    if engine == "single":  # only products' weights: autocast casts them anyway
+        low = sum(h.param.numel for h in lay.held if h.param.matmul and not h.param.trainable)
+        return float(e * low + FP32 * (lay.stored - low))
+    return float(e * (lay.stored - lay.stored_trainable) + FP32 * lay.stored_trainable)
 
 
 def _grad_bytes(engine: str, lay: Layout, model: ModelInfo, e: int, batch: Batch) -> float:

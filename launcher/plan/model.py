@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.engines.common import decoder_layers
+from launcher.engines.frozen import matmul_weights
 from launcher.errors import UserError
 from launcher.run.models import BUILTIN, cache_root
 from ncft.arch import get_adapter
@@ -51,6 +52,9 @@ class ParamInfo:
             mask covers it (full fine-tuning, LoRA, frozen parameters).
         module: Name of the module that owns it (FSDP1 wraps by module).
         axis: Storage axis the selection indexes (rows 0, columns 1), when masked.
+        matmul: Only matrix products read it (a Linear/Conv1D weight, untied): what
+            the single engine stores in the compute dtype when frozen
+            (`launcher.engines.frozen.matmul_weights`).
     """
 
     fqn: str
@@ -59,6 +63,7 @@ class ParamInfo:
     selected: float | None = None
     module: str = ""
     axis: int = 0
+    matmul: bool = False
 
     @property
     def numel(self) -> int:
@@ -151,8 +156,9 @@ def describe(model: Any, source: str) -> ModelInfo:
     for name, mod in model.named_modules():
         for p in mod.parameters(recurse=False):
             owners.setdefault(id(p), name)  # a tied weight belongs to its first owner
+    products = matmul_weights(model)
     params = tuple(
-        ParamInfo(fqn=n, shape=tuple(p.shape), module=owners[id(p)])
+        ParamInfo(fqn=n, shape=tuple(p.shape), module=owners[id(p)], matmul=n in products)
         for n, p in model.named_parameters()
     )
     ids = {id(m) for m in decoder_layers(model)}

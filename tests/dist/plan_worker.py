@@ -2,11 +2,11 @@
 
 Run under torchrun by tests/launcher/plan/test_real_alloc.py. For every backend and
 for a masked (10% of FFN units per layer) and a full fine-tuning stage (and, on single,
-FSDP2 and FSDP1, a sparse-delta stage over the same units), it builds a
-small random Llama (matrices of ~2^17 elements, so segments take the structured
-path, and ZeRO-3/FSDP1 cut rows mid-way), takes one optimizer step and one more backward, then sums the
-bytes of the distinct storages behind the rank's parameters, gradients, optimizer
-state and mask tensors. Each rank writes `{backend}-{stage}-{rank}.json` holding
+FSDP2 and FSDP1, a sparse-delta stage over the same units), it builds a small random
+Llama (matrices of ~2^17 elements, so segments take the structured path, and
+ZeRO-3/FSDP1 cut rows mid-way), takes one optimizer step and one more backward, then
+sums the bytes of the distinct storages behind the rank's parameters, gradients,
+optimizer state and mask tensors. Each rank writes `{backend}-{stage}-{rank}.json` holding
 both the measured and the planned bytes.
 """
 

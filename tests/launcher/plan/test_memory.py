@@ -83,10 +83,15 @@ def test_fsdp1_units_train_whole_modules_and_pad_flat_shards():
 
 
 def test_single_and_full_fine_tuning():
-    # bf16: the trainable weight (60) fp32, the frozen norm and embedding (36) bf16.
+    # bf16: the trainable weight, the frozen norm and embedding all fp32 (only frozen
+    # weights of matrix products are stored in bf16 on single)
     assert _terms("single", stage(), 1, 0) == {
-        "parameters": 4 * 60 + 2 * 36, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 16,
+        "parameters": 4 * 96, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 16,
     }
+    frozen_product = with_trainable(
+        hand_model(params=(ParamInfo("l.0.w", (10, 6), module="l.0", matmul=True),
+                           ParamInfo("emb", (5, 6), module="emb"))), {"emb": (0.2, 0)})
+    assert _terms("single", frozen_product, 1, 0)["parameters"] == 2 * 60 + 4 * 30
     full = _terms("single", hand_model(), 1, 0)
     assert full == {"parameters": 4 * 96, "gradients": 4 * 96, "optimizer": 8 * 96 + 3 * 4,
                     "masks": 0}
