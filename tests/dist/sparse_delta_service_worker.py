@@ -4,8 +4,10 @@ Run by tests/launcher/run/test_sparse_delta_service.py. For NCFT, W-NCFT (two ta
 each) and single-task NeFT rows it runs the tiny spec twice, once per update mode,
 with weight decay, biting clipping and accumulation; then an NCFT sparse-delta run
 that is SIGKILLed after optimizer step 2 of stage 1 (a mid-task checkpoint exists at
-step 2) and resumed with `output.resume=true`. `NAME` selects one of `RUNS`; the run
-directories land in `out/<update>/<name>` and `out/killed/ncft`.
+step 2) and resumed with `output.resume=true`; then the same pair with
+`model.dtype=bfloat16` (frozen weights stored in bf16, `launcher.engines.frozen`).
+`NAME` selects one of `RUNS`; the run directories land in `out/<update>/<name>`,
+`out/killed/ncft`, `out/bf16/ncft` and `out/bf16_killed/ncft`.
 """
 
 import os
@@ -34,11 +36,19 @@ def main(out: Path, names: list[str]) -> None:
     for name in names:
         for update in ("masked", "sparse_delta"):
             _run(args(name, out, update))
+    _killed_and_resumed(out, "killed", [])
+    bf16 = ["model.dtype=bfloat16"]
+    _run([*[a for a in args("ncft", out, "sparse_delta") if not a.startswith("output.dir=")],
+          *bf16, f"output.dir={out / 'bf16' / 'ncft'}"])
+    _killed_and_resumed(out, "bf16_killed", bf16)
+
+
+def _killed_and_resumed(out: Path, folder: str, extra: list[str]) -> None:
     killed = [a for a in args("ncft", out, "sparse_delta") if not a.startswith("output.dir=")]
-    killed += [f"output.dir={out / 'killed' / 'ncft'}", "output.checkpoint_every=1"]
+    killed += [*extra, f"output.dir={out / folder / 'ncft'}", "output.checkpoint_every=1"]
     sig = _killed(killed, {KILL_AT_STEP: "1:2"})
     assert sig == 9, f"the fault hook did not kill the run ({sig})"
-    assert (out / "killed" / "ncft" / "checkpoints" / "in-progress").is_dir()
+    assert (out / folder / "ncft" / "checkpoints" / "in-progress").is_dir()
     os.environ.pop(KILL_AT_STEP, None)
     _run([*killed, "output.resume=true"])
 

@@ -8,7 +8,9 @@ mid-task and resumed from its per-rank checkpoint (which holds the delta paramet
 Tolerance: every stage checkpoint and `final/` equal the masked run's within atol
 1e-5 (fp32; the sparse forward sums selected columns separately, so activations
 differ in the last bits); scores agree within 1e-6 on these tiny eval sets (identical
-in practice). The resumed run equals the uninterrupted sparse-delta run bit for bit.
+in practice). The resumed run equals the uninterrupted sparse-delta run bit for bit,
+in fp32 and with bf16 compute (frozen base stored in bf16), and the bf16 run's
+checkpoint keeps the fp32 base values outside the selection bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ncft.neuron_set import NeuronSet
 from tests.dist.sparse_delta_service_worker import RUNS
 from tests.support.spawn import REPO, worker_env
 
@@ -69,10 +72,29 @@ def test_second_stage_trains_its_own_selection(out):
     assert changed and all(".mlp." in k for k in changed)
 
 
-def test_mid_task_resume_equals_uninterrupted(out):
-    ref, got = out / "sparse_delta" / "ncft", out / "killed" / "ncft"
+@pytest.mark.parametrize("ref,killed", [("sparse_delta", "killed"), ("bf16", "bf16_killed")])
+def test_mid_task_resume_equals_uninterrupted(out, ref, killed):
+    ref, got = out / ref / "ncft", out / killed / "ncft"
     for stage in (*STAGES["ncft"], "final"):
         a, b = _weights(got, stage), _weights(ref, stage)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), stage
     res_a, res_b = (json.loads((r / "results.json").read_text()) for r in (got, ref))
     assert res_a["matrix"] == res_b["matrix"]
+
+
+def test_bf16_run_keeps_unselected_elements_exact(out):
+    # bf16 compute stores the frozen base in bf16 (launcher/engines/frozen.py); the
+    # stage checkpoint must still hold the fp32 base values outside the selection,
+    # as the fp32 run's does. Each run scored its own NeuronSet, so the elements
+    # compared are those outside both.
+    fp32, bf16 = out / "sparse_delta" / "ncft", out / "bf16" / "ncft"
+    sets = [NeuronSet.load(run / "neurons" / "sst2.safetensors") for run in (fp32, bf16)]
+    got, want = _weights(bf16, "01-sst2"), _weights(fp32, "01-sst2")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        keep = torch.ones(value.shape, dtype=torch.bool)
+        for nset in sets:
+            if key in nset.entries:
+                keep &= ~nset.dense_mask(key, value.shape)
+        assert got[key].dtype == torch.float32 and keep.any(), key
+        assert torch.equal(got[key][keep], value[keep]), key
