@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,29 @@ from ncft.io import atomic_file, write_text
 FORMAT = "ncft.neuron_set/1"
 
 
-@dataclass(frozen=True, eq=False)
+def compact_dtype(bound: int) -> torch.dtype:
+    """int32 when every index is below 2^31 (any real dimension), else int64."""
+    return torch.int32 if bound < 2**31 else torch.int64
+
+
 class Selection:
     """Rows (axis 0) or columns (axis 1) of one stored parameter.
 
     Attributes:
         axis: 0 for rows (or elements of a 1-D tensor), 1 for columns.
-        indices: 1-D int64 CPU tensor, strictly increasing, non-negative.
-
+        indices: 1-D int64 CPU tensor, strictly increasing, non-negative (built on
+            access from `compact`, so keep a reference where it is used repeatedly).
+        compact: The same indices as held: int32 where they fit (`compact_dtype`),
+            and one tensor shared by the selections of a `NeuronSet` that are equal
+            (a layer's gate, up and down units), so a set of L layers holds L lists.
     """
 
-    axis: int
-    indices: torch.Tensor
+    __slots__ = ("axis", "compact")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.axis, int) or isinstance(self.axis, bool) or self.axis not in (0, 1):
-            raise ValueError(f"axis must be 0 or 1, got {self.axis!r}")
-        idx = self.indices
+    def __init__(self, axis: int, indices: torch.Tensor) -> None:
+        if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1):
+            raise ValueError(f"axis must be 0 or 1, got {axis!r}")
+        idx = indices
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1:
             raise ValueError("indices must be a 1-D tensor")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
@@ -59,18 +64,42 @@ class Selection:
                 raise ValueError("indices must be unique (found a duplicate)")
             if int(idx[0]) < 0:
                 raise ValueError(f"indices must be non-negative, got {int(idx[0])}")
+        bound = int(idx[-1]) + 1 if idx.numel() else 0
         # A private copy, so later in-place edits of the caller's tensor can't leak in.
-        object.__setattr__(self, "indices", idx.clone())
+        object.__setattr__(self, "axis", axis)
+        object.__setattr__(self, "compact", idx.to(compact_dtype(bound), copy=True))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Selection is immutable (cannot set {name!r})")
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The indices as int64 (what `index_copy_` and `index_fill_` take)."""
+        return self.compact.to(torch.int64)
+
+    def _sharing(self, compact: torch.Tensor) -> Selection:
+        """This selection holding `compact` (equal indices) instead of its own copy."""
+        out = object.__new__(Selection)
+        object.__setattr__(out, "axis", self.axis)
+        object.__setattr__(out, "compact", compact)
+        return out
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Selection):
             return NotImplemented
-        return self.axis == other.axis and torch.equal(self.indices, other.indices)
+        return self.axis == other.axis and torch.equal(self.compact.long(),
+                                                       other.compact.long())
 
     __hash__ = None  # type: ignore[assignment]
 
     def __len__(self) -> int:
-        return self.indices.numel()
+        return self.compact.numel()
+
+    def __repr__(self) -> str:
+        return f"Selection(axis={self.axis}, {len(self)} indices)"
+
+    def __reduce__(self):
+        return (Selection, (self.axis, self.indices))
 
 
 def _combine(
@@ -123,9 +152,9 @@ class NeuronSet:
                 raise ValueError(f"entries keys must be non-empty parameter names, got {fqn!r}")
             if not isinstance(sel, Selection):
                 raise ValueError(f"entries[{fqn!r}] must be a Selection, got {type(sel).__name__}")
-        self.entries: dict[str, Selection] = {
+        self.entries: dict[str, Selection] = _shared({
             fqn: entries[fqn] for fqn in sorted(entries) if len(entries[fqn])
-        }
+        })
         try:
             # Round-trip so meta compares equal after save/load (tuples become lists).
             self.meta: dict[str, Any] = json.loads(json.dumps(dict(meta or {})))
@@ -156,6 +185,12 @@ class NeuronSet:
             else:
                 mask[:, sel.indices] = True
         return mask
+
+    def nbytes(self) -> int:
+        """Bytes of index storage the set holds (shared lists counted once)."""
+        seen = {s.compact.data_ptr(): s.compact.numel() * s.compact.element_size()
+                for s in self.entries.values()}
+        return sum(seen.values())
 
     def num_selected(self) -> int:
         """Count selected rows/columns/elements over all entries."""
@@ -312,6 +347,21 @@ class NeuronSet:
                 f"contents of {tensors_path} ({loaded.checksum()})"
             )
         return loaded
+
+
+def _shared(entries: dict[str, Selection]) -> dict[str, Selection]:
+    """`entries` with equal index lists held once (gate/up/down of a layer's units)."""
+    kept: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+    out = {}
+    for fqn, sel in entries.items():
+        same = kept.setdefault((len(sel), sel.compact.dtype), [])
+        match = next((t for t in same if torch.equal(t, sel.compact)), None)
+        if match is None:
+            same.append(sel.compact)
+            out[fqn] = sel
+        else:
+            out[fqn] = sel if match is sel.compact else sel._sharing(match)
+    return out
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:

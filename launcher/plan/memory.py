@@ -34,7 +34,8 @@ trailing ranks get the short chunks and the padding):
   segments on the rank); both in the smallest integer type that holds the dimension
   (int16 for Llama-2-7b's 11008). Segments under `DENSE_MAX_NUMEL` elements, or
   whose index would be at least as large, keep one bool per element instead. Plus the
-  NeuronSet's own int64 indices (every rank holds the whole set, in host memory):
+  NeuronSet's own indices (every rank holds the whole set, in host memory; int32,
+  one list per layer for the units gate, up and down share, `neuronset_bytes`):
   `mask_bytes` alone is the bookkeeping, `neuronset_bytes` the set. Selected rows
   are assumed spread evenly over a parameter (expected value; with a real NeuronSet,
   `selections=` counts them exactly by building the masks on the meta device).
@@ -87,10 +88,10 @@ import torch
 from launcher.plan.model import ModelInfo
 from launcher.plan.shards import DsTuning, Held, Layout, layer_of, layout
 from ncft.masks.structured import DENSE_MAX_NUMEL, MaskBuilder, index_dtype
+from ncft.neuron_set import compact_dtype
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
-INDEX = 8  # int64 (the NeuronSet's indices)
 # Engines that store frozen parameters in the compute dtype (launcher/engines/frozen.py).
 LOWERS_FROZEN = ("fsdp2", "fsdp1", "single")
 TERMS = ("parameters", "gradients", "optimizer", "masks", "activations", "buffers")
@@ -158,12 +159,20 @@ def mask_step_bytes(lay: Layout) -> float:
 
 
 def neuronset_bytes(model: ModelInfo) -> float:
-    """The NeuronSet's int64 indices (every rank holds the whole set)."""
-    out = 0.0
+    """The NeuronSet's own indices (every rank holds the whole set, in host memory).
+
+    `ncft.neuron_set.Selection` keeps int32 indices where they fit and one list for
+    equal selections: a layer's units are the same rows of gate and up (and their
+    biases) and columns of down, so they count once per layer and unit dimension.
+    """
+    lists: dict[tuple[str, int, int], int] = {}
     for p in model.params:
         if p.selected:
-            out += INDEX * round(p.selected * p.shape[p.axis])
-    return out
+            size = p.shape[p.axis] if p.shape else 1
+            k = round(p.selected * size)
+            lists[(layer_of(p.fqn, model.layers), size, k)] = \
+                k * torch.empty(0, dtype=compact_dtype(size)).element_size()
+    return float(sum(lists.values()))
 
 
 @dataclass(frozen=True)

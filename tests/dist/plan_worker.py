@@ -94,7 +94,7 @@ def _mask_tensors(engine, plan, nset) -> list[torch.Tensor]:
     # The plan's index and bool tensors (the optimizer steps with the same ones) and
     # any dense-mask index the optimizer built (none when RankMasks installs).
     out = list(plan.owned) + list(engine.optimizer._trainable_index.values())
-    return out + [sel.indices for sel in nset.entries.values()]
+    return out + [sel.compact for sel in nset.entries.values()]  # the held (shared) lists
 
 
 def measure(backend: str, engine, plan, nset) -> dict[str, int]:

@@ -170,3 +170,29 @@ def test_from_units_round_trip(family):
     wrong = NeuronSet({down.weight_fqn: Selection(1 - down.unit_axis, _t(0))})
     with pytest.raises(ValueError, match="not a neuron-unit selection"):
         wrong.units(blocks)
+
+
+def test_equal_selections_share_one_compact_list():
+    # A layer's units: the same rows of gate/up and columns of down -> one int32 list.
+    units = torch.tensor([1, 4, 9])
+    nset = NeuronSet({"l.gate.weight": Selection(0, units), "l.up.weight": Selection(0, units),
+                      "l.down.weight": Selection(1, units.clone()),
+                      "k.gate.weight": Selection(0, torch.tensor([1, 4, 8]))})
+    held = {fqn: sel.compact for fqn, sel in nset.entries.items()}
+    assert all(t.dtype == torch.int32 for t in held.values())
+    assert held["l.gate.weight"].data_ptr() == held["l.down.weight"].data_ptr() == \
+        held["l.up.weight"].data_ptr() != held["k.gate.weight"].data_ptr()
+    assert nset.nbytes() == 2 * 3 * 4
+    assert nset.entries["l.down.weight"].indices.dtype == torch.int64
+    assert torch.equal(nset.entries["l.down.weight"].indices, units)
+
+
+def test_compact_lists_round_trip_through_files(tmp_path):
+    nset = NeuronSet({"a": Selection(0, torch.tensor([0, 2**31 + 5])),
+                      "b": Selection(1, torch.tensor([3, 7]))})
+    assert nset.entries["a"].compact.dtype == torch.int64  # past int32: kept int64
+    nset.save(tmp_path / "s.safetensors")
+    loaded = NeuronSet.load(tmp_path / "s.safetensors")
+    assert loaded == nset and loaded.checksum() == nset.checksum()
+    with pytest.raises(AttributeError):
+        nset.entries["b"].axis = 0

@@ -46,7 +46,7 @@ def test_deepspeed_partitions_masters_and_persistent_params():
     # held whole. bf16 partitions 2*(20+2+10) + fp32 master 4*20 + whole 2*6.
     assert _terms("deepspeed", stage(), 3, 0) == {
         "parameters": 64 + 80 + 12, "gradients": 2 * 20, "optimizer": 8 * 20 + 4,
-        "masks": 20 + 2 * 8,  # a bool per element of the small piece + the NeuronSet
+        "masks": 20 + 2 * 4,  # a bool per element of the small piece + the NeuronSet (int32)
     }
     # The last rank holds elements [40, 60) plus 0 elements of padding, same sizes.
     assert _terms("deepspeed", stage(), 3, 2) == _terms("deepspeed", stage(), 3, 0)
@@ -60,7 +60,7 @@ def test_fsdp2_pads_storage_but_steps_local_rows():
     assert _terms("fsdp2", stage(), 3, 0, dtype="float32")["parameters"] == 4 * (24 + 2 + 12)
     assert r0["gradients"] == r2["gradients"] == 4 * 24
     assert r0["optimizer"] == 8 * 24 + 4 and r2["optimizer"] == 8 * 12 + 4
-    assert r0["masks"] == 24 + 16 and r2["masks"] == 12 + 16
+    assert r0["masks"] == 24 + 8 and r2["masks"] == 12 + 8
 
 
 def test_fsdp2_accumulation_keeps_unsharded_gradients():
@@ -76,7 +76,7 @@ def test_fsdp1_units_train_whole_modules_and_pad_flat_shards():
     # 10, stored in bf16.
     assert _terms("fsdp1", model, 3, 1) == {
         "parameters": 4 * 22 + 2 * 10, "gradients": 4 * 22, "optimizer": 8 * 22 + 4,
-        "masks": 22 + 16,
+        "masks": 22 + 8,
     }
     held = {h.param.fqn: (h.start, h.stop) for h in layout("fsdp1", model, 3, 2).held}
     assert held == {"l.0.w": (44, 60), "l.0.n": (0, 6), "emb": (20, 30)}
@@ -86,7 +86,7 @@ def test_single_and_full_fine_tuning():
     # bf16: the trainable weight, the frozen norm and embedding all fp32 (only frozen
     # weights of matrix products are stored in bf16 on single)
     assert _terms("single", stage(), 1, 0) == {
-        "parameters": 4 * 96, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 16,
+        "parameters": 4 * 96, "gradients": 4 * 60, "optimizer": 8 * 60 + 4, "masks": 60 + 8,
     }
     frozen_product = with_trainable(
         hand_model(params=(ParamInfo("l.0.w", (10, 6), module="l.0", matmul=True),

@@ -38,7 +38,7 @@ def test_standard_cl_o1_json_golden(capsys):
     # positions of the selected gate/up rows among the rank's 1376 (expected
     # 5% of them), down's selected columns once, and the NeuronSet's int64 indices.
     units = round(0.05 * 11008)
-    assert pr["masks"] == 32 * (2 * 2 * units * 1376 / 11008 + 2 * units) + 8 * units * 96
+    assert pr["masks"] == 32 * (2 * 2 * units * 1376 / 11008 + 2 * units) + 4 * units * 32
     assert plan["selected_fraction"] == pytest.approx(units / 11008)
     assert plan["fits"] and plan["activations"]["checkpointing"] < pr["activations"]
     assert {(c["engine"], c["method"]) for c in plan["compare"]} == {
@@ -128,3 +128,13 @@ def test_sparse_delta_plans_state_for_selected_elements_only(capsys):
     assert pr["masks"] == 0
     assert pr["gradients"] + pr["optimizer"] < 0.06 * (masked["gradients"] + masked["optimizer"])
     assert "sparse_delta: 216,268,800 delta elements train" in plan["stage"]
+
+
+@pytest.mark.parametrize("world", [8, 1024])
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2", "fsdp1"])
+def test_mask_term_is_at_most_one_percent_of_parameters(capsys, engine, world):
+    # Issue #21: the NeuronSet holds one int32 list per layer, so its bytes stay small
+    # next to a rank's share of the weights even at 1024 ranks.
+    plan = _plan_json(capsys, f"engine.backend={engine}", "--world-size", str(world))
+    pr = plan["per_rank"]
+    assert 0 < pr["masks"] <= 0.01 * pr["parameters"], (pr["masks"], pr["parameters"])
