@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 # pytest-timeout per test; the whole suite is budgeted at ~15 min on 2 cores.
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: install test lint demo evidence mask-demo gpu-check clean
+.PHONY: install test lint demo evidence mask-demo gpu-check gpu-bench clean
 
 install: $(STAMP)
 
@@ -70,6 +70,19 @@ GPU_PY ?= python3
 GPU_OUT ?= runs/gpu-check
 gpu-check:
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PY) benchmarks/gpu_check.py --out $(GPU_OUT)
+
+# The 7B-on-24-GiB check, the 1.1B mode comparison and the mask pieces per engine
+# (benchmarks/gpu_bench.py, ~8 min on one H100), run like gpu-check. SMOKE=1: the
+# same script at tiny size on CPU with the project's venv (the suite runs it too).
+GPU_BENCH_OUT ?= runs/gpu-bench
+ifdef SMOKE
+gpu-bench: install
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(BIN)/python benchmarks/gpu_bench.py --smoke \
+		--out $(GPU_BENCH_OUT)-smoke
+else
+gpu-bench:
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PY) benchmarks/gpu_bench.py --out $(GPU_BENCH_OUT)
+endif
 
 clean:
 	rm -rf $(VENV) runs

@@ -209,7 +209,9 @@ def ratios(results: list[dict]) -> list[dict]:
             "engine": r["engine"], "config": r["config"], "arm": r["arm"],
             "trainable_fraction": r["trainable"] / f["trainable"],
             "grad_opt_vs_full": r["grad_opt_bytes_max_rank"] / f["grad_opt_bytes_max_rank"],
-            "peak_vs_full": r["peak_bytes_max_rank"] / f["peak_bytes_max_rank"],
+            # None where no peak was measured (the CPU smoke run of gpu_arm)
+            "peak_vs_full": (r["peak_bytes_max_rank"] / f["peak_bytes_max_rank"]
+                             if f["peak_bytes_max_rank"] else None),
             "step_vs_full": r["step_s"] / f["step_s"],
         })
     return out
@@ -222,10 +224,11 @@ def table(results: list[dict], rel: list[dict]) -> str:
     by = {(x["engine"], x["config"], x["arm"]): x for x in rel}
     for r in results:
         x = by[(r["engine"], r["config"], r["arm"])]
+        below = f"{1 / x['peak_vs_full']:.2f}x" if x["peak_vs_full"] else "-"
         lines.append(
             f"| {r['engine']} | {r['config']} | {r['arm']} | {r['params'] / 1e6:.1f}M | "
             f"{r['trainable'] / 1e6:.2f}M | {r['step_s']:.3f} | {x['step_vs_full']:.2f} | "
-            f"{r['peak_bytes_max_rank'] / 2**20:.0f} | {1 / x['peak_vs_full']:.2f}x | "
+            f"{r['peak_bytes_max_rank'] / 2**20:.0f} | {below} | "
             f"{r['grad_opt_bytes_max_rank'] / 2**20:.1f} | {x['grad_opt_vs_full']:.4f} |"
         )
     return "\n".join(lines)
@@ -250,8 +253,12 @@ def machine() -> dict:
             "load_avg": os.getloadavg()}
 
 
-def gpu_arm(arm: str, config: str) -> dict:
-    """One arm on one GPU, single engine, in this process (peak = max allocated)."""
+def gpu_arm(arm: str, config: str, device: str = "cuda", dtype: str = "float32") -> dict:
+    """One arm on one GPU, single engine, in this process (peak = max allocated).
+
+    `device="cpu"` runs the same code without the CUDA memory statistics (peak 0):
+    the tiny end-to-end check of `benchmarks/gpu_bench.py --smoke`.
+    """
     import gc
 
     import torch
@@ -261,37 +268,42 @@ def gpu_arm(arm: str, config: str) -> dict:
     from ncft.masks.install import install
     from ncft.train import train_step
 
+    cuda = device == "cuda"
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     spec = CONFIGS[config]
-    info = DistInfo(rank=0, world_size=1, local_rank=0, backend="nccl",
-                    device=torch.device("cuda"))
-    model, nset = prepare(arm, config, "cuda")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, backend="nccl" if cuda else "gloo",
+                    device=torch.device(device))
+    model, nset = prepare(arm, config, device)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = OptimConfig(lr=1e-4, weight_decay=0.1, grad_clip=1.0,
-                      micro_batch_size=spec["micro_batch"])
+                      micro_batch_size=spec["micro_batch"], compute_dtype=getattr(torch, dtype))
     engine = build_engine("single", model, cfg, info)
     plan = install(engine, nset.entries) if nset is not None else None
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     vocab = spec["model"]["vocab_size"]
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq"]), generator=gen,
-                            device="cuda")
-        torch.cuda.synchronize()
+                            device=device)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         train_step(engine, [{"input_ids": ids, "labels": ids}], plan)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
     grad, opt = state_bytes(engine)
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
     engine.close()
     del engine, model, plan
-    return {"arm": arm, "config": config, "engine": "single-gpu", "params": total,
+    return {"arm": arm, "config": config, "engine": f"single-{device}", "dtype": dtype,
+            "params": total,
             "trainable": trainable, "step_s": statistics.median(times), "step_samples": times,
             "peak_bytes_max_rank": peak, "grad_opt_bytes_max_rank": grad + opt}
 
@@ -305,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override measured steps")
     parser.add_argument("--gpu", action="store_true", help="one GPU, single engine")
+    parser.add_argument("--device", default="cuda", help="with --gpu: cuda, or cpu to test")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="with --gpu: compute dtype (masters and moments stay fp32)")
     args = parser.parse_args(argv)
     for c in args.configs.split(","):
         if c not in CONFIGS:
@@ -320,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         for engine in ["single-gpu"] if args.gpu else args.engines.split(","):
             for arm in args.arms.split(","):
                 t0 = time.perf_counter()
-                results.append(gpu_arm(arm, config) if args.gpu
+                results.append(gpu_arm(arm, config, args.device, args.dtype) if args.gpu
                                else run_arm(args, arm, config, engine))
                 print(f"[sparse_delta] {engine}/{config}/{arm}: step "
                       f"{results[-1]['step_s']:.3f}s ({time.perf_counter() - t0:.0f}s)",
