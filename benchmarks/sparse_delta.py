@@ -10,6 +10,11 @@ ZeRO-3 and FSDP2:
 * lora:         peft LoRA on gate/up/down with the rank that matches sparse_delta's
                 trainable elements (r = 0.05 h d_ff / (h + d_ff), rounded).
 
+The model is saved once as fp32 safetensors and each rank builds it on the meta device
+and reads only its shard, as `ncft run` does (`launcher.engines.loading`); LoRA, like
+`ncft run`'s LoRA methods, loads the whole model. `--whole` builds the whole model on
+every rank instead (how this benchmark measured before sharded loading).
+
 Every arm runs in its own freshly spawned ranks, so each rank's peak resident memory
 is its own: after imports and process-group start the peak is reset
 (`/proc/self/clear_refs` 5) and the arm reports `VmHWM - VmRSS at reset` per rank
@@ -82,15 +87,56 @@ def reset_peak() -> int:
 
 def build(config: str, device: str = "cpu"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**CONFIGS[config]["model"],
+    with torch.device(device):
+        return LlamaForCausalLM(llama_config(config))
+
+
+def llama_config(config: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CONFIGS[config]["model"],
                       max_position_embeddings=max(128, CONFIGS[config]["seq"]),
                       tie_word_embeddings=True, mlp_bias=False, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
-    with torch.device(device):
-        return LlamaForCausalLM(cfg)
+
+
+def saved_weights(config: str, root: Path) -> Path:
+    """`build(config)` saved once as a HF directory (fp32 safetensors) under `root`."""
+    path = root / f"weights-{config}"
+    if not (path / "config.json").is_file():
+        build(config).save_pretrained(path)
+    return path
+
+
+def prepare_sharded(arm: str, config: str, path: Path):
+    """As `prepare`, but the way `ncft run` loads: a meta model and the files to fill it.
+
+    Returns (model, neuron set or None, weights or None). LoRA keeps the whole-model
+    load, as `ncft run` does for its methods (peft wraps modules after loading).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from launcher.engines.weights import SafetensorsWeights
+    from launcher.run.delta_weights import DeltaWeights
+    from ncft import sparse_delta
+    from ncft.masks.install import freeze_unselected
+
+    if arm == "lora":
+        model, nset = prepare(arm, config)
+        return model, nset, None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(config))
+    nset = random_neuron_set(model, FRACTION)
+    weights = SafetensorsWeights.from_path(path)
+    if arm == "masked":
+        freeze_unselected(model, nset.entries)
+    elif arm == "sparse_delta":
+        weights = DeltaWeights(weights, sparse_delta.install(model, nset.entries))
+    return model, (nset if arm == "masked" else None), weights
 
 
 def lora_rank(config: str) -> int:
@@ -147,12 +193,19 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     info = init_distributed()
     spec = CONFIGS[config]
     base_rss = reset_peak()
-    model, nset = prepare(arm, config)
+    weights = None
+    if args.sharded:
+        path = saved_weights(config, Path(args.tmp) / "weights")  # written by main
+        model, nset, weights = prepare_sharded(arm, config, path)
+    else:
+        model, nset = prepare(arm, config)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = OptimConfig(lr=1e-4, weight_decay=0.1, grad_clip=1.0,
                       micro_batch_size=spec["micro_batch"])
-    engine = build_engine(engine_name, model, cfg, info)
+    engine = build_engine(engine_name, model, cfg, info, weights=weights)
+    if weights is not None:
+        weights.close()
     del model
     plan = install(engine, nset.entries) if nset is not None else None
     gen = torch.Generator().manual_seed(info.rank)
@@ -317,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override measured steps")
     parser.add_argument("--gpu", action="store_true", help="one GPU, single engine")
+    parser.add_argument("--whole", dest="sharded", action="store_false",
+                        help="build the whole model on every rank (the pre-#21 measurement) "
+                             "instead of loading shards from files as `ncft run` does")
     parser.add_argument("--device", default="cuda", help="with --gpu: cuda, or cpu to test")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="with --gpu: compute dtype (masters and moments stay fp32)")
@@ -329,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
             c["steps"], c["warmup"] = args.steps, min(c["warmup"], 1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.tmp = tempfile.mkdtemp(prefix="ncft-sparse-delta-")
+    if args.sharded and not args.gpu:  # written once, before any rank starts
+        for config in args.configs.split(","):
+            saved_weights(config, Path(args.tmp) / "weights")
     command = " ".join([os.path.basename(sys.executable), *sys.argv])
     results = []
     for config in args.configs.split(","):
