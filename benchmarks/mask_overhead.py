@@ -291,7 +291,8 @@ def bench_one(backend: str, config: str, info, warmup: int, pairs: int,
 def table(results: list[dict]) -> str:
     """Markdown table of the medians (rank 0's pieces, wall clock then thread CPU)."""
     head = [
-        "engine", "config", "params", "median unmasked (s)", "median masked (s)", "ratio",
+        "engine", "config", "foreach", "params", "median unmasked (s)", "median masked (s)",
+        "ratio",
         "paired ratio (IQR)", "CPU-time ratio", "apply_to_grads (ms)",
         "opt.step masked / unmasked (ms)", "pieces overhead", "same, thread CPU",
     ]
@@ -299,7 +300,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         p, c, pr = r["pieces_rank0"]["wall"], r["pieces_rank0"]["thread_cpu"], r["paired_ratio"]
         rows.append([
-            r["engine"], r["config"], f"{r['params']:,}", f"{r['median_unmasked_s']:.4f}",
+            r["engine"], r["config"], str(r.get("foreach_moments", True)), f"{r['params']:,}",
+            f"{r['median_unmasked_s']:.4f}",
             f"{r['median_masked_s']:.4f}", f"{r['ratio']:.3f}",
             f"{pr['median']:.3f} ({pr['iqr']:.3f})", f"{r['cpu_ratio']:.3f}",
             f"{p['apply_to_grads_s']['median'] * 1e3:.2f}",
@@ -311,7 +313,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += [
-        "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+        "| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
                           enumerate(zip(r, widths))) + " |"
         for r in rows
     ]
@@ -328,6 +330,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from launcher.dist import init_distributed, shutdown
+    from ncft.masks.optim import MaskedAdamW
 
     info = init_distributed()
     results = []
@@ -336,16 +339,19 @@ def worker(args: argparse.Namespace) -> None:
         warmup = spec["warmup"] if args.warmup is None else args.warmup
         pairs = spec["pairs"] if args.pairs is None else args.pairs
         for backend in args.engines.split(","):
-            t0 = time.perf_counter()
-            r = bench_one(backend, config, info, warmup, pairs, args.dtype)
-            if info.rank == 0:
-                r["wall_s"] = time.perf_counter() - t0
-                results.append(r)
-                print(
-                    f"[mask_overhead] {backend}/{config}: unmasked {r['median_unmasked_s']:.4f}s"
-                    f" masked {r['median_masked_s']:.4f}s ratio {r['ratio']:.3f}"
-                    f" ({r['wall_s']:.0f}s)", flush=True,
-                )
+            for foreach in (False, True) if args.compare_foreach else (True,):
+                MaskedAdamW.foreach_moments = foreach
+                t0 = time.perf_counter()
+                r = bench_one(backend, config, info, warmup, pairs, args.dtype)
+                if info.rank == 0:
+                    r["wall_s"] = time.perf_counter() - t0
+                    r["foreach_moments"] = foreach
+                    results.append(r)
+                    print(
+                        f"[mask_overhead] {backend}/{config} foreach={foreach}: unmasked "
+                        f"{r['median_unmasked_s']:.4f}s masked {r['median_masked_s']:.4f}s "
+                        f"ratio {r['ratio']:.3f} ({r['wall_s']:.0f}s)", flush=True,
+                    )
     if info.rank == 0:
         report = {
             "benchmark": "mask_overhead",
@@ -375,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=None, help="override per-config pairs")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype (masters and moments stay fp32)")
+    parser.add_argument("--compare-foreach", action="store_true",
+                        help="each engine twice: moments per tensor (before #21), then "
+                             "with one foreach call per operation (MaskedAdamW's default)")
     args = parser.parse_args(argv)
     for c in args.configs.split(","):
         if c not in CONFIGS:

@@ -166,3 +166,22 @@ def test_index_path_bit_identical_to_dense_reference(wd):
                 assert st["exp_avg"].shape == st["exp_avg_sq"].shape == p.shape
                 assert st["step"].shape == () and st["step"].dtype == torch.float32
     assert len(used) >= 4, "too few tensors exercised the index path"
+
+
+def test_foreach_moments_equal_the_per_tensor_loop():
+    # One foreach call per moment operation over all tensors (fewer kernel launches on
+    # a GPU) must give the per-tensor loop's bits, masked or not.
+    runs = []
+    for foreach in (True, False):
+        params = _params()
+        opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6)
+        opt.foreach_moments = foreach
+        frozen = torch.zeros(params[0].numel(), dtype=torch.bool)
+        frozen[::3] = True
+        opt.set_frozen({id(params[0]): (params[0], frozen)})
+        for step in range(5):
+            _grads(params, step)
+            opt.step()
+        runs.append([p.detach().clone() for p in params] +
+                    [opt.state[p][k].clone() for p in params for k in ("exp_avg", "exp_avg_sq")])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
