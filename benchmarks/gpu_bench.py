@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,31 +40,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_check import _run  # noqa: E402
+from benchmarks.sparse_delta import timed_step  # noqa: E402
+
 GIB = 1 << 30
 CAP_GIB = 24
 MEMORY_ENGINES = ("deepspeed", "fsdp2", "single")
 FRACTION = 0.05
 # (config dir under launcher/plan/configs, micro batch, seq len, steps)
 SIZES = {"full": ("llama-2-7b-hf", 4, 512, 5), "smoke": ("tiny-random-llama", 2, 32, 2)}
-
-
-def _run(cmd: list[str], timeout: int, log: Path) -> dict:
-    """Run `cmd` from the repo root, output kept in `log`; never raises."""
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = "timeout"
-        out = (exc.stdout or b"").decode(errors="replace") + \
-            (exc.stderr or b"").decode(errors="replace")
-    log.write_text(out)
-    return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1),
-            "log": log.name, "tail": out[-1500:]}
 
 
 def write_weights(config_dir: Path, out: Path) -> None:
@@ -130,7 +113,6 @@ def memory_row(engine_name: str, info, weights_dir: Path, smoke: bool) -> dict:
     from launcher.plan.report import ds_tuning
     from launcher.run.delta_weights import DeltaWeights
     from ncft import sparse_delta
-    from ncft.train import train_step
 
     cuda = info.device.type == "cuda"
     _, micro, seq, steps = SIZES["smoke" if smoke else "full"]
@@ -153,16 +135,8 @@ def memory_row(engine_name: str, info, weights_dir: Path, smoke: bool) -> dict:
     weights.close()
     engine.module.train()
     gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps):
-        ids = torch.randint(0, config.vocab_size, (micro, seq), generator=gen)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(engine, [{"input_ids": ids, "labels": ids}], None)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [timed_step(engine, torch.randint(0, config.vocab_size, (micro, seq), generator=gen),
+                        None, cuda) for _ in range(steps)]
     row = {"engine": engine_name, "device": str(info.device), "steps": steps,
            "tokens_per_step": micro * seq, "step_s": times,
            "plan_total_bytes": plan["total"], "plan": plan,
@@ -256,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-bench needs CUDA (or --smoke for the tiny CPU run)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    # The parts' scripts import the project: the repository on their path.
+    os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     parts = {"memory": memory_part, "modes": modes_part, "pieces": pieces_part}
     limits = {"memory": 200, "modes": 150, "pieces": 150}  # per subprocess, seconds
     report = {"benchmark": "gpu_bench", "smoke": args.smoke, "machine": machine(),

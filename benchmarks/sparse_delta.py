@@ -306,6 +306,21 @@ def machine() -> dict:
             "load_avg": os.getloadavg()}
 
 
+def timed_step(engine, ids, plan, cuda: bool) -> float:
+    """One training step on `ids` (inputs and labels); its wall seconds, device included."""
+    import torch
+
+    from ncft.train import train_step
+
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_step(engine, [{"input_ids": ids, "labels": ids}], plan)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def gpu_arm(arm: str, config: str, device: str = "cuda", dtype: str = "float32") -> dict:
     """One arm on one GPU, single engine, in this process (peak = max allocated).
 
@@ -319,7 +334,6 @@ def gpu_arm(arm: str, config: str, device: str = "cuda", dtype: str = "float32")
     from launcher.dist import DistInfo
     from launcher.engines import OptimConfig, build_engine
     from ncft.masks.install import install
-    from ncft.train import train_step
 
     cuda = device == "cuda"
     gc.collect()
@@ -343,14 +357,9 @@ def gpu_arm(arm: str, config: str, device: str = "cuda", dtype: str = "float32")
     for i in range(spec["warmup"] + spec["steps"]):
         ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq"]), generator=gen,
                             device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(engine, [{"input_ids": ids, "labels": ids}], plan)
-        if cuda:
-            torch.cuda.synchronize()
+        seconds = timed_step(engine, ids, plan, cuda)
         if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     grad, opt = state_bytes(engine)
     peak = torch.cuda.max_memory_allocated() - base if cuda else 0
     engine.close()
