@@ -42,7 +42,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def optim_config(spec: Spec) -> OptimConfig:
     """The engine's optimizer settings from the spec's training section."""
-    return section_config(OptimConfig, spec.training, compute_dtype=_DTYPES[spec.model.dtype])
+    # lower_frozen is no spec option: frozen weights are always stored in the compute
+    # dtype (launcher/engines/frozen.py); False exists for the tests' reference path.
+    return section_config(OptimConfig, spec.training, compute_dtype=_DTYPES[spec.model.dtype],
+                          lower_frozen=True)
 
 
 def load_stage_model(spec: Spec, model_dir: str, stage: int | None,
