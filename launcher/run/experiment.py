@@ -37,6 +37,7 @@ from ncft.continual.loop import (
     LoopState,
     Selector,
     TaskData,
+    check_room,
 )
 from ncft.continual.methods import method
 from ncft.io import atomic_dir
@@ -114,6 +115,7 @@ def run_rank(run_root: str, model_dir: str) -> None:
 def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
+    check_room(tasks, backend.tokenizer)  # before any study or stage spends time
     selector = run_selector(spec, backend, tasks)
     loop = _loop(spec, backend, tasks, selector)
     studies = RunStudies(spec.study.to_config(), backend, selector, tasks, spec.method,

@@ -11,8 +11,10 @@ with the zero-shot instruction of the task's type copied verbatim from O-LoRA's
 `configs/instruction_config.json` (kept as a table here rather than read from
 `instructions.json`, so a data root without that file still validates). COPA's text
 already holds the question and options, so its prompt is `text + "\nAnswer:"`.
-A template is a `str.format` string over `{text}` and `{labels}` (the label list joined
-by ", "); write `{{` and `}}` for literal braces.
+A template is a `str.format` string over `{text}` (exactly once) and `{labels}` (the
+label list joined by ", "); write `{{` and `}}` for literal braces. Everything but
+`{text}` is the prompt's fixed part: a prompt that is too long loses the end of its
+text, never its instruction, options or `Answer:` cue (`ncft.data.examples.fit_prompt`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's all
     SINGLE_TASK_METHODS,
     method,
 )
+from ncft.data.examples import Prompt, render
 
 CL_BENCHMARK_TASKS = (
     "agnews", "amazon", "dbpedia", "yahoo", "yelp", "imdb", "sst2", "mnli", "rte", "cb",
@@ -237,9 +240,13 @@ class TaskSpec(BaseModel):
             return [("labels", f"need at least 2 distinct labels, got {self.labels}")]
         return []
 
-    def render(self, text: str) -> str:
-        """Build the model input for one example: the prompt with `text` and labels filled."""
-        return self.prompt.format(text=text, labels=", ".join(self.labels or []))
+    def render(self, text: str) -> Prompt:
+        """Build the model input for one example: the prompt with `text` and labels filled.
+
+        The result keeps its parts apart (`ncft.data.examples.Prompt`), so truncation
+        cuts `text` only and never the instruction, the options or the cue.
+        """
+        return render(self.prompt, text, labels=", ".join(self.labels or []))
 
 
 def default_prompt(source: BaseModel, fmt: str) -> str:
@@ -260,8 +267,10 @@ def check_prompt(prompt: str, fmt: str) -> list[tuple[str, str]]:
         return [("prompt", f"not a valid template ({exc}); write {{{{ and }}}} for braces")]
     allowed = {"text", "labels"} if fmt == "classification" else {"text"}
     problems = []
-    if "text" not in fields:
-        problems.append(("prompt", "must contain the {text} placeholder"))
+    texts = sum(1 for _, f, _, _ in string.Formatter().parse(prompt) if f == "text")
+    if texts != 1:
+        problems.append(("prompt", "must contain the {text} placeholder exactly once (the "
+                         "only part truncation may cut)"))
     unknown = sorted(fields - allowed)
     if unknown:
         problems.append(("prompt", f"unknown placeholders {unknown}; allowed: {sorted(allowed)}"))

@@ -37,14 +37,14 @@ from ncft.continual.config import LoopConfig
 from ncft.continual.methods import method
 from ncft.continual.metrics import cl_summary
 from ncft.data.examples import batches as share_batches
-from ncft.data.examples import collate, encode, pad_id
+from ncft.data.examples import collate, encode, pad_id, required_length
 from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import Diverged, NonFinite, StepLog, train
 
-__all__ = ["ContinualLoop", "LoopState", "TaskData"]
+__all__ = ["ContinualLoop", "LoopState", "TaskData", "check_room"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,26 @@ class TaskData:
     max_length: int
     # The template filled with `ncft.evaluate.CONTENT_FREE` (`eval.calibration`).
     content_free: tuple[str, ...] = ()
+
+
+def check_room(tasks: Sequence[TaskData], tokenizer: Any) -> None:
+    """Refuse a task whose `max_length` would cut its fixed parts, before anything runs.
+
+    The fixed parts are the template around the input text and the answer: the
+    longest label for classification (rank scoring puts every label after every
+    prompt), each example's own target for generation (`required_length`).
+
+    Raises:
+        ValueError: Naming the task and the `max_length` it needs.
+    """
+    for task in tasks:
+        answers = task.labels if task.format == "classification" else None
+        need = required_length([*task.train, *task.test], tokenizer, answers)
+        if need > task.max_length:
+            raise ValueError(
+                f"tasks[{task.name}].max_length: {task.max_length} tokens cannot hold the "
+                f"task's fixed parts (instruction, options, answer cue and answer), which "
+                f"need {need}; set max_length >= {need}")
 
 
 class Selector(Protocol):
@@ -179,6 +199,7 @@ class ContinualLoop:
     def run(self, start_stage: int = 0, state: LoopState | None = None) -> LoopState:
         """Run stages `start_stage..`, continuing `state` (a resumed run's)."""
         n = len(self.tasks)
+        check_room(self.tasks, self.backend.tokenizer)
         state = state or LoopState(matrix=[[None] * n for _ in range(n)])
         if start_stage and self.row.mixes and self.store_dir is not None:
             # Tasks captured past the last committed stage are redone by this run.

@@ -11,8 +11,15 @@ Encoding contract (`encode`):
 - `labels` is -100 on the prompt and equal to the token on the answer (and EOS).
   Padding added by `collate` is -100 too. Models shift labels internally: the logits
   at position `t` are scored against `labels[t + 1]`.
-- Over-long examples are cut from the LEFT of the prompt (the first BOS token, if
-  any, is kept), so the answer and the text right before it survive.
+- Over-long examples lose only the task's input text. A task prompt is a `Prompt`:
+  a `str` that also knows its parts, `head + text + tail` (instruction and options
+  before the input text, the `Answer:` cue after it). When prompt + answer exceed
+  `max_length`, the input text is cut from its END and the prompt re-assembled
+  (`fit_prompt`); the head, the tail and the answer are never cut, and an example
+  whose fixed parts alone do not fit raises `ValueError` (`required_length` gives the
+  length a task needs). A plain `str` prompt has no known parts: it is cut from the
+  LEFT (the first BOS token, if any, is kept), so the text right before the answer
+  survives. The answer is never cut in either case.
 
 Everything here is deterministic: no shuffling, no randomness.
 """
@@ -29,6 +36,52 @@ from typing import Any, Literal
 import torch
 
 IGNORE = -100  # the label value causal-LM losses skip (HF and torch's cross_entropy)
+
+
+class Prompt(str):
+    """A prompt string that knows which of its parts is the task's input text.
+
+    Equal to (and hashed as) the plain string `head + text + tail`, so code that only
+    reads prompts needs nothing new; `fit_prompt` reads the parts to cut `text` alone.
+    Built by `render` from a task template.
+
+    Attributes:
+        head: The fixed part before the input text (instruction, options).
+        text: The input text, the only part truncation may shorten.
+        tail: The fixed part after it (the `Answer:` cue).
+    """
+
+    head: str
+    text: str
+    tail: str
+
+    def __new__(cls, head: str, text: str, tail: str) -> Prompt:  # noqa: D102
+        obj = super().__new__(cls, head + text + tail)
+        obj.head, obj.text, obj.tail = head, text, tail
+        return obj
+
+    def __reduce__(self):  # pickled with its parts (ranks receive examples by pickle)
+        return (Prompt, (self.head, self.text, self.tail))
+
+    def with_text(self, text: str) -> Prompt:
+        """The same head and tail around another input text."""
+        return Prompt(self.head, text, self.tail)
+
+
+TEXT_MARK = "\x00ncft-text\x00"  # stands in for {text} while the template is formatted
+
+
+def render(template: str, text: str, **fields: str) -> Prompt:
+    """Fill a `str.format` template in which `{text}` appears once; keep the parts apart.
+
+    Raises:
+        ValueError: If `{text}` does not appear exactly once.
+    """
+    filled = template.format(text=TEXT_MARK, **fields)
+    if filled.count(TEXT_MARK) != 1:
+        raise ValueError(f"template {template!r} must contain {{text}} exactly once")
+    head, tail = filled.split(TEXT_MARK)
+    return Prompt(head, text, tail)
 
 
 @dataclass(frozen=True)
@@ -118,7 +171,7 @@ def classification_examples(
         label = _field(row, label_field, i)
         if label not in known:
             raise ValueError(f"row {i}: label {label!r} is not one of {list(labels)}")
-        out.append(Example(template.format(text=_field(row, text_field, i), labels=joined), label))
+        out.append(Example(render(template, _field(row, text_field, i), labels=joined), label))
     return out
 
 
@@ -127,37 +180,147 @@ def generation_examples(
 ) -> list[Example]:
     """Build generation examples: prompt = `template` over `{text}`, answer = the target."""
     return [
-        Example(template.format(text=_field(row, source_field, i)), _field(row, target_field, i))
+        Example(render(template, _field(row, source_field, i)), _field(row, target_field, i))
         for i, row in enumerate(rows)
     ]
 
 
-def _encode_one(
-    ex: Example, tokenizer, max_length: int, add_eos: bool
-) -> dict[str, torch.Tensor]:
-    prompt = list(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])
-    answer = list(tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"])
+@dataclass(frozen=True)
+class Fitted:
+    """A prompt's token ids after `fit_prompt`, and how much of its input text survived.
+
+    Attributes:
+        ids: The prompt's token ids (with the tokenizer's special prefix).
+        text_tokens: Tokens of the input text alone (of the whole prompt, BOS
+            excepted, for a plain `str` prompt).
+        kept_tokens: How many of them the fitted prompt keeps (approximately, for a
+            `Prompt`: its cut text is re-tokenized with its neighbours).
+    """
+
+    ids: list[int]
+    text_tokens: int
+    kept_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the input text was cut."""
+        return self.kept_tokens < self.text_tokens
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _fixed_length(tokenizer, prompt: Prompt) -> int:
+    return len(_ids(tokenizer, prompt.head + prompt.tail, True))
+
+
+def fit_prompt(tokenizer, prompt: str, room: int | None) -> Fitted:
+    """Tokenize `prompt` into at most `room` tokens, cutting only its input text.
+
+    A `Prompt` keeps its head and tail whole: the input text is cut from its end (its
+    first n tokens are decoded and the prompt re-assembled, n as large as fits). A
+    plain `str` is cut from the left, keeping a leading BOS token.
+
+    Args:
+        tokenizer: A HF tokenizer.
+        prompt: The prompt.
+        room: Token limit of the prompt (None: no limit).
+
+    Raises:
+        ValueError: If a `Prompt`'s fixed parts alone take more than `room` tokens.
+    """
+    ids = _ids(tokenizer, prompt, True)
+    plain = not isinstance(prompt, Prompt)
+    text_ids = ids[1:] if plain and ids and ids[0] == tokenizer.bos_token_id else ids
+    if not plain:
+        text_ids = _ids(tokenizer, prompt.text, False)
+    if room is None or len(ids) <= room:
+        return Fitted(ids, len(text_ids), len(text_ids))
+    if plain:
+        head = ids[: len(ids) - len(text_ids)]
+        kept = max(0, room - len(head))
+        return Fitted((head + ids[len(ids) - kept :] if kept else head)[:room],
+                      len(text_ids), kept)
+    fixed = _fixed_length(tokenizer, prompt)
+    if fixed > room:
+        raise ValueError(f"the prompt's fixed parts (instruction, options, cue) take {fixed} "
+                         f"tokens, more than the {room} left for it; raise max_length")
+    # Start from the exact overflow, then shrink by what still does not fit: the
+    # cut text re-tokenized with its neighbours may take a token more or less.
+    keep = max(0, len(text_ids) - (len(ids) - room))
+    while True:
+        cut = tokenizer.decode(text_ids[:keep], skip_special_tokens=True,
+                               clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        ids = _ids(tokenizer, prompt.with_text(cut), True)
+        if len(ids) <= room or keep == 0:
+            return Fitted(ids, len(text_ids), keep)
+        keep = max(0, keep - (len(ids) - room))
+
+
+def answer_ids(tokenizer, answer: str, add_eos: bool) -> list[int]:
+    """The answer's tokens as `encode` appends them: `" " + answer`, then EOS if asked."""
+    ids = _ids(tokenizer, " " + answer, False)
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
-        answer.append(tokenizer.eos_token_id)
-    if not answer:
-        raise ValueError(f"answer {ex.answer!r} tokenizes to nothing")
-    keep_bos = bool(prompt) and prompt[0] == tokenizer.bos_token_id
-    head = prompt[:1] if keep_bos else []
-    # The answer may use all but one position: at least one input token must predict it.
-    answer = answer[: max_length - 1]
-    room = max_length - len(answer) - len(head)
-    body = prompt[len(head) :]
-    body = body[len(body) - room :] if room > 0 else []
-    prompt = (head + body)[: max_length - len(answer)]
-    ids = prompt + answer
-    labels = [IGNORE] * len(prompt) + answer
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"answer {answer!r} tokenizes to nothing")
+    return ids
+
+
+def encode_one(
+    ex: Example, tokenizer, max_length: int, add_eos: bool = True
+) -> tuple[dict[str, torch.Tensor], Fitted]:
+    """One example as `encode` makes it, with its `Fitted` prompt (what was cut).
+
+    Raises:
+        ValueError: If the answer, or the answer and the prompt's fixed parts, do not
+            fit in `max_length` (the answer needs at least one prompt token before it).
+    """
+    answer = answer_ids(tokenizer, ex.answer, add_eos)
+    if len(answer) >= max_length:
+        raise ValueError(f"answer {ex.answer!r} takes {len(answer)} tokens; max_length "
+                         f"{max_length} leaves no room for the prompt; raise it")
+    fitted = fit_prompt(tokenizer, ex.prompt, max_length - len(answer))
+    ids = fitted.ids + answer
+    labels = [IGNORE] * len(fitted.ids) + answer
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "attention_mask": torch.ones(len(ids), dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
-    }
+    }, fitted
+
+
+def required_length(
+    examples: Sequence[Example], tokenizer, answers: Sequence[str] | None = None,
+    add_eos: bool = True,
+) -> int:
+    """The smallest `max_length` at which no example's fixed parts would be cut.
+
+    Fixed parts: a `Prompt`'s head and tail (a plain `str` prompt counts one token)
+    plus the longest answer: `answers` if given (a classification task's label set:
+    rank scoring puts every label after every prompt), else each example's own.
+    """
+    fixed: dict[tuple[str, str], int] = {}
+    longest = 0
+    if answers is not None:
+        longest = max(len(answer_ids(tokenizer, a, add_eos)) for a in answers)
+    need = 0
+    for ex in examples:
+        p = ex.prompt
+        if isinstance(p, Prompt):
+            key = (p.head, p.tail)
+            if key not in fixed:
+                fixed[key] = _fixed_length(tokenizer, p)
+            head = fixed[key]
+        else:
+            head = 1
+        answer = longest if answers is not None else len(answer_ids(tokenizer, ex.answer,
+                                                                     add_eos))
+        need = max(need, head + answer)
+    return need
 
 
 def encode(
@@ -170,15 +333,18 @@ def encode(
         tokenizer: A HF tokenizer.
         max_length: Token limit of prompt + answer (>= 2).
         add_eos: Append the EOS token to the answer (and to its labels), so a
-            trained model learns to stop; an answer longer than `max_length - 1`
-            tokens is cut from the right and may lose it.
+            trained model learns to stop.
 
     Returns:
         One dict per example (see the module docstring for the layout).
+
+    Raises:
+        ValueError: If an example's answer, or its answer and fixed prompt parts, do
+            not fit (`required_length` finds the length a task needs up front).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    return [_encode_one(ex, tokenizer, max_length, add_eos) for ex in examples]
+    return [encode_one(ex, tokenizer, max_length, add_eos)[0] for ex in examples]
 
 
 def pad_id(tokenizer) -> int:
@@ -194,16 +360,13 @@ def pad_id(tokenizer) -> int:
 
 
 def prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
-    """Prompt tokens as `encode` makes them, cut from the left (BOS kept) to `limit`.
+    """Prompt tokens as `encode` makes them, fitted to `limit` (`fit_prompt`).
 
-    Generation and task vectors feed prompts without answers; cutting them the way
-    `encode` cuts a training prompt keeps the text right before the answer.
+    Generation and task vectors feed prompts without answers; they are cut the way
+    `encode` cuts a training prompt: a `Prompt` loses input text only, a plain string
+    its left end (BOS kept).
     """
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if limit is None or len(ids) <= limit:
-        return ids
-    head = ids[:1] if ids and ids[0] == tokenizer.bos_token_id else []
-    return head + ids[len(ids) - (limit - len(head)) :]
+    return fit_prompt(tokenizer, prompt, limit).ids
 
 
 def collate(encoded: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

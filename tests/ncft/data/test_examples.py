@@ -1,6 +1,7 @@
 """Examples: prompt building, answer-only labels, left truncation, rank shares."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -14,8 +15,11 @@ from ncft.data.examples import (
     collate,
     data_hash,
     encode,
+    fit_prompt,
     generation_examples,
     read_jsonl,
+    render,
+    required_length,
 )
 from tests.support.tiny import word_tokenizer
 
@@ -77,10 +81,35 @@ def test_truncation_keeps_bos_and_answer(bos_tok):
     toks = bos_tok.convert_ids_to_tokens(enc["input_ids"].tolist())
     assert toks == ["<s>", "g", "h", "Answer:", "Good", "Bad"]
     assert (enc["labels"] != IGNORE).sum() == 2
-    # An answer longer than the limit keeps at least one input position before it.
-    (long,) = encode([Example(prompt, "a b c d e f g")], bos_tok, max_length=4, add_eos=False)
-    assert long["input_ids"].numel() == 4 and long["labels"].tolist()[0] == IGNORE
-    assert (long["labels"] != IGNORE).sum() == 3
+    # The answer is never cut: one that leaves no room for a prompt token is refused.
+    with pytest.raises(ValueError, match="answer 'a b c d e f g' takes 7 tokens"):
+        encode([Example(prompt, "a b c d e f g")], bos_tok, max_length=4, add_eos=False)
+
+
+def test_prompt_keeps_its_fixed_parts_and_cuts_the_text_end(bos_tok):
+    # A plain prompt of the same words would lose "Text:" and "a b" (the left end).
+    prompt = render("Text: {x} , {text} . Answer:", "a b c d e f g h", x="{x}")
+    assert prompt == "Text: {x} , a b c d e f g h . Answer:"
+    (enc,) = encode([Example(prompt, "Good")], bos_tok, max_length=10, add_eos=False)
+    toks = bos_tok.convert_ids_to_tokens(enc["input_ids"].tolist())
+    assert toks == ["<s>", "Text:", "{x}", ",", "a", "b", "c", ".", "Answer:", "Good"]
+    fitted = fit_prompt(bos_tok, prompt, 9)
+    assert (fitted.text_tokens, fitted.kept_tokens, fitted.truncated) == (8, 3, True)
+    assert not fit_prompt(bos_tok, prompt, None).truncated
+    # The fixed parts (5 tokens + BOS) and the answer need 7 positions; 6 is refused.
+    assert required_length([Example(prompt, "Good")], bos_tok, add_eos=False) == 7
+    assert required_length([Example(prompt, "Good")], bos_tok, ["Good Bad", "Good"],
+                           add_eos=False) == 8
+    (least,) = encode([Example(prompt, "Good")], bos_tok, max_length=7, add_eos=False)
+    assert bos_tok.convert_ids_to_tokens(least["input_ids"].tolist()) == [
+        "<s>", "Text:", "{x}", ",", ".", "Answer:", "Good"]
+    with pytest.raises(ValueError, match="fixed parts .* take 6 tokens"):
+        encode([Example(prompt, "Good")], bos_tok, max_length=6, add_eos=False)
+    # The parts travel with the prompt (ranks and workers receive examples by pickle).
+    again = pickle.loads(pickle.dumps(Example(prompt, "Good")))
+    assert again.prompt.head == "Text: {x} , " and again.prompt.tail == " . Answer:"
+    with pytest.raises(ValueError, match="exactly once"):
+        render("{text} {text}", "a")
 
 
 def test_collate_right_pads(tok):
