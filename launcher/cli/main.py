@@ -195,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_report(sub)
     _add_compare(sub)
+    from launcher.cli.data import add_data_commands
     from launcher.cli.neurons import add_neuron_commands
 
     add_neuron_commands(sub)
+    add_data_commands(sub)
     _add_masked_train(sub)
     return parser
 

@@ -28,7 +28,7 @@ def _tiny(name: str, tmp_path: Path, **training) -> Path:
     spec = yaml.safe_load((REPO / "examples" / name).read_text())
     spec["model"] = {"name_or_path": "tiny-random-llama", "dtype": "float32"}
     for task in spec["tasks"]:
-        task.update(train_size=12, eval_size=6, max_length=48)
+        task.update(train_size=12, eval_size=6, max_length=320)
     spec["training"].update(steps=2, micro_batch_size=2, **training)
     spec["selection"].update(num_examples=4, batch_size=2)
     spec.setdefault("eval", {}).update(max_new_tokens=4)

@@ -15,7 +15,7 @@ SPEC = str(REPO / "examples" / "tiny_ncft.yaml")
 
 def sizes(num_tasks: int) -> list[str]:
     return [f"tasks.{i}.{k}={v}" for i in range(num_tasks)
-            for k, v in (("train_size", 8), ("eval_size", 4), ("max_length", 64))]
+            for k, v in (("train_size", 8), ("eval_size", 4), ("max_length", 176))]
 
 
 RUNS = {

@@ -35,9 +35,9 @@ SPEC = REPO / "examples" / "tiny_ncft.yaml"
 LABEL = "simulated-accelerator:0"
 COMMON = ["training.steps=2", "selection.num_examples=4", "eval.batch_size=4",
           "output.checkpoint_every=1", "engine.nproc_per_node=2"]
-SST2 = "{source: {type: cl_benchmark, name: sst2}, train_size: 8, eval_size: 4, max_length: 64}"
-RTE = "{source: {type: cl_benchmark, name: rte}, train_size: 8, eval_size: 4, max_length: 64}"
-EN_ES = ("{source: {type: translation}, train_size: 8, eval_size: 3, max_length: 48}")
+SST2 = "{source: {type: cl_benchmark, name: sst2}, train_size: 8, eval_size: 4, max_length: 176}"
+RTE = "{source: {type: cl_benchmark, name: rte}, train_size: 8, eval_size: 4, max_length: 176}"
+EN_ES = ("{source: {type: translation}, train_size: 8, eval_size: 3, max_length: 272}")
 RUNS = {
     "fsdp2_wncft": ["engine.backend=fsdp2", f"tasks=[{SST2},{RTE}]", "method=wncft",
                     "wncft.num_samples=4", "study.deactivation=true", "study.finetune_steps=1",

@@ -83,7 +83,7 @@ def test_demo_spec_shape_runs_on_the_tiny_model(tmp_path):
     clone = _fresh_clone(tmp_path / "clone")
     run = tmp_path / "demo"
     sizes = [f"tasks.{i}.{k}={v}" for i in range(2)
-             for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))]
+             for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 176))]
     args = ["run", "examples/demo_smollm2.yaml", "model.name_or_path=tiny-random-llama", *sizes,
             "training.steps=2", "study.finetune_steps=2", "study.eval_examples=8",
             "selection.num_examples=8", "eval.batch_size=8", f"output.dir={run}"]

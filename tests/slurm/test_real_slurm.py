@@ -36,7 +36,7 @@ SPEC = REPO / "examples" / "tiny_ncft.yaml"
 SMALL = [
     "training.steps=3", "selection.num_examples=8", "eval.batch_size=8",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
-      for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))],
+      for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 176))],
 ]
 BACKEND = {"torchrun": "fsdp2", "deepspeed": "deepspeed"}
 PAUSE = "2:1"  # the 2-node jobs are held after step 1 of task 2 until SIGTERM

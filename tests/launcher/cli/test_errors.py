@@ -23,7 +23,7 @@ FAST = [
     "engine.backend=single", "engine.nproc_per_node=1", "training.steps=1",
     "selection.num_examples=4",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
-      for k, v in (("train_size", 4), ("eval_size", 2), ("max_length", 64))],
+      for k, v in (("train_size", 4), ("eval_size", 2), ("max_length", 176))],
 ]
 
 

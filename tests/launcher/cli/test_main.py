@@ -18,7 +18,8 @@ def _subcommands(parser):
 def test_subcommands_are_frozen():
     subs = _subcommands(build_parser())
     assert sorted(subs) == [
-        "compare", "eval", "masked-train", "neurons", "plan", "report", "run", "validate"
+        "compare", "data", "eval", "masked-train", "neurons", "plan", "report", "run",
+        "validate",
     ]
     assert sorted(_subcommands(subs["neurons"])) == ["inspect", "overlap", "score"]
     run_flags = {o for a in subs["run"]._actions for o in a.option_strings}

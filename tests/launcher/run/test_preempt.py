@@ -29,7 +29,7 @@ SMALL = [
     "engine.backend=fsdp2", "training.steps=3", "selection.num_examples=8",
     "eval.batch_size=8", "output.overwrite=true",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
-      for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 96))],
+      for k, v in (("train_size", 16), ("eval_size", 8), ("max_length", 176))],
 ]
 
 
