@@ -375,10 +375,13 @@ def evaluate_task(
             if calibration_prompts:
                 prior_K = label_prior(engine, tokenizer, calibration_prompts, labels,
                                       batch_size, max_length)
+                raw = rank_records(scores_NK, examples, labels)
                 scores_NK = scores_NK - prior_K
             scores = rank_records(scores_NK, examples, labels)
             if prior_K is not None:
                 scores["label_prior"] = [round(float(v), 6) for v in prior_K]
+                # The uncalibrated read-out of the same forward passes, kept apart.
+                scores["raw"] = {k: raw[k] for k in ("accuracy", "predictions", "correct")}
         else:
             raise ValueError(f"eval.classification must be one of {list(CLASSIFICATION)}, "
                              f"got {classification!r}")

@@ -212,6 +212,19 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCTUATION.sub("", text.lower()).split())
 
 
+def label_set_share(predictions: Sequence[str], labels: Sequence[str]) -> float:
+    """Share of predictions that are one of `labels` (after `normalize_answer`).
+
+    A generate-mode prediction outside the task's own label set is an answer the model
+    took from elsewhere, e.g. a later task's label (the "takeover" the forgetting
+    diagnosis found). Rank-mode predictions are labels by construction (share 1).
+    """
+    if not predictions:
+        raise ValueError("label_set_share needs at least one prediction")
+    known = {normalize_answer(label) for label in labels}
+    return sum(normalize_answer(p) in known for p in predictions) / len(predictions)
+
+
 def generated_records(
     engine: Engine, tokenizer, examples: Sequence[Example], max_new_tokens: int,
     batch_size: int, max_prompt_length: int | None = None,

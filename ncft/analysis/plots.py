@@ -167,18 +167,26 @@ def plot_accuracy_matrix(data: dict[str, Any], path: str | os.PathLike[str]) -> 
 
 
 def plot_forgetting(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """FG_j per stage (retention of earlier tasks) and the mean score seen so far."""
+    """FG_j per stage (else retention) and the mean score seen so far.
+
+    FG is eq. 5 against a per-task reference; without one the curve is the retention
+    against the run's own diagonal, labelled as such.
+    """
     tasks, a = data["tasks"], _array(data["matrix"])
     x = np.arange(len(tasks))
-    fg = [np.nan if v is None else v for v in data["fg"]]
+    eq5 = data.get("fg") is not None
+    ratio = data["fg"] if eq5 else data["kept"]
+    fg = [np.nan if v is None else v for v in ratio]
     # Mean over the tasks trained so far: the curve AP is the last point of.
     seen = [float(a[: j + 1, j].mean()) if a[: j + 1, j].count() else np.nan for j in x]
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
-    ax.plot(x, fg, marker="o", color="C0", label="FG_j = mean a[i][j] / a[i][i], i < j")
+    label = ("FG_j = mean a[i][j] / A_i, i < j (eq. 5)" if eq5
+             else "retention = mean a[i][j] / a[i][i], i < j (not FG: no per-task reference)")
+    ax.plot(x, fg, marker="o", color="C0", label=label)
     ax.set_xticks(x, labels=[f"{j}: {t}" for j, t in zip(x, tasks)], rotation=30, ha="right")
     ax.set(title="Forgetting per stage", xlabel="stage j (task just trained)")
-    ax.set_ylabel("FG_j (retention ratio)", color="C0")
+    ax.set_ylabel("FG_j (retention ratio)" if eq5 else "retention ratio", color="C0")
     ax.grid(alpha=0.3)
     # Scores may be on another scale (e.g. 0-100) than the ratio, so they get their own axis.
     ax2 = ax.twinx()

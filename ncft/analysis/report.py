@@ -63,8 +63,11 @@ def _continual(run: ReportRun) -> Lines | str:
             ["AP (mean final score)", cm["average_performance"]],
             ["BWT", cm["backward_transfer"]],
         ]
-        + [[f"FG after {t} (stage {j}; eq. 5 retention, higher = more kept)", fg]
-           for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))]
+        + ([[f"FG after {t} (stage {j}; eq. 5 against the per-task reference, higher = "
+             "more kept)", fg] for j, (t, fg) in enumerate(zip(tasks, cm["fg"]))]
+           if cm["fg"] is not None else [])
+        + [[f"retention after {t} (stage {j}; / the run's own a[i][i], not FG)", k]
+           for j, (t, k) in enumerate(zip(tasks, cm["kept"]))]
         + [[f"forgetting after {t} (stage {j}; max earlier - now, lower = better)", f]
            for j, (t, f) in enumerate(zip(tasks, average_forgetting(cm["matrix"])))],
     )

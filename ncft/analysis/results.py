@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ncft.continual.metrics import cl_summary, forgetting
+from ncft.continual.metrics import cl_summary, forgetting, retention
 
 Matrix = list[list[float | None]]
 
@@ -69,12 +69,17 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def continual_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """Continual metrics from `results["tasks"]` and `results["matrix"]`.
+def continual_metrics(results: dict[str, Any], matrix_key: str = "matrix") -> dict[str, Any]:
+    """Continual metrics from `results["tasks"]` and `results[matrix_key]`.
+
+    FG (eq. 5) needs `A_i`: the run's `summary.forgetting.reference` when it was given
+    one (`eval.reference`), else FG is None and only `kept` (retention against the
+    run's own diagonal) is there.
 
     Returns:
-        `ncft.continual.metrics.cl_summary(...)` plus `"final"` (`a[i][T-1]` per task)
-        and `"fg"` (the FG_j list, entry 0 None).
+        `ncft.continual.metrics.cl_summary(...)` plus `"final"` (`a[i][T-1]` per task),
+        `"fg"` (the FG_j list, entry 0 None; None without a reference) and `"kept"`
+        (the retention list).
 
     Raises:
         ValueError: If `tasks` or `matrix` is missing or malformed.
@@ -84,9 +89,12 @@ def continual_metrics(results: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise ValueError("results.tasks must be a non-empty list of task names")
     n = len(tasks)
-    a = check_matrix(results.get("matrix"), "results.matrix", n)
-    out = cl_summary(a, tasks)
-    out.update(final=[a[i][n - 1] for i in range(n)], fg=forgetting(a))
+    a = check_matrix(results.get(matrix_key), f"results.{matrix_key}", n)
+    fg = ((results.get("summary") or {}).get("forgetting") or {})
+    reference = fg.get("reference") if isinstance(fg, dict) else None
+    out = cl_summary(a, tasks, reference=reference)
+    fg = None if reference is None else forgetting(a, reference)
+    out.update(final=[a[i][n - 1] for i in range(n)], fg=fg, kept=retention(a))
     return out
 
 

@@ -40,6 +40,7 @@ from ncft.data.examples import batches as share_batches
 from ncft.data.examples import collate, encode, pad_id, required_length
 from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
+from ncft.generation import label_set_share
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import Diverged, NonFinite, StepLog, train
@@ -144,15 +145,23 @@ class LoopState:
     details: dict[str, list[dict | None]] = field(default_factory=dict)
     # Steps skipped for an inf/nan loss or gradient, per task (`training.on_nonfinite`).
     skipped_steps: dict[str, int] = field(default_factory=dict)
+    # The base model's evaluation per task (`eval.zero_shot`), before stage 0.
+    zero_shot: list[dict | None] | None = None
 
     def to_json(self) -> dict[str, Any]:  # noqa: D102
         return {"matrix": self.matrix, "details": self.details,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "zero_shot": self.zero_shot}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> LoopState:
         """The state `to_json` saved (a stage checkpoint's state.json)."""
-        return cls(saved["matrix"], saved.get("details", {}), saved.get("skipped_steps", {}))
+        return cls(saved["matrix"], saved.get("details", {}), saved.get("skipped_steps", {}),
+                   saved.get("zero_shot"))
+
+    def cells(self, names: Sequence[str], key: str) -> list[list[Any]]:
+        """`details[task][stage][key]` as a matrix (None where absent)."""
+        return [[(d or {}).get(key) for d in self.details.get(name, [None] * len(names))]
+                for name in names]
 
 
 def stage_steps(
@@ -180,6 +189,13 @@ def stage_steps(
                 micro = []
 
 
+def _with_label_share(task: TaskData, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with `in_label_set` (`label_set_share`) for a classification task."""
+    if task.format == "classification" and result.get("predictions"):
+        result["in_label_set"] = label_set_share(result["predictions"], task.labels)
+    return result
+
+
 class ContinualLoop:
     """Runs the stages of one experiment (see module docstring)."""
 
@@ -201,6 +217,8 @@ class ContinualLoop:
         n = len(self.tasks)
         check_room(self.tasks, self.backend.tokenizer)
         state = state or LoopState(matrix=[[None] * n for _ in range(n)])
+        if self.cfg.eval.zero_shot and state.zero_shot is None:
+            state.zero_shot = self._zero_shot()
         if start_stage and self.row.mixes and self.store_dir is not None:
             # Tasks captured past the last committed stage are redone by this run.
             self.store = wncft.TaskStore.load(self.store_dir).truncated(start_stage)
@@ -254,22 +272,68 @@ class ContinualLoop:
                 p.requires_grad_(True)
         return self.backend.build_engine(model)
 
-    def summary(self, state: LoopState) -> dict[str, Any]:
-        """results.json payload: tasks, matrix, CL summary, per-task details."""
+    def summary(self, state: LoopState,
+                reference: dict[str, Sequence[float | None]] | None = None) -> dict[str, Any]:
+        """results.json payload: tasks, matrix, CL summary, per-task details.
+
+        Args:
+            state: The finished run's bookkeeping.
+            reference: `A_i` per task from a `per_task` run (`reference_scores`), keyed
+                by read-out ("calibrated" / "raw"); adds FG (eq. 5) to the summaries.
+
+        With calibration on, the uncalibrated read-out of the same forwards gets its own
+        `raw_matrix` and `raw_summary` (never mixed into `matrix`); with `zero_shot`, the
+        base model's scores give forward transfer. `in_label_set[i][j]` is the share of
+        task i's answers after stage j that are one of task i's labels.
+        """
         names = [t.name for t in self.tasks]
-        matrix = state.matrix
-        if self.row.from_base:  # each column is its own model: keep the diagonal
-            matrix = [[v if i == j else None for j, v in enumerate(row)]
-                      for i, row in enumerate(matrix)]
-        return {
+        reference = reference or {}
+        calibrated = self.cfg.eval.calibration != "none"
+        base = [(d or {}).get("score") for d in state.zero_shot or []] or None
+        out = {
             "tasks": names, "method": self.cfg.method, "matrix": state.matrix,
-            "summary": cl_summary(matrix, names), "details": state.details,
+            "summary": self._cl(state.matrix, names, base,
+                                reference.get("calibrated" if calibrated else "raw")),
+            "details": state.details,
+            "in_label_set": state.cells(names, "in_label_set"),
             "skipped_steps": state.skipped_steps,
             # How scores were obtained: `ncft compare` and the report show it.
             "protocol": {"classification": self.cfg.eval.classification,
                          "calibration": self.cfg.eval.calibration,
                          "wncft_query": self.cfg.wncft.query if self.row.mixes else None},
         }
+        if state.zero_shot is not None:
+            out["zero_shot"] = base
+        if calibrated:
+            raw = [[v if v is None else v.get("accuracy") for v in row]
+                   for row in state.cells(names, "raw")]
+            raw_base = [((d or {}).get("raw") or {}).get("accuracy")
+                        for d in state.zero_shot or []] or None
+            out["raw_matrix"] = raw
+            out["raw_summary"] = self._cl(raw, names, raw_base, reference.get("raw"))
+            if raw_base is not None:
+                out["raw_zero_shot"] = raw_base
+        return out
+
+    def _cl(self, matrix, names, base, reference) -> dict[str, Any]:
+        if self.row.from_base:  # each column is its own model: keep the diagonal
+            matrix = [[v if i == j else None for j, v in enumerate(row)]
+                      for i, row in enumerate(matrix)]
+        if base is not None and any(v is None for v in base):
+            base = None  # a task without a zero-shot score (e.g. resumed from an old run)
+        return cl_summary(matrix, names, base, reference)
+
+    def _zero_shot(self) -> list[dict | None]:
+        """The base model on every task, before any training (forward transfer's baseline)."""
+        self.backend.log_line("zero-shot evaluation of the base model")
+        engine = self._eval_engine(None, None)
+        out: list[dict | None] = []
+        for task in self.tasks:
+            result = self.evaluate_one(engine, task, self._examples(task))
+            self.backend.log_line(f"  zero-shot {task.name}: {result['score']:.4f}")
+            out.append(result)
+        engine.close()
+        return out
 
     def _stage(self, stage: int, state: LoopState) -> None:
         task, row = self.tasks[stage], self.row
@@ -405,7 +469,7 @@ class ContinualLoop:
     def _evaluate(self, engine: Engine, stage: int, state: LoopState) -> None:
         for i in self._evaluated(stage):
             task = self.tasks[i]
-            examples = task.test[: self.cfg.eval.max_examples or len(task.test)]
+            examples = self._examples(task)
             if self.row.mixes and len(self.store) and self.cfg.wncft.query == "example":
                 result = self._eval_routed(engine, task, examples)
             elif self.row.mixes and len(self.store):
@@ -417,11 +481,15 @@ class ContinualLoop:
                 result["query"] = "task"
             else:
                 result = self.evaluate_one(engine, task, examples)
+            result = _with_label_share(task, result)  # routed results merge groups first
             state.matrix[i][stage] = result["score"]
             state.details.setdefault(task.name, [None] * len(self.tasks))[stage] = result
             self.backend.log_line(f"  eval {task.name} after {self.tasks[stage].name}: "
                                   f"{result['score']:.4f}")
             self.backend.after_eval(stage, i)
+
+    def _examples(self, task: TaskData) -> list[Any]:
+        return task.test[: self.cfg.eval.max_examples or len(task.test)]
 
     def evaluate_one(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
         """`evaluate_task` of `task` on `examples` under this run's evaluation settings.
@@ -430,7 +498,7 @@ class ContinualLoop:
         method that does not mix, and the studies' per-task measure
         (`study.task_metric`).
         """
-        return evaluate_task(
+        result = evaluate_task(
             engine, self.backend.tokenizer, examples, format=task.format, labels=task.labels,
             metrics=self.cfg.eval.metrics, batch_size=self.cfg.eval.batch_size,
             max_length=task.max_length, max_new_tokens=self.cfg.eval.max_new_tokens,
@@ -438,6 +506,7 @@ class ContinualLoop:
             calibration_prompts=task.content_free if self.cfg.eval.calibration == "content_free"
             else (),
         )
+        return _with_label_share(task, result)
 
     def _eval_routed(self, engine: Engine, task: TaskData, examples) -> dict[str, Any]:
         """`wncft.query: example`: each example under its own mixture (`routing`)."""

@@ -7,15 +7,17 @@ training task j, for T tasks trained in order 0..T-1; None where not evaluated (
 - Average performance (CL, also AP): `mean_i a[i][T-1]`, the final model's mean score.
 - Backward transfer (BWT, Lopez-Paz & Ranzato 2017): `mean_{i<T-1} a[i][T-1] - a[i][i]`;
   negative means forgetting.
-- Forgetting ratio FG_j (after Leng & Xiong 2024, "Towards Understanding Multi-Task
-  Learning (Generalization) of LLMs via Detecting and Exploring Task-Specific Neurons").
-  OUR READING, as the retention ratio of the earlier tasks after training task j:
-  `FG_j = mean_{i<j} a[i][j] / a[i][i]`, for j >= 1 (undefined for j = 0). 1 means
-  the earlier tasks kept their just-trained scores, below 1 means forgetting (higher
-  is better). Terms with `a[i][i] == 0` (a task never learned has nothing to retain)
-  or a missing entry are left out; FG_j is None when no term remains. This is the
-  paper's eq. 5, kept under the results key `forgetting` (a RETENTION ratio despite
-  its name).
+- FG_j, Leng & Xiong (COLING 2025) eq. 5, `forgetting(matrix, reference)`:
+  `FG_j = mean_{i<j} a[i][j] / A_i`, for j >= 1 (undefined for j = 0), where `A_i`
+  is the score on task i after training task i ALONE: the diagonal of a `per_task`
+  run (the reference). A retention ratio despite its name: 1 means the earlier tasks
+  keep the single-task score, higher is better. Terms with `A_i == 0` or a missing
+  entry are left out; FG_j is None when no term remains. Without a reference there
+  is no FG: the results key `forgetting` is None.
+- Retention against the run's own diagonal, `retention(matrix)`: the same ratio with
+  `a[i][i]` (the score just after training task i in THIS sequence) in place of
+  `A_i`. Not eq. 5: a sequence that trains task i badly retains easily. Results key
+  `retention`.
 - Average forgetting F_j (Chaudhry et al. 2018, "Riemannian Walk"; the usual CL
   forgetting), `average_forgetting`: `F_j = mean_{i<j} max_{i<=l<j} a[i][l] - a[i][j]`,
   the best score task i had after it was trained minus its score after stage j (0
@@ -31,8 +33,10 @@ from collections.abc import Sequence
 from numbers import Real
 
 Matrix = Sequence[Sequence[float | None]]
-FG_NOTE = ("Leng & Xiong eq. 5: FG_j = mean_{i<j} a[i][j] / a[i][i], a retention ratio "
-           "(1 = kept, higher is better)")
+FG_NOTE = ("Leng & Xiong eq. 5: FG_j = mean_{i<j} a[i][j] / A_i with A_i the per-task "
+           "reference run's score, a retention ratio (1 = kept, higher is better)")
+RETENTION_NOTE = ("retention against the run's own diagonal, mean_{i<j} a[i][j] / a[i][i] "
+                  "(not FG: eq. 5 divides by a per-task reference run's score)")
 AF_NOTE = ("average forgetting: mean_{i<j} max_{i<=l<j} a[i][l] - a[i][j] "
            "(0 = nothing forgotten, lower is better)")
 
@@ -85,15 +89,49 @@ def backward_transfer(matrix: Matrix) -> float | None:
     return _mean([a[i][last] - a[i][i] for i in range(last)])
 
 
-def forgetting(matrix: Matrix) -> list[float | None]:
-    """FG_j for every stage j (see the module docstring); entry 0 is always None."""
-    a = _check(matrix)
+def _ratios(a: list[list[float | None]], ref: Sequence[float | None]) -> list[float | None]:
     out: list[float | None] = [None]
     for j in range(1, len(a)):
-        ratios = [a[i][j] / a[i][i] for i in range(j)
-                  if a[i][j] is not None and a[i][i] is not None and a[i][i] != 0]
+        ratios = [a[i][j] / ref[i] for i in range(j)
+                  if a[i][j] is not None and ref[i] is not None and ref[i] != 0]
         out.append(_mean(ratios) if ratios else None)
     return out
+
+
+def forgetting(matrix: Matrix, reference: Sequence[float | None]) -> list[float | None]:
+    """FG_j (eq. 5) for every stage j; entry 0 is always None.
+
+    Args:
+        matrix: The accuracy matrix.
+        reference: `A_i`, each task's score after training it alone (a `per_task`
+            run's diagonal, `reference_scores`).
+    """
+    a = _check(matrix)
+    if len(reference) != len(a):
+        raise ValueError(f"reference has {len(reference)} scores for {len(a)} tasks")
+    return _ratios(a, reference)
+
+
+def retention(matrix: Matrix) -> list[float | None]:
+    """Retention against the run's own diagonal for every stage j (not FG; see above)."""
+    a = _check(matrix)
+    return _ratios(a, [a[i][i] for i in range(len(a))])
+
+
+def reference_scores(reference: dict, tasks: Sequence[str]) -> list[float | None]:
+    """`A_i` for `tasks` from a `per_task` run's results.json payload, matched by name.
+
+    Raises:
+        ValueError: If the run is not `per_task` or lacks one of `tasks`.
+    """
+    if reference.get("method") != "per_task":
+        raise ValueError(f"the FG reference must be a per_task run (A_i: each task trained "
+                         f"alone), got method {reference.get('method')!r}")
+    names = list(reference.get("tasks", []))
+    missing = [t for t in tasks if t not in names]
+    if missing:
+        raise ValueError(f"the FG reference run has no task {missing}; it has {names}")
+    return [reference["matrix"][names.index(t)][names.index(t)] for t in tasks]
 
 
 def average_forgetting(matrix: Matrix) -> list[float | None]:
@@ -130,7 +168,8 @@ def forward_transfer(matrix: Matrix, baseline: Sequence[float]) -> float | None:
 
 
 def cl_summary(
-    matrix: Matrix, task_names: Sequence[str], baseline: Sequence[float] | None = None
+    matrix: Matrix, task_names: Sequence[str], baseline: Sequence[float] | None = None,
+    reference: Sequence[float | None] | None = None,
 ) -> dict:
     """All continual metrics, JSON-ready; a metric whose entries are missing is None.
 
@@ -138,15 +177,19 @@ def cl_summary(
         matrix: `a[i][j]`, score on task i after training task j.
         task_names: Name of each task, in training order.
         baseline: Optional untrained scores per task (adds forward transfer).
+        reference: Optional `A_i` per task (a `per_task` run's diagonal): adds FG.
 
     Returns:
         `{"tasks", "matrix", "average_performance", "backward_transfer",
-        "forgetting": {"per_stage": {task: FG_j}, "final": FG_{T-1}, "note"},
+        "forgetting": {"per_stage": {task: FG_j}, "final": FG_{T-1}, "note",
+        "reference"} or None, "retention": {"per_stage", "final", "note"},
         "average_forgetting": {"per_stage": {task: F_j}, "final": F_{T-1}, "note"},
         "diagonal_mean", "forward_transfer"}`. `forgetting` is Leng & Xiong's FG
-        (eq. 5, a retention ratio: higher = more retained); `average_forgetting` is
-        the usual max-drop forgetting (lower = less forgotten). `diagonal_mean` is
-        the mean just-trained score, the reference `per_task` runs report.
+        (eq. 5, a retention ratio: higher = more retained), None without a
+        reference; `retention` divides by the run's own diagonal instead;
+        `average_forgetting` is the usual max-drop forgetting (lower = less
+        forgotten). `diagonal_mean` is the mean just-trained score, the number
+        `per_task` runs report.
     """
     a = _check(matrix)
     if len(task_names) != len(a) or len(set(task_names)) != len(task_names):
@@ -158,15 +201,22 @@ def cl_summary(
         except ValueError:
             return None
 
-    fg, af = forgetting(a), average_forgetting(a)
+    kept, af = retention(a), average_forgetting(a)
+    fg = None
+    if reference is not None:
+        per_stage = forgetting(a, reference)
+        fg = {"per_stage": dict(zip(task_names, per_stage)), "final": per_stage[-1],
+              "note": FG_NOTE, "reference": [None if r is None else float(r)
+                                            for r in reference]}
     diagonal = [a[i][i] for i in range(len(a)) if a[i][i] is not None]
     return {
         "tasks": list(task_names),
         "matrix": a,
         "average_performance": lenient(average_performance, a),
         "backward_transfer": lenient(backward_transfer, a),
-        "forgetting": {"per_stage": dict(zip(task_names, fg)), "final": fg[-1],
-                       "note": FG_NOTE},
+        "forgetting": fg,
+        "retention": {"per_stage": dict(zip(task_names, kept)), "final": kept[-1],
+                      "note": RETENTION_NOTE},
         "average_forgetting": {"per_stage": dict(zip(task_names, af)), "final": af[-1],
                                "note": AF_NOTE},
         "diagonal_mean": _mean(diagonal) if diagonal else None,

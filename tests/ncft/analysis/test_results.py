@@ -20,16 +20,21 @@ def test_continual_metrics_known_values():
     assert cm["final"] == [0.7, 0.6, 0.95]
     assert cm["average_performance"] == pytest.approx(0.75)
     assert cm["backward_transfer"] == pytest.approx((-0.2 - 0.25) / 2)
-    assert cm["fg"][0] is None
-    assert cm["fg"][1] == pytest.approx(0.8 / 0.9)
-    assert cm["fg"][2] == pytest.approx((0.7 / 0.9 + 0.6 / 0.85) / 2)
+    assert cm["fg"] is None  # no per-task reference: no FG, only retention
+    assert cm["kept"][0] is None
+    assert cm["kept"][1] == pytest.approx(0.8 / 0.9)
+    assert cm["kept"][2] == pytest.approx((0.7 / 0.9 + 0.6 / 0.85) / 2)
+    summary = {"forgetting": {"reference": [1.0, 0.8, 0.95]}}
+    with_ref = continual_metrics({"tasks": ["a", "b", "c"], "matrix": MATRIX,
+                                  "summary": summary})
+    assert with_ref["fg"][2] == pytest.approx((0.7 / 1.0 + 0.6 / 0.8) / 2)
 
 
 def test_continual_metrics_with_unevaluated_entries():
     m = [[0.0, 0.5, None], [None, 0.8, 0.4], [None, None, 0.9]]
     cm = continual_metrics({"tasks": ["a", "b", "c"], "matrix": m})
     # a[0][0] == 0: ratio undefined; a[0][2] missing -> stage 2 uses only task 1.
-    assert cm["fg"] == [None, None, pytest.approx(0.5)]
+    assert cm["kept"] == [None, None, pytest.approx(0.5)]
     assert cm["final"] == [None, 0.4, 0.9] and cm["average_performance"] is None
 
 

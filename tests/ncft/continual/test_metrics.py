@@ -9,6 +9,8 @@ from ncft.continual.metrics import (
     cl_summary,
     forgetting,
     forward_transfer,
+    reference_scores,
+    retention,
 )
 
 # a[i][j]: task i after training task j (3 tasks).
@@ -29,18 +31,40 @@ def test_backward_transfer_by_hand():
     assert backward_transfer([[0.7]]) is None
 
 
-def test_forgetting_is_retention_ratio_per_stage():
-    fg = forgetting(A)
+# A_i: each task's score after training it alone (a per_task run's diagonal).
+REFERENCE = {"method": "per_task", "tasks": ["yelp", "sst2", "agnews"],
+             "matrix": [[0.70, None, None], [None, 0.96, None], [None, None, 0.90]]}
+
+
+def test_fg_is_eq5_against_the_per_task_reference_by_hand():
+    a_i = reference_scores(REFERENCE, ["sst2", "agnews", "yelp"])  # matched by name
+    assert a_i == [0.96, 0.90, 0.70]
+    fg = forgetting(A, a_i)
     assert fg[0] is None
-    assert fg[1] == pytest.approx(0.60 / 0.80)
-    assert fg[2] == pytest.approx((0.40 / 0.80 + 0.45 / 0.90) / 2)
+    assert fg[1] == pytest.approx(0.60 / 0.96)  # not 0.60 / 0.80, the run's own diagonal
+    assert fg[2] == pytest.approx((0.40 / 0.96 + 0.45 / 0.90) / 2)
+    assert fg[2] == pytest.approx(0.458333, abs=1e-6)
+    with pytest.raises(ValueError, match="must be a per_task run"):
+        reference_scores({**REFERENCE, "method": "ncft"}, ["sst2"])
+    with pytest.raises(ValueError, match=r"no task \['rte'\]"):
+        reference_scores(REFERENCE, ["rte"])
+    with pytest.raises(ValueError, match="reference has 2 scores for 3 tasks"):
+        forgetting(A, [0.9, 0.9])
 
 
-def test_forgetting_skips_unlearned_and_missing_entries():
+def test_retention_divides_by_the_runs_own_diagonal():
+    kept = retention(A)
+    assert kept[0] is None
+    assert kept[1] == pytest.approx(0.60 / 0.80)
+    assert kept[2] == pytest.approx((0.40 / 0.80 + 0.45 / 0.90) / 2)
+
+
+def test_ratios_skip_unlearned_and_missing_entries():
     a = [[0.0, 0.1, None], [0.2, 0.5, 0.25], [0.1, 0.2, 0.3]]
-    fg = forgetting(a)
-    assert fg[1] is None  # the only earlier task has a[0][0] == 0
-    assert fg[2] == pytest.approx(0.25 / 0.5)  # a[0][2] missing and a[0][0] == 0
+    kept = retention(a)
+    assert kept[1] is None  # the only earlier task has a[0][0] == 0
+    assert kept[2] == pytest.approx(0.25 / 0.5)  # a[0][2] missing and a[0][0] == 0
+    assert forgetting(a, [0.5, None, 0.3]) == [None, pytest.approx(0.2), None]
 
 
 def test_forward_transfer_against_baseline():
@@ -60,12 +84,16 @@ def test_errors_name_the_problem():
 
 
 def test_cl_summary_is_json_ready_and_lenient():
-    summary = cl_summary(A, ["sst2", "agnews", "yelp"], baseline=[0.3, 0.1, 0.2])
+    summary = cl_summary(A, ["sst2", "agnews", "yelp"], baseline=[0.3, 0.1, 0.2],
+                         reference=[0.96, 0.90, 0.70])
     assert json.loads(json.dumps(summary)) == summary
     assert summary["average_performance"] == pytest.approx(0.45)
     assert summary["backward_transfer"] == pytest.approx(-0.425)
-    assert summary["forgetting"]["per_stage"]["agnews"] == pytest.approx(0.75)
-    assert summary["forgetting"]["final"] == pytest.approx(0.5)
+    assert summary["forgetting"]["per_stage"]["agnews"] == pytest.approx(0.625)
+    assert summary["forgetting"]["reference"] == [0.96, 0.90, 0.70]
+    assert summary["retention"]["per_stage"]["agnews"] == pytest.approx(0.75)
+    assert summary["retention"]["final"] == pytest.approx(0.5)
+    assert cl_summary(A, ["sst2", "agnews", "yelp"])["forgetting"] is None  # no A_i, no FG
     assert summary["diagonal_mean"] == pytest.approx((0.8 + 0.9 + 0.5) / 3)
     assert summary["forward_transfer"] == pytest.approx(0.125)
     # A per_task run evaluates only the diagonal: what needs more is None.
@@ -85,5 +113,5 @@ def test_average_forgetting_by_hand():
     assert average_forgetting(b) == pytest.approx([None, -0.5, 0.05])
     summary = cl_summary(A, ["a", "b", "c"])
     assert summary["average_forgetting"]["final"] == pytest.approx(0.425)
-    assert "retention" in summary["forgetting"]["note"]
+    assert "not FG" in summary["retention"]["note"]
     assert "lower is better" in summary["average_forgetting"]["note"]
