@@ -152,15 +152,19 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="one table of several finished runs")
+    p = sub.add_parser("compare", help="tables of several finished runs (seeds grouped)")
     p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--reference", help="a finished per_task run: its scores are A_i of FG "
+                   "(Leng & Xiong eq. 5); without it the table shows retention, not FG")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="bootstrap replicates of the seeds table (default: 1000)")
     p.set_defaults(func=_compare)
 
 
 def _compare(ns: argparse.Namespace) -> int:
     from launcher.cli.compare import compare_table
 
-    print(compare_table(ns.run_dirs))
+    print(compare_table(ns.run_dirs, ns.reference, ns.samples))
     return 0
 
 

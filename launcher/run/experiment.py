@@ -40,6 +40,7 @@ from ncft.continual.loop import (
     check_room,
 )
 from ncft.continual.methods import method
+from ncft.continual.metrics import reference_read_outs
 from ncft.io import atomic_dir
 from ncft.lora import merge_lora
 from ncft.run_paths import RunPaths
@@ -90,6 +91,27 @@ def _after_studies(spec: Spec, studies: RunStudies) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v}
 
 
+def fg_reference(spec: Spec, tasks: list[str]) -> dict[str, list[float | None]] | None:
+    """`eval.reference`'s A_i per read-out (`reference_read_outs`), checked up front.
+
+    Raises:
+        ValueError: Naming `eval.reference` if the run is missing, not `per_task`, lacks
+            a task or scored under another protocol.
+    """
+    if spec.eval.reference is None:
+        return None
+    path = RunPaths(spec.eval.reference).results
+    if not path.is_file():
+        raise ValueError(f"eval.reference: {path} does not exist; run the per_task "
+                         "reference first (method=per_task)")
+    protocol = {"classification": spec.eval.classification,
+                "calibration": spec.eval.calibration}
+    try:
+        return reference_read_outs(json.loads(path.read_text()), tasks, protocol)
+    except ValueError as err:
+        raise ValueError(f"eval.reference: {err}") from None
+
+
 def run_rank(run_root: str, model_dir: str) -> None:
     """One rank of an experiment whose run directory is prepared."""
     preempt.install()  # before the slow setup: a SIGTERM then stops at the first step
@@ -116,6 +138,7 @@ def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     backend = LauncherBackend(spec, info, run, model_dir)
     tasks = [load_task(t, spec.data_root) for t in spec.tasks]
     check_room(tasks, backend.tokenizer)  # before any study or stage spends time
+    reference = fg_reference(spec, [t.name for t in tasks])
     selector = run_selector(spec, backend, tasks)
     loop = _loop(spec, backend, tasks, selector)
     studies = RunStudies(spec.study.to_config(), backend, selector, tasks, spec.method,
@@ -132,7 +155,7 @@ def _run_stages(spec: Spec, info, run: RunPaths, model_dir: str) -> None:
     state = loop.run(start, state)
     extra = _after_studies(spec, studies)
     if info.is_main_process:
-        results = {**loop.summary(state), **extra, "stage_engines": _stage_engines(run)}
+        results = {**loop.summary(state, reference), **extra, "stage_engines": _stage_engines(run)}
         if run.deactivation.is_file():
             results["deactivation"] = json.loads(run.deactivation.read_text())
         if spec.study.similarity in ("final_model", "both"):
@@ -173,6 +196,7 @@ def main_run(spec_path: str, overrides: list[str]) -> None:
     """
     spec = preempt.resume_if_requeued(load_spec(spec_path, overrides))
     preflight(spec, under_launcher())
+    fg_reference(spec, [t.name for t in spec.tasks])  # a bad reference fails before any work
     out = spec.output
     created = out.overwrite or not rundir.holds_run(out.dir)
     if not under_launcher():

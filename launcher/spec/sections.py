@@ -432,6 +432,19 @@ class EvalSpec(_Section):
     metrics: list[Literal["bleu", "rougeL"]] = Field(
         ["bleu", "rougeL"], min_length=1, description="Metrics of generation tasks."
     )
+    zero_shot: bool = Field(
+        False,
+        description="Evaluate the base model on every task before the first stage: the "
+        "baseline of forward transfer (results `zero_shot`, summary `forward_transfer`; "
+        "needs tasks: all). Costs one more evaluation of every task.",
+    )
+    reference: Path | None = Field(
+        None,
+        description="A finished `per_task` run directory (same tasks and eval protocol): "
+        "its diagonal is A_i, the single-task score Leng & Xiong's FG (eq. 5) divides by. "
+        "Without it the summary has no FG, only retention against the run's own "
+        "diagonal; `ncft compare --reference RUN` adds FG afterwards.",
+    )
     tasks: Literal["all", "seen", "current"] = Field(
         "all",
         description="Which tasks are evaluated after each stage: all (the full accuracy "
@@ -445,6 +458,11 @@ class EvalSpec(_Section):
         from ncft.continual.config import EvalConfig
 
         return section_config(EvalConfig, self)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_absolute(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else absolute(path, base_dir(info))
 
 
 class OutputSpec(_Section):

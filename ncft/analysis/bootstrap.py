@@ -37,8 +37,11 @@ OTHER = "(other)"
 METRICS = ("average_performance", "backward_transfer", "average_forgetting", "diagonal_mean")
 
 
-def outcomes(results: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
+def outcomes(results: dict[str, Any], read_out: str = "main") -> dict[tuple[int, int], np.ndarray]:
     """`{(task i, stage j): 0/1 array}` for every evaluated cell that kept its outcomes.
+
+    `read_out="raw"` reads the uncalibrated outcomes a calibrated run keeps beside its
+    calibrated ones (`details[...]["raw"]`); a run without calibration has only one.
 
     Raises:
         ValueError: If a cell's example count differs between stages of one task (the
@@ -47,6 +50,8 @@ def outcomes(results: dict[str, Any]) -> dict[tuple[int, int], np.ndarray]:
     cells: dict[tuple[int, int], np.ndarray] = {}
     for i, name in enumerate(results["tasks"]):
         for j, detail in enumerate(results["details"].get(name, [])):
+            if detail and read_out == "raw" and "raw" in detail:
+                detail = detail["raw"]
             if detail and "correct" in detail:
                 cells[(i, j)] = np.asarray(detail["correct"], dtype=np.float64)
     for i in {i for i, _ in cells}:
@@ -193,6 +198,81 @@ def compare_runs(rows: Sequence[dict[str, Any]], reference: int = 0) -> list[dic
                        "ci95": interval(row["_replicates"][m] - ref["_replicates"][m])}
         out.append(diff)
     return out
+
+
+def seed_interval(
+    runs: Sequence[dict[str, Any]], metric: str = "average_performance", samples: int = 1000,
+    seed: int = 0, against: Sequence[dict[str, Any]] | None = None, read_out: str = "main",
+) -> dict[str, Any]:
+    """A metric over several seeds of one method, with seeds and examples resampled together.
+
+    Each replicate b draws the seed runs with replacement (as many as there are) and,
+    for every task, one resample of its evaluation examples (`cell_replicates`: the
+    same indices at every stage and in every run, as all seeds score the same
+    examples); the replicate's value is the mean of the drawn runs' metric on that
+    example resample. The interval so covers both seed-to-seed and example noise.
+
+    With `against` (the other method's seed runs, same seeds), the difference is
+    paired: the same seed draw and example draw for both, and `paired` lists each
+    seed's own difference. Seeds are paired by position (sort runs by seed first).
+
+    Args:
+        runs: results.json payloads of one method, one per seed, same tasks and
+            evaluation examples.
+        metric: One of `METRICS`.
+        samples: Bootstrap replicates.
+        seed: Seed of the resampling.
+        against: Optional baseline method's runs: the result is then the difference.
+        read_out: "main" or "raw" outcomes (`outcomes`).
+
+    Returns:
+        `{"per_seed": [value per run], "mean", "ci95", "paired": [per-seed difference]
+        (with `against`), "seeds": count}`.
+
+    Raises:
+        ValueError: If `against` has another number of runs, or runs differ in examples.
+    """
+    if not runs:
+        raise ValueError("seed_interval needs at least one run")
+    if against is not None and len(against) != len(runs):
+        raise ValueError(f"paired seeds need as many runs on each side, got {len(runs)} "
+                         f"and {len(against)}")
+
+    def per_run(group: Sequence[dict[str, Any]]) -> tuple[list, np.ndarray]:
+        points, reps = [], []
+        for res in group:
+            cells = outcomes(res, read_out)
+            points.append(_metrics(_read_matrix(res, read_out))[metric])
+            reps.append(replicates(cells, len(res["tasks"]), samples, seed)[metric])
+        return points, np.stack(reps)  # [S, samples]
+
+    points, reps_SB = per_run(runs)
+    paired = None
+    if against is not None:
+        base_points, base_SB = per_run(against)
+        if reps_SB.shape != base_SB.shape:
+            raise ValueError("the two methods' runs were evaluated on different examples")
+        reps_SB = reps_SB - base_SB
+        paired = [None if a is None or b is None else a - b
+                  for a, b in zip(points, base_points)]
+        points = paired
+    num = len(runs)
+    draws_BS = np.random.default_rng([seed, 1 << 20]).integers(0, num, size=(samples, num))
+    values_B = reps_SB[draws_BS, np.arange(samples)[:, None]].mean(axis=1)
+    known = [p for p in points if p is not None]
+    out: dict[str, Any] = {"per_seed": points, "seeds": num,
+                           "mean": sum(known) / len(known) if known else None,
+                           "ci95": interval(values_B)}
+    if paired is not None:
+        out["paired"] = paired
+    return out
+
+
+def _read_matrix(results: dict[str, Any], read_out: str) -> list[list[float | None]]:
+    """The score matrix of a read-out: `raw_matrix` for "raw" when the run has one."""
+    if read_out == "raw" and results.get("raw_matrix") is not None:
+        return results["raw_matrix"]
+    return results["matrix"]
 
 
 def bleu_replicates(hypotheses: Sequence[str], references: Sequence[str], samples: int,

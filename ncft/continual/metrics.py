@@ -167,6 +167,38 @@ def forward_transfer(matrix: Matrix, baseline: Sequence[float]) -> float | None:
     return _mean([a[i][i - 1] - float(baseline[i]) for i in range(1, len(a))])
 
 
+def reference_read_outs(
+    reference: dict, tasks: Sequence[str], protocol: dict | None = None
+) -> dict[str, list[float | None]]:
+    """A per_task run's `A_i` for each read-out it recorded: "raw" and "calibrated".
+
+    "raw" is the uncalibrated score (its `raw_matrix` when it ran with calibration, its
+    `matrix` otherwise); "calibrated" exists only for a calibrated reference. A run
+    divides its scores by the reference of the same read-out, never by the other.
+
+    Args:
+        reference: The per_task run's results.json payload.
+        tasks: Task names of the run FG is computed for.
+        protocol: If given, `{"classification": ...}` the run used; a reference scored
+            another way (rank vs generate) is refused.
+
+    Raises:
+        ValueError: See `reference_scores`, or a different classification protocol.
+    """
+    ref_protocol = reference.get("protocol") or {}
+    want = (protocol or {}).get("classification")
+    have = ref_protocol.get("classification", "rank")
+    if want is not None and want != have:
+        raise ValueError(f"the reference run scored classification by {have!r}, this run "
+                         f"by {want!r}; FG must divide scores of one protocol")
+    calibrated = ref_protocol.get("calibration", "none") != "none"
+    out = {"raw": reference_scores({**reference, "matrix": reference.get("raw_matrix")
+                                    if calibrated else reference["matrix"]}, tasks)}
+    if calibrated:
+        out["calibrated"] = reference_scores(reference, tasks)
+    return out
+
+
 def cl_summary(
     matrix: Matrix, task_names: Sequence[str], baseline: Sequence[float] | None = None,
     reference: Sequence[float | None] | None = None,

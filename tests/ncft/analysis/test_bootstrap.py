@@ -15,6 +15,7 @@ from ncft.analysis.bootstrap import (
     outcomes,
     prediction_counts,
     run_table,
+    seed_interval,
     table_markdown,
 )
 from ncft.continual.metrics import average_performance, backward_transfer
@@ -120,3 +121,39 @@ def test_bleu_replicates_cover_the_corpus_score_and_pair_across_systems():
     assert diff[0] > 0  # the same sentences resampled: the better system wins every time
     with pytest.raises(ValueError, match="as many hypotheses"):
         bleu_replicates(good[:2], refs, 10, 0)
+
+
+def _one_task(correct: list[int], seed: int = 0) -> dict:
+    """A one-task run whose only cell is these outcomes (AP = their mean)."""
+    return {"tasks": ["t"], "method": "m", "matrix": [[sum(correct) / len(correct)]],
+            "details": {"t": [{"correct": correct}]}, "seed": seed}
+
+
+def test_seed_bootstrap_resamples_seeds_by_hand():
+    # Seed 0 gets every example right, seed 1 none: example resampling changes
+    # nothing, and a draw of two seeds averages to 1 (both seed 0), 0.5 or 0 with
+    # probabilities 1/4, 1/2, 1/4.
+    runs = [_one_task([1] * 10), _one_task([0] * 10, seed=1)]
+    out = seed_interval(runs, samples=4000, seed=3)
+    assert out["per_seed"] == [1.0, 0.0] and out["mean"] == 0.5 and out["seeds"] == 2
+    assert out["ci95"] == [0.0, 1.0]
+    # An example-only interval of either seed would be a single point.
+    assert seed_interval(runs[:1], samples=200)["ci95"] == [1.0, 1.0]
+
+
+def test_paired_seed_difference_keeps_only_the_example_noise_by_hand():
+    # Method B = method A with example 0 flipped to wrong, at both seeds: each seed's
+    # difference is 0.1, and a replicate's difference is (draws of example 0) / 10,
+    # Binomial(10, 0.1) / 10 whatever seeds are drawn: 2.5% -> 0, 97.5% -> 0.3
+    # (P(>= 4 draws) = 0.013, P(>= 3 draws) = 0.070).
+    a = [_one_task([1] * 10), _one_task([1] * 5 + [0] * 5, seed=1)]
+    b = [_one_task([0] + [1] * 9), _one_task([0] + [1] * 4 + [0] * 5, seed=1)]
+    diff = seed_interval(a, samples=4000, seed=0, against=b)
+    assert diff["paired"] == pytest.approx([0.1, 0.1])
+    assert diff["mean"] == pytest.approx(0.1)
+    assert diff["ci95"] == pytest.approx([0.0, 0.3])
+    # Unpaired, the seeds' own spread (1.0 vs 0.5) would make it far wider.
+    assert seed_interval(a, samples=4000)["ci95"][1] - seed_interval(a, samples=4000)[
+        "ci95"][0] > 0.4
+    with pytest.raises(ValueError, match="as many runs on each side"):
+        seed_interval(a, against=b[:1])
