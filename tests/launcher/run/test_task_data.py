@@ -84,3 +84,4 @@ def test_a_task_whose_fixed_parts_do_not_fit_is_refused_naming_it(tmp_path, smol
     with pytest.raises(ValueError, match=r"tasks\[sst2\].max_length: 20 .* need 27; set "
                        r"max_length >= 27"):
         check_room([load_task(task, root)], smollm2_tokenizer)
+
