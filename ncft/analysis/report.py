@@ -54,6 +54,41 @@ def _continual(run: ReportRun) -> Lines | str:
         return res
     cm = continual_metrics(res)
     run.save("continual", cm)
+    proto = res.get("protocol") or {}
+    calibration = proto.get("calibration") or "none"
+    calibrated = calibration != "none"
+    out = [f"Classification scored by `{proto.get('classification', 'rank')}`"
+           + (f", calibration `{calibration}`" if calibrated else "")
+           + (f"; W-NCFT query `{proto['wncft_query']}`" if proto.get("wncft_query")
+              else "") + ".", ""]
+    if calibrated:
+        out += ["### Calibrated read-out", ""]
+    out += _metrics_tables(cm)
+    if calibrated and res.get("raw_matrix") is not None:
+        # The same forwards read without the calibration: its own table, never mixed.
+        raw_cm = continual_metrics({**res, "summary": {"forgetting": (
+            res.get("raw_summary") or {}).get("forgetting")}}, "raw_matrix")
+        run.save("continual_raw", raw_cm)
+        out += ["### Uncalibrated (raw) read-out", ""] + _metrics_tables(raw_cm)
+    if res.get("in_label_set"):
+        out += ["Share of answers inside the task's own label set (task i after task j):",
+                ""]
+        out += matrix_table("task \\ after", cm["tasks"], cm["tasks"], res["in_label_set"])
+    summary = res.get("summary")
+    if isinstance(summary, dict) and summary:
+        out += ["Runner summary (`results.json` `summary`):", ""]
+        out += table(["key", "value"], [[k, _summary_value(v)] for k, v in summary.items()])
+    out.append(
+        run.figure("accuracy_matrix", "score matrix", lambda p: plots.plot_accuracy_matrix(cm, p))
+    )
+    out.append(
+        run.figure("forgetting", "forgetting per stage", lambda p: plots.plot_forgetting(cm, p))
+    )
+    return out
+
+
+def _metrics_tables(cm: dict[str, Any]) -> Lines:
+    """One read-out's score matrix and its AP, BWT, FG (or retention), forgetting."""
     tasks = cm["tasks"]
     out = ["Score `a[i][j]` on task i (row) after training task j (column).", ""]
     out += matrix_table("task \\ after", tasks, tasks, cm["matrix"])
@@ -70,23 +105,6 @@ def _continual(run: ReportRun) -> Lines | str:
            for j, (t, k) in enumerate(zip(tasks, cm["kept"]))]
         + [[f"forgetting after {t} (stage {j}; max earlier - now, lower = better)", f]
            for j, (t, f) in enumerate(zip(tasks, average_forgetting(cm["matrix"])))],
-    )
-    proto = res.get("protocol") or {}
-    calibration = proto.get("calibration") or "none"
-    out.append(f"Classification scored by `{proto.get('classification', 'rank')}`"
-               + (f", calibration `{calibration}`" if calibration != "none" else "")
-               + (f"; W-NCFT query `{proto['wncft_query']}`" if proto.get("wncft_query")
-                  else "") + ".")
-    out.append("")
-    summary = res.get("summary")
-    if isinstance(summary, dict) and summary:
-        out += ["Runner summary (`results.json` `summary`):", ""]
-        out += table(["key", "value"], [[k, _summary_value(v)] for k, v in summary.items()])
-    out.append(
-        run.figure("accuracy_matrix", "score matrix", lambda p: plots.plot_accuracy_matrix(cm, p))
-    )
-    out.append(
-        run.figure("forgetting", "forgetting per stage", lambda p: plots.plot_forgetting(cm, p))
     )
     return out
 

@@ -186,3 +186,23 @@ def test_neft_per_task(run):
         md = write_report(run).read_text()
     assert "results.weight_movement_rank_shift.rte is missing `hist`" in md
     assert "results.neft.rte is missing `buckets`" in md
+
+
+def test_calibrated_run_reports_raw_and_calibrated_tables_apart(tmp_path):
+    run = tmp_path / "cal"
+    run.mkdir()
+    results = {"tasks": ["a", "b"], "matrix": [[0.8, 0.6], [None, 0.9]],
+               "raw_matrix": [[0.7, 0.35], [None, 0.85]],
+               "in_label_set": [[1.0, 0.5], [None, 1.0]],
+               "protocol": {"classification": "rank", "calibration": "content_free"},
+               "summary": {"forgetting": {"reference": [0.75, 0.9]}},
+               "raw_summary": {"forgetting": {"reference": [0.7, 0.8]}}}
+    (run / "results.json").write_text(json.dumps(results))
+    text = write_report(run).read_text()
+    calibrated, raw = text.split("### Uncalibrated (raw) read-out")
+    assert "### Calibrated read-out" in calibrated
+    # FG (eq. 5) per read-out, each against its own reference: 0.6 / 0.75 and 0.35 / 0.7.
+    assert "| FG after b (stage 1; eq. 5" in calibrated and "| 0.800 |" in calibrated
+    assert "| 0.500 |" in raw.split("Share of answers")[0]
+    assert "0.35" in raw and "0.35" not in calibrated.split("### Calibrated")[1]
+    assert "Share of answers inside the task's own label set" in raw
