@@ -22,22 +22,20 @@ SPLITS = ("train", "test")
 
 def add_data_commands(subparsers) -> None:
     """Register `data show|stats` on the top-level subparsers."""
+    from launcher.cli.main import _add_spec_command
+
     data = subparsers.add_parser("data", help="see a spec's task data as the model sees it")
     sub = data.add_subparsers(dest="data_command", required=True)
-    show = sub.add_parser("show", help="decoded prompts, answers, token counts, cuts")
-    show.add_argument("spec", help="experiment spec (YAML)")
-    show.add_argument("overrides", nargs="*", help="key.sub=value, e.g. tasks.0.max_length=256")
+    show = _add_spec_command(sub, "show", "decoded prompts, answers, token counts, cuts",
+                             _show)
     show.add_argument("--task", required=True, help="name of the spec task")
     show.add_argument("--split", choices=SPLITS, default="test",
                       help="train, or test: the task's evaluation rows (default)")
     show.add_argument("--limit", type=int, default=5, help="examples shown (default: 5)")
     show.add_argument("--json", action="store_true", help="a JSON list of objects")
-    show.set_defaults(func=_show)
-    stats = sub.add_parser("stats", help="per task: prompts cut, share of text tokens kept")
-    stats.add_argument("spec", help="experiment spec (YAML)")
-    stats.add_argument("overrides", nargs="*", help="key.sub=value")
+    stats = _add_spec_command(sub, "stats", "per task: prompts cut, share of text tokens "
+                              "kept", _stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    stats.set_defaults(func=_stats)
 
 
 def _load(ns: argparse.Namespace):
