@@ -12,7 +12,6 @@ Torch-free: the spec imports it while validating.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,6 @@ class EvalConfig:
     metrics: tuple[str, ...]
     tasks: str  # all | seen | current (`ContinualLoop._evaluated`)
     zero_shot: bool  # evaluate the base model on every task before stage 0
-    reference: Path | None  # a per_task run whose diagonal is FG's A_i (the launcher reads it)
 
 
 @dataclass(frozen=True)

@@ -123,12 +123,12 @@ def test_protocol_specs_are_the_real_protocol(order):
 
 
 def test_plan_names_the_zero_shot_pass_and_fg_reference(tmp_path):
-    plain = plan_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml"))
+    plain = describe_stages(load_spec(REPO / "examples" / "tiny_ncft.yaml"))
     assert plain[-2].endswith("(accuracy matrix, CL, BWT, retention (no FG), forgetting)")
     spec = load_spec(REPO / "examples" / "tiny_ncft.yaml",
                      ["eval.zero_shot=true", f"eval.reference={tmp_path / 'per_task'}"])
     assert spec.eval.reference == tmp_path / "per_task"
-    stages = plan_stages(spec)
+    stages = describe_stages(spec)
     assert stages[0].startswith("zero-shot: evaluate the base model on every task")
     assert "FG (eq. 5, vs eval.reference)" in stages[-2]
 

@@ -48,6 +48,7 @@ CHANGES = {
     "eval": {
         "batch_size": 3, "max_examples": 7, "max_new_tokens": 9, "classification": "generate",
         "calibration": "content_free", "metrics": ["bleu"], "tasks": "seen",
+        "zero_shot": True,
     },
     "wncft": {"num_samples": 5, "temperature": 0.5, "query": "example"},
     "olora": {"lambda_orth": 0.25, "lambda_l2": 0.125},
@@ -65,9 +66,10 @@ CHANGES = {
 
 # Read elsewhere, each by one owner: the engine and processes (launcher.run.spawn,
 # launcher.engines), the run directory and logs (launcher.run.rundir,
-# launcher.run.backend), the tasks' data (launcher.run.task_data).
+# launcher.run.backend), the tasks' data (launcher.run.task_data), the FG reference run
+# (launcher.run.experiment.fg_reference).
 ELSEWHERE = {
-    "engine": "all", "tasks": "all", "data_root": "all",
+    "engine": "all", "tasks": "all", "data_root": "all", "eval": {"reference"},
     "output": {"dir", "resume", "overwrite", "checkpoint_every", "tensorboard", "report"},
 }
 # Where a field arrives under another name than its own.

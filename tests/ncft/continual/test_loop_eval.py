@@ -16,7 +16,8 @@ from ncft.continual.loop import ContinualLoop, TaskData
 TASKS = [TaskData(n, "classification", ["a", "b"], [], [], 16) for n in "wxyz"]
 
 
-def _loop(eval_tasks: str = "all", calibration: str = "none") -> ContinualLoop:
+def _loop(eval_tasks: str = "all", calibration: str = "none",
+          zero_shot: bool = False) -> ContinualLoop:
     cfg = LoopConfig(
         method="ncft",
         training=TrainConfig(lr=1e-3, steps=1, epochs=None, micro_batch_size=1, grad_accum=1,
@@ -24,7 +25,7 @@ def _loop(eval_tasks: str = "all", calibration: str = "none") -> ContinualLoop:
                              max_skipped_steps=None),
         eval=EvalConfig(batch_size=1, max_examples=None, max_new_tokens=1,
                         classification="rank", calibration=calibration, metrics=("bleu",),
-                        tasks=eval_tasks),
+                        tasks=eval_tasks, zero_shot=zero_shot),
         wncft=WncftConfig(num_samples=1, temperature=1.0, query="task"),
         olora=OloraConfig(lambda_orth=0.5, lambda_l2=0.0),
         lora=LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)),
