@@ -206,6 +206,7 @@ MALFORMED = [
     ("cl_labels_wrong", {"tasks.0.labels": ["pos", "neg"]}, "tasks[0].labels"),
     ("cl_generation", {"tasks.0.format": "generation"}, "tasks[0].format"),
     ("prompt_no_text", {"tasks.0.prompt": "Answer:"}, "tasks[0].prompt"),
+    ("prompt_text_twice", {"tasks.0.prompt": "{text} or {text}"}, "tasks[0].prompt"),
     ("prompt_placeholder", {"tasks.0.prompt": "{text} {answer}"}, "tasks[0].prompt"),
     ("prompt_braces", {"tasks.0.prompt": "{text} {"}, "tasks[0].prompt"),
     ("translation_labels", {"tasks": [TRANSLATION, {**TRANSLATION, "name": "t2",
