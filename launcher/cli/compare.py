@@ -68,13 +68,28 @@ def read_out_matrix(res: dict[str, Any], read_out: str) -> list | None:
 
 
 def _spec_key(run: Path, res: dict[str, Any]) -> str:
-    """What makes runs one method: the resolved spec without seed and output."""
+    """What makes runs one method: the resolved spec without seeds and output.
+
+    Every section's `seed` is dropped (a second seed may move the selection's too), and
+    fields a run's spec lacks take today's defaults, so a run written before a field
+    existed still groups with one written after.
+    """
+    from pydantic import BaseModel
+
+    from launcher.spec import Spec
+
     spec_path = RunPaths(run).spec
     if not spec_path.is_file():
         return json.dumps([res.get("method"), res.get("protocol")], sort_keys=True)
     spec = yaml.safe_load(spec_path.read_text()) or {}
     spec.pop("output", None)
-    (spec.get("training") or {}).pop("seed", None)
+    for name, info in Spec.model_fields.items():
+        section, model = spec.get(name), info.annotation
+        if isinstance(section, dict) and isinstance(model, type) and issubclass(model,
+                                                                                 BaseModel):
+            defaults = {k: f.default for k, f in model.model_fields.items()
+                        if not f.is_required() and f.default_factory is None}
+            spec[name] = {k: v for k, v in {**defaults, **section}.items() if k != "seed"}
     return json.dumps(spec, sort_keys=True, default=str)
 
 
