@@ -16,8 +16,11 @@ def _run(path, method, matrix, protocol=None, seed=None, details=None, **extra):
         res["protocol"] = protocol
     (path / "results.json").write_text(json.dumps(res))
     if seed is not None:
+        # Seeds differ in every section's seed; the later run's spec also spells out a
+        # default the earlier one lacks (written before the field existed).
         spec = {"method": method, "training": {"seed": seed, "lr": 0.001},
-                "output": {"dir": str(path)}}
+                "selection": {"seed": seed}, "output": {"dir": str(path)},
+                **({"eval": {"calibration": "none"}} if seed else {})}
         (path / "spec.resolved.yaml").write_text(yaml.safe_dump(spec))
     return str(path)
 
