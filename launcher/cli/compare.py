@@ -84,7 +84,8 @@ def _spec_key(run: Path, res: dict[str, Any]) -> str:
     spec = yaml.safe_load(spec_path.read_text()) or {}
     spec.pop("output", None)
     for name, info in Spec.model_fields.items():
-        section, model = spec.get(name), info.annotation
+        model = info.annotation
+        section = spec.get(name, {})  # a section a spec leaves out takes its defaults
         if isinstance(section, dict) and isinstance(model, type) and issubclass(model,
                                                                                  BaseModel):
             defaults = {k: f.default for k, f in model.model_fields.items()
