@@ -75,7 +75,10 @@ def test_summary_keeps_raw_and_calibrated_apart_with_zero_shot_and_label_share(m
         def close(self):
             pass
 
-    backend = type("B", (), {"tokenizer": None, "load_model": lambda self, s: None,
+    import torch
+
+    backend = type("B", (), {"tokenizer": None,
+                             "load_model": lambda self, s: torch.nn.Linear(1, 1),
                              "build_engine": lambda self, m: Engine(),
                              "log_line": lambda self, t: None,
                              "after_eval": lambda self, s, i: None})()
