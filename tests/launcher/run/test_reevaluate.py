@@ -25,8 +25,8 @@ SMALL = [
     "engine.backend=single", "engine.nproc_per_node=1", "training.steps=2",
     "selection.num_examples=4", "eval.batch_size=4", "wncft.num_samples=4",
     "wncft.temperature=0.5", "tasks=[{source: {type: cl_benchmark, name: sst2}, "
-    "train_size: 8, eval_size: 6, max_length: 128}, {source: {type: cl_benchmark, "
-    "name: agnews}, train_size: 8, eval_size: 6, max_length: 128}]",
+    "train_size: 8, eval_size: 6, max_length: 176}, {source: {type: cl_benchmark, "
+    "name: agnews}, train_size: 8, eval_size: 6, max_length: 176}]",
 ]
 
 
