@@ -59,14 +59,23 @@ from pathlib import Path
 
 import yaml
 
-from ncft.continual.methods import method
+from ncft.continual.methods import METHODS, method
 from ncft.run_paths import RunPaths
 
-# The continual method each family's rate is chosen with under `--select-on heldout-sequence`.
-CONTINUAL = {"full": "seqft", "lora": "seqlora", "neurons": "ncft"}
 # The learning-rate family of a method, from what it trains (`Method.trains`): every
 # method has one, so a new row of the method table needs nothing here.
 FAMILY_OF_TRAINS = {"all": "full", "lora": "lora", "neurons": "neurons"}
+
+
+def continual_of(family: str) -> str:
+    """The family's plain continual method (`--select-on heldout-sequence` trains it): it
+    trains what the family trains, continues the previous stage, and neither adds an
+    adapter per task nor mixes at inference (full -> seqft, lora -> seqlora, neurons ->
+    ncft)."""
+    trains = {v: k for k, v in FAMILY_OF_TRAINS.items()}[family]
+    return next(name for name, row in METHODS.items()
+                if row.trains == trains and row.continual and not row.from_base
+                and not row.mixes and not row.adapter_per_task and not row.random)
 
 
 def family_of(name: str) -> str:
@@ -148,7 +157,7 @@ def grid(args: argparse.Namespace) -> None:
     walls: dict[str, dict[str, float]] = {}
 
     def score(family: str, rate: str) -> None:
-        method = CONTINUAL[family] if sequence else family
+        method = continual_of(family) if sequence else family
         spec = {**copy.deepcopy(base), "tasks": tasks, "method": method}
         spec["training"] = {**spec["training"], "lr": float(rate)}
         # The sequence's score needs the last column only; "seen" evaluates it.

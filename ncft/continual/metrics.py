@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from numbers import Real
 
+from ncft.continual.methods import METHODS
+
 Matrix = Sequence[Sequence[float | None]]
 FG_NOTE = ("Leng & Xiong eq. 5: FG_j = mean_{i<j} a[i][j] / A_i with A_i the per-task "
            "reference run's score, a retention ratio (1 = kept, higher is better)")
@@ -124,7 +126,8 @@ def reference_scores(reference: dict, tasks: Sequence[str]) -> list[float | None
     Raises:
         ValueError: If the run is not `per_task` or lacks one of `tasks`.
     """
-    if reference.get("method") != "per_task":
+    row = METHODS.get(reference.get("method", ""))
+    if row is None or not row.from_base or row.trains != "all":  # not per-task FT
         raise ValueError(f"the FG reference must be a per_task run (A_i: each task trained "
                          f"alone), got method {reference.get('method')!r}")
     names = list(reference.get("tasks", []))

@@ -63,7 +63,9 @@ def _options_between(sub) -> list[str]:
         if not action.option_strings or action.dest == "help":
             continue
         words.append(action.option_strings[-1])
-        if action.nargs != 0:  # store_true takes no value
+        if action.choices:  # e.g. `data show --split train|test`
+            words.append(str(next(iter(action.choices))))
+        elif action.nargs != 0:  # store_true takes no value
             words.append({int: "2", float: "1.5"}.get(action.type, "x.safetensors"))
     return words
 
@@ -74,7 +76,7 @@ TAKES_OVERRIDES = [(words, sub) for words, sub in _leaf_commands(build_parser())
 
 def test_the_override_commands_are_the_spec_commands():
     assert sorted(" ".join(w) for w, _ in TAKES_OVERRIDES) == [
-        "eval", "neurons score", "plan", "run", "validate"]
+        "data show", "data stats", "eval", "neurons score", "plan", "run", "validate"]
 
 
 @pytest.mark.parametrize("words", [w for w, _ in TAKES_OVERRIDES], ids=" ".join)
