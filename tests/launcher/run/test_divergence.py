@@ -27,7 +27,7 @@ TINY = [
     "engine.backend=single", "engine.nproc_per_node=1", "training.steps=3",
     "selection.num_examples=4", "eval.batch_size=4", "training.lr=1e30",
     *[f"tasks.{i}.{k}={v}" for i in range(3)
-      for k, v in (("train_size", 8), ("eval_size", 4), ("max_length", 64))],
+      for k, v in (("train_size", 8), ("eval_size", 4))],
 ]
 
 

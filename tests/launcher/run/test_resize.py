@@ -33,7 +33,7 @@ TWO_TASKS = "tasks=[{source: {type: cl_benchmark, name: sst2}}, {source: {type: 
 SMALL = [TWO_TASKS, "method=seqft", "training.steps=3", "eval.batch_size=4",
          "output.checkpoint_every=1",
          *[f"tasks.{i}.{k}={v}" for i in range(2)
-           for k, v in (("train_size", 12), ("eval_size", 4), ("max_length", 64))]]
+           for k, v in (("train_size", 12), ("eval_size", 4))]]
 
 
 def _ncft(run: Path, cache: Path, *extra: str, env: dict | None = None, check: bool = True):
