@@ -2,7 +2,7 @@
 
 ```
 checkpoints/02-agnews/manifest.json        {"files": {"model.safetensors": {"size", "sha256"},
-                                                       "state.json": {...}}}
+                                                       <STAGE_STATE>: {...}}}
 checkpoints/in-progress/02-agnews/step-00000040/manifest.json   (rank files, progress.json)
 ```
 The manifest is written last and atomically (`ncft.io.write_json`), so a directory
