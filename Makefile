@@ -59,8 +59,10 @@ demo: install
 # The evidence runs of benchmarks/EVIDENCE.md (#14): learning-rate grid, Standard CL O1,
 # the forgetting diagnosis, Leng & Xiong's matrices, NeFT vs LoRA; ~3 h on 2 CPU cores,
 # resumable.
+# PART=protocol: only issue #24's runs (the real protocol); PART=old: only #14's.
+PART ?= all
 evidence: install
-	bash benchmarks/evidence.sh
+	bash benchmarks/evidence.sh $(PART)
 
 # Everything only a GPU can verify (benchmarks/gpu_check.py): the gpu-marked tests, one
 # masked bf16 run per engine over NCCL, and a 1.1B masked-vs-unmasked benchmark. Runs

@@ -15,6 +15,14 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
   at its family's chosen rate (`seqft`/`per_task` -> full, `seqlora`/`olora` -> lora,
   `ncft`/`wncft` -> neurons); `--set KEY=VALUE` adds a spec override to every run.
   `--rate KEY=FAMILY` sets another spec key to a family's rate (the study run).
+* `pilot SPEC --out DIR --rows R,R,... --lr LR [--heldout N] [--threshold TASK=ACC]`:
+  issue #24's budget pilot. Per-task fine-tuning (`per_task`: every task from the base
+  model) at each budget in increasing order, `R` training rows per task (capped at the
+  task's rows minus the held-out ones, so the largest budget is at most one epoch),
+  scored on each task's last `N` training rows. It stops at the first budget at which
+  every task reaches its threshold (`--threshold`, default `--default-threshold`) and
+  writes `DIR/pilot.json`: every budget's per-task scores, steps and wall time, and the
+  chosen budget (the largest tried when none passes: "use one epoch").
 * `bleu RUN... --out FILE.json`: generation runs' BLEU with 95% bootstrap intervals
   over test sentences, paired differences vs the first run, trainable elements, and
   NeFT's utilization summary where the run has one.
@@ -210,6 +218,44 @@ def run(args: argparse.Namespace) -> None:
         _ncft_run(spec, Path(args.out) / f"{args.prefix}{name}", [*rates, *args.overrides])
 
 
+def pilot(args: argparse.Namespace) -> None:
+    """The `pilot` subcommand (module docstring)."""
+    base = _load(args.spec)
+    tasks = heldout_tasks(base, args.heldout, sequence=True)
+    mbs = base["training"].get("micro_batch_size", 4)
+    thresholds = {t["source"]["name"]: args.default_threshold for t in tasks}
+    for item in args.threshold:
+        name, value = item.split("=")
+        if name not in thresholds:
+            raise ValueError(f"--threshold {item}: no task {name!r} in {args.spec}")
+        thresholds[name] = float(value)
+    out = Path(args.out)
+    budgets, chosen = [], None
+    for rows in sorted(int(r) for r in args.rows.split(",")):
+        spec = {**copy.deepcopy(base), "method": "per_task", "eval": {
+            **base.get("eval", {}), "tasks": "current", "zero_shot": False, "reference": None}}
+        spec["tasks"] = [{**t, "train_size": min(rows, t["train_size"])} for t in tasks]
+        spec["training"] = {**spec["training"], "lr": args.lr, "epochs": 1, "steps": None}
+        run_dir = out / f"per_task_rows{rows}"
+        wall = _ncft_run(spec, run_dir, args.overrides) or float(
+            (run_dir / "wall_seconds.txt").read_text())
+        result = json.loads(RunPaths(run_dir).results.read_text())
+        names = [t["source"]["name"] for t in tasks]
+        scores = {n: result["matrix"][i][i] for i, n in enumerate(names)}
+        passed = all(scores[n] >= thresholds[n] for n in names)
+        budgets.append({"rows": rows, "steps": {n: -(-t["train_size"] // mbs) for n, t in
+                                                zip(names, spec["tasks"])},
+                        "scores": scores, "passed": passed, "wall_seconds": wall})
+        print(json.dumps(budgets[-1]), flush=True)
+        if passed:
+            chosen = rows
+            break
+    report = {"lr": args.lr, "heldout_rows": args.heldout, "thresholds": thresholds,
+              "budgets": budgets, "chosen_rows": chosen or budgets[-1]["rows"],
+              "passed": chosen is not None}
+    (out / "pilot.json").write_text(json.dumps(report, indent=2))
+
+
 def table(args: argparse.Namespace) -> None:
     """The `table` subcommand (module docstring)."""
     # Imported here: the grid and the runs start before any table is needed.
@@ -344,6 +390,16 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
                    help="KEY=FAMILY: set spec key KEY to FAMILY's chosen rate")
     r.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="a spec override for every method's run")
+    p = sub.add_parser("pilot")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", required=True, help="training rows per task, comma-separated")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--heldout", type=int, default=100)
+    p.add_argument("--threshold", action="append", default=[], metavar="TASK=ACC")
+    p.add_argument("--default-threshold", type=float, default=0.8)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="a spec override for every run")
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     t.add_argument("--out", required=True)
@@ -358,7 +414,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     m.add_argument("--grid")
     m.add_argument("--table")
     args = parser.parse_args(argv)
-    {"grid": grid, "run": run, "table": table, "bleu": bleu, "matrices": matrices}[args.cmd](args)
+    commands = {"grid": grid, "run": run, "pilot": pilot, "table": table, "bleu": bleu,
+                "matrices": matrices}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

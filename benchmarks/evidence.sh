@@ -1,15 +1,30 @@
 #!/bin/bash
 # Every evidence run of benchmarks/EVIDENCE.md, in the order they ran (`make evidence`).
-# About 5 hours on 2 CPU cores; each step is resumable (a finished run is skipped), so
-# an interrupted call picks up where it stopped. OUT defaults to runs/evidence.
+# Each step is resumable (a finished run is skipped), so an interrupted call picks up
+# where it stopped. OUT defaults to runs/evidence.
+#   bash benchmarks/evidence.sh old       # issue #14's runs, the old protocol (~5 h)
+#   bash benchmarks/evidence.sh protocol  # issue #24's runs, the real protocol
+#   bash benchmarks/evidence.sh           # both
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/evidence}
-G=$OUT/grid/grid_extend1.json  # the rates of steps 2-6 (one point past each best end)
-G2=$OUT/grid/grid.json         # the grid extended once more (step 7)
+PART=${1:-all}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 EV="$PY benchmarks/evidence.py"
+
+if [ "$PART" = protocol ] || [ "$PART" = all ]; then
+  # Issue #24, the real protocol (docs/protocol.md), examples/protocol_o1_smollm2.yaml.
+  # P1. The budget pilot: per-task fine-tuning of each O1 task at 200, 400 and then all
+  #     (<= 1 epoch) training rows, scored on each task's last 100 training rows; stops
+  #     at the first budget with amazon >= 0.40 and every other task >= 0.80. Rate 1e-4,
+  #     the middle of the full family's grid, fixed before the pilot ran.
+  $EV pilot examples/protocol_o1_smollm2.yaml --out "$OUT/protocol/pilot" \
+    --rows 200,400,1000 --lr 1e-4 --heldout 100 --threshold amazon=0.40 --default-threshold 0.80
+fi
+[ "$PART" = old ] || [ "$PART" = all ] || exit 0
+G=$OUT/grid/grid_extend1.json  # the rates of steps 2-6 (one point past each best end)
+G2=$OUT/grid/grid.json         # the grid extended once more (step 7)
 
 # 1. Learning-rate grid per family, on dbpedia's held-out training rows.
 $EV grid examples/evidence_o1_smollm2.yaml --out "$OUT/grid" --extend 1 \

@@ -127,3 +127,26 @@ def test_grid_selects_on_heldout_rows_after_the_whole_sequence(tmp_path):
     assert grid["scores"]["full"]["1e-4"] == run["summary"]["average_performance"]
     assert grid["select_on"] == "heldout-sequence" and grid["best"] == {"full": "1e-4"}
     assert all(t["eval_split"] == "heldout" for t in grid["tasks"])
+
+
+@pytest.mark.timeout(600)
+def test_pilot_stops_at_the_first_budget_every_task_passes(tmp_path):
+    spec = _tiny("protocol_o1_smollm2.yaml", tmp_path)
+    out = tmp_path / "pilot"
+    # Threshold 0 passes at once: only the smallest budget runs.
+    _run(EVIDENCE, "pilot", spec, "--out", out, "--rows", "6,4", "--lr", "1e-4",
+         "--heldout", "3", "--default-threshold", "0")
+    report = json.loads((out / "pilot.json").read_text())
+    assert [b["rows"] for b in report["budgets"]] == [4] and report["passed"]
+    assert report["chosen_rows"] == 4
+    first = report["budgets"][0]
+    assert set(first["scores"]) == {"dbpedia", "amazon", "yahoo", "agnews"}
+    assert first["steps"] == {"dbpedia": 2, "amazon": 2, "yahoo": 2, "agnews": 2}
+    run = yaml.safe_load((out / "per_task_rows4" / "spec.resolved.yaml").read_text())
+    assert run["method"] == "per_task" and run["tasks"][0]["eval_split"] == "heldout"
+    # An unreachable threshold tries every budget and falls back to the largest.
+    _run(EVIDENCE, "pilot", spec, "--out", out, "--rows", "4,6", "--lr", "1e-4",
+         "--heldout", "3", "--default-threshold", "0", "--threshold", "amazon=1.01")
+    report = json.loads((out / "pilot.json").read_text())
+    assert [b["rows"] for b in report["budgets"]] == [4, 6] and not report["passed"]
+    assert report["chosen_rows"] == 6 and report["thresholds"]["amazon"] == 1.01
