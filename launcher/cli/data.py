@@ -5,7 +5,7 @@
   answer, the prompt and answer token counts and whether the input text was cut.
 - `data stats SPEC [key=value ...] [--json]`: per task and split, how many prompts
   are cut and the share of input-text tokens kept, beside the `max_length` the
-  task's fixed parts need (`ncft.continual.loop.check_room`).
+  task's fixed parts need (`ncft.continual.task.check_room`).
 
 Both read the spec's model tokenizer (a built-in model is converted once, as
 `ncft run` does) and encode exactly as training does (`ncft.data.examples.encode`).
@@ -45,7 +45,7 @@ def _load(ns: argparse.Namespace):
     from launcher.run.models import resolve_model
     from launcher.run.task_data import load_task
     from launcher.spec import load_spec
-    from ncft.continual.loop import check_room
+    from ncft.continual.task import check_room
 
     spec = load_spec(ns.spec, ns.overrides)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec.model.name_or_path))

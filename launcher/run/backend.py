@@ -1,6 +1,6 @@
 """The services `ContinualLoop` needs from the launcher: models, engines, files, logs.
 
-`LauncherBackend` is what the loop calls (`ncft.continual.loop.Backend`); the run's
+`LauncherBackend` is what the loop calls (`ncft.continual.services.Backend`); the run's
 orchestration stays in `launcher.run.experiment`.
 """
 

@@ -32,15 +32,12 @@ from launcher.run.spawn import run_local, under_launcher
 from launcher.run.task_data import load_task
 from launcher.spec import Spec, dump_resolved, load_spec
 from launcher.spec.stages import records_neft_utilization
-from ncft.continual.loop import (
-    ContinualLoop,
-    LoopState,
-    Selector,
-    TaskData,
-    check_room,
-)
+from ncft.continual.loop import ContinualLoop
 from ncft.continual.methods import method
 from ncft.continual.metrics import reference_read_outs
+from ncft.continual.services import Selector
+from ncft.continual.state import LoopState
+from ncft.continual.task import TaskData, check_room
 from ncft.io import atomic_dir
 from ncft.lora import merge_lora
 from ncft.run_paths import RunPaths

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.spec import Spec
 from launcher.spec.stages import records_rank_shift
-from ncft.continual.loop import TaskData, stage_steps
+from ncft.continual.task import TaskData, stage_steps
 from ncft.neuron_set import NeuronSet
 from ncft.scoring.groups import Scores
 from ncft.selection.pipeline import SelectionPipeline

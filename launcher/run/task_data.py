@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.spec.tasks import TaskSpec, data_files
-from ncft.continual.loop import TaskData
+from ncft.continual.task import TaskData
 from ncft.data.examples import (
     Example,
     classification_examples,

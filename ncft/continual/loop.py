@@ -22,10 +22,9 @@ kill between the store write and the commit re-captures that task cleanly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +35,9 @@ from ncft.continual import routing, wncft
 from ncft.continual.config import LoopConfig
 from ncft.continual.methods import method
 from ncft.continual.metrics import cl_summary
-from ncft.data.examples import batches as share_batches
-from ncft.data.examples import collate, encode, pad_id, required_length
+from ncft.continual.services import Backend, Selector
+from ncft.continual.state import LoopState
+from ncft.continual.task import TaskData, check_room, stage_steps
 from ncft.engine import Engine
 from ncft.evaluate import evaluate_task
 from ncft.generation import label_set_share
@@ -45,148 +45,7 @@ from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import Diverged, NonFinite, StepLog, train
 
-__all__ = ["ContinualLoop", "LoopState", "TaskData", "check_room"]
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One task: examples and how to score it (built by the launcher from the spec)."""
-
-    name: str
-    format: str
-    labels: list[str] | None
-    train: list[Any]
-    test: list[Any]
-    max_length: int
-    # The template filled with `ncft.evaluate.CONTENT_FREE` (`eval.calibration`).
-    content_free: tuple[str, ...] = ()
-
-
-def check_room(tasks: Sequence[TaskData], tokenizer: Any) -> None:
-    """Refuse a task whose `max_length` would cut its fixed parts, before anything runs.
-
-    The fixed parts are the template around the input text and the answer: the
-    longest label for classification (rank scoring puts every label after every
-    prompt), each example's own target for generation (`required_length`).
-
-    Raises:
-        ValueError: Naming the task and the `max_length` it needs.
-    """
-    for task in tasks:
-        answers = task.labels if task.format == "classification" else None
-        need = required_length([*task.train, *task.test], tokenizer, answers)
-        if need > task.max_length:
-            raise ValueError(
-                f"tasks[{task.name}].max_length: {task.max_length} tokens cannot hold the "
-                f"task's fixed parts (instruction, options, answer cue and answer), which "
-                f"need {need}; set max_length >= {need}")
-
-
-class Selector(Protocol):
-    """Chooses a task's neurons (`ncft.selection.pipeline.SelectionPipeline`)."""
-
-    def select(self, engine: Engine, model: nn.Module, task: TaskData, stage: int) -> NeuronSet:
-        """Score on `engine` (over `model`, unwrapped) and return `task`'s NeuronSet."""
-        ...
-
-
-class Backend(Protocol):
-    """Services the launcher provides."""
-
-    tokenizer: Any
-
-    def load_model(self, stage: int | None) -> nn.Module:
-        """The model after stage `stage` (None: the base model), unwrapped.
-
-        Its weights may be deferred (a meta-device model that `build_engine` fills,
-        each rank reading only its shard): use it for structure, the engine for values.
-        """
-
-    def build_engine(self, model: nn.Module, keep_weights: bool = False) -> Engine:
-        """Wrap a model whose frozen parameters are already marked.
-
-        `keep_weights`: the next `load_model` of the same stage follows; the backend
-        may keep this build's weights for it instead of reading them again.
-        """
-
-    def save_neurons(self, task: str, nset: NeuronSet) -> None:
-        """Persist a task's NeuronSet (rank 0)."""
-
-    def load_neurons(self, task: str) -> NeuronSet:
-        """The NeuronSet `save_neurons` stored for `task` (a resumed stage reuses it)."""
-
-    def save_stage(self, engine: Engine, stage: int, state: dict[str, Any]) -> None:
-        """Checkpoint the model after stage `stage` with the loop's bookkeeping."""
-
-    def resume_step(self, stage: int) -> int:
-        """Optimizer steps a mid-task checkpoint of `stage` holds (0: none)."""
-
-    def restore_progress(self, engine: Engine, stage: int) -> None:
-        """Load that mid-task checkpoint into an engine built from the stage's start."""
-
-    def after_step(self, engine: Engine, stage: int, step: int, total: int) -> None:
-        """Called after every optimizer step (mid-task checkpoints are its business)."""
-
-    def after_eval(self, stage: int, task_index: int) -> None:
-        """Called after each task's evaluation in stage `stage` (fault injection)."""
-
-    def log_step(self, stage: int, task: str, log: StepLog, lr: float) -> None:
-        """Record one training step."""
-
-    def log_line(self, text: str) -> None:
-        """Print progress (rank 0)."""
-
-
-@dataclass
-class LoopState:
-    """Bookkeeping carried across stages (and saved with each checkpoint)."""
-
-    matrix: list[list[float | None]]
-    details: dict[str, list[dict | None]] = field(default_factory=dict)
-    # Steps skipped for an inf/nan loss or gradient, per task (`training.on_nonfinite`).
-    skipped_steps: dict[str, int] = field(default_factory=dict)
-    # The base model's evaluation per task (`eval.zero_shot`), before stage 0.
-    zero_shot: list[dict | None] | None = None
-
-    def to_json(self) -> dict[str, Any]:  # noqa: D102
-        return {"matrix": self.matrix, "details": self.details,
-                "skipped_steps": self.skipped_steps, "zero_shot": self.zero_shot}
-
-    @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> LoopState:
-        """The state `to_json` saved (a stage checkpoint's state.json)."""
-        return cls(saved["matrix"], saved.get("details", {}), saved.get("skipped_steps", {}),
-                   saved.get("zero_shot"))
-
-    def cells(self, names: Sequence[str], key: str) -> list[list[Any]]:
-        """`details[task][stage][key]` as a matrix (None where absent)."""
-        return [[(d or {}).get(key) for d in self.details.get(name, [None] * len(names))]
-                for name in names]
-
-
-def stage_steps(
-    tokenizer: Any, engine: Engine, task: TaskData, stage: int, seed: int,
-    micro_batch_size: int, grad_accum: int,
-) -> Iterator[list[dict]]:
-    """Endless micro-batch lists of `task`'s training data for this rank, stage `stage`.
-
-    The training loop and NeFT's probe (`ncft.selection.pipeline`) both read this, so
-    the probe fine-tunes on the very batches the stage trains on.
-    """
-    encoded = encode(task.train, tokenizer, task.max_length)
-    # The order depends on seed and stage only, so a resumed stage repeats itself.
-    gen = torch.Generator().manual_seed(seed * 1000 + stage)
-    pad = pad_id(tokenizer)
-    micro = []
-    while True:  # epochs until the caller stops taking steps
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        shuffled = [encoded[i] for i in order]
-        for share in share_batches(shuffled, micro_batch_size, engine.rank, engine.world_size,
-                                   "repeat"):
-            micro.append(collate(share, pad))
-            if len(micro) == grad_accum:
-                yield micro
-                micro = []
+__all__ = ["ContinualLoop"]
 
 
 def _with_label_share(task: TaskData, result: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from ncft.selection.topk import (
 )
 
 if TYPE_CHECKING:
-    from ncft.continual.loop import TaskData
+    from ncft.continual.task import TaskData
 
 # (engine, task, stage) -> endless micro-batch lists of the task's training data.
 StepsProvider = Callable[[Engine, "TaskData", int], Iterable[Sequence[dict]]]
@@ -112,13 +112,13 @@ def exclude_owned(scores: Scores, groups: Sequence[Group], owned: Sequence[Neuro
 
 @dataclass(frozen=True)
 class SelectionPipeline:
-    """Selects a task's neurons on an engine; implements `ncft.continual.loop.Selector`.
+    """Selects a task's neurons on an engine; implements `ncft.continual.services.Selector`.
 
     Attributes:
         cfg: Selection settings.
         tokenizer: Encodes the task's examples (grad_attribution); gives the pad id.
         train_steps: `(engine, task, stage) -> micro-batch lists` that NeFT's probe
-            fine-tunes on (`ncft.continual.loop.stage_steps`).
+            fine-tunes on (`ncft.continual.task.stage_steps`).
         method: The training method; `random_neurons` scores randomly (the control).
         previous: `stage -> the set the previous task trained`, read only with
             `cfg.union_with_previous`.

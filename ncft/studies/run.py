@@ -31,8 +31,8 @@ from ncft.analysis.neft_utilization import utilization_shift
 from ncft.analysis.similarity import layer_similarity
 from ncft.arch import get_adapter
 from ncft.continual.config import StudyConfig
-from ncft.continual.loop import TaskData
 from ncft.continual.methods import method
+from ncft.continual.task import TaskData
 from ncft.data.examples import encode
 from ncft.engine import Engine
 from ncft.io import write_json

@@ -50,7 +50,7 @@ def smollm2_tokenizer():
 
 def test_every_shipped_cl_task_keeps_its_options_at_128_tokens(tmp_path, smollm2_tokenizer):
     from launcher.spec.tasks import CL_BENCHMARK_TASKS
-    from ncft.continual.loop import check_room
+    from ncft.continual.task import check_room
     from ncft.data.examples import IGNORE, answer_ids, encode_one
 
     tok = smollm2_tokenizer
@@ -78,7 +78,7 @@ def test_every_shipped_cl_task_keeps_its_options_at_128_tokens(tmp_path, smollm2
 
 
 def test_a_task_whose_fixed_parts_do_not_fit_is_refused_naming_it(tmp_path, smollm2_tokenizer):
-    from ncft.continual.loop import check_room
+    from ncft.continual.task import check_room
 
     task, root = _task(tmp_path, train_size=2, eval_size=2, max_length=20)
     with pytest.raises(ValueError, match=r"tasks\[sst2\].max_length: 20 .* need 27; set "

@@ -104,7 +104,7 @@ PROTOCOL_ORDERS = {
 def test_protocol_specs_are_the_real_protocol(order):
     """Order, every shipped row for one epoch, full test sets, nothing fixed cut."""
     from launcher.run.task_data import load_task
-    from ncft.continual.loop import check_room
+    from ncft.continual.task import check_room
     from tests.support.smollm2 import smollm2_tokenizer
 
     spec = load_spec(REPO / "examples" / f"protocol_{order}_smollm2.yaml")

@@ -11,7 +11,8 @@ from ncft.continual.config import (
     TrainConfig,
     WncftConfig,
 )
-from ncft.continual.loop import ContinualLoop, TaskData
+from ncft.continual.loop import ContinualLoop
+from ncft.continual.task import TaskData
 
 TASKS = [TaskData(n, "classification", ["a", "b"], [], [], 16) for n in "wxyz"]
 
@@ -59,7 +60,7 @@ def test_content_free_prompts_reach_the_evaluation(monkeypatch, calibration, exp
 
 
 def test_summary_keeps_raw_and_calibrated_apart_with_zero_shot_and_label_share(monkeypatch):
-    from ncft.continual.loop import LoopState
+    from ncft.continual.state import LoopState
 
     # Calibrated / raw accuracy of each evaluation, in call order: the zero-shot pass
     # (w, x), then after stage 0 (w, x) and after stage 1 (w, x).

@@ -9,7 +9,7 @@ from launcher.dist import DistInfo
 from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from launcher.spec.schema import SelectionSpec
-from ncft.continual.loop import TaskData
+from ncft.continual.task import TaskData
 from ncft.neuron_set import NeuronSet
 from ncft.scoring import SCORERS, ScoringInputs, make_scorer
 from ncft.scoring.controls import RandomScorer

@@ -8,7 +8,7 @@ from launcher.engines.common import OptimConfig
 from launcher.engines.single import SingleEngine
 from ncft.analysis.similarity import layer_similarity
 from ncft.arch import get_adapter
-from ncft.continual.loop import TaskData
+from ncft.continual.task import TaskData
 from ncft.data.examples import Example, collate, encode
 from ncft.selection.pipeline import SelectConfig, SelectionPipeline
 from ncft.studies.similarity import paper_similarity
