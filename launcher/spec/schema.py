@@ -2,8 +2,8 @@
 
 Sections mirror what they configure: `model`, `engine`, `data_root`, `tasks`,
 `selection`, `training`, `method`, `lora`, `olora`, `wncft`, `study`, `eval`, `output`.
-The section models live in `launcher.spec.sections` and the task models in
-`launcher.spec.tasks`; this module assembles them into `Spec`, with the checks that
+The section models live in `launcher.spec.sections`, `.method_sections` and
+`.eval_sections`, the task models in `launcher.spec.tasks`; this module assembles them into `Spec`, with the checks that
 span sections, and loads, overrides and dumps specs. Unknown keys are errors, and
 every problem is reported at its YAML path (`tasks[1].source.name: ...`) through
 `SpecError`.
@@ -31,19 +31,15 @@ from pydantic import (
     model_validator,
 )
 
+from launcher.spec.eval_sections import EvalSpec, StudySpec
+from launcher.spec.method_sections import LoraSpec, OloraSpec, SelectionSpec, WncftSpec
 from launcher.spec.overrides import apply_override, problem_lines
 from launcher.spec.sections import (
     MODULES,
     EngineSpec,
-    EvalSpec,
-    LoraSpec,
     ModelSpec,
-    OloraSpec,
     OutputSpec,
-    SelectionSpec,
-    StudySpec,
     TrainingSpec,
-    WncftSpec,
     _Section,
 )
 from launcher.spec.stages import describe_stages

@@ -2,7 +2,7 @@
 
 One dataclass per spec section the loop (or `ncft.studies.run`) reads, with the
 section's own field names: the launcher builds each with `to_config()` on the
-matching pydantic section (`launcher.spec.sections`), which copies the fields by
+matching pydantic section (`launcher.spec.*sections`), which copies the fields by
 name. So an option is defined once, in the spec, and reaches the code under the same
 name; a field added to one side only fails loudly (a missing attribute or argument)
 instead of falling back to a default here. No defaults, for the same reason.
