@@ -58,7 +58,7 @@ from launcher.spec.schema import load_spec
 from ncft.analysis.bootstrap import prediction_counts
 from ncft.arch import get_adapter
 from ncft.continual.methods import method
-from ncft.data.examples import prompt_ids
+from ncft.data.prompt import prompt_ids
 from ncft.evaluate import CONTENT_FREE, label_prior
 from ncft.lora import merge_lora
 from ncft.neuron_set import NeuronSet

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ncft.data.examples import Example, pad_id, prompt_ids
+from ncft.data.examples import Example, pad_id
+from ncft.data.prompt import prompt_ids
 from ncft.engine import Engine, device_of, eval_mode, logits_of, share
 
 PREDICTION_CHARS = 40  # a generated prediction is stored cut to this many characters

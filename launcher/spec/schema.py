@@ -3,10 +3,10 @@
 Sections mirror what they configure: `model`, `engine`, `data_root`, `tasks`,
 `selection`, `training`, `method`, `lora`, `olora`, `wncft`, `study`, `eval`, `output`.
 The section models live in `launcher.spec.sections`, `.method_sections` and
-`.eval_sections`, the task models in `launcher.spec.tasks`; this module assembles them into `Spec`, with the checks that
-span sections, and loads, overrides and dumps specs. Unknown keys are errors, and
-every problem is reported at its YAML path (`tasks[1].source.name: ...`) through
-`SpecError`.
+`.eval_sections`, the task models in `launcher.spec.tasks`; this module assembles them
+into `Spec`, with the checks that span sections, and loads, overrides and dumps specs.
+Unknown keys are errors, and every problem is reported at its YAML path
+(`tasks[1].source.name: ...`) through `SpecError`.
 
 Relative paths (`data_root`, json source files, `output.dir`, a `.json` `engine.ds_config`)
 are resolved against the directory of the spec file (the working directory when a spec

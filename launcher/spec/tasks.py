@@ -14,7 +14,7 @@ already holds the question and options, so its prompt is `text + "\nAnswer:"`.
 A template is a `str.format` string over `{text}` (exactly once) and `{labels}` (the
 label list joined by ", "); write `{{` and `}}` for literal braces. Everything but
 `{text}` is the prompt's fixed part: a prompt that is too long loses the end of its
-text, never its instruction, options or `Answer:` cue (`ncft.data.examples.fit_prompt`).
+text, never its instruction, options or `Answer:` cue (`ncft.data.prompt.fit_prompt`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ncft.continual.methods import (  # noqa: F401  (re-exported: the spec's all
     SINGLE_TASK_METHODS,
     method,
 )
-from ncft.data.examples import Prompt, render
+from ncft.data.prompt import Prompt, render
 
 CL_BENCHMARK_TASKS = (
     "agnews", "amazon", "dbpedia", "yahoo", "yelp", "imdb", "sst2", "mnli", "rte", "cb",
@@ -243,7 +243,7 @@ class TaskSpec(BaseModel):
     def render(self, text: str) -> Prompt:
         """Build the model input for one example: the prompt with `text` and labels filled.
 
-        The result keeps its parts apart (`ncft.data.examples.Prompt`), so truncation
+        The result keeps its parts apart (`ncft.data.prompt.Prompt`), so truncation
         cuts `text` only and never the instruction, the options or the cue.
         """
         return render(self.prompt, text, labels=", ".join(self.labels or []))

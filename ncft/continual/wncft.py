@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ncft.data.examples import IGNORE, batches, collate, pad_id, prompt_ids
+from ncft.data.examples import IGNORE, batches, collate, pad_id
+from ncft.data.prompt import prompt_ids
 from ncft.engine import Engine, device_of, eval_mode
 from ncft.io import atomic_file, write_text
 from ncft.neuron_set import NeuronSet

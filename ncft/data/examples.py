@@ -11,7 +11,8 @@ Encoding contract (`encode`):
 - `labels` is -100 on the prompt and equal to the token on the answer (and EOS).
   Padding added by `collate` is -100 too. Models shift labels internally: the logits
   at position `t` are scored against `labels[t + 1]`.
-- Over-long examples lose only the task's input text. A task prompt is a `Prompt`:
+- Over-long examples lose only the task's input text. A task prompt is a `Prompt`
+  (`ncft.data.prompt`):
   a `str` that also knows its parts, `head + text + tail` (instruction and options
   before the input text, the `Answer:` cue after it). When prompt + answer exceed
   `max_length`, the input text is cut from its END and the prompt re-assembled
@@ -35,53 +36,9 @@ from typing import Any, Literal
 
 import torch
 
+from ncft.data.prompt import Fitted, Prompt, fit_prompt, fixed_length, render, token_ids
+
 IGNORE = -100  # the label value causal-LM losses skip (HF and torch's cross_entropy)
-
-
-class Prompt(str):
-    """A prompt string that knows which of its parts is the task's input text.
-
-    Equal to (and hashed as) the plain string `head + text + tail`, so code that only
-    reads prompts needs nothing new; `fit_prompt` reads the parts to cut `text` alone.
-    Built by `render` from a task template.
-
-    Attributes:
-        head: The fixed part before the input text (instruction, options).
-        text: The input text, the only part truncation may shorten.
-        tail: The fixed part after it (the `Answer:` cue).
-    """
-
-    head: str
-    text: str
-    tail: str
-
-    def __new__(cls, head: str, text: str, tail: str) -> Prompt:  # noqa: D102
-        obj = super().__new__(cls, head + text + tail)
-        obj.head, obj.text, obj.tail = head, text, tail
-        return obj
-
-    def __reduce__(self):  # pickled with its parts (ranks receive examples by pickle)
-        return (Prompt, (self.head, self.text, self.tail))
-
-    def with_text(self, text: str) -> Prompt:
-        """The same head and tail around another input text."""
-        return Prompt(self.head, text, self.tail)
-
-
-TEXT_MARK = "\x00ncft-text\x00"  # stands in for {text} while the template is formatted
-
-
-def render(template: str, text: str, **fields: str) -> Prompt:
-    """Fill a `str.format` template in which `{text}` appears once; keep the parts apart.
-
-    Raises:
-        ValueError: If `{text}` does not appear exactly once.
-    """
-    filled = template.format(text=TEXT_MARK, **fields)
-    if filled.count(TEXT_MARK) != 1:
-        raise ValueError(f"template {template!r} must contain {{text}} exactly once")
-    head, tail = filled.split(TEXT_MARK)
-    return Prompt(head, text, tail)
 
 
 @dataclass(frozen=True)
@@ -185,82 +142,9 @@ def generation_examples(
     ]
 
 
-@dataclass(frozen=True)
-class Fitted:
-    """A prompt's token ids after `fit_prompt`, and how much of its input text survived.
-
-    Attributes:
-        ids: The prompt's token ids (with the tokenizer's special prefix).
-        text_tokens: Tokens of the input text alone (of the whole prompt, BOS
-            excepted, for a plain `str` prompt).
-        kept_tokens: How many of them the fitted prompt keeps (approximately, for a
-            `Prompt`: its cut text is re-tokenized with its neighbours).
-    """
-
-    ids: list[int]
-    text_tokens: int
-    kept_tokens: int
-
-    @property
-    def truncated(self) -> bool:
-        """Whether the input text was cut."""
-        return self.kept_tokens < self.text_tokens
-
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def _fixed_length(tokenizer, prompt: Prompt) -> int:
-    return len(_ids(tokenizer, prompt.head + prompt.tail, True))
-
-
-def fit_prompt(tokenizer, prompt: str, room: int | None) -> Fitted:
-    """Tokenize `prompt` into at most `room` tokens, cutting only its input text.
-
-    A `Prompt` keeps its head and tail whole: the input text is cut from its end (its
-    first n tokens are decoded and the prompt re-assembled, n as large as fits). A
-    plain `str` is cut from the left, keeping a leading BOS token.
-
-    Args:
-        tokenizer: A HF tokenizer.
-        prompt: The prompt.
-        room: Token limit of the prompt (None: no limit).
-
-    Raises:
-        ValueError: If a `Prompt`'s fixed parts alone take more than `room` tokens.
-    """
-    ids = _ids(tokenizer, prompt, True)
-    plain = not isinstance(prompt, Prompt)
-    text_ids = ids[1:] if plain and ids and ids[0] == tokenizer.bos_token_id else ids
-    if not plain:
-        text_ids = _ids(tokenizer, prompt.text, False)
-    if room is None or len(ids) <= room:
-        return Fitted(ids, len(text_ids), len(text_ids))
-    if plain:
-        head = ids[: len(ids) - len(text_ids)]
-        kept = max(0, room - len(head))
-        return Fitted((head + ids[len(ids) - kept :] if kept else head)[:room],
-                      len(text_ids), kept)
-    fixed = _fixed_length(tokenizer, prompt)
-    if fixed > room:
-        raise ValueError(f"the prompt's fixed parts (instruction, options, cue) take {fixed} "
-                         f"tokens, more than the {room} left for it; raise max_length")
-    # Start from the exact overflow, then shrink by what still does not fit: the
-    # cut text re-tokenized with its neighbours may take a token more or less.
-    keep = max(0, len(text_ids) - (len(ids) - room))
-    while True:
-        cut = tokenizer.decode(text_ids[:keep], skip_special_tokens=True,
-                               clean_up_tokenization_spaces=False).rstrip("\ufffd")
-        ids = _ids(tokenizer, prompt.with_text(cut), True)
-        if len(ids) <= room or keep == 0:
-            return Fitted(ids, len(text_ids), keep)
-        keep = max(0, keep - (len(ids) - room))
-
-
 def answer_ids(tokenizer, answer: str, add_eos: bool) -> list[int]:
     """The answer's tokens as `encode` appends them: `" " + answer`, then EOS if asked."""
-    ids = _ids(tokenizer, " " + answer, False)
+    ids = token_ids(tokenizer, " " + answer, False)
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
@@ -313,7 +197,7 @@ def required_length(
         if isinstance(p, Prompt):
             key = (p.head, p.tail)
             if key not in fixed:
-                fixed[key] = _fixed_length(tokenizer, p)
+                fixed[key] = fixed_length(tokenizer, p)
             head = fixed[key]
         else:
             head = 1
@@ -357,16 +241,6 @@ def pad_id(tokenizer) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
     return pad
-
-
-def prompt_ids(tokenizer, prompt: str, limit: int | None) -> list[int]:
-    """Prompt tokens as `encode` makes them, fitted to `limit` (`fit_prompt`).
-
-    Generation and task vectors feed prompts without answers; they are cut the way
-    `encode` cuts a training prompt: a `Prompt` loses input text only, a plain string
-    its left end (BOS kept).
-    """
-    return fit_prompt(tokenizer, prompt, limit).ids
 
 
 def collate(encoded: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from ncft.data.examples import Example, prompt_ids
+from ncft.data.examples import Example
+from ncft.data.prompt import prompt_ids
 from ncft.evaluate import evaluate_task
 from ncft.generation import generate_greedy, generated_records, normalize_answer
 from tests.support.fake_engine import FakeEngine, ThreadWorld

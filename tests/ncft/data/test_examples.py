@@ -1,7 +1,9 @@
-"""Examples: prompt building, answer-only labels, left truncation, rank shares."""
+"""Examples: answer-only labels, truncation inside the encoding, rank shares.
+
+The prompt itself (parts, fitting, pickling) is tested in test_prompt.py.
+"""
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -15,12 +17,11 @@ from ncft.data.examples import (
     collate,
     data_hash,
     encode,
-    fit_prompt,
     generation_examples,
     read_jsonl,
-    render,
     required_length,
 )
+from ncft.data.prompt import render
 from tests.support.tiny import word_tokenizer
 
 WORDS = "a b c d e f g h i j k l m n o p Answer: Good Bad Text: {x} , .".split()
@@ -93,9 +94,6 @@ def test_prompt_keeps_its_fixed_parts_and_cuts_the_text_end(bos_tok):
     (enc,) = encode([Example(prompt, "Good")], bos_tok, max_length=10, add_eos=False)
     toks = bos_tok.convert_ids_to_tokens(enc["input_ids"].tolist())
     assert toks == ["<s>", "Text:", "{x}", ",", "a", "b", "c", ".", "Answer:", "Good"]
-    fitted = fit_prompt(bos_tok, prompt, 9)
-    assert (fitted.text_tokens, fitted.kept_tokens, fitted.truncated) == (8, 3, True)
-    assert not fit_prompt(bos_tok, prompt, None).truncated
     # The fixed parts (5 tokens + BOS) and the answer need 7 positions; 6 is refused.
     assert required_length([Example(prompt, "Good")], bos_tok, add_eos=False) == 7
     assert required_length([Example(prompt, "Good")], bos_tok, ["Good Bad", "Good"],
@@ -105,11 +103,6 @@ def test_prompt_keeps_its_fixed_parts_and_cuts_the_text_end(bos_tok):
         "<s>", "Text:", "{x}", ",", ".", "Answer:", "Good"]
     with pytest.raises(ValueError, match="fixed parts .* take 6 tokens"):
         encode([Example(prompt, "Good")], bos_tok, max_length=6, add_eos=False)
-    # The parts travel with the prompt (ranks and workers receive examples by pickle).
-    again = pickle.loads(pickle.dumps(Example(prompt, "Good")))
-    assert again.prompt.head == "Text: {x} , " and again.prompt.tail == " . Answer:"
-    with pytest.raises(ValueError, match="exactly once"):
-        render("{text} {text}", "a")
 
 
 def test_collate_right_pads(tok):
