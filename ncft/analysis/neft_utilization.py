@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 LLAMA2_7B_ROWS = 32 * (4 * 4096 + 2 * 11008 + 4096)  # 1,359,872
 STRONG_THRESHOLD_7B = 100_000
@@ -93,6 +92,9 @@ def global_ranks(scores: Mapping[str, Any], names: Sequence[str]) -> np.ndarray:
                         for n in names])
     if np.isnan(x).any():
         raise ValueError("Pearson scores must not contain NaN")
+    # scipy.stats takes ~0.7 s to import; every rank of `ncft run` imports this module.
+    from scipy.stats import rankdata
+
     return rankdata(-x, method="average")
 
 

@@ -39,7 +39,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from scipy import stats
 
 from ncft.analysis.results import check_matrix
 from ncft.arch import MlpBlock
@@ -204,6 +203,8 @@ def correlation(
     out: dict[str, Any] = {"n": len(x), "pairs": pairs, "x": x, "y": y}
     # Too few points or a constant side makes r undefined; report None, not NaN.
     ok = len(x) >= 3 and len(set(x)) > 1 and len(set(y)) > 1
+    from scipy import stats  # lazily: ~0.7 s to import, and every rank imports this module
+
     for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
         if ok:
             res = fn(x, y)
