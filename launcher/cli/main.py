@@ -26,8 +26,8 @@ from launcher.errors import (
 
 
 def _add_masked_train(sub) -> None:
-    from launcher.run.masked_train import MaskedTrainArgs
-    from ncft.sparse_delta import UPDATE_MODES
+    # The light module: building the parser must not import torch (every command does).
+    from launcher.run.masked_train_args import MaskedTrainArgs
 
     p = sub.add_parser(
         "masked-train",
@@ -42,18 +42,20 @@ def _add_masked_train(sub) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = float if f.type in ("float",) else int if f.type in ("int",) else str
-        choices = UPDATE_MODES if f.name == "update" else None
-        p.add_argument(flag, type=kind, default=f.default, choices=choices,
-                       help=f"default: {f.default}")
+        p.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default}")
     p.set_defaults(func=_masked_train)
 
 
 def _masked_train(ns: argparse.Namespace) -> int:
-    from launcher.run.masked_train import MaskedTrainArgs, run
+    from launcher.run.masked_train import run
+    from launcher.run.masked_train_args import MaskedTrainArgs
     from launcher.run.models import resolve_model
     from launcher.run.spawn import run_local
+    from ncft.sparse_delta import UPDATE_MODES
 
     values = {f.name: getattr(ns, f.name) for f in fields(MaskedTrainArgs)}
+    if ns.update not in UPDATE_MODES:  # before any rank starts
+        raise ValueError(f"--update must be one of {list(UPDATE_MODES)}, got {ns.update!r}")
     if ns.backend == "single" and ns.nproc != 1:
         raise SystemExit("--backend single runs one process; use --nproc 1")
     values["model"] = resolve_model(ns.model)  # convert once, before ranks start

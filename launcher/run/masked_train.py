@@ -11,7 +11,6 @@ the export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from launcher.dist import init_distributed, print0, shutdown
 from launcher.engines import OptimConfig, build_engine
 from launcher.run.checkpoint import export_hf, iter_saved_tensors
+from launcher.run.masked_train_args import MaskedTrainArgs
 from launcher.run.models import resolve_model
 from ncft import sparse_delta
 from ncft.arch import get_adapter
@@ -27,29 +27,6 @@ from ncft.io import write_json
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
 from ncft.train import StepLog, train
-
-
-@dataclass(frozen=True)
-class MaskedTrainArgs:
-    """Arguments of one masked-train job (all picklable, for spawned ranks)."""
-
-    model: str
-    data: str
-    out: str
-    backend: str = "single"
-    ds_config: str = "zero3"
-    steps: int = 10
-    neurons: str | None = None
-    fraction: float = 0.05
-    seed: int = 0
-    seq_len: int = 64
-    micro_batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "float32"  # compute dtype; the engine keeps fp32 masters (bfloat16 too)
-    update: str = "masked"
 
 
 def random_unit_set(model, fraction: float, seed: int) -> NeuronSet:

@@ -1,14 +1,15 @@
 """Frozen weights stored in bf16: exact exports, same training, same resume (CPU, gloo).
 
 tests/dist/frozen_worker.py trains 3 steps with bf16 compute on single (1 rank), FSDP1
-(2 ranks) and FSDP2 (3 ranks: shards that do not divide the rows evenly), from fp32 and from bf16 source files, masked and
-sparse_delta, once with frozen parameters lowered to bf16 and once with fp32 copies
-(the reference). Here: frozen tensors really are bf16 on the device and trainable
-ones fp32 (single: products' weights bf16, the rest fp32); a bf16 source needs no
-host copy at all; unselected elements of every export equal the source file bit for
-bit; selected elements are within 1e-5 of the reference and moved; restoring step
-2's local state into a fresh engine gives the
-uninterrupted export bit for bit.
+(2 ranks) and FSDP2 (3 ranks: shards that do not divide the rows evenly), from fp32
+and from bf16 source files, masked and sparse_delta, once with frozen parameters
+lowered to bf16 and once with fp32 copies (the reference). Here: frozen tensors really
+are bf16 on the device and trainable ones fp32 (single: products' weights bf16, the
+rest fp32); a bf16 source needs no host copy at all; unselected elements of every
+export equal the source file bit for bit; selected elements are within 1e-5 of the
+reference and moved; restoring step 2's local state into a fresh engine gives the
+uninterrupted export bit for bit. The SIGKILL resume of a bf16 run is
+tests/launcher/run/test_sparse_delta_service.py's.
 """
 
 from __future__ import annotations
