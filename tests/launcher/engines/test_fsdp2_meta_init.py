@@ -13,7 +13,7 @@ pytestmark = pytest.mark.dist
 WORKER = REPO / "tests" / "dist" / "meta_init_worker.py"
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # uneven shards (2 ranks: every run's default)
 def test_meta_ranks_receive_rank0_weights_and_buffers(tmp_path, world):
     torchrun(WORKER, world, [str(tmp_path)])
     _check(tmp_path, world)

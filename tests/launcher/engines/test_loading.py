@@ -87,7 +87,9 @@ def _check_rank(out, backend: str, name: str, ref, world: int, rank: int,
     assert report["source"] == "files"
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# 3 ranks only: uneven shards are the harder case, and 2 ranks run in every other
+# dist test (tests/launcher/engines/test_frozen.py, test_run_e2e.py, ...).
+@pytest.mark.parametrize("world", [3])
 def test_every_rank_holds_its_part_of_from_pretrained(tmp_path, sources, world):
     torchrun(WORKER, world, [
         "--out", str(tmp_path), "--model-dir", str(sources / "base"), "--replay",
@@ -194,7 +196,7 @@ def _shard_mib(backend: str, shapes, world: int, rank: int) -> float:
     return total * 4 / 2**20
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # uneven shards; 2 ranks as above
 @pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
 def test_peak_host_memory_is_one_shard(tmp_path, big_model, backend, world):
     path, shapes = big_model
