@@ -208,6 +208,10 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
         weights.close()
     del model
     plan = install(engine, nset.entries) if nset is not None else None
+    # Resident after the build: model shard, engine buffers, masks (no step taken yet).
+    # The peak above it is what training adds: activations (logits included),
+    # gradients, optimizer state and the step's temporaries.
+    built = _status_kib("VmRSS") * 1024 - base_rss
     gen = torch.Generator().manual_seed(info.rank)
     vocab = spec["model"]["vocab_size"]
 
@@ -227,7 +231,9 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     peak = _status_kib("VmHWM") * 1024 - base_rss
     row = {"arm": arm, "config": config, "engine": engine_name, "rank": info.rank,
            "params": total, "trainable": trainable, "grad_bytes": grad, "opt_bytes": opt,
-           "peak_bytes": peak, "step_s": times}
+           "peak_bytes": peak, "built_bytes": built, "step_s": times,
+           # fp32 logits of one micro-batch: the LM head's largest activation
+           "logits_bytes": spec["micro_batch"] * spec["seq"] * vocab * 4}
     Path(args.tmp, f"{engine_name}-{config}-{arm}-{info.rank}.json").write_text(json.dumps(row))
     engine.close()
     shutdown()
@@ -245,6 +251,9 @@ def run_arm(args, arm: str, config: str, engine: str) -> dict:
         "trainable": first["trainable"], "step_s": statistics.median(first["step_s"]),
         "step_samples": first["step_s"],
         "peak_bytes_max_rank": max(r["peak_bytes"] for r in rows),
+        # on the rank with the largest peak: resident after the build, and the rest
+        "built_bytes_at_peak_rank": max(rows, key=lambda r: r["peak_bytes"])["built_bytes"],
+        "logits_bytes": first["logits_bytes"],
         "grad_opt_bytes_max_rank": max(r["grad_bytes"] + r["opt_bytes"] for r in rows),
         "per_rank": rows,
     }
@@ -270,10 +279,20 @@ def ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+def _mib(r: dict, part: str) -> str:
+    """The peak rank's resident MiB after the build, or what training added on top."""
+    built = r.get("built_bytes_at_peak_rank")
+    if built is None:  # gpu_arm rows: one peak, no breakdown
+        return "-"
+    value = built if part == "built" else r["peak_bytes_max_rank"] - built
+    return f"{value / 2**20:.0f}"
+
+
 def table(results: list[dict], rel: list[dict]) -> str:
     lines = ["| engine | model | arm | params | trainable | step s (median) | step / full "
-             "| peak MiB/rank | full / peak | grad+opt MiB/rank | grad+opt / full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MiB/rank | full / peak | built MiB | training MiB | grad+opt MiB/rank "
+             "| grad+opt / full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(x["engine"], x["config"], x["arm"]): x for x in rel}
     for r in results:
         x = by[(r["engine"], r["config"], r["arm"])]
@@ -281,7 +300,8 @@ def table(results: list[dict], rel: list[dict]) -> str:
         lines.append(
             f"| {r['engine']} | {r['config']} | {r['arm']} | {r['params'] / 1e6:.1f}M | "
             f"{r['trainable'] / 1e6:.2f}M | {r['step_s']:.3f} | {x['step_vs_full']:.2f} | "
-            f"{r['peak_bytes_max_rank'] / 2**20:.0f} | {below} | "
+            f"{r['peak_bytes_max_rank'] / 2**20:.0f} | {below} | {_mib(r, 'built')} | "
+            f"{_mib(r, 'training')} | "
             f"{r['grad_opt_bytes_max_rank'] / 2**20:.1f} | {x['grad_opt_vs_full']:.4f} |"
         )
     return "\n".join(lines)
