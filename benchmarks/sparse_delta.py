@@ -193,6 +193,7 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
     info = init_distributed()
     spec = CONFIGS[config]
     base_rss = reset_peak()
+    base_file = _status_kib("RssFile") * 1024
     weights = None
     if args.sharded:
         path = saved_weights(config, Path(args.tmp) / "weights")  # written by main
@@ -229,9 +230,13 @@ def worker(args: argparse.Namespace, arm: str, config: str, engine_name: str) ->
             times.append(time.perf_counter() - t0)
     grad, opt = state_bytes(engine)
     peak = _status_kib("VmHWM") * 1024 - base_rss
+    # File-backed pages mapped since the reset (library code the first steps touch,
+    # e.g. libtorch's backward kernels): counted in RSS, but no tensor of this arm.
+    file_pages = _status_kib("RssFile") * 1024 - base_file
     row = {"arm": arm, "config": config, "engine": engine_name, "rank": info.rank,
            "params": total, "trainable": trainable, "grad_bytes": grad, "opt_bytes": opt,
-           "peak_bytes": peak, "built_bytes": built, "step_s": times,
+           "peak_bytes": peak, "built_bytes": built, "file_bytes": file_pages,
+           "step_s": times,
            # fp32 logits of one micro-batch: the LM head's largest activation
            "logits_bytes": spec["micro_batch"] * spec["seq"] * vocab * 4}
     Path(args.tmp, f"{engine_name}-{config}-{arm}-{info.rank}.json").write_text(json.dumps(row))
@@ -253,6 +258,7 @@ def run_arm(args, arm: str, config: str, engine: str) -> dict:
         "peak_bytes_max_rank": max(r["peak_bytes"] for r in rows),
         # on the rank with the largest peak: resident after the build, and the rest
         "built_bytes_at_peak_rank": max(rows, key=lambda r: r["peak_bytes"])["built_bytes"],
+        "file_bytes_at_peak_rank": max(rows, key=lambda r: r["peak_bytes"])["file_bytes"],
         "logits_bytes": first["logits_bytes"],
         "grad_opt_bytes_max_rank": max(r["grad_bytes"] + r["opt_bytes"] for r in rows),
         "per_rank": rows,

@@ -36,5 +36,6 @@ def test_sparse_delta_benchmark_report(tmp_path):
     assert all(r["peak_bytes_max_rank"] > 0 and r["step_s"] > 0 for r in report["results"])
     for r in report["results"]:  # the peak splits into the build and what training adds
         assert 0 < r["built_bytes_at_peak_rank"] <= r["peak_bytes_max_rank"]
+        assert r["file_bytes_at_peak_rank"] <= r["peak_bytes_max_rank"]
         assert r["logits_bytes"] == 2 * 128 * 8000 * 4  # micro-batch x seq x vocab x fp32
     assert {"torch", "transformers", "peft"} <= set(report["machine"])
