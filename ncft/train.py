@@ -127,22 +127,31 @@ def _loss(output) -> torch.Tensor:
 # A regulariser applied once per step: adds its gradient to the engine's local gradient
 # shards and returns its value (`ncft.olora.add_penalty_grad`).
 Penalty = Callable[[Engine], float]
+# An in-graph term of one micro-batch, called right after that micro-batch's forward
+# with the micro-batch itself; its value joins the loss before backward
+# (`ncft.continual.distill.UnitDistill.aux_loss`).
+AuxLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def train_step(
     engine: Engine, micro_batches: Sequence[dict[str, torch.Tensor]], masks: RankMasks | None,
-    penalty: Penalty | None = None,
+    penalty: Penalty | None = None, aux_loss: AuxLoss | None = None,
 ) -> tuple[float, float]:
     """Run one optimizer step over `micro_batches`; return (mean loss, grad norm).
 
     `penalty(engine)`, when given, runs after the last backward: it adds a
     regulariser's gradient to the local gradient shards (as if the regulariser were
     added to every micro-batch's loss) and returns its value, which the logged loss
-    includes (O-LoRA's, `ncft.olora.add_penalty_grad`).
+    includes (O-LoRA's, `ncft.olora.add_penalty_grad`). `aux_loss(batch)`, when given,
+    runs right after each micro-batch's forward (so it can read what forward hooks
+    captured) and is added to that micro-batch's loss before backward; the logged
+    loss includes it too.
     """
     total = 0.0
     for batch in micro_batches:
         loss = _loss(engine.forward(batch))
+        if aux_loss is not None:
+            loss = loss + aux_loss(batch)
         engine.backward(loss)
         total += float(loss.detach())
     if penalty is not None:
@@ -161,6 +170,7 @@ def train(
     start_step: int = 0,
     penalty: Penalty | None = None,
     nonfinite: NonFinite | None = None,
+    aux_loss: AuxLoss | None = None,
 ) -> list[StepLog]:
     """Train over an iterable of steps (each a list of micro-batches).
 
@@ -174,6 +184,7 @@ def train(
         penalty: A regulariser applied once per step (`train_step`).
         nonfinite: What an inf/nan loss or gradient norm does (`NonFinite`); default
             stop. Checked on every rank before `on_step`, so a stop saves nothing.
+        aux_loss: An in-graph term added to every micro-batch's loss (`train_step`).
 
     Returns:
         One `StepLog` per step taken (skipped steps marked).
@@ -184,7 +195,7 @@ def train(
     policy = nonfinite or NonFinite()
     logs: list[StepLog] = []
     for i, micro_batches in enumerate(steps, start=start_step + 1):
-        loss, norm = train_step(engine, micro_batches, masks, penalty)
+        loss, norm = train_step(engine, micro_batches, masks, penalty, aux_loss)
         skipped = sum(log.skipped for log in logs)
         log = check_finite(engine, StepLog(step=i, loss=loss, grad_norm=norm), policy, skipped)
         logs.append(log)
