@@ -120,6 +120,7 @@ class Spec(_Section):
             problems.append(("training.update", f"sparse_delta trains a NeuronSet's selected "
                              f"rows/columns, and method {self.method} selects none (full or "
                              "LoRA training); set training.update: masked"))
+        problems += _distill_problems(self)
         names = [t.name for t in self.tasks]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -164,6 +165,22 @@ class Spec(_Section):
     def select_config(self) -> SelectConfig:
         """What `ncft.selection.pipeline.SelectionPipeline` reads."""
         return self.selection.to_config(model_id=self.model.name_or_path)
+
+
+def _distill_problems(spec: Spec) -> list[tuple[str, str]]:
+    """`training.unit_distill_weight` > 0 needs earlier units to keep (`ncft.continual.distill`)."""
+    if not spec.training.unit_distill_weight:
+        return []
+    row = method(spec.method)
+    if not (row.selects and row.continual and not row.from_base):
+        return [("training.unit_distill_weight", f"keeps earlier tasks' selected units, and "
+                 f"method {spec.method} does not select neurons per task in one continuing "
+                 "sequence; use method ncft or wncft, or set training.unit_distill_weight: 0")]
+    if "attention" in spec.selection.modules and len(spec.selection.modules) == 1:
+        return [("training.unit_distill_weight", "keeps FFN units' activations, and "
+                 "selection.modules [attention] selects none; add an MLP role to "
+                 "selection.modules or set training.unit_distill_weight: 0")]
+    return []
 
 
 def method_problems(method: str, num_tasks: int) -> list[tuple[str, str]]:

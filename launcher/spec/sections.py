@@ -157,6 +157,14 @@ class TrainingSpec(_Section):
         None, gt=0, description="on_nonfinite skip_step: stop once more than this many steps "
         "of one task were skipped; null: no limit.",
     )
+    unit_distill_weight: float = Field(
+        0.0, ge=0, description="ncft's own regulariser, not from the papers (docs/methods.md): "
+        "from the second task on, add weight * mean squared change of the earlier tasks' "
+        "selected units' activations (each example's mean over its tokens) on the CURRENT "
+        "task's training inputs, against the model at the start of the stage; no earlier "
+        "task's data is used. Costs one extra no-grad forward per training micro-batch. "
+        "0: off. Needs a continual method that selects neurons per task (ncft, wncft).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -28,6 +28,7 @@ class TrainConfig:
     update: str  # masked | sparse_delta
     on_nonfinite: str  # stop | skip_step (`ncft.train.NonFinite`)
     max_skipped_steps: int | None
+    unit_distill_weight: float  # 0: off (`ncft.continual.distill`, ncft's own)
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,27 @@ def test_sparse_delta_accepted_for_neuron_methods(tmp_path: Path):
         load_spec(path, ["training.update=dense"])
 
 
+def test_unit_distill_weight_off_by_default_and_checked(tmp_path: Path):
+    path = _write(tmp_path, BASE)
+    assert load_spec(path).training.unit_distill_weight == 0.0
+    spec = load_spec(path, ["training.unit_distill_weight=2.5", "method=wncft"])
+    assert spec.loop_config().training.unit_distill_weight == 2.5
+    with pytest.raises(SpecError, match=r"training\.unit_distill_weight: .*greater than or equal"):
+        load_spec(path, ["training.unit_distill_weight=-0.1"])
+    with pytest.raises(SpecError, match=r"training\.unit_distill_weight: .*FFN units"):
+        load_spec(path, ["training.unit_distill_weight=1", "selection.modules=[attention]",
+                         "selection.unit=row"])
+
+
+@pytest.mark.parametrize("method", ["seqft", "olora", "per_task"])
+def test_unit_distill_refused_without_per_task_neurons(tmp_path: Path, method: str):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(SpecError, match=rf"training\.unit_distill_weight: .*method {method} does "
+                       r"not select .*set training\.unit_distill_weight: 0"):
+        load_spec(path, [f"method={method}", "training.unit_distill_weight=1"])
+    assert load_spec(path, [f"method={method}"]).training.unit_distill_weight == 0.0
+
+
 # --- files and YAML -----------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ CHANGES = {
         "warmup_steps": 2, "betas": [0.8, 0.9], "eps": 1e-6,
         "activation_checkpointing": True, "update": "sparse_delta",
         "on_nonfinite": "skip_step", "max_skipped_steps": (3, {"on_nonfinite": "skip_step"}),
+        "unit_distill_weight": 0.5,
     },
     "eval": {
         "batch_size": 3, "max_examples": 7, "max_new_tokens": 9, "classification": "generate",
