@@ -11,7 +11,9 @@ What each method trains and where its stages start is one table,
 `ncft.continual.methods.METHODS`; the loop reads it and never tests method names.
 W-NCFT evaluates each task with the tasks' neurons mixed (`ncft.continual.wncft`;
 per example with `wncft.query: example`, `ncft.continual.routing`). O-LoRA adds a new
-adapter per stage and its penalty to the loss (`ncft.olora`).
+adapter per stage and its penalty to the loss (`ncft.olora`). With
+`training.unit_distill_weight` > 0 (ncft's own, `ncft.continual.distill`), stages after
+the first keep the earlier tasks' units' activations on the current task's inputs.
 
 Resume: a stage commits with `Backend.save_stage`. The W-NCFT task store is written
 just before (so a committed stage always has its task in the store); a resumed run
@@ -22,6 +24,7 @@ kill between the store write and the commit re-captures that task cleanly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ncft import olora, sparse_delta
-from ncft.continual import routing, wncft
+from ncft.arch import get_adapter
+from ncft.continual import distill, routing, wncft
 from ncft.continual.config import LoopConfig
 from ncft.continual.methods import method
 from ncft.continual.metrics import cl_summary
@@ -43,7 +47,7 @@ from ncft.evaluate import evaluate_task
 from ncft.generation import label_set_share
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet
-from ncft.train import Diverged, NonFinite, StepLog, train
+from ncft.train import AuxLoss, Diverged, NonFinite, StepLog, train
 
 __all__ = ["ContinualLoop"]
 
@@ -209,6 +213,7 @@ class ContinualLoop:
             # what the scoring build read, so the stage reads its files once.
             nset = self._select(self.backend.load_model(source), task, stage)
         model = self.backend.load_model(source)
+        blocks = get_adapter(model).mlp_blocks(model) if self._distills(stage) else None
         penalty, deltas = None, None
         if nset is not None and self.cfg.training.update == "sparse_delta":
             # This stage's selection becomes small parameters holding its start values.
@@ -226,22 +231,27 @@ class ContinualLoop:
         # Taken on the stage's starting weights, before a mid-task restore moves them.
         before = wncft.snapshot(engine, nset) if row.mixes else None
         num_steps = self._num_steps(task, engine.world_size)
-        if resume_at:
-            self.backend.restore_progress(engine, stage)
-            self.backend.log_line(f"  resuming {task.name} at step {resume_at}/{num_steps}")
-        self._set_lr(engine, resume_at + 1)
-        # The data order depends on seed and stage only: skip the steps already taken.
-        steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
-        with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
-                  disable=not engine.is_main_process) as bar:
-            try:
-                logs = train(engine, steps, masks, start_step=resume_at, penalty=penalty,
-                             on_step=self._logger(engine, stage, task, num_steps, bar),
-                             nonfinite=self._nonfinite)
-            except Diverged as err:
-                engine.close()
-                raise err.at(f"task {task.name} (stage {stage + 1}/{len(self.tasks)})") \
-                    from None
+        with ExitStack() as hooks:  # the distillation's hooks end with training
+            aux_loss = None
+            if blocks is not None:
+                # References on the stage's starting weights: before a restore moves them.
+                aux_loss = self._distill(hooks, engine, blocks, stage, resume_at, num_steps)
+            if resume_at:
+                self.backend.restore_progress(engine, stage)
+                self.backend.log_line(f"  resuming {task.name} at step {resume_at}/{num_steps}")
+            self._set_lr(engine, resume_at + 1)
+            # The data order depends on seed and stage only: skip the steps already taken.
+            steps = islice(self.train_steps(engine, task, stage), resume_at, num_steps)
+            with tqdm(total=num_steps, initial=resume_at, desc=f"train {task.name}",
+                      disable=not engine.is_main_process) as bar:
+                try:
+                    logs = train(engine, steps, masks, start_step=resume_at, penalty=penalty,
+                                 on_step=self._logger(engine, stage, task, num_steps, bar),
+                                 nonfinite=self._nonfinite, aux_loss=aux_loss)
+                except Diverged as err:
+                    engine.close()
+                    raise err.at(f"task {task.name} (stage {stage + 1}/{len(self.tasks)})") \
+                        from None
         skipped = sum(log.skipped for log in logs)
         if skipped:
             state.skipped_steps[task.name] = skipped
@@ -254,6 +264,29 @@ class ContinualLoop:
         self._evaluate(engine, stage, state)
         self.backend.save_stage(engine, stage, state.to_json())
         engine.close()
+
+    def _distills(self, stage: int) -> bool:
+        """Whether `stage` trains with the unit distillation (`ncft.continual.distill`)."""
+        row = self.row
+        return (self.cfg.training.unit_distill_weight > 0 and stage > 0 and row.selects
+                and row.continual and not row.from_base)
+
+    def _distill(self, hooks: ExitStack, engine: Engine, blocks, stage: int, resume_at: int,
+                 num_steps: int) -> AuxLoss | None:
+        """Record the stage's references now; the penalty for `train` (None: no units)."""
+        sets = [self.backend.load_neurons(t.name) for t in self.tasks[:stage]]
+        units = distill.earlier_units(sets, blocks)
+        if not units:
+            self.backend.log_line("  unit distillation: the earlier tasks selected no FFN "
+                                  "unit; off for this stage")
+            return None
+        steps = islice(self.train_steps(engine, task=self.tasks[stage], stage=stage),
+                       resume_at, num_steps)
+        weight = self.cfg.training.unit_distill_weight
+        keeper = hooks.enter_context(distill.unit_distill(engine, blocks, units, weight, steps))
+        self.backend.log_line(f"  unit distillation: {keeper.num_units} earlier units, "
+                              f"{len(keeper.references)} reference micro-batches")
+        return keeper.aux_loss
 
     def _olora_penalty(self, stage: int):
         lambdas = self.cfg.olora.lambda_orth, self.cfg.olora.lambda_l2
