@@ -33,6 +33,7 @@ from ncft.continual.task import TaskData
 from ncft.data.examples import Example
 from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet, Selection
+from ncft.sparse_delta import is_delta_fqn
 from ncft.train import train
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
 
@@ -134,11 +135,11 @@ def _task(name: str, seed: int) -> TaskData:
 TASKS = [_task("first", 1), _task("second", 2)]
 
 
-def _cfg(weight: float, steps: int = 6) -> LoopConfig:
+def _cfg(weight: float, steps: int = 6, update: str = "masked") -> LoopConfig:
     return LoopConfig(
         method="ncft",
         training=TrainConfig(lr=2e-2, steps=steps, epochs=None, micro_batch_size=4,
-                             grad_accum=2, seed=0, warmup_steps=0, update="masked",
+                             grad_accum=2, seed=0, warmup_steps=0, update=update,
                              on_nonfinite="stop", max_skipped_steps=None,
                              unit_distill_weight=weight),
         eval=EvalConfig(batch_size=4, max_examples=None, max_new_tokens=1,
@@ -182,7 +183,8 @@ class Backend:
         return self.neurons[task]
 
     def save_stage(self, engine, stage, state):
-        self.stages[stage] = copy.deepcopy(engine.module.state_dict())
+        self.stages[stage] = {k: v.clone() for k, v in engine.module.state_dict().items()
+                              if not is_delta_fqn(k)}
 
     def resume_step(self, stage):
         return self.resume_at if stage == len(self.stages) else 0
@@ -218,8 +220,9 @@ class TrainOnly(ContinualLoop):
         assert not hooked, f"distillation hooks leaked into evaluation: {hooked}"
 
 
-def _run(weight: float, backend: Backend | None = None, start_stage: int = 0) -> Backend:
-    cfg = _cfg(weight)
+def _run(weight: float, backend: Backend | None = None, start_stage: int = 0,
+         update: str = "masked") -> Backend:
+    cfg = _cfg(weight, update=update)
     backend = backend or Backend()
     backend.lr = cfg.training.lr
     loop = TrainOnly(cfg, TASKS, backend, selector=Selector())
@@ -278,3 +281,9 @@ def test_resumed_stage_equals_uninterrupted(runs):
     _run(1e4, killed, start_stage=1)
     for name, value in runs[1e4].stages[1].items():
         assert torch.equal(killed.stages[1][name], value), name
+
+
+def test_sparse_delta_trains_as_masked_with_the_penalty(runs):
+    sparse = _run(1e4, update="sparse_delta")
+    for name, value in runs[1e4].stages[1].items():
+        torch.testing.assert_close(sparse.stages[1][name], value, atol=1e-5, rtol=0)
