@@ -136,5 +136,9 @@ def _train_what(spec: Spec, i: int) -> str:
     scope = "per layer" if sel.per_layer else "global"
     steps = f" after {sel.cosine_steps} full-FT steps" if scorer in COSINE_SCORERS else ""
     union = " + earlier tasks' neurons" if sel.union_with_previous and i > 1 else ""
+    keep = ""
+    if spec.training.unit_distill_weight and i > 1:
+        keep = (f", keeping earlier tasks' units' activations on this task's inputs "
+                f"(unit_distill_weight {spec.training.unit_distill_weight}, ncft's own)")
     return (f"score {unit} ({scorer}{steps}, {amount} {scope} of {'/'.join(sel.modules)})"
-            f", train only them{union}")
+            f", train only them{union}{keep}")

@@ -339,6 +339,8 @@ def test_unit_distill_weight_off_by_default_and_checked(tmp_path: Path):
     assert load_spec(path).training.unit_distill_weight == 0.0
     spec = load_spec(path, ["training.unit_distill_weight=2.5", "method=wncft"])
     assert spec.loop_config().training.unit_distill_weight == 2.5
+    stages = "\n".join(describe_stages(spec))
+    assert stages.count("unit_distill_weight 2.5, ncft's own") == 1  # not the first task
     with pytest.raises(SpecError, match=r"training\.unit_distill_weight: .*greater than or equal"):
         load_spec(path, ["training.unit_distill_weight=-0.1"])
     with pytest.raises(SpecError, match=r"training\.unit_distill_weight: .*FFN units"):
