@@ -23,6 +23,7 @@ Three subcommands, each resumable (a run whose `results.json` exists is not redo
   every task reaches its threshold (`--threshold`, default `--default-threshold`) and
   writes `DIR/pilot.json`: every budget's per-task scores, steps and wall time, and the
   chosen budget (the largest tried when none passes: "use one epoch").
+  `grid` and `run` take `--pilot DIR/pilot.json` to train at the chosen budget.
 * `bleu RUN... --out FILE.json`: generation runs' BLEU with 95% bootstrap intervals
   over test sentences, paired differences vs the first run, trainable elements, and
   NeFT's utilization summary where the run has one.
@@ -109,6 +110,19 @@ def _ncft_run(spec: dict, out: Path, overrides: list[str]) -> float:
     return wall
 
 
+def _with_budget(spec: dict, pilot: str | None) -> dict:
+    """`spec` with every task's `train_size` capped at the pilot's chosen rows (if any).
+
+    The pilot (`pilot.json`) fixes the budget per task for every later run of the
+    protocol; a task with fewer rows trains on all of them (one epoch at most)."""
+    if pilot is None:
+        return spec
+    rows = json.loads(Path(pilot).read_text())["chosen_rows"]
+    spec["tasks"] = [{**t, "train_size": min(t.get("train_size", rows), rows)}
+                     for t in spec["tasks"]]
+    return spec
+
+
 def _load(spec_path: str) -> dict:
     spec = yaml.safe_load(Path(spec_path).read_text())
     # Task data paths in the spec resolve against the spec's folder; the written copies
@@ -153,7 +167,7 @@ def heldout_tasks(base: dict, heldout: int, sequence: bool) -> list[dict]:
 
 def grid(args: argparse.Namespace) -> None:
     """The `grid` subcommand (module docstring)."""
-    base = _load(args.spec)
+    base = _with_budget(_load(args.spec), args.pilot)
     sequence = args.select_on == "heldout-sequence"
     tasks = heldout_tasks(base, args.heldout, sequence)
     out = Path(args.out)
@@ -204,7 +218,7 @@ def grid(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """The `run` subcommand (module docstring)."""
-    base = _load(args.spec)
+    base = _with_budget(_load(args.spec), args.pilot)
     best = json.loads(Path(args.grid).read_text())["best"]
     for name in args.methods.split(","):
         rate = best[family_of(name)]
@@ -378,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
                    default="first-task",
                    help="score a rate on the first task alone (old protocol) or by the "
                    "held-out AP of all tasks after the whole sequence (module docstring)")
+    g.add_argument("--pilot", help="pilot.json: cap every task's train_size at its "
+                   "chosen rows (`pilot`)")
     g.add_argument("--extend", type=int, default=2,
                    help="rates to add past a grid end that scored best (x3 or /3 each)")
     r = sub.add_parser("run")
@@ -386,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: D103
     r.add_argument("--out", required=True)
     r.add_argument("--methods", required=True)
     r.add_argument("--prefix", default="o1_")
+    r.add_argument("--pilot", help="pilot.json: cap every task's train_size at its "
+                   "chosen rows (`pilot`)")
     r.add_argument("--rate", action="append", default=[],
                    help="KEY=FAMILY: set spec key KEY to FAMILY's chosen rate")
     r.add_argument("--set", dest="overrides", action="append", default=[],

@@ -21,6 +21,32 @@ if [ "$PART" = protocol ] || [ "$PART" = all ]; then
   #     the middle of the full family's grid, fixed before the pilot ran.
   $EV pilot examples/protocol_o1_smollm2.yaml --out "$OUT/protocol/pilot" \
     --rows 200,400,1000 --lr 1e-4 --heldout 100 --threshold amazon=0.40 --default-threshold 0.80
+  P=$OUT/protocol/pilot/pilot.json
+  S=examples/protocol_o1_smollm2.yaml
+  ABS=$(cd "$OUT" && pwd)  # `ncft eval`'s output.dir resolves against the run's spec
+  # P2. Each family's rate at the pilot's budget, on held-out rows of all tasks after
+  #     the whole sequence (the pre-registered rule).
+  $EV grid $S --pilot "$P" --out "$OUT/protocol/grid" --select-on heldout-sequence \
+    --heldout 100 --extend 1 \
+    --family full=1e-5,3e-5,1e-4 --family lora=1e-4,3e-4,1e-3 --family neurons=1e-4,3e-4,1e-3
+  G3=$OUT/protocol/grid/grid.json
+  # P3. O1 at seed 0, every trained method at its family's rate; W-NCFT (query task and
+  #     example) evaluated from the NCFT run's weights with `ncft eval` (same training).
+  $EV run $S --pilot "$P" --grid "$G3" --out "$OUT/protocol" --prefix o1_ \
+    --methods seqft,ncft,olora,seqlora,per_task
+  for q in task example; do
+    [ -f "$OUT/protocol/o1_wncft_$q/results.json" ] || $PY -m launcher eval \
+      "$OUT/protocol/o1_ncft" method=wncft wncft.query=$q \
+      output.dir="$ABS/protocol/o1_wncft_$q" output.report=false
+  done
+  # P4. Seeds 1 and 2 of the primary comparison's methods and O-LoRA.
+  for seed in 1 2; do
+    $EV run $S --pilot "$P" --grid "$G3" --out "$OUT/protocol" --prefix "o1s${seed}_" \
+      --methods seqft,ncft,olora --set training.seed=$seed
+  done
+  # Next (not yet written down as commands): the #24 item-5 variants against NCFT at
+  # the same budget, orders O2/O3, and the tables (`ncft compare ... --reference
+  # o1_per_task`), once P1-P4 have run.
 fi
 [ "$PART" = old ] || [ "$PART" = all ] || exit 0
 G=$OUT/grid/grid_extend1.json  # the rates of steps 2-6 (one point past each best end)

@@ -150,3 +150,11 @@ def test_pilot_stops_at_the_first_budget_every_task_passes(tmp_path):
     report = json.loads((out / "pilot.json").read_text())
     assert [b["rows"] for b in report["budgets"]] == [4, 6] and not report["passed"]
     assert report["chosen_rows"] == 6 and report["thresholds"]["amazon"] == 1.01
+    # Later runs train at the pilot's budget: train_size capped at its chosen rows.
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"best": {"full": "1e-4"}}))
+    _run(EVIDENCE, "run", spec, "--grid", grid, "--out", tmp_path / "runs", "--prefix", "p_",
+         "--methods", "seqft", "--pilot", out / "pilot.json", "--set", "training.steps=1",
+         "--set", "training.epochs=null", "--set", "training.warmup_steps=0")
+    seqft = yaml.safe_load((tmp_path / "runs" / "p_seqft" / "spec.resolved.yaml").read_text())
+    assert [t["train_size"] for t in seqft["tasks"]] == [6, 6, 6, 6]
