@@ -129,14 +129,17 @@ def test_grid_selects_on_heldout_rows_after_the_whole_sequence(tmp_path):
     assert all(t["eval_split"] == "heldout" for t in grid["tasks"])
 
 
+def _pilot(spec: Path, out: Path, rows: str, *thresholds: str) -> dict:
+    """`evidence.py pilot` at lr 1e-4, 3 held-out rows, default threshold 0; its report."""
+    _run(EVIDENCE, "pilot", spec, "--out", out, "--rows", rows, "--lr", "1e-4",
+         "--heldout", "3", "--default-threshold", "0", *thresholds)
+    return json.loads((out / "pilot.json").read_text())
+
+
 @pytest.mark.timeout(600)
 def test_pilot_stops_at_the_first_budget_every_task_passes(tmp_path):
-    spec = _tiny("protocol_o1_smollm2.yaml", tmp_path)
-    out = tmp_path / "pilot"
-    # Threshold 0 passes at once: only the smallest budget runs.
-    _run(EVIDENCE, "pilot", spec, "--out", out, "--rows", "6,4", "--lr", "1e-4",
-         "--heldout", "3", "--default-threshold", "0")
-    report = json.loads((out / "pilot.json").read_text())
+    spec, out = _tiny("protocol_o1_smollm2.yaml", tmp_path), tmp_path / "pilot"
+    report = _pilot(spec, out, "6,4")  # threshold 0 passes at once: the smallest only
     assert [b["rows"] for b in report["budgets"]] == [4] and report["passed"]
     assert report["chosen_rows"] == 4
     first = report["budgets"][0]
@@ -145,9 +148,7 @@ def test_pilot_stops_at_the_first_budget_every_task_passes(tmp_path):
     run = yaml.safe_load((out / "per_task_rows4" / "spec.resolved.yaml").read_text())
     assert run["method"] == "per_task" and run["tasks"][0]["eval_split"] == "heldout"
     # An unreachable threshold tries every budget and falls back to the largest.
-    _run(EVIDENCE, "pilot", spec, "--out", out, "--rows", "4,6", "--lr", "1e-4",
-         "--heldout", "3", "--default-threshold", "0", "--threshold", "amazon=1.01")
-    report = json.loads((out / "pilot.json").read_text())
+    report = _pilot(spec, out, "4,6", "--threshold", "amazon=1.01")
     assert [b["rows"] for b in report["budgets"]] == [4, 6] and not report["passed"]
     assert report["chosen_rows"] == 6 and report["thresholds"]["amazon"] == 1.01
     # Later runs train at the pilot's budget: train_size capped at its chosen rows.

@@ -80,3 +80,14 @@ def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     word_tokenizer(SAMPLE_TEXT.split()).save_pretrained(path)
     return path
+
+
+def bos_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """`word_tokenizer(words)` that prepends <s> like Llama tokenizers do."""
+    from tokenizers import processors
+
+    tok = word_tokenizer(words)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    return tok

@@ -18,14 +18,7 @@ import torch
 from launcher.dist import DistInfo
 from launcher.engines import OptimConfig, build_engine
 from ncft.arch import get_adapter
-from ncft.continual.config import (
-    EvalConfig,
-    LoopConfig,
-    LoraOptions,
-    OloraConfig,
-    TrainConfig,
-    WncftConfig,
-)
+from ncft.continual.config import LoopConfig
 from ncft.continual.distill import earlier_units, unit_distill
 from ncft.continual.loop import ContinualLoop
 from ncft.continual.state import LoopState
@@ -35,6 +28,7 @@ from ncft.masks.install import freeze_unselected, install
 from ncft.neuron_set import NeuronSet, Selection
 from ncft.sparse_delta import is_delta_fqn
 from ncft.train import train
+from tests.support.loop_config import loop_config
 from tests.support.tiny import SAMPLE_TEXT, VOCAB, tiny_llama, word_tokenizer
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
@@ -136,20 +130,10 @@ TASKS = [_task("first", 1), _task("second", 2)]
 
 
 def _cfg(weight: float, steps: int = 6, update: str = "masked") -> LoopConfig:
-    return LoopConfig(
-        method="ncft",
-        training=TrainConfig(lr=2e-2, steps=steps, epochs=None, micro_batch_size=4,
-                             grad_accum=2, seed=0, warmup_steps=0, update=update,
-                             on_nonfinite="stop", max_skipped_steps=None,
-                             unit_distill_weight=weight),
-        eval=EvalConfig(batch_size=4, max_examples=None, max_new_tokens=1,
-                        classification="rank", calibration="none", metrics=("bleu",),
-                        tasks="all", zero_shot=False),
-        wncft=WncftConfig(num_samples=1, temperature=1.0, query="task"),
-        olora=OloraConfig(lambda_orth=0.5, lambda_l2=0.0),
-        lora=LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)),
-        log_every=1, loss_scaler=False,
-    )
+    return loop_config(
+        training={"lr": 2e-2, "steps": steps, "micro_batch_size": 4, "grad_accum": 2,
+                  "update": update, "unit_distill_weight": weight},
+        eval={"batch_size": 4})
 
 
 class Killed(Exception):

@@ -3,35 +3,17 @@
 import pytest
 
 import ncft.continual.loop as loop_module
-from ncft.continual.config import (
-    EvalConfig,
-    LoopConfig,
-    LoraOptions,
-    OloraConfig,
-    TrainConfig,
-    WncftConfig,
-)
 from ncft.continual.loop import ContinualLoop
 from ncft.continual.task import TaskData
+from tests.support.loop_config import loop_config
 
 TASKS = [TaskData(n, "classification", ["a", "b"], [], [], 16) for n in "wxyz"]
 
 
 def _loop(eval_tasks: str = "all", calibration: str = "none",
           zero_shot: bool = False) -> ContinualLoop:
-    cfg = LoopConfig(
-        method="ncft",
-        training=TrainConfig(lr=1e-3, steps=1, epochs=None, micro_batch_size=1, grad_accum=1,
-                             seed=0, warmup_steps=0, update="masked", on_nonfinite="stop",
-                             max_skipped_steps=None, unit_distill_weight=0.0),
-        eval=EvalConfig(batch_size=1, max_examples=None, max_new_tokens=1,
-                        classification="rank", calibration=calibration, metrics=("bleu",),
-                        tasks=eval_tasks, zero_shot=zero_shot),
-        wncft=WncftConfig(num_samples=1, temperature=1.0, query="task"),
-        olora=OloraConfig(lambda_orth=0.5, lambda_l2=0.0),
-        lora=LoraOptions(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",)),
-        log_every=1, loss_scaler=False,
-    )
+    cfg = loop_config(eval={"tasks": eval_tasks, "calibration": calibration,
+                            "zero_shot": zero_shot})
     return ContinualLoop(cfg, TASKS, backend=None)
 
 

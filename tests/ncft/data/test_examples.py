@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from tokenizers import processors
 
 from ncft.data.examples import (
     IGNORE,
@@ -22,7 +21,7 @@ from ncft.data.examples import (
     required_length,
 )
 from ncft.data.prompt import render
-from tests.support.tiny import word_tokenizer
+from tests.support.tiny import bos_word_tokenizer, word_tokenizer
 
 WORDS = "a b c d e f g h i j k l m n o p Answer: Good Bad Text: {x} , .".split()
 
@@ -34,12 +33,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def bos_tok():
-    """Same vocabulary, but prepends <s> like Llama tokenizers do."""
-    t = word_tokenizer(WORDS)
-    t._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", t.bos_token_id)]
-    )
-    return t
+    return bos_word_tokenizer(WORDS)
 
 
 def test_read_jsonl(tmp_path):

@@ -3,22 +3,16 @@
 import pickle
 
 import pytest
-from tokenizers import processors
 
 from ncft.data.prompt import Prompt, fit_prompt, fixed_length, prompt_ids, render, token_ids
-from tests.support.tiny import word_tokenizer
+from tests.support.tiny import bos_word_tokenizer
 
 WORDS = "a b c d e f g h Text: {x} , . Answer:".split()
 
 
 @pytest.fixture(scope="module")
 def bos_tok():
-    """Prepends <s> like Llama tokenizers do."""
-    t = word_tokenizer(WORDS)
-    t._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", t.bos_token_id)]
-    )
-    return t
+    return bos_word_tokenizer(WORDS)
 
 
 def test_render_keeps_the_parts_apart():
