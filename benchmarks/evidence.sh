@@ -19,6 +19,14 @@ if [ "$PART" = protocol ] || [ "$PART" = all ]; then
   #     (<= 1 epoch) training rows, scored on each task's last 100 training rows; stops
   #     at the first budget with amazon >= 0.40 and every other task >= 0.80. Rate 1e-4,
   #     the middle of the full family's grid, fixed before the pilot ran.
+  # A fresh clone continues where the last session stopped: the pilot's finished
+  # budgets are committed (results.json and wall time: all `pilot` reads of them).
+  mkdir -p "$OUT/protocol/pilot"
+  for d in benchmarks/results/evidence/protocol/pilot/per_task_rows*/; do
+    if [ -d "$d" ] && [ ! -e "$OUT/protocol/pilot/$(basename "$d")" ]; then
+      cp -r "$d" "$OUT/protocol/pilot/$(basename "$d")"
+    fi
+  done
   $EV pilot examples/protocol_o1_smollm2.yaml --out "$OUT/protocol/pilot" \
     --rows 200,400,1000 --lr 1e-4 --heldout 100 --threshold amazon=0.40 --default-threshold 0.80
   P=$OUT/protocol/pilot/pilot.json
