@@ -251,14 +251,15 @@ def run_arm(args, arm: str, config: str, engine: str) -> dict:
     rows = [json.loads(Path(args.tmp, f"{engine}-{config}-{arm}-{r}.json").read_text())
             for r in range(args.nproc)]
     first = rows[0]
+    peak = max(rows, key=lambda r: r["peak_bytes"])  # the rank with the largest peak
     return {
         "arm": arm, "config": config, "engine": engine, "params": first["params"],
         "trainable": first["trainable"], "step_s": statistics.median(first["step_s"]),
         "step_samples": first["step_s"],
-        "peak_bytes_max_rank": max(r["peak_bytes"] for r in rows),
-        # on the rank with the largest peak: resident after the build, and the rest
-        "built_bytes_at_peak_rank": max(rows, key=lambda r: r["peak_bytes"])["built_bytes"],
-        "file_bytes_at_peak_rank": max(rows, key=lambda r: r["peak_bytes"])["file_bytes"],
+        "peak_bytes_max_rank": peak["peak_bytes"],
+        # on that rank: resident after the build, and file-backed pages mapped since
+        "built_bytes_at_peak_rank": peak["built_bytes"],
+        "file_bytes_at_peak_rank": peak["file_bytes"],
         "logits_bytes": first["logits_bytes"],
         "grad_opt_bytes_max_rank": max(r["grad_bytes"] + r["opt_bytes"] for r in rows),
         "per_rank": rows,
